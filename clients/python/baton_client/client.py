@@ -1,0 +1,174 @@
+"""BatonClient (blocking) and AsyncBatonClient (asyncio) over the generated gRPC stubs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterator, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from baton.v1 import baton_pb2 as pb
+from baton.v1 import baton_pb2_grpc as pb_grpc
+
+Messages = Sequence[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    max_new_tokens: int = 0          # 0 = server default
+    temperature: float = 0.0         # 0 = greedy
+    top_p: float = 0.0
+    top_k: int = 0
+    repetition_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def to_pb(self) -> pb.GenerationParams:
+        params = pb.GenerationParams(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+            top_k=self.top_k, repetition_penalty=self.repetition_penalty, stop=list(self.stop),
+            ignore_eos=self.ignore_eos)
+        if self.seed is not None:
+            params.seed = self.seed
+        return params
+
+
+@dataclass
+class Completion:
+    """A whole stream, folded."""
+    request_id: str = ""
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    states: list[str] = field(default_factory=list)
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    stats: pb.RequestStats | None = None
+
+    def add(self, msg: pb.GenerateResponse) -> None:
+        self.request_id = msg.request_id
+        self.text += msg.text
+        self.token_ids.extend(msg.token_ids)
+        if msg.state:
+            self.states.append(pb.RequestState.Name(msg.state))
+        if msg.finish_reason:
+            self.finish_reason = pb.FinishReason.Name(msg.finish_reason)
+            self.prompt_tokens = msg.usage.prompt_tokens
+            self.completion_tokens = msg.usage.completion_tokens
+            self.stats = msg.stats
+
+
+def build_request(prompt: str | None = None, messages: Messages | None = None, *,
+                  options: GenerationOptions | None = None, request_id: str = "",
+                  priority: int = 0) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        request_id=request_id, prompt=prompt or "",
+        messages=[pb.ChatMessage(role=r, content=c) for r, c in (messages or ())],
+        priority=priority, params=(options or GenerationOptions()).to_pb())
+
+
+_ACTIONS = {"suspend": pb.PreemptRequest.SUSPEND, "resume": pb.PreemptRequest.RESUME,
+            "cancel": pb.PreemptRequest.CANCEL, "priority": pb.PreemptRequest.ACTION_UNSPECIFIED}
+
+
+def build_preempt(request_id: str, action: str, priority: int | None) -> pb.PreemptRequest:
+    msg = pb.PreemptRequest(request_id=request_id, action=_ACTIONS[action])
+    if priority is not None:
+        msg.priority = priority
+    return msg
+
+
+class BatonClient:
+    """Blocking client. `generate` streams responses; `complete` folds them into a Completion."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, channel: grpc.Channel | None = None,
+                 metadata: Sequence[tuple[str, str]] = ()) -> None:
+        self.channel = channel or grpc.insecure_channel(target)
+        self.stub = pb_grpc.GenerationServiceStub(self.channel)
+        self.metadata = tuple(metadata)
+
+    def generate(self, prompt: str | None = None, messages: Messages | None = None, *,
+                 timeout: float | None = None, **kwargs) -> Iterator[pb.GenerateResponse]:
+        """Returns the call: iterate it for messages, `.cancel()` it to stop the request."""
+        return self.stub.Generate(build_request(prompt, messages, **kwargs), timeout=timeout, metadata=self.metadata)
+
+    def complete(self, prompt: str | None = None, messages: Messages | None = None, **kwargs) -> Completion:
+        completion = Completion()
+        for msg in self.generate(prompt, messages, **kwargs):
+            completion.add(msg)
+        return completion
+
+    def preempt(self, request_id: str, action: str, priority: int | None = None) -> str:
+        resp = self.stub.Preempt(build_preempt(request_id, action, priority), metadata=self.metadata)
+        return pb.RequestState.Name(resp.state)
+
+    def model_info(self) -> pb.ModelInfo:
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata)
+
+    def tokenize(self, prompt: str) -> list[int]:
+        return list(self.stub.Tokenize(pb.TokenizeRequest(prompt=prompt), metadata=self.metadata).token_ids)
+
+    def health(self, service: str = "") -> str:
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        resp = stub.Check(health_pb2.HealthCheckRequest(service=service), metadata=self.metadata)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Block until health reports SERVING."""
+        import time
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.health() == "SERVING":
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("server did not become SERVING in time")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "BatonClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncBatonClient:
+    """asyncio client with the same surface as BatonClient."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, channel: grpc.aio.Channel | None = None,
+                 metadata: Sequence[tuple[str, str]] = ()) -> None:
+        self.channel = channel or grpc.aio.insecure_channel(target)
+        self.stub = pb_grpc.GenerationServiceStub(self.channel)
+        self.metadata = tuple(metadata)
+
+    def generate(self, prompt: str | None = None, messages: Messages | None = None, *,
+                 timeout: float | None = None, **kwargs) -> AsyncIterator[pb.GenerateResponse]:
+        return self.stub.Generate(build_request(prompt, messages, **kwargs), timeout=timeout, metadata=self.metadata)
+
+    async def complete(self, prompt: str | None = None, messages: Messages | None = None, **kwargs) -> Completion:
+        completion = Completion()
+        async for msg in self.generate(prompt, messages, **kwargs):
+            completion.add(msg)
+        return completion
+
+    async def preempt(self, request_id: str, action: str, priority: int | None = None) -> str:
+        resp = await self.stub.Preempt(build_preempt(request_id, action, priority), metadata=self.metadata)
+        return pb.RequestState.Name(resp.state)
+
+    async def model_info(self) -> pb.ModelInfo:
+        return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> "AsyncBatonClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

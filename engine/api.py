@@ -1,0 +1,246 @@
+"""The engine thread and the thread-safe facade the service uses.
+
+Thread boundary: callers (the asyncio event loop) never touch the engine directly. They put
+commands on `_inbox`; the engine thread runs them between steps. Events come back through each
+request's sink, called on the engine thread (the service hops them onto its loop with
+`call_soon_threadsafe`). Preempt-style commands answer through a `concurrent.futures.Future`.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import enum
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+import structlog
+import torch
+
+from engine import model_loader
+from engine.config import EngineConfig
+from engine.engine import LLMEngine, OutputSink
+from engine.inputs import GenerateInput, Limits, build_request, encode
+from engine.kv_slab import KVSlab
+from engine.memory import MemoryMonitor
+from engine.model_runner import ModelRunner
+from engine.request import RequestOutput, RequestState
+from engine.scheduler import Scheduler, SchedulerConfig, SchedulerError
+
+log = structlog.get_logger("baton.engine")
+
+
+class QueueFull(Exception):
+    """Too many unfinished requests; retry later."""
+
+
+class DuplicateRequest(Exception):
+    """A request with this id is still in flight."""
+
+
+class EngineUnavailable(Exception):
+    """The engine thread is not running."""
+
+
+class PreemptAction(enum.IntEnum):
+    PRIORITY_ONLY = 0
+    SUSPEND = 1
+    RESUME = 2
+    CANCEL = 3
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_name: str
+    max_context_length: int
+    eos_token_ids: tuple[int, ...]
+    max_new_tokens_limit: int
+    default_max_new_tokens: int
+    max_batch_size: int
+    device: str
+    dtype: str
+    vocab_size: int
+    has_chat_template: bool
+    kv_slab_bytes: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    rows_on_device: int
+    rows_parked: int
+    requests_waiting: int
+    kv_bytes_on_device: int
+    kv_bytes_on_host: int
+    steps: int
+    step_errors: int
+    preemptions: int
+    bytes_offloaded: int
+    bytes_restored: int
+
+
+def build_engine(config: EngineConfig) -> tuple[LLMEngine, ModelInfo, object]:
+    device = model_loader.resolve_device(config.device)
+    dtype = model_loader.resolve_dtype(config.dtype, device)
+    hf_model, tokenizer, spec = model_loader.load(config.model, device, dtype)
+    max_seq_len = min(config.max_seq_len or min(spec.max_context, 4096), spec.max_context)
+    bytes_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * dtype.itemsize
+    monitor = MemoryMonitor(device, config.high_watermark, config.low_watermark)
+    num_slots = monitor.slab_slots(config.max_batch_size, bytes_per_token * max_seq_len, config.kv_memory_fraction)
+    slab = KVSlab(spec.num_layers, spec.num_kv_heads, spec.head_dim, num_slots, max_seq_len, dtype, device)
+    kv_budget = config.kv_budget_bytes if config.kv_budget_bytes is not None else slab.total_bytes
+    scheduler = Scheduler(SchedulerConfig(
+        max_batch_size=num_slots, max_prefill_tokens=config.max_prefill_tokens,
+        kv_budget_tokens=kv_budget // bytes_per_token, max_row_tokens=max_seq_len,
+        kv_bytes_per_token=bytes_per_token, host_budget_bytes=config.host_kv_budget_bytes,
+        aging_seconds=config.aging_seconds))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    runner = ModelRunner(hf_model, slab, device, pad_token_id=pad)
+    engine = LLMEngine(runner, scheduler, tokenizer, spec.eos_token_ids, seed=config.seed,
+                       pressure=monitor.pressure)
+    info = ModelInfo(
+        model_name=spec.name, max_context_length=max_seq_len, eos_token_ids=spec.eos_token_ids,
+        max_new_tokens_limit=config.max_new_tokens_limit, default_max_new_tokens=config.default_max_new_tokens,
+        max_batch_size=num_slots, device=str(device), dtype=str(dtype).removeprefix("torch."),
+        vocab_size=spec.vocab_size, has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+        kv_slab_bytes=slab.total_bytes)
+    return engine, info, tokenizer
+
+
+class EngineClient:
+    """Owns the engine thread. Every public method is safe to call from any thread."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.engine, self.info, self._tokenizer = build_engine(config)
+        self.limits = Limits(self.info.max_context_length, config.default_max_new_tokens,
+                             config.max_new_tokens_limit)
+        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._live_ids: set[str] = set()
+        self._steps = 0
+        self._step_errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="baton-engine", daemon=True)
+        self.ready = False
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+        if self.config.warmup:
+            self.warmup()
+        self.ready = True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._inbox.put(lambda: None)
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    def warmup(self) -> None:
+        """One short generation through the whole path, so the first user does not pay for it."""
+        done = threading.Event()
+        self.submit(GenerateInput(request_id="warmup", prompt="Hello", max_new_tokens=2),
+                    lambda out: done.set() if out.finished else None)
+        if not done.wait(120):
+            raise RuntimeError("engine warm-up did not finish")
+
+    # ---- requests --------------------------------------------------------------------------
+    def tokenize(self, prompt: str, messages: tuple[tuple[str, str], ...]) -> tuple[list[int], list[str]]:
+        ids = encode(self._tokenizer, prompt, messages)
+        return ids, self._tokenizer.convert_ids_to_tokens(ids)
+
+    def submit(self, inp: GenerateInput, sink: OutputSink) -> str:
+        """Validate (raises InvalidInput), then queue. Returns the request id."""
+        if not self.alive:
+            raise EngineUnavailable("engine is not running")
+        request = build_request(inp, self._tokenizer, self.limits)
+        rid = request.request_id
+        with self._lock:
+            if rid in self._live_ids:
+                raise DuplicateRequest(f"request_id {rid!r} is already in flight")
+            if len(self._live_ids) >= self.config.max_queue + self.info.max_batch_size:
+                raise QueueFull(f"{len(self._live_ids)} requests in flight; retry later")
+            self._live_ids.add(rid)
+
+        def counted_sink(out: RequestOutput) -> None:
+            if out.finished:
+                with self._lock:
+                    self._live_ids.discard(rid)
+            sink(out)
+
+        self._inbox.put(lambda: self.engine.add_request(request, counted_sink))
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        """Best effort cancel (client went away); unknown or finished ids are ignored."""
+        def cancel() -> None:
+            try:
+                self.engine.cancel(request_id)
+            except SchedulerError:
+                pass
+        self._inbox.put(cancel)
+
+    def preempt(self, request_id: str, action: PreemptAction, priority: int | None,
+                owner: str | None = None) -> concurrent.futures.Future:
+        """-> Future[RequestState]; fails with SchedulerError (NOT_FOUND, FAILED_PRECONDITION, ...)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                request = self.engine.scheduler.get(request_id)
+                if owner is not None and request.owner != owner:
+                    raise SchedulerError("PERMISSION_DENIED", f"request_id {request_id!r} belongs to another caller")
+                if priority is not None:
+                    self.engine.scheduler.set_priority(request_id, priority)
+                if action == PreemptAction.SUSPEND:
+                    request = self.engine.suspend(request_id)
+                elif action == PreemptAction.RESUME:
+                    request = self.engine.resume(request_id)
+                elif action == PreemptAction.CANCEL:
+                    request = self.engine.cancel(request_id)
+                future.set_result(request.state)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                future.set_exception(exc)
+
+        self._inbox.put(run)
+        return future
+
+    def stats(self) -> EngineStats:
+        eng = self.engine
+        host = sum(t.numel() * t.element_size() for t in list(eng.host_kv.values()))
+        return EngineStats(
+            rows_on_device=eng.slab.num_rows, rows_parked=len(eng.host_kv),
+            requests_waiting=sum(r.state == RequestState.QUEUED for r in list(eng.scheduler.waiting)),
+            kv_bytes_on_device=eng.slab.used_bytes, kv_bytes_on_host=host,
+            steps=self._steps, step_errors=self._step_errors, preemptions=eng.num_parked_total,
+            bytes_offloaded=eng.bytes_offloaded, bytes_restored=eng.bytes_restored)
+
+    # ---- the thread ------------------------------------------------------------------------
+    def _drain(self, block: bool) -> None:
+        try:
+            command = self._inbox.get(block=block)
+            while True:
+                command()
+                command = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop.is_set():
+            self._drain(block=not self.engine.has_work())
+            if self._stop.is_set() or not self.engine.has_work():
+                continue
+            try:
+                self.engine.step()
+                self._steps += 1
+            except Exception as exc:  # noqa: BLE001 - one bad step must not kill the service
+                self._step_errors += 1
+                log.error("engine_step_failed", error=repr(exc), traceback=traceback.format_exc())
+                self.engine.fail_all(f"engine step failed: {exc!r}")
+

@@ -1,0 +1,50 @@
+"""Engine configuration: one frozen dataclass, validated on construction.
+
+Only the entry point (service/cli.py) reads flags and the environment; everything below gets
+an `EngineConfig`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None              # local HF folder; None = built-in SmolLM2-135M-Instruct
+    device: str = "auto"                  # auto picks cuda when available
+    dtype: str = "auto"                   # auto: bfloat16 on cuda, float32 on cpu
+    max_batch_size: int = 16              # rows (slots) in the decode batch
+    max_seq_len: int | None = None        # K/V columns per row; None = min(model context, 4096)
+    default_max_new_tokens: int = 256     # when a request says 0
+    max_new_tokens_limit: int = 4096      # larger requests are rejected
+    max_queue: int = 1024                 # requests waiting or parked; more gets RESOURCE_EXHAUSTED
+    max_prefill_tokens: int = 8192        # padded prompt tokens in one prefill forward
+    kv_budget_bytes: int | None = None    # device K/V bytes the batch may use; None = the slab's size
+    host_kv_budget_bytes: int = 8 << 30   # parked K/V bytes in host memory
+    aging_seconds: float = 30.0           # a waiting request gains one priority level per this many s (0 = off)
+    high_watermark: float = 0.95          # device memory fraction above which rows are parked (CUDA)
+    low_watermark: float = 0.85           # below which parked rows come back / more are admitted (CUDA)
+    kv_memory_fraction: float = 0.85      # share of free device memory the K/V slab may take (CUDA)
+    seed: int = 0                         # seeds the draw of per-request seeds when none is given
+    warmup: bool = True                   # run one short generation before reporting SERVING
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for name in ("max_batch_size", "default_max_new_tokens", "max_new_tokens_limit",
+                     "max_queue", "max_prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError("default_max_new_tokens must not exceed max_new_tokens_limit")
+        if not 0.0 < self.low_watermark <= self.high_watermark <= 1.0:
+            raise ValueError("watermarks must satisfy 0 < low_watermark <= high_watermark <= 1")
+        if self.aging_seconds < 0:
+            raise ValueError(f"aging_seconds must be >= 0, got {self.aging_seconds}")

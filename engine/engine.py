@@ -1,0 +1,203 @@
+"""One engine step = schedule -> execute -> update.
+
+`LLMEngine` is single-threaded (the engine thread in engine/api.py drives it). `step()` asks the
+scheduler what changes, applies those changes to the K/V slab and runs at most two forwards (the
+prefill of newcomers, then one decode of every row), then turns sampled tokens into stream events.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.kv_slab import KVSlab
+from engine.model_runner import ModelRunner
+from engine.request import FinishReason, Request, RequestOutput, RequestState, stats_of
+from engine.sampler import make_generator, sample
+from engine.scheduler import Scheduler, SchedulerOutput
+
+OutputSink = Callable[[RequestOutput], None]
+
+
+@dataclass
+class _Live:
+    """Per-request engine state that is not scheduling data."""
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None
+    sink: OutputSink
+    new_ids: list[int] = field(default_factory=list)
+    new_text: str = ""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    num_prefilled: int
+    num_decoded: int
+    num_finished: int
+
+
+class LLMEngine:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer,
+                 eos_token_ids: tuple[int, ...], seed: int = 0, pressure: Callable[[], bool] = lambda: False) -> None:
+        self.runner = runner
+        self.slab: KVSlab = runner.slab
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.host_kv: dict[str, torch.Tensor] = {}     # parked rows, [L, 2, H, n, D] each
+        self._live: dict[str, _Live] = {}
+        self._seeds = random.Random(seed)
+        self._pressure = pressure
+        self._pin = runner.device.type == "cuda"
+        self.num_parked_total = 0          # rows parked since start (preemptions and suspends)
+        self.bytes_offloaded = 0
+        self.bytes_restored = 0
+
+    # ---- requests in -----------------------------------------------------------------------
+    def add_request(self, request: Request, sink: OutputSink) -> None:
+        self.scheduler.add(request)
+        p = request.params
+        generator = None
+        if not p.greedy:
+            seed = p.seed if p.seed is not None else self._seeds.getrandbits(63)
+            generator = make_generator(seed, self.runner.device)
+        self._live[request.request_id] = _Live(IncrementalDetokenizer(self.tokenizer, p.stop), generator, sink)
+        sink(RequestOutput(request.request_id, state=RequestState.QUEUED,
+                           queue_position=self.scheduler.queue_position(request, time.monotonic())))
+
+    def cancel(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> Request:
+        request = self.scheduler.cancel(request_id, reason)
+        self._emit_final(request)
+        return request
+
+    def suspend(self, request_id: str) -> Request:
+        """Park now: a running row's K/V are copied out at the start of the next step."""
+        request = self.scheduler.suspend(request_id, time.monotonic())
+        self._live[request_id].sink(RequestOutput(request_id, state=RequestState.SUSPENDED))
+        return request
+
+    def resume(self, request_id: str) -> Request:
+        request = self.scheduler.resume(request_id)
+        self._live[request_id].sink(RequestOutput(request_id, state=request.state))
+        return request
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step --------------------------------------------------------------------------
+    def step(self) -> StepResult:
+        sched = self.scheduler.schedule(time.monotonic(), pressure=self._pressure())
+        finished = self._execute(sched)
+        self._update(sched, finished)
+        return StepResult(len(sched.prefill), len(sched.decode), len(finished))
+
+    def _execute(self, sched: SchedulerOutput) -> list[Request]:
+        """Apply the schedule to the slab and run the forwards. Returns requests that finished."""
+        for request in sched.free:
+            self._drop_kv(request.request_id)
+        for request in sched.park:
+            kv = self.slab.take_row(request.request_id, pin=self._pin)
+            self.host_kv[request.request_id] = kv
+            request.bytes_offloaded += kv.numel() * kv.element_size()
+            self.bytes_offloaded += kv.numel() * kv.element_size()
+            self.num_parked_total += 1
+        for request in sched.restore:
+            kv = self.host_kv.pop(request.request_id)
+            self.slab.add_row(request.request_id, kv.to(self.runner.device, non_blocking=True))
+            request.bytes_restored += kv.numel() * kv.element_size()
+            self.bytes_restored += kv.numel() * kv.element_size()
+        finished: list[Request] = []
+        if sched.prefill:
+            result = self.runner.prefill([r.prompt_ids for r in sched.prefill])
+            tokens = self._sample(list(sched.prefill), result.logits)
+            for i, (request, token) in enumerate(zip(sched.prefill, tokens)):
+                if self._append(request, token):
+                    finished.append(request)
+                else:
+                    self.slab.add_row(request.request_id, result.row_kv(i))
+        if self.slab.num_rows:
+            by_id = {r.request_id: r for r in sched.decode}
+            rows = [by_id[row_id] for row_id in self.slab.row_ids]
+            logits = self.runner.decode([r.output_ids[-1] for r in rows])
+            for request, token in zip(rows, self._sample(rows, logits)):
+                if self._append(request, token):
+                    finished.append(request)
+        return finished
+
+    def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
+        lives = [self._live[r.request_id] for r in requests]
+        return sample(logits, [r.params for r in requests], [r.all_ids for r in requests],
+                      [live.generator for live in lives])
+
+    def _append(self, request: Request, token: int) -> bool:
+        """Record one sampled token; return True when the request must stop."""
+        now = time.monotonic()
+        if request.first_token_time is None:
+            request.first_token_time = now
+        request.output_ids.append(token)
+        live = self._live[request.request_id]
+        live.new_ids.append(token)
+        live.new_text += live.detok.push([token])
+        p = request.params
+        if live.detok.stopped:
+            request.finish_reason = FinishReason.STOP_SEQUENCE
+        elif token in self.eos_token_ids and not p.ignore_eos:
+            request.finish_reason = FinishReason.EOS
+        elif len(request.output_ids) >= p.max_new_tokens or request.num_tokens + 2 > self.slab.max_len:
+            request.finish_reason = FinishReason.LENGTH
+        return request.finish_reason is not None
+
+    def _update(self, sched: SchedulerOutput, finished: list[Request]) -> None:
+        for request in finished:
+            self._drop_kv(request.request_id)
+            self.scheduler.finish(request, request.finish_reason)
+        for request in sched.park:
+            if request.state == RequestState.PREEMPTED:  # SUSPENDED was reported by suspend()
+                self._send(request, state=request.state)
+        for request in (*sched.restore, *sched.prefill):
+            if request not in finished:
+                self._send(request, state=RequestState.RUNNING)
+        for request in sched.decode:
+            if request not in finished and request not in sched.prefill and request not in sched.restore:
+                self._send(request)
+        for request in finished:
+            live = self._live[request.request_id]
+            live.new_text += live.detok.flush()
+            self._emit_final(request)
+
+    def fail_all(self, message: str) -> None:
+        """An engine step raised: end every unfinished request with ERROR and reset the batch."""
+        for request in list(self.scheduler.by_id.values()):
+            request.error = message
+            self.scheduler.cancel(request.request_id, FinishReason.ERROR)
+            self._emit_final(request)
+        self.scheduler.schedule(time.monotonic())  # drain the free list
+        for row_id in list(self.slab.row_ids):
+            self.slab.remove_row(row_id)
+        self.host_kv.clear()
+
+    # ---- events out ------------------------------------------------------------------------
+    def _send(self, request: Request, state: RequestState | None = None) -> None:
+        live = self._live[request.request_id]
+        if not (live.new_ids or live.new_text or state is not None):
+            return
+        event = RequestOutput(request.request_id, text=live.new_text, token_ids=tuple(live.new_ids), state=state)
+        live.new_ids, live.new_text = [], ""
+        live.sink(event)
+
+    def _emit_final(self, request: Request) -> None:
+        live = self._live.pop(request.request_id)
+        live.sink(RequestOutput(
+            request.request_id, text=live.new_text, token_ids=tuple(live.new_ids),
+            state=RequestState.FINISHED, finish_reason=request.finish_reason, error=request.error,
+            prompt_tokens=len(request.prompt_ids), completion_tokens=len(request.output_ids),
+            stats=stats_of(request, time.monotonic())))
+
+    def _drop_kv(self, request_id: str) -> None:
+        if request_id in self.slab.row_ids:
+            self.slab.remove_row(request_id)
+        self.host_kv.pop(request_id, None)

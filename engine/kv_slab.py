@@ -1,0 +1,174 @@
+"""The batch's K/V: one preallocated slab, rows as slots, one shared write column.
+
+Layout: `data` is [L, 2, S, H, T, D] (layers, K/V, slots, kv heads, columns, head dim).
+Rows 0..n-1 are the live rows, in batch order. Every live row is right-aligned at the shared write
+column `w`: row r holds its `lengths[r]` tokens in columns [w - lengths[r], w). This is Baton's
+vector shaping: a row with fewer tokens is simply left-padded, and the attention mask (regenerated
+every step from `lengths`) hides the padding. The next decode writes column w for every row at once.
+
+- Embedding (a prefilled request, or K/V restored from host memory) is a copy into a free row.
+- Removal is a swap with the last live row, so live rows stay contiguous (a plain view for the model).
+- Padding common to all rows is trimmed for free: the model only sees columns [w - max(lengths), w].
+- When the write column reaches the end, or a new row is longer than w, the window is moved
+  (one copy of the live window); this is rare and amortised over many steps.
+
+Shapes never depend on which requests are in the batch, only on (n, window width): the CUDA-graph
+path captures per (row bucket, width bucket).
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class KVSlab:
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_slots: int,
+                 max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        # zeros, not empty: masked columns still enter attn @ V with weight 0, and 0 * NaN = NaN.
+        self.data = torch.zeros(num_layers, 2, num_slots, num_kv_heads, max_len, head_dim,
+                                dtype=dtype, device=device)  # [L, 2, S, H, T, D]
+        self.max_len = max_len
+        self.num_slots = num_slots
+        self.write_col = 0
+        self.row_ids: list[str] = []
+        self.lengths: list[int] = []
+
+    # ---- sizes -----------------------------------------------------------------------------
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_ids)
+
+    @property
+    def bytes_per_token(self) -> int:
+        L, two, _, H, _, D = self.data.shape
+        return L * two * H * D * self.data.element_size()
+
+    @property
+    def total_bytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self.lengths) * self.bytes_per_token
+
+    def window_start(self) -> int:
+        return self.write_col - max(self.lengths, default=0)
+
+    # ---- membership ------------------------------------------------------------------------
+    def add_row(self, row_id: str, kv: torch.Tensor) -> None:
+        """Embed a row's K/V ([L, 2, H, n, D], on any device) right-aligned at the write column."""
+        if self.num_rows >= self.num_slots:
+            raise RuntimeError("K/V slab has no free slot")
+        n = kv.shape[3]
+        self._make_room(need_left=n)
+        slot = self.num_rows
+        self.data[:, :, slot, :, self.write_col - n:self.write_col].copy_(kv, non_blocking=True)
+        self.row_ids.append(row_id)
+        self.lengths.append(n)
+
+    def take_row(self, row_id: str, pin: bool) -> torch.Tensor:
+        """Copy a row's K/V out to host memory ([L, 2, H, n, D]) and remove the row."""
+        slot = self.row_ids.index(row_id)
+        n = self.lengths[slot]
+        src = self.data[:, :, slot, :, self.write_col - n:self.write_col]
+        host = torch.empty(src.shape, dtype=src.dtype, pin_memory=pin)
+        host.copy_(src, non_blocking=pin)
+        self.remove_row(row_id)
+        return host
+
+    def remove_row(self, row_id: str) -> None:
+        slot = self.row_ids.index(row_id)
+        last = self.num_rows - 1
+        if slot != last:
+            lo = self.window_start()
+            self.data[:, :, slot, :, lo:self.write_col] = self.data[:, :, last, :, lo:self.write_col]
+            self.row_ids[slot] = self.row_ids[last]
+            self.lengths[slot] = self.lengths[last]
+        self.row_ids.pop()
+        self.lengths.pop()
+        if not self.row_ids:
+            self.write_col = 0
+
+    def row_length(self, row_id: str) -> int:
+        return self.lengths[self.row_ids.index(row_id)]
+
+    # ---- decode ----------------------------------------------------------------------------
+    def prepare_decode(self) -> tuple[int, int]:
+        """Make room for one write column; return the window [lo, hi) the step attends to."""
+        self._make_room(need_left=0)
+        return self.window_start(), self.write_col + 1
+
+    def advance(self) -> None:
+        """After a decode step wrote column w for every live row."""
+        self.write_col += 1
+        self.lengths = [n + 1 for n in self.lengths]
+
+    def decode_mask(self, lo: int, hi: int) -> torch.Tensor:
+        """[n, 1, 1, hi - lo] bool: True where a row attends (its own tokens and the new column)."""
+        cols = torch.arange(lo, hi, device=self.data.device)                       # [W]
+        first = self.write_col - torch.tensor(self.lengths, device=self.data.device)  # [n]
+        return (cols[None, :] >= first[:, None])[:, None, None, :]
+
+    def cache(self, lo: int) -> "SlabCache":
+        return SlabCache(self.data, num_rows=self.num_rows, lo=lo, write_col=self.write_col)
+
+    # ---- internals -------------------------------------------------------------------------
+    def _make_room(self, need_left: int) -> None:
+        """Move the live window so that w >= need_left and w + 1 <= max_len."""
+        width = max(self.lengths, default=0)
+        if max(width, need_left) + 1 > self.max_len:
+            raise RuntimeError("row longer than the slab (context limit)")
+        w = self.write_col
+        if w >= need_left and w + 1 <= self.max_len:
+            return
+        new_w = max(width, need_left)
+        if self.num_rows and width:
+            n = self.num_rows
+            window = self.data[:, :, :n, :, w - width:w].clone()
+            self.data[:, :, :n, :, new_w - width:new_w] = window
+        self.write_col = new_w
+
+
+class _SlabLayer(CacheLayerMixin):
+    """One layer's view of a slab: writes the new K/V at the write column, returns the window."""
+
+    is_sliding = False
+
+    def __init__(self, cache: "SlabCache", layer: int) -> None:
+        super().__init__()
+        self._cache = cache
+        self._layer = layer
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # pragma: no cover - preallocated
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        c = self._cache
+        q = key_states.shape[2]                          # key_states: [n, H, q, D]
+        kv = c.data[self._layer]                         # [2, S, H, T, D]
+        kv[0, :c.num_rows, :, c.write_col:c.write_col + q] = key_states
+        kv[1, :c.num_rows, :, c.write_col:c.write_col + q] = value_states
+        hi = c.write_col + q
+        return kv[0, :c.num_rows, :, c.lo:hi], kv[1, :c.num_rows, :, c.lo:hi]  # [n, H, W, D]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        c = self._cache
+        return c.write_col - c.lo + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self._cache.write_col - self._cache.lo
+
+    def get_max_length(self) -> int:
+        return self._cache.data.shape[4]
+
+
+class SlabCache(Cache):
+    """A transformers `Cache` over rows [0, n) of a slab, attending columns [lo, write_col + q)."""
+
+    def __init__(self, data: torch.Tensor, num_rows: int, lo: int, write_col: int) -> None:
+        self.data = data
+        self.num_rows = num_rows
+        self.lo = lo
+        self.write_col = write_col
+        super().__init__(layers=[_SlabLayer(self, i) for i in range(data.shape[0])])

@@ -1,0 +1,43 @@
+"""Device memory: sizing the K/V slab and the watermark signal for batch-size scaling.
+
+On CUDA the signal reads the device's free memory (`torch.cuda.mem_get_info`): above the high
+watermark of used memory the scheduler parks rows, below the low one it admits again. On CPU
+there is no device memory to watch: the K/V budget in EngineConfig (kv_budget_bytes) plays that
+role inside the scheduler, so the same logic is testable here.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class MemoryMonitor:
+    def __init__(self, device: torch.device, high_watermark: float, low_watermark: float) -> None:
+        self.device = device
+        self.high = high_watermark
+        self.low = low_watermark
+        self._over = False
+
+    def used_fraction(self) -> float:
+        if self.device.type != "cuda":
+            return 0.0
+        free, total = torch.cuda.mem_get_info(self.device)
+        return 1.0 - free / total
+
+    def pressure(self) -> bool:
+        """True from crossing the high watermark until falling under the low one (hysteresis)."""
+        if self.device.type != "cuda":
+            return False
+        used = self.used_fraction()
+        self._over = used > self.high or (self._over and used > self.low)
+        return self._over
+
+    def slab_slots(self, max_slots: int, bytes_per_slot: int, fraction: float) -> int:
+        """How many rows of `bytes_per_slot` to preallocate: all asked for on CPU; on CUDA no more
+        than `fraction` of the free memory allows."""
+        if self.device.type != "cuda":
+            return max_slots
+        free, _total = torch.cuda.mem_get_info(self.device)
+        fit = int(free * fraction) // bytes_per_slot
+        if fit < 1:
+            raise RuntimeError(f"not enough device memory for one K/V row of {bytes_per_slot} bytes")
+        return min(max_slots, fit)

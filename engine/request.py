@@ -1,0 +1,136 @@
+"""The one request object, its ordered state enum, and the events the engine emits.
+
+Only the scheduler changes `Request.state`; everyone else reads it. States are ordered so that
+"finished" is `state >= FINISHED`, as in vLLM v1.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+
+class RequestState(enum.IntEnum):
+    QUEUED = 1      # waiting for its first admission (needs a prefill)
+    RUNNING = 2     # a row of the decode batch
+    PREEMPTED = 3   # parked in host memory by the scheduler; wants to run
+    SUSPENDED = 4   # parked in host memory by a Preempt(SUSPEND) call; waits for RESUME
+    FINISHED = 5
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= RequestState.FINISHED
+
+
+class FinishReason(enum.IntEnum):
+    LENGTH = 1
+    EOS = 2
+    STOP_SEQUENCE = 3
+    CANCELLED = 4
+    ERROR = 5
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int               # already resolved against the server default
+    temperature: float = 0.0          # 0 = greedy
+    top_p: float = 0.0                # 0 or 1 = off
+    top_k: int = 0                    # 0 = off
+    repetition_penalty: float = 0.0   # 0 or 1 = off
+    seed: int | None = None           # None: a random seed is drawn at admission
+    stop: tuple[str, ...] = ()        # stop sequences, matched on text
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalty(self) -> bool:
+        return self.repetition_penalty not in (0.0, 1.0)
+
+
+_arrival_counter = itertools.count()
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    priority: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+    # Ties on priority are broken by this strictly increasing number (FIFO).
+    arrival_seq: int = field(default_factory=lambda: next(_arrival_counter))
+    owner: str = ""                   # who may Preempt it (empty: anyone)
+    state: RequestState = RequestState.QUEUED
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    # Accounting (seconds are monotonic-clock differences).
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    parked_since: float | None = None
+    parked_seconds: float = 0.0
+    num_preemptions: int = 0
+    bytes_offloaded: int = 0
+    bytes_restored: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens whose K/V the request owns: prompt plus generated, minus the last sampled one
+        (that one is the next decode input and has no K/V yet)."""
+        return len(self.prompt_ids) + max(len(self.output_ids) - 1, 0)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def sort_key(self) -> tuple[int, int]:
+        """Higher priority first, then earlier arrival."""
+        return (-self.priority, self.arrival_seq)
+
+
+@dataclass(frozen=True)
+class RequestStats:
+    queued_seconds: float
+    parked_seconds: float
+    num_preemptions: int
+    bytes_offloaded: int
+    bytes_restored: int
+    time_to_first_token_seconds: float
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """One event on a request's stream. Emitted from the engine thread."""
+    request_id: str
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    state: RequestState | None = None       # set on state changes
+    queue_position: int = 0                 # with state QUEUED
+    finish_reason: FinishReason | None = None
+    error: str | None = None                # with finish_reason ERROR
+    prompt_tokens: int = 0                  # on the last event
+    completion_tokens: int = 0              # on the last event
+    stats: RequestStats | None = None       # on the last event
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+def stats_of(request: Request, now: float) -> RequestStats:
+    start = request.first_scheduled_time or now
+    ttft = (request.first_token_time - request.arrival_time) if request.first_token_time else 0.0
+    parked = request.parked_seconds + ((now - request.parked_since) if request.parked_since else 0.0)
+    return RequestStats(
+        queued_seconds=start - request.arrival_time,
+        parked_seconds=parked,
+        num_preemptions=request.num_preemptions,
+        bytes_offloaded=request.bytes_offloaded,
+        bytes_restored=request.bytes_restored,
+        time_to_first_token_seconds=ttft,
+    )

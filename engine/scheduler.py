@@ -1,0 +1,242 @@
+"""Pure-Python scheduler: queueing, priorities, admission, preemption and the K/V budget.
+
+No torch here. The scheduler owns every `Request.state` transition and answers one question per
+engine step: which rows leave the batch (to host memory or for good), which requests enter it
+(by prefill or by restoring parked K/V), and which rows decode.
+
+Invariants:
+- `running` never holds more than `max_batch_size` requests, nor more K/V tokens than the budget
+  (one column of headroom per row is kept for the next decode write).
+- A request is in exactly one of `waiting` (QUEUED or PREEMPTED), `suspended`, `running`.
+- Preemption compares base priorities only (strictly higher evicts); aging only orders admission,
+  so a long wait can never evict someone, and two requests cannot evict each other back and forth.
+- Parked K/V never exceed `host_budget_bytes`: when the host pool is full nobody is preempted (the
+  newcomer waits its turn) and SUSPEND is refused.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.request import FinishReason, Request, RequestState
+
+
+class SchedulerError(Exception):
+    """A Preempt-style command that cannot be applied (maps to a status code in the service)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code  # "NOT_FOUND" | "FAILED_PRECONDITION" | "RESOURCE_EXHAUSTED"
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    free: tuple[Request, ...]      # ended by a command: drop their row or parked K/V
+    park: tuple[Request, ...]      # running rows whose K/V move to host memory now
+    restore: tuple[Request, ...]   # parked requests whose K/V come back into the batch
+    prefill: tuple[Request, ...]   # new requests: prefill, embed, then decode with the batch
+    decode: tuple[Request, ...]    # every row of the batch after the changes above
+    pressure: bool = False         # memory is above the high watermark
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.free or self.park or self.restore or self.prefill or self.decode)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_size: int                 # rows in the decode batch
+    max_prefill_tokens: int             # padded prompt tokens per prefill forward
+    kv_budget_tokens: int               # K/V tokens all running rows may hold together
+    max_row_tokens: int                 # K/V columns of one row (context limit)
+    kv_bytes_per_token: int             # to account host-pool bytes
+    host_budget_bytes: int              # parked K/V bytes allowed in host memory
+    aging_seconds: float = 0.0          # +1 effective priority per this many seconds waiting (0 = off)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.running: list[Request] = []
+        self.waiting: list[Request] = []      # QUEUED or PREEMPTED, in arrival order
+        self.suspended: list[Request] = []
+        self.by_id: dict[str, Request] = {}
+        self.host_bytes = 0                   # parked K/V bytes, host pool
+        self._free: list[Request] = []
+        self._park: list[Request] = []
+        self._kv_parked: set[str] = set()     # ids whose K/V sit in host memory
+
+    # ---- commands (between steps) ----------------------------------------------------------
+    def add(self, request: Request) -> None:
+        if request.request_id in self.by_id:
+            raise SchedulerError("ALREADY_EXISTS", f"request_id {request.request_id!r} is already in use")
+        request.state = RequestState.QUEUED
+        self.by_id[request.request_id] = request
+        self.waiting.append(request)
+
+    def get(self, request_id: str) -> Request:
+        request = self.by_id.get(request_id)
+        if request is None:
+            raise SchedulerError("NOT_FOUND", f"request_id {request_id!r} is not known")
+        if request.state.is_finished:
+            raise SchedulerError("FAILED_PRECONDITION", f"request_id {request_id!r} has already finished")
+        return request
+
+    def cancel(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> Request:
+        request = self.get(request_id)
+        self._detach(request)
+        self._free.append(request)
+        self._set_finished(request, reason)
+        return request
+
+    def suspend(self, request_id: str, now: float) -> Request:
+        request = self.get(request_id)
+        if request.state == RequestState.SUSPENDED:
+            return request
+        if request.state == RequestState.RUNNING:
+            if not self._host_can_take(request):
+                raise SchedulerError("RESOURCE_EXHAUSTED", "host K/V pool is full; cannot suspend now")
+            self.running.remove(request)
+            self._park_row(request, now)
+        else:
+            self.waiting.remove(request)
+            if request.parked_since is None:
+                request.parked_since = now
+        request.state = RequestState.SUSPENDED
+        self.suspended.append(request)
+        return request
+
+    def resume(self, request_id: str) -> Request:
+        request = self.get(request_id)
+        if request.state != RequestState.SUSPENDED:
+            return request
+        self.suspended.remove(request)
+        parked = request.request_id in self._kv_parked
+        request.state = RequestState.PREEMPTED if parked else RequestState.QUEUED
+        self.waiting.append(request)
+        return request
+
+    def set_priority(self, request_id: str, priority: int) -> Request:
+        request = self.get(request_id)
+        request.priority = priority
+        return request
+
+    def finish(self, request: Request, reason: FinishReason) -> None:
+        """Called after a step by the engine when a row meets a stopping criterion."""
+        self._detach(request)
+        self._set_finished(request, reason)
+
+    # ---- one step --------------------------------------------------------------------------
+    def schedule(self, now: float, pressure: bool = False) -> SchedulerOutput:
+        cfg = self.config
+        if pressure and len(self.running) > 1:
+            victim = self._victim(exclude=())
+            if victim is not None and self._host_can_take(victim):
+                self._preempt(victim, now)
+        restore: list[Request] = []
+        prefill: list[Request] = []
+        prefill_longest = 0  # the prefill forward is padded to its longest prompt
+        for candidate in sorted(self.waiting, key=lambda r: self._admission_key(r, now)):
+            if pressure:
+                break
+            is_new = candidate.state == RequestState.QUEUED
+            need = candidate.num_tokens + 1
+            if is_new and prefill and max(prefill_longest, len(candidate.prompt_ids)) * (len(prefill) + 1) > cfg.max_prefill_tokens:
+                break  # keep this prefill forward bounded; the rest go next step
+            while not self._fits(need):
+                victim = self._victim(exclude=(*restore, *prefill))
+                if victim is None or victim.priority >= candidate.priority or not self._host_can_take(victim):
+                    break
+                self._preempt(victim, now)
+            if not self._fits(need):
+                break  # strict priority order: nobody behind it skips ahead
+            self.waiting.remove(candidate)
+            self._admit(candidate, now)
+            if is_new:
+                prefill.append(candidate)
+                prefill_longest = max(prefill_longest, len(candidate.prompt_ids))
+            else:
+                restore.append(candidate)
+        out = SchedulerOutput(
+            free=tuple(self._free), park=tuple(self._park), restore=tuple(restore),
+            prefill=tuple(prefill), decode=tuple(self.running), pressure=pressure,
+        )
+        self._free.clear()
+        self._park.clear()
+        return out
+
+    # ---- views -----------------------------------------------------------------------------
+    def queue_position(self, request: Request, now: float) -> int:
+        order = sorted(self.waiting, key=lambda r: self._admission_key(r, now))
+        return order.index(request) if request in order else 0
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.by_id)
+
+    @property
+    def kv_tokens_running(self) -> int:
+        return sum(r.num_tokens + 1 for r in self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting or self._free or self._park)
+
+    # ---- internals -------------------------------------------------------------------------
+    def _admission_key(self, request: Request, now: float) -> tuple[float, int]:
+        effective = float(request.priority)
+        if self.config.aging_seconds > 0:
+            since = request.parked_since if request.parked_since is not None else request.arrival_time
+            effective += (now - since) / self.config.aging_seconds
+        return (-effective, request.arrival_seq)
+
+    def _fits(self, need_tokens: int) -> bool:
+        cfg = self.config
+        return (len(self.running) < cfg.max_batch_size
+                and self.kv_tokens_running + need_tokens <= cfg.kv_budget_tokens)
+
+    def _victim(self, exclude: tuple[Request, ...]) -> Request | None:
+        """The one place that picks whom to preempt: lowest priority, latest arrival on ties."""
+        pool = [r for r in self.running if r not in exclude]
+        return max(pool, key=lambda r: (-r.priority, r.arrival_seq)) if pool else None
+
+    def _host_can_take(self, request: Request) -> bool:
+        return self.host_bytes + request.num_tokens * self.config.kv_bytes_per_token <= self.config.host_budget_bytes
+
+    def _preempt(self, request: Request, now: float) -> None:
+        self.running.remove(request)
+        self._park_row(request, now)
+        request.state = RequestState.PREEMPTED
+        self.waiting.append(request)
+
+    def _park_row(self, request: Request, now: float) -> None:
+        self._park.append(request)
+        self._kv_parked.add(request.request_id)
+        self.host_bytes += request.num_tokens * self.config.kv_bytes_per_token
+        request.num_preemptions += 1
+        request.parked_since = now
+
+    def _admit(self, request: Request, now: float) -> None:
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = now
+        if request.parked_since is not None:
+            request.parked_seconds += now - request.parked_since
+            request.parked_since = None
+        if request.request_id in self._kv_parked:
+            self._kv_parked.discard(request.request_id)
+            self.host_bytes -= request.num_tokens * self.config.kv_bytes_per_token
+        request.state = RequestState.RUNNING
+        self.running.append(request)
+
+    def _detach(self, request: Request) -> None:
+        for pool in (self.running, self.waiting, self.suspended):
+            if request in pool:
+                pool.remove(request)
+        if request in self._park:  # parked this step but not yet copied out: nothing to copy now
+            self._park.remove(request)
+        if request.request_id in self._kv_parked:
+            self._kv_parked.discard(request.request_id)
+            self.host_bytes -= request.num_tokens * self.config.kv_bytes_per_token
+
+    def _set_finished(self, request: Request, reason: FinishReason) -> None:
+        request.state = RequestState.FINISHED
+        request.finish_reason = reason
+        self.by_id.pop(request.request_id, None)

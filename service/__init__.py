@@ -1,0 +1,1 @@
+"""Baton gRPC service: protobuf in, engine calls, protobuf out. Never touches tensors."""

@@ -1,0 +1,101 @@
+"""The `baton` command: `serve` runs the server; `generate` and `chat` are clients.
+
+Every `serve` flag also reads BATON_<FLAG> from the environment (flag wins).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+
+def _env(flag: str, default):
+    """Default for --flag: BATON_FLAG from the environment, converted like the default."""
+    raw = os.environ.get("BATON_" + flag.upper().replace("-", "_"))
+    if raw is None:
+        return default
+    if isinstance(default, bool):
+        return raw.lower() in ("1", "true", "yes", "on")
+    return raw
+
+
+SERVE_FLAGS = [
+    # flag, type, default, help
+    ("host", str, "127.0.0.1", "address to bind"),
+    ("port", int, 50051, "gRPC port (0 = any free port)"),
+    ("model", str, None, "local Hugging Face model folder (default: built-in SmolLM2-135M-Instruct)"),
+    ("device", str, "auto", "auto | cpu | cuda"),
+    ("dtype", str, "auto", "auto | float32 | bfloat16 | float16 (auto: bf16 on cuda, fp32 on cpu)"),
+    ("max-batch-size", int, 16, "rows in the decode batch"),
+    ("max-seq-len", int, None, "prompt + completion tokens per request (default: min(model context, 4096))"),
+    ("metrics-port", int, None, "serve Prometheus metrics at http://HOST:PORT/metrics (off when unset)"),
+    ("default-max-new-tokens", int, 256, "max_new_tokens when a request sends 0"),
+    ("max-new-tokens-limit", int, 4096, "largest max_new_tokens accepted"),
+    ("max-queue", int, 1024, "requests waiting beyond the batch before RESOURCE_EXHAUSTED"),
+    ("max-prefill-tokens", int, 8192, "padded prompt tokens per prefill forward"),
+    ("kv-budget-bytes", int, None, "K/V bytes the running batch may hold (default: the whole slab)"),
+    ("host-kv-budget-bytes", int, 8 << 30, "K/V bytes that may be parked in host memory"),
+    ("aging-seconds", float, 30.0, "a waiting request gains one priority level per this many seconds (0 = off)"),
+    ("grace-seconds", float, 10.0, "on SIGTERM, how long in-flight streams may finish"),
+    ("log-level", str, "info", "debug | info | warning | error"),
+]
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="run the gRPC server",
+                       description="Run the Baton gRPC server. Each flag also reads BATON_<FLAG>.")
+    for flag, typ, default, help_text in SERVE_FLAGS:
+        env = "BATON_" + flag.upper().replace("-", "_")
+        p.add_argument(f"--{flag}", type=typ, default=_env(flag, default), help=f"{help_text} [env {env}]")
+    p.add_argument("--log-prompts", action="store_true", default=_env("log-prompts", False),
+                   help="log prompt text (debugging only) [env BATON_LOG_PROMPTS]")
+    p.add_argument("--no-warmup", action="store_true", default=_env("no-warmup", False),
+                   help="skip the warm-up generation [env BATON_NO_WARMUP]")
+
+
+def serve(args: argparse.Namespace) -> int:
+    from engine.config import EngineConfig
+    from service import logs
+    from service.server import ServerConfig, serve as run_server
+
+    logs.configure(args.log_level)
+    engine_config = EngineConfig(
+        model=args.model, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
+        max_seq_len=args.max_seq_len, default_max_new_tokens=args.default_max_new_tokens,
+        max_new_tokens_limit=args.max_new_tokens_limit, max_queue=args.max_queue,
+        max_prefill_tokens=args.max_prefill_tokens, kv_budget_bytes=args.kv_budget_bytes,
+        host_kv_budget_bytes=args.host_kv_budget_bytes, aging_seconds=args.aging_seconds,
+        warmup=not args.no_warmup)
+    server_config = ServerConfig(host=args.host, port=args.port, metrics_port=args.metrics_port,
+                                 grace_seconds=args.grace_seconds, log_prompts=args.log_prompts)
+    asyncio.run(run_server(server_config, engine_config))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from baton_client.cli import add_client_args
+
+    parser = argparse.ArgumentParser(prog="baton", description="Baton LLM text-generation service")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    g = sub.add_parser("generate", help="stream a completion from a running server")
+    g.add_argument("prompt")
+    g.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
+    add_client_args(g)
+    c = sub.add_parser("chat", help="interactive chat with a running server")
+    c.add_argument("--system", default="", help="system message")
+    add_client_args(c)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    from baton_client import cli as client_cli
+    return {"generate": client_cli.generate, "chat": client_cli.chat}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The one place that converts between protobuf messages and engine types."""
+from __future__ import annotations
+
+from baton.v1 import baton_pb2 as pb
+from engine.api import ModelInfo, PreemptAction
+from engine.inputs import GenerateInput
+from engine.request import FinishReason, RequestOutput, RequestState
+
+_STATE = {
+    RequestState.QUEUED: pb.QUEUED, RequestState.RUNNING: pb.RUNNING,
+    RequestState.PREEMPTED: pb.PREEMPTED, RequestState.SUSPENDED: pb.SUSPENDED,
+    RequestState.FINISHED: pb.FINISHED,
+}
+_REASON = {
+    FinishReason.LENGTH: pb.LENGTH, FinishReason.EOS: pb.EOS, FinishReason.STOP_SEQUENCE: pb.STOP_SEQUENCE,
+    FinishReason.CANCELLED: pb.CANCELLED, FinishReason.ERROR: pb.ERROR,
+}
+_ACTION = {
+    pb.PreemptRequest.ACTION_UNSPECIFIED: PreemptAction.PRIORITY_ONLY,
+    pb.PreemptRequest.SUSPEND: PreemptAction.SUSPEND,
+    pb.PreemptRequest.RESUME: PreemptAction.RESUME,
+    pb.PreemptRequest.CANCEL: PreemptAction.CANCEL,
+}
+
+
+def generate_input(req: pb.GenerateRequest, owner: str = "") -> GenerateInput:
+    p = req.params
+    return GenerateInput(
+        request_id=req.request_id, prompt=req.prompt,
+        messages=tuple((m.role, m.content) for m in req.messages),
+        priority=req.priority, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+        top_p=p.top_p, top_k=p.top_k, repetition_penalty=p.repetition_penalty,
+        seed=p.seed if p.HasField("seed") else None, stop=tuple(p.stop), ignore_eos=p.ignore_eos,
+        owner=owner)
+
+
+def state_to_pb(state: RequestState) -> int:
+    return _STATE[state]
+
+
+def preempt_action(action: int) -> PreemptAction | None:
+    return _ACTION.get(action)
+
+
+def response(out: RequestOutput) -> pb.GenerateResponse:
+    msg = pb.GenerateResponse(request_id=out.request_id, text=out.text, token_ids=out.token_ids)
+    if out.state is not None:
+        msg.state = _STATE[out.state]
+        if out.state == RequestState.QUEUED:
+            msg.queue_position = out.queue_position
+    if out.finish_reason is not None:
+        msg.finish_reason = _REASON[out.finish_reason]
+        msg.usage.prompt_tokens = out.prompt_tokens
+        msg.usage.completion_tokens = out.completion_tokens
+        if out.stats is not None:
+            s = out.stats
+            msg.stats.CopyFrom(pb.RequestStats(
+                queued_seconds=s.queued_seconds, parked_seconds=s.parked_seconds,
+                num_preemptions=s.num_preemptions, bytes_offloaded=s.bytes_offloaded,
+                bytes_restored=s.bytes_restored, time_to_first_token_seconds=s.time_to_first_token_seconds))
+    return msg
+
+
+def merge(outs: list[RequestOutput]) -> RequestOutput:
+    """Coalesce a backlog of plain token events (no state change) into one message."""
+    if len(outs) == 1:
+        return outs[0]
+    last = outs[-1]
+    return RequestOutput(
+        request_id=last.request_id, text="".join(o.text for o in outs),
+        token_ids=tuple(t for o in outs for t in o.token_ids), state=last.state,
+        queue_position=last.queue_position, finish_reason=last.finish_reason, error=last.error,
+        prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens, stats=last.stats)
+
+
+def model_info(info: ModelInfo) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        model_name=info.model_name, max_context_length=info.max_context_length,
+        eos_token_ids=info.eos_token_ids, max_new_tokens_limit=info.max_new_tokens_limit,
+        default_max_new_tokens=info.default_max_new_tokens, max_batch_size=info.max_batch_size,
+        device=info.device, dtype=info.dtype, vocab_size=info.vocab_size,
+        has_chat_template=info.has_chat_template)

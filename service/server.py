@@ -1,0 +1,118 @@
+"""Builds and runs the grpc.aio server: GenerationService, health, reflection, metrics.
+
+The port is bound before the model loads: health reports NOT_SERVING until the engine has
+loaded and warmed up, then SERVING; if the engine thread dies it goes back to NOT_SERVING.
+SIGTERM/SIGINT: stop accepting, let streams finish within the grace period, then cancel them.
+"""
+from __future__ import annotations
+
+import asyncio
+import signal
+from dataclasses import dataclass
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from baton.v1 import baton_pb2, baton_pb2_grpc
+from engine.api import EngineClient
+from engine.config import EngineConfig
+from service.metrics import Metrics
+from service.servicer import GenerationServicer
+
+log = structlog.get_logger("baton.server")
+SERVICE_NAME = baton_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"            # address to bind
+    port: int = 50051                  # 0 picks a free port
+    metrics_port: int | None = None    # Prometheus /metrics over HTTP; None = off
+    grace_seconds: float = 10.0        # on SIGTERM, how long in-flight streams may run on
+    max_message_bytes: int = 4 << 20   # largest request or response message
+    log_prompts: bool = False          # log prompt text (debugging only)
+
+
+class BatonServer:
+    def __init__(self, config: ServerConfig, engine_config: EngineConfig) -> None:
+        self.config = config
+        self.engine_config = engine_config
+        self.metrics = Metrics()
+        self.servicer = GenerationServicer(self.metrics, log_prompts=config.log_prompts)
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ])
+        baton_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {config.host}:{config.port}")
+        self.engine: EngineClient | None = None
+        self._stopped = asyncio.Event()
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await _maybe_await(self.health.set(name, status))
+
+    async def start(self) -> None:
+        await self._set_health(False)
+        await self.server.start()
+        log.info("listening", host=self.config.host, port=self.port)
+        if self.config.metrics_port is not None:
+            self.metrics.serve(self.config.host, self.config.metrics_port)
+            log.info("metrics_listening", port=self.config.metrics_port)
+        self.engine = await asyncio.to_thread(EngineClient, self.engine_config)
+        await asyncio.to_thread(self.engine.start)
+        self.servicer.engine = self.engine
+        self.metrics.watch_engine(self.engine)
+        info = self.engine.info
+        log.info("engine_ready", model=info.model_name, device=info.device, dtype=info.dtype,
+                 max_batch_size=info.max_batch_size, max_context=info.max_context_length,
+                 kv_slab_bytes=info.kv_slab_bytes, host_kv_budget_bytes=self.engine_config.host_kv_budget_bytes)
+        await self._set_health(True)
+        asyncio.get_running_loop().create_task(self._watch_engine())
+
+    async def _watch_engine(self) -> None:
+        while not self._stopped.is_set():
+            if self.engine is not None and not self.engine.alive:
+                log.error("engine_thread_died")
+                await self._set_health(False)
+                return
+            await asyncio.sleep(0.5)
+
+    async def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        log.info("shutting_down", grace_seconds=self.config.grace_seconds)
+        await self._set_health(False)
+        await self.server.stop(self.config.grace_seconds)
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.stop)
+        log.info("stopped")
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def _maybe_await(value) -> None:
+    if asyncio.iscoroutine(value):
+        await value
+
+
+async def serve(config: ServerConfig, engine_config: EngineConfig) -> None:
+    server = BatonServer(config, engine_config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: loop.create_task(server.stop()))
+    await server.start()
+    await server.wait()

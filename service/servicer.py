@@ -1,0 +1,145 @@
+"""GenerationService: Generate streams engine events; Preempt, GetModelInfo, Tokenize.
+
+Each Generate call registers a sink that hops engine events onto this event loop
+(`call_soon_threadsafe`) into an asyncio.Queue, and yields them as they come. If the call ends
+for any reason other than its request finishing (client cancel, disconnect, deadline), the
+request is aborted in the engine, which frees its row at the next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import structlog
+
+from baton.v1 import baton_pb2 as pb
+from baton.v1 import baton_pb2_grpc as pb_grpc
+from engine.api import DuplicateRequest, EngineClient, EngineUnavailable, QueueFull
+from engine.inputs import InvalidInput
+from engine.request import FinishReason, RequestOutput
+from engine.scheduler import SchedulerError
+from service import convert
+from service.metrics import Metrics
+
+log = structlog.get_logger("baton.service")
+
+_CODES = {
+    "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
+    "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION,
+    "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "PERMISSION_DENIED": grpc.StatusCode.PERMISSION_DENIED,
+    "ALREADY_EXISTS": grpc.StatusCode.ALREADY_EXISTS,
+}
+
+
+def _batches(outs: list[RequestOutput]) -> list[RequestOutput]:
+    """Group a backlog: runs of plain token events end at (and include) one state event."""
+    groups, run = [], []
+    for out in outs:
+        run.append(out)
+        if out.state is not None or out.finished:
+            groups.append(convert.merge(run))
+            run = []
+    if run:
+        groups.append(convert.merge(run))
+    return groups
+
+
+class GenerationServicer(pb_grpc.GenerationServiceServicer):
+    def __init__(self, metrics: Metrics, log_prompts: bool = False) -> None:
+        self.engine: EngineClient | None = None   # set once the model is loaded
+        self.metrics = metrics
+        self.log_prompts = log_prompts
+
+    async def _engine(self, context: grpc.aio.ServicerContext) -> EngineClient:
+        if self.engine is None or not self.engine.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "model is still loading")
+        if not self.engine.alive:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "engine is not running")
+        return self.engine
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        engine = await self._engine(context)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        inp = convert.generate_input(request)
+        started = time.monotonic()
+        try:
+            request_id = await asyncio.to_thread(engine.submit, inp, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+        except InvalidInput as exc:
+            self.metrics.request_done("invalid_argument")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except QueueFull as exc:
+            self.metrics.request_done("resource_exhausted")
+            context.set_trailing_metadata((("retry-after-ms", "1000"),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except DuplicateRequest as exc:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        except EngineUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        rlog = log.bind(request_id=request_id)
+        rlog.info("request_started", priority=inp.priority,
+                  **({"prompt": inp.prompt, "messages": inp.messages} if self.log_prompts else {}))
+        final: RequestOutput | None = None
+        last_token_at: float | None = None
+        try:
+            while final is None:
+                outs = [await queue.get()]
+                while not queue.empty():
+                    outs.append(queue.get_nowait())
+                for out in _batches(outs):
+                    if out.token_ids:
+                        now = time.monotonic()
+                        self.metrics.tokens(len(out.token_ids), started if last_token_at is None else last_token_at,
+                                            now, first=last_token_at is None)
+                        last_token_at = now
+                    yield convert.response(out)
+                    if out.finished:
+                        final = out
+        finally:
+            if final is None:  # cancelled, disconnected or past its deadline
+                engine.abort(request_id)
+                self.metrics.request_done("cancelled")
+                rlog.info("request_aborted", reason="client cancelled or deadline exceeded")
+        reason = final.finish_reason.name.lower()
+        self.metrics.request_done(reason)
+        rlog.info("request_finished", finish_reason=reason, prompt_tokens=final.prompt_tokens,
+                  completion_tokens=final.completion_tokens,
+                  ttft_s=final.stats.time_to_first_token_seconds if final.stats else None,
+                  **({"error": final.error} if final.error else {}))
+        if final.finish_reason == FinishReason.ERROR:
+            await context.abort(grpc.StatusCode.INTERNAL, final.error or "engine error")
+
+    async def Preempt(self, request: pb.PreemptRequest, context: grpc.aio.ServicerContext) -> pb.PreemptResponse:
+        engine = await self._engine(context)
+        if not request.request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must be set")
+        action = convert.preempt_action(request.action)
+        if action is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"action: unknown value {request.action}")
+        priority = request.priority if request.HasField("priority") else None
+        if request.action == pb.PreemptRequest.ACTION_UNSPECIFIED and priority is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "priority: must be set when action is ACTION_UNSPECIFIED")
+        try:
+            state = await asyncio.wrap_future(engine.preempt(request.request_id, action, priority))
+        except SchedulerError as exc:
+            await context.abort(_CODES.get(exc.code, grpc.StatusCode.FAILED_PRECONDITION), str(exc))
+        log.info("preempt", request_id=request.request_id, action=action.name, priority=priority, state=state.name)
+        return pb.PreemptResponse(request_id=request.request_id, state=convert.state_to_pb(state))
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        engine = await self._engine(context)
+        return convert.model_info(engine.info)
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        engine = await self._engine(context)
+        if bool(request.prompt) == bool(request.messages):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt: set exactly one of prompt and messages")
+        try:
+            ids, tokens = await asyncio.to_thread(
+                engine.tokenize, request.prompt, tuple((m.role, m.content) for m in request.messages))
+        except InvalidInput as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.TokenizeResponse(token_ids=ids, tokens=tokens)
+
