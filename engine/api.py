@@ -81,9 +81,18 @@ class EngineStats:
 
 
 def build_engine(config: EngineConfig) -> tuple[LLMEngine, ModelInfo, object]:
+    """Load the model named by `config` and assemble an engine around it."""
     device = model_loader.resolve_device(config.device)
     dtype = model_loader.resolve_dtype(config.dtype, device)
     hf_model, tokenizer, spec = model_loader.load(config.model, device, dtype)
+    engine, info = assemble_engine(hf_model, tokenizer, spec, config)
+    return engine, info, tokenizer
+
+
+def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
+                    config: EngineConfig) -> tuple[LLMEngine, ModelInfo]:
+    """Slab, scheduler, runner and engine around an already loaded model."""
+    device, dtype = hf_model.device, hf_model.dtype
     max_seq_len = min(config.max_seq_len or min(spec.max_context, 4096), spec.max_context)
     bytes_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * dtype.itemsize
     monitor = MemoryMonitor(device, config.high_watermark, config.low_watermark)
@@ -105,7 +114,7 @@ def build_engine(config: EngineConfig) -> tuple[LLMEngine, ModelInfo, object]:
         max_batch_size=num_slots, device=str(device), dtype=str(dtype).removeprefix("torch."),
         vocab_size=spec.vocab_size, has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
         kv_slab_bytes=slab.total_bytes)
-    return engine, info, tokenizer
+    return engine, info
 
 
 class EngineClient:

@@ -34,10 +34,11 @@ def filtered_logits(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return row
 
 
+@torch.inference_mode()
 def sample(logits: torch.Tensor, params: list[SamplingParams], seen_ids: list[list[int]],
            generators: list[torch.Generator | None]) -> list[int]:
     """logits [n, V] (any float dtype) -> one token id per row."""
-    logits = logits.float()
+    logits = logits.float()  # a copy when the model runs in bf16; penalties edit it in place
     for i, p in enumerate(params):
         if p.has_penalty:
             apply_repetition_penalty(logits[i], seen_ids[i], p.repetition_penalty)

@@ -15,9 +15,13 @@ Invariants:
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from engine.request import FinishReason, Request, RequestState
+
+
+FINISHED_IDS_KEPT = 10_000
 
 
 class SchedulerError(Exception):
@@ -64,17 +68,22 @@ class Scheduler:
         self._free: list[Request] = []
         self._park: list[Request] = []
         self._kv_parked: set[str] = set()     # ids whose K/V sit in host memory
+        # Recently finished ids, so Preempt can answer FAILED_PRECONDITION rather than NOT_FOUND.
+        self._finished: OrderedDict[str, None] = OrderedDict()
 
     # ---- commands (between steps) ----------------------------------------------------------
     def add(self, request: Request) -> None:
         if request.request_id in self.by_id:
             raise SchedulerError("ALREADY_EXISTS", f"request_id {request.request_id!r} is already in use")
         request.state = RequestState.QUEUED
+        self._finished.pop(request.request_id, None)
         self.by_id[request.request_id] = request
         self.waiting.append(request)
 
     def get(self, request_id: str) -> Request:
         request = self.by_id.get(request_id)
+        if request is None and request_id in self._finished:
+            raise SchedulerError("FAILED_PRECONDITION", f"request_id {request_id!r} has already finished")
         if request is None:
             raise SchedulerError("NOT_FOUND", f"request_id {request_id!r} is not known")
         if request.state.is_finished:
@@ -240,3 +249,6 @@ class Scheduler:
         request.state = RequestState.FINISHED
         request.finish_reason = reason
         self.by_id.pop(request.request_id, None)
+        self._finished[request.request_id] = None
+        if len(self._finished) > FINISHED_IDS_KEPT:
+            self._finished.popitem(last=False)

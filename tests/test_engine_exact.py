@@ -1,0 +1,110 @@
+"""Greedy outputs of the Baton engine equal Hugging Face `generate` on each request alone.
+
+Requests arrive at different steps with different prompt lengths and lengths to run, so rows
+are embedded into a running batch (left padding + regenerated mask), leave when done, and the
+window is trimmed/moved — none of which may change a single token.
+"""
+from __future__ import annotations
+
+import pytest
+
+from engine import model_loader
+from engine.inputs import GenerateInput
+from tests.conftest import CPU, drive, hf_reference, make_engine
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a land far away, there lived a",
+    "1, 2, 3,",
+    "Why is the sky blue? Explain it to a child in two sentences.",
+    "def fibonacci(n):",
+    "Water boils at",
+]
+
+
+def _arrivals(lengths: list[int], steps: list[int], ignore_eos: bool = False):
+    arrivals: dict[int, list[GenerateInput]] = {}
+    for i, (prompt, n, step) in enumerate(zip(PROMPTS, lengths, steps)):
+        arrivals.setdefault(step, []).append(
+            GenerateInput(request_id=f"r{i}", prompt=prompt, max_new_tokens=n, ignore_eos=ignore_eos))
+    return arrivals
+
+
+def _check_against_hf(loaded, engine, outputs, arrivals):
+    hf_model, tokenizer, spec = loaded
+    for step_inputs in arrivals.values():
+        for inp in step_inputs:
+            prompt_ids = tokenizer(inp.prompt)["input_ids"]
+            eos = () if inp.ignore_eos else spec.eos_token_ids
+            expected = hf_reference(hf_model, prompt_ids, inp.max_new_tokens, eos)
+            got = outputs[inp.request_id]
+            assert got.token_ids == expected, f"{inp.request_id}: engine differs from HF generate"
+            assert got.text == tokenizer.decode(expected, skip_special_tokens=True)
+            assert got.final.completion_tokens == len(expected)
+
+
+@pytest.mark.slow
+def test_smollm2_staggered_arrivals_match_hf(smollm2):
+    engine, limits = make_engine(smollm2, max_batch_size=4)
+    # six requests through four slots: some wait for a row to free up
+    arrivals = _arrivals(lengths=[12, 30, 7, 25, 18, 9], steps=[0, 0, 3, 5, 9, 9])
+    outputs = drive(engine, limits, arrivals)
+    _check_against_hf(smollm2, engine, outputs, arrivals)
+    assert engine.slab.num_rows == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gpt2"])
+def test_tiny_random_models_match_hf(family, tiny_model_dir):
+    loaded = model_loader.load(tiny_model_dir(family), CPU, __import__("torch").float32)
+    engine, limits = make_engine(loaded, max_batch_size=3, max_seq_len=128)
+    arrivals = _arrivals(lengths=[20, 35, 8, 16, 27, 5], steps=[0, 1, 2, 4, 4, 13], ignore_eos=True)
+    outputs = drive(engine, limits, arrivals)
+    _check_against_hf(loaded, engine, outputs, arrivals)
+
+
+def test_rows_leave_and_cache_shrinks(tiny_model_dir):
+    """A finished row leaves at once; the attended window shrinks to the longest remaining row;
+    the write column never runs off the slab however long the batch lives."""
+    import torch
+    loaded = model_loader.load(tiny_model_dir("llama"), CPU, torch.float32)
+    engine, limits = make_engine(loaded, max_batch_size=2, max_seq_len=64)
+    long_prompt = "word " * 40
+    arrivals = {0: [GenerateInput(request_id="long", prompt=long_prompt, max_new_tokens=3, ignore_eos=True),
+                    GenerateInput(request_id="short", prompt="hi", max_new_tokens=150, ignore_eos=True)]}
+    seen = []
+
+    def watch(step, eng, out):
+        seen.append((eng.slab.num_rows, eng.slab.write_col - eng.slab.window_start(), eng.slab.write_col))
+
+    outputs = drive(engine, limits, arrivals, on_step=watch)
+    long_len = len(loaded[1](long_prompt)["input_ids"])
+    both = [w for r, w, _ in seen if r == 2]
+    alone = [w for r, w, _ in seen if r == 1]
+    assert both and alone and seen[-1][0] == 0
+    assert min(both) >= long_len            # while "long" runs, the window spans its prompt
+    assert alone[0] < 8 < long_len          # after it left, the common padding is trimmed at once
+    assert all(w <= engine.slab.max_len for _, _, w in seen)  # compaction kept the write column inside
+    # 150 new tokens do not fit in a 64-token context: the context limit stops the request
+    short = outputs["short"]
+    assert short.final.finish_reason.name == "LENGTH"
+    assert short.final.prompt_tokens + len(short.token_ids) == engine.slab.max_len
+
+
+def test_cancel_frees_row_without_changing_others(tiny_model_dir):
+    import torch
+    loaded = model_loader.load(tiny_model_dir("llama"), CPU, torch.float32)
+    engine, limits = make_engine(loaded, max_batch_size=3, max_seq_len=128)
+    arrivals = _arrivals(lengths=[30, 30, 30], steps=[0, 0, 0], ignore_eos=True)
+    rows_after_cancel = []
+
+    def cancel_at_5(step, eng, out):
+        if step == 5:
+            eng.cancel("r1")
+        if step == 6:
+            rows_after_cancel.append(eng.slab.num_rows)
+
+    outputs = drive(engine, limits, arrivals, on_step=cancel_at_5)
+    assert outputs["r1"].final.finish_reason.name == "CANCELLED"
+    assert rows_after_cancel == [2]
+    del arrivals[0][1]
+    _check_against_hf(loaded, engine, outputs, arrivals)
