@@ -26,7 +26,7 @@ from engine.inputs import GenerateInput, Limits, build_request, encode
 from engine.kv_slab import KVSlab
 from engine.memory import MemoryMonitor
 from engine.model_runner import ModelRunner
-from engine.request import RequestOutput, RequestState
+from engine.request import FinishReason, RequestOutput, RequestState
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerError
 
 log = structlog.get_logger("baton.engine")
@@ -127,7 +127,7 @@ class EngineClient:
                              config.max_new_tokens_limit)
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._live_ids: set[str] = set()
+        self._sinks: dict[str, OutputSink] = {}   # open streams, so a dying engine can end them all
         self._steps = 0
         self._step_errors = 0
         self._stop = threading.Event()
@@ -169,19 +169,20 @@ class EngineClient:
             raise EngineUnavailable("engine is not running")
         request = build_request(inp, self._tokenizer, self.limits)
         rid = request.request_id
-        with self._lock:
-            if rid in self._live_ids:
-                raise DuplicateRequest(f"request_id {rid!r} is already in flight")
-            if len(self._live_ids) >= self.config.max_queue + self.info.max_batch_size:
-                raise QueueFull(f"{len(self._live_ids)} requests in flight; retry later")
-            self._live_ids.add(rid)
 
         def counted_sink(out: RequestOutput) -> None:
             if out.finished:
                 with self._lock:
-                    self._live_ids.discard(rid)
+                    if self._sinks.pop(rid, None) is None:
+                        return  # already ended (engine died and ended it)
             sink(out)
 
+        with self._lock:
+            if rid in self._sinks:
+                raise DuplicateRequest(f"request_id {rid!r} is already in flight")
+            if len(self._sinks) >= self.config.max_queue + self.info.max_batch_size:
+                raise QueueFull(f"{len(self._sinks)} requests in flight; retry later")
+            self._sinks[rid] = counted_sink
         self._inbox.put(lambda: self.engine.add_request(request, counted_sink))
         return rid
 
@@ -234,12 +235,29 @@ class EngineClient:
         try:
             command = self._inbox.get(block=block)
             while True:
-                command()
+                try:
+                    command()
+                except Exception as exc:  # noqa: BLE001 - a bad command must not kill the loop
+                    log.error("engine_command_failed", error=repr(exc), traceback=traceback.format_exc())
                 command = self._inbox.get_nowait()
         except queue.Empty:
             pass
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # the engine cannot go on: end every open stream, never hang one
+            log.critical("engine_thread_died", error=repr(exc), traceback=traceback.format_exc())
+            raise
+        finally:
+            self._stop.set()
+            with self._lock:
+                sinks, self._sinks = dict(self._sinks), {}
+            for rid, sink in sinks.items():
+                sink(RequestOutput(rid, state=RequestState.FINISHED, finish_reason=FinishReason.ERROR,
+                                   error="engine stopped", retryable=True))
+
+    def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stop.is_set():
             self._drain(block=not self.engine.has_work())

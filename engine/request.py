@@ -113,6 +113,7 @@ class RequestOutput:
     queue_position: int = 0                 # with state QUEUED
     finish_reason: FinishReason | None = None
     error: str | None = None                # with finish_reason ERROR
+    retryable: bool = False                 # with ERROR: the engine went away (UNAVAILABLE), not this request's fault
     prompt_tokens: int = 0                  # on the last event
     completion_tokens: int = 0              # on the last event
     stats: RequestStats | None = None       # on the last event
