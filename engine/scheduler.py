@@ -56,6 +56,12 @@ class SchedulerConfig:
     host_budget_bytes: int              # parked K/V bytes allowed in host memory
     aging_seconds: float = 0.0          # +1 effective priority per this many seconds waiting (0 = off)
 
+    def __post_init__(self) -> None:
+        # A row may grow to max_row_tokens; if that cannot fit alone, it would block the queue forever.
+        if self.kv_budget_tokens < self.max_row_tokens:
+            raise ValueError(f"kv budget ({self.kv_budget_tokens} tokens) must hold at least one full row "
+                             f"({self.max_row_tokens} tokens)")
+
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
@@ -141,6 +147,12 @@ class Scheduler:
             victim = self._victim(exclude=())
             if victim is not None and self._host_can_take(victim):
                 self._preempt(victim, now)
+        # Rows grow by one token a step: park the lowest ones while the batch is over its budget.
+        while self.kv_tokens_running > cfg.kv_budget_tokens and len(self.running) > 1:
+            victim = self._victim(exclude=())
+            if not self._host_can_take(victim):
+                break
+            self._preempt(victim, now)
         restore: list[Request] = []
         prefill: list[Request] = []
         prefill_longest = 0  # the prefill forward is padded to its longest prompt
@@ -151,11 +163,8 @@ class Scheduler:
             need = candidate.num_tokens + 1
             if is_new and prefill and max(prefill_longest, len(candidate.prompt_ids)) * (len(prefill) + 1) > cfg.max_prefill_tokens:
                 break  # keep this prefill forward bounded; the rest go next step
-            while not self._fits(need):
-                victim = self._victim(exclude=(*restore, *prefill))
-                if victim is None or victim.priority >= candidate.priority or not self._host_can_take(victim):
-                    break
-                self._preempt(victim, now)
+            if not self._fits(need):
+                self._make_room_for(candidate, need, exclude=(*restore, *prefill), now=now)
             if not self._fits(need):
                 break  # strict priority order: nobody behind it skips ahead
             self.waiting.remove(candidate)
@@ -206,6 +215,28 @@ class Scheduler:
         """The one place that picks whom to preempt: lowest priority, latest arrival on ties."""
         pool = [r for r in self.running if r not in exclude]
         return max(pool, key=lambda r: (-r.priority, r.arrival_seq)) if pool else None
+
+    def _make_room_for(self, candidate: Request, need: int, exclude: tuple[Request, ...], now: float) -> None:
+        """Preempt strictly lower-priority rows, lowest first, but only if that makes `need` fit."""
+        cfg = self.config
+        victims, freed_tokens, host = [], 0, self.host_bytes
+        pool = sorted((r for r in self.running if r not in exclude and r.priority < candidate.priority),
+                      key=lambda r: (r.priority, -r.arrival_seq))
+        for victim in pool:
+            rows_ok = len(self.running) - len(victims) < cfg.max_batch_size
+            tokens_ok = self.kv_tokens_running - freed_tokens + need <= cfg.kv_budget_tokens
+            if rows_ok and tokens_ok:
+                break
+            host += victim.num_tokens * cfg.kv_bytes_per_token
+            if host > cfg.host_budget_bytes:
+                return
+            victims.append(victim)
+            freed_tokens += victim.num_tokens + 1
+        if len(self.running) - len(victims) >= cfg.max_batch_size or \
+                self.kv_tokens_running - freed_tokens + need > cfg.kv_budget_tokens:
+            return  # evicting everyone eligible would still not make room: evict nobody
+        for victim in victims:
+            self._preempt(victim, now)
 
     def _host_can_take(self, request: Request) -> bool:
         return self.host_bytes + request.num_tokens * self.config.kv_bytes_per_token <= self.config.host_budget_bytes
