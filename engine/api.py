@@ -105,7 +105,7 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
         kv_bytes_per_token=bytes_per_token, host_budget_bytes=config.host_kv_budget_bytes,
         aging_seconds=config.aging_seconds))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    runner = ModelRunner(hf_model, slab, device, pad_token_id=pad)
+    runner = ModelRunner(hf_model, slab, device, pad_token_id=pad, cuda_graphs=config.cuda_graphs)
     engine = LLMEngine(runner, scheduler, tokenizer, spec.eos_token_ids, seed=config.seed,
                        pressure=monitor.pressure)
     info = ModelInfo(
@@ -120,9 +120,11 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
 class EngineClient:
     """Owns the engine thread. Every public method is safe to call from any thread."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, prebuilt: tuple[LLMEngine, ModelInfo, object] | None = None) -> None:
+        """Loads the model named by `config`, or wraps `prebuilt` (engine, info, tokenizer),
+        e.g. a benchmark's in-process model."""
         self.config = config
-        self.engine, self.info, self._tokenizer = build_engine(config)
+        self.engine, self.info, self._tokenizer = prebuilt or build_engine(config)
         self.limits = Limits(self.info.max_context_length, config.default_max_new_tokens,
                              config.max_new_tokens_limit)
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()

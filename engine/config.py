@@ -30,6 +30,7 @@ class EngineConfig:
     kv_memory_fraction: float = 0.85      # share of free device memory the K/V slab may take (CUDA)
     seed: int = 0                         # seeds the draw of per-request seeds when none is given
     warmup: bool = True                   # run one short generation before reporting SERVING
+    cuda_graphs: bool = True              # replay decode steps as CUDA graphs (CUDA only)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:

@@ -89,6 +89,7 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     # ---- the step --------------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> StepResult:
         sched = self.scheduler.schedule(time.monotonic(), pressure=self._pressure())
         finished = self._execute(sched)
@@ -130,8 +131,9 @@ class LLMEngine:
 
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
         lives = [self._live[r.request_id] for r in requests]
-        return sample(logits, [r.params for r in requests], [r.all_ids for r in requests],
-                      [live.generator for live in lives])
+        # Seen ids are only needed (and only built) for rows with a repetition penalty.
+        seen = [r.all_ids if r.params.has_penalty else [] for r in requests]
+        return sample(logits, [r.params for r in requests], seen, [live.generator for live in lives])
 
     def _append(self, request: Request, token: int) -> bool:
         """Record one sampled token; return True when the request must stop."""
@@ -158,11 +160,13 @@ class LLMEngine:
         for request in sched.park:
             if request.state == RequestState.PREEMPTED:  # SUSPENDED was reported by suspend()
                 self._send(request, state=request.state)
+        done = {id(r) for r in finished}
+        entered = {id(r) for r in (*sched.restore, *sched.prefill)}
         for request in (*sched.restore, *sched.prefill):
-            if request not in finished:
+            if id(request) not in done:
                 self._send(request, state=RequestState.RUNNING)
         for request in sched.decode:
-            if request not in finished and request not in sched.prefill and request not in sched.restore:
+            if id(request) not in done and id(request) not in entered:
                 self._send(request)
         for request in finished:
             live = self._live[request.request_id]

@@ -93,9 +93,13 @@ class KVSlab:
         return self.lengths[self.row_ids.index(row_id)]
 
     # ---- decode ----------------------------------------------------------------------------
-    def prepare_decode(self) -> tuple[int, int]:
-        """Make room for one write column; return the window [lo, hi) the step attends to."""
+    def prepare_decode(self, max_padding: int | None = None) -> tuple[int, int]:
+        """Make room for one write column; return the window [lo, hi) the step attends to.
+        With `max_padding`, also move the window left to column 0 once more than that many
+        columns of common padding precede it (the CUDA-graph path attends from column 0)."""
         self._make_room(need_left=0)
+        if max_padding is not None and self.window_start() > max_padding:
+            self._relocate(max(self.lengths, default=0))
         return self.window_start(), self.write_col + 1
 
     def advance(self) -> None:
@@ -110,7 +114,8 @@ class KVSlab:
         return (cols[None, :] >= first[:, None])[:, None, None, :]
 
     def cache(self, lo: int) -> "SlabCache":
-        return SlabCache(self.data, num_rows=self.num_rows, lo=lo, write_col=self.write_col)
+        w = torch.tensor([self.write_col], device=self.data.device)
+        return SlabCache(self.data, num_rows=self.num_rows, lo=lo, hi=self.write_col + 1, write_index=w)
 
     # ---- internals -------------------------------------------------------------------------
     def _make_room(self, need_left: int) -> None:
@@ -121,11 +126,17 @@ class KVSlab:
         w = self.write_col
         if w >= need_left and w + 1 <= self.max_len:
             return
-        new_w = max(width, need_left)
-        if self.num_rows and width:
-            n = self.num_rows
-            window = self.data[:, :, :n, :, w - width:w].clone()
-            self.data[:, :, :n, :, new_w - width:new_w] = window
+        self._relocate(max(width, need_left))
+
+    def _relocate(self, new_w: int) -> None:
+        """Move the live window so that it ends at column new_w (one layer at a time, so the
+        temporary is 1/L of the window)."""
+        width, w, n = max(self.lengths, default=0), self.write_col, self.num_rows
+        if n and width and new_w != w:
+            for i in range(self.data.shape[0]):
+                layer = self.data[i]                                  # [2, S, H, T, D]
+                window = layer[:, :n, :, w - width:w].clone()
+                layer[:, :n, :, new_w - width:new_w] = window
         self.write_col = new_w
 
 
@@ -145,30 +156,30 @@ class _SlabLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         c = self._cache
-        q = key_states.shape[2]                          # key_states: [n, H, q, D]
-        kv = c.data[self._layer]                         # [2, S, H, T, D]
-        kv[0, :c.num_rows, :, c.write_col:c.write_col + q] = key_states
-        kv[1, :c.num_rows, :, c.write_col:c.write_col + q] = value_states
-        hi = c.write_col + q
-        return kv[0, :c.num_rows, :, c.lo:hi], kv[1, :c.num_rows, :, c.lo:hi]  # [n, H, W, D]
+        kv = c.data[self._layer]                         # [2, S, H, T, D]; key_states: [n, H, q, D]
+        # index_copy_ with a device index: the write column can change between CUDA-graph replays.
+        kv[0, :c.num_rows].index_copy_(2, c.write_index, key_states)
+        kv[1, :c.num_rows].index_copy_(2, c.write_index, value_states)
+        return kv[0, :c.num_rows, :, c.lo:c.hi], kv[1, :c.num_rows, :, c.lo:c.hi]  # [n, H, W, D]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        c = self._cache
-        return c.write_col - c.lo + query_length, 0
+        return self._cache.hi - self._cache.lo, 0
 
     def get_seq_length(self) -> int:
-        return self._cache.write_col - self._cache.lo
+        return self._cache.hi - self._cache.lo
 
     def get_max_length(self) -> int:
         return self._cache.data.shape[4]
 
 
 class SlabCache(Cache):
-    """A transformers `Cache` over rows [0, n) of a slab, attending columns [lo, write_col + q)."""
+    """A transformers `Cache` over rows [0, n) of a slab: the q new columns go to `write_index`
+    (a device tensor [q]), attention reads columns [lo, hi)."""
 
-    def __init__(self, data: torch.Tensor, num_rows: int, lo: int, write_col: int) -> None:
+    def __init__(self, data: torch.Tensor, num_rows: int, lo: int, hi: int, write_index: torch.Tensor) -> None:
         self.data = data
         self.num_rows = num_rows
         self.lo = lo
-        self.write_col = write_col
+        self.hi = hi
+        self.write_index = write_index
         super().__init__(layers=[_SlabLayer(self, i) for i in range(data.shape[0])])

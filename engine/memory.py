@@ -18,10 +18,13 @@ class MemoryMonitor:
         self._over = False
 
     def used_fraction(self) -> float:
+        """Share of device memory that is really taken: PyTorch's cached-but-free blocks are ours
+        to reuse, so they count as free."""
         if self.device.type != "cuda":
             return 0.0
         free, total = torch.cuda.mem_get_info(self.device)
-        return 1.0 - free / total
+        cached_free = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return 1.0 - (free + cached_free) / total
 
     def pressure(self) -> bool:
         """True from crossing the high watermark until falling under the low one (hysteresis)."""

@@ -27,11 +27,17 @@ class PrefillResult:
 
 
 class ModelRunner:
-    def __init__(self, hf_model, slab: KVSlab, device: torch.device, pad_token_id: int = 0) -> None:
+    def __init__(self, hf_model, slab: KVSlab, device: torch.device, pad_token_id: int = 0,
+                 cuda_graphs: bool = False) -> None:
         self.model = hf_model
         self.slab = slab
         self.device = device
         self.pad_token_id = pad_token_id
+        self.graphs = None
+        if cuda_graphs and device.type == "cuda":
+            from engine.cuda_graphs import GraphDecoder
+            self.graphs = GraphDecoder(hf_model, slab)
+            self.graphs.capture_all()
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]]) -> PrefillResult:
@@ -54,7 +60,7 @@ class ModelRunner:
             input_ids=ids.to(self.device),
             attention_mask=mask[:, None].to(self.device),
             position_ids=positions.to(self.device),
-            past_key_values=SlabCache(kv, num_rows=m, lo=0, write_col=0),
+            past_key_values=SlabCache(kv, num_rows=m, lo=0, hi=P, write_index=torch.arange(P, device=self.device)),
             use_cache=True,
             logits_to_keep=1,
         )
@@ -63,6 +69,9 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, input_ids: list[int]) -> torch.Tensor:
         """One step for every live row of the slab; row r's input is input_ids[r]. -> logits [n, V]."""
+        if self.graphs is not None:
+            ids = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)
+            return self.graphs.decode(ids)
         slab = self.slab
         n = slab.num_rows
         lo, hi = slab.prepare_decode()

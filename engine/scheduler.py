@@ -157,8 +157,8 @@ class Scheduler:
         prefill: list[Request] = []
         prefill_longest = 0  # the prefill forward is padded to its longest prompt
         for candidate in sorted(self.waiting, key=lambda r: self._admission_key(r, now)):
-            if pressure:
-                break
+            if pressure and (self.running or prefill or restore):
+                break  # under memory pressure admit nobody, except one when the batch is empty (progress)
             is_new = candidate.state == RequestState.QUEUED
             need = candidate.num_tokens + 1
             if is_new and prefill and max(prefill_longest, len(candidate.prompt_ids)) * (len(prefill) + 1) > cfg.max_prefill_tokens:

@@ -38,6 +38,13 @@ SERVE_FLAGS = [
     ("host-kv-budget-bytes", int, 8 << 30, "K/V bytes that may be parked in host memory"),
     ("aging-seconds", float, 30.0, "a waiting request gains one priority level per this many seconds (0 = off)"),
     ("grace-seconds", float, 10.0, "on SIGTERM, how long in-flight streams may finish"),
+    ("max-message-bytes", int, 4 << 20, "largest request or response message; larger: RESOURCE_EXHAUSTED"),
+    ("max-concurrent-streams", int, 0, "concurrent RPCs per client connection (0 = gRPC default, unlimited)"),
+    ("tls-cert", str, None, "PEM certificate chain: serve TLS only (needs --tls-key)"),
+    ("tls-key", str, None, "PEM private key of --tls-cert"),
+    ("tls-client-ca", str, None, "PEM CA bundle: require client certificates signed by it (mutual TLS)"),
+    ("auth-tokens-file", str, None, "lines `token caller_name [admin]`: every RPC but Health needs "
+                                    "`authorization: Bearer <token>`"),
     ("log-level", str, "info", "debug | info | warning | error"),
 ]
 
@@ -67,8 +74,21 @@ def serve(args: argparse.Namespace) -> int:
         max_prefill_tokens=args.max_prefill_tokens, kv_budget_bytes=args.kv_budget_bytes,
         host_kv_budget_bytes=args.host_kv_budget_bytes, aging_seconds=args.aging_seconds,
         warmup=not args.no_warmup)
-    server_config = ServerConfig(host=args.host, port=args.port, metrics_port=args.metrics_port,
-                                 grace_seconds=args.grace_seconds, log_prompts=args.log_prompts)
+    try:
+        server_config = ServerConfig(
+            host=args.host, port=args.port, metrics_port=args.metrics_port, grace_seconds=args.grace_seconds,
+            log_prompts=args.log_prompts, max_message_bytes=args.max_message_bytes,
+            max_concurrent_streams=args.max_concurrent_streams, tls_cert=args.tls_cert, tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca, auth_tokens_file=args.auth_tokens_file)
+        for path in (args.tls_cert, args.tls_key, args.tls_client_ca, args.auth_tokens_file):
+            if path and not os.path.isfile(path):
+                raise ValueError(f"no such file: {path}")
+        if args.auth_tokens_file:
+            from service.auth import TokenTable
+            TokenTable.load(args.auth_tokens_file)   # a malformed file stops here, before the model loads
+    except ValueError as exc:
+        print(f"baton serve: error: {exc}", file=sys.stderr)
+        return 2
     asyncio.run(run_server(server_config, engine_config))
     return 0
 

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from baton.v1 import baton_pb2, baton_pb2_grpc
 from engine.api import EngineClient
 from engine.config import EngineConfig
+from service import auth
 from service.metrics import Metrics
 from service.servicer import GenerationServicer
 
@@ -33,29 +34,62 @@ class ServerConfig:
     grace_seconds: float = 10.0        # on SIGTERM, how long in-flight streams may run on
     max_message_bytes: int = 4 << 20   # largest request or response message
     log_prompts: bool = False          # log prompt text (debugging only)
+    max_concurrent_streams: int = 0    # per-connection HTTP/2 stream limit; 0 = gRPC's default
+    tls_cert: str | None = None        # PEM certificate chain; with tls_key: serve TLS only
+    tls_key: str | None = None         # PEM private key
+    tls_client_ca: str | None = None   # PEM CA bundle: require client certificates signed by it (mTLS)
+    auth_tokens_file: str | None = None  # `token caller_name [admin]` lines: require a bearer token
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key must be given together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        if self.max_message_bytes < 1024:
+            raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
+        if self.max_concurrent_streams < 0:
+            raise ValueError(f"max_concurrent_streams must be >= 0, got {self.max_concurrent_streams}")
 
 
 class BatonServer:
-    def __init__(self, config: ServerConfig, engine_config: EngineConfig) -> None:
+    def __init__(self, config: ServerConfig, engine_config: EngineConfig,
+                 engine: EngineClient | None = None) -> None:
         self.config = config
         self.engine_config = engine_config
         self.metrics = Metrics()
         self.servicer = GenerationServicer(self.metrics, log_prompts=config.log_prompts)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
-        self.server = grpc.aio.server(options=[
+        options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
-        ])
+        ]
+        if config.max_concurrent_streams:
+            options.append(("grpc.max_concurrent_streams", config.max_concurrent_streams))
+        interceptors: list[grpc.aio.ServerInterceptor] = [auth.DecodeGuardInterceptor(f"/{SERVICE_NAME}/")]
+        if config.auth_tokens_file:
+            tokens = auth.TokenTable.load(config.auth_tokens_file)
+            interceptors.insert(0, auth.TokenAuthInterceptor(tokens))   # outermost: nothing is parsed first
+            log.info("token_auth_enabled", callers=len(tokens))
+            if not config.tls_cert and config.host not in ("127.0.0.1", "::1", "localhost"):
+                log.warning("tokens_without_tls", host=config.host,
+                            hint="bearer tokens cross the network in clear text; set --tls-cert/--tls-key")
+        self.server = grpc.aio.server(options=options, interceptors=interceptors)
         baton_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        if config.tls_cert:
+            credentials = auth.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+            self.port = self.server.add_secure_port(address, credentials)
+            log.info("tls_enabled", mutual=bool(config.tls_client_ca))
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"could not bind {config.host}:{config.port}")
-        self.engine: EngineClient | None = None
+        self.engine: EngineClient | None = engine   # prebuilt (benchmarks); else loaded in start()
         self._stopped = asyncio.Event()
 
     async def _set_health(self, serving: bool) -> None:
@@ -70,7 +104,8 @@ class BatonServer:
         if self.config.metrics_port is not None:
             self.metrics.serve(self.config.host, self.config.metrics_port)
             log.info("metrics_listening", port=self.config.metrics_port)
-        self.engine = await asyncio.to_thread(EngineClient, self.engine_config)
+        if self.engine is None:
+            self.engine = await asyncio.to_thread(EngineClient, self.engine_config)
         await asyncio.to_thread(self.engine.start)
         self.servicer.engine = self.engine
         self.metrics.watch_engine(self.engine)
@@ -112,7 +147,15 @@ async def _maybe_await(value) -> None:
 async def serve(config: ServerConfig, engine_config: EngineConfig) -> None:
     server = BatonServer(config, engine_config)
     loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task] = []
+
+    def on_signal() -> None:
+        if not stopping:   # a second signal does not restart the grace period
+            stopping.append(loop.create_task(server.stop()))
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: loop.create_task(server.stop()))
+        loop.add_signal_handler(sig, on_signal)
     await server.start()
     await server.wait()
+    if stopping:   # let stop() finish (engine thread joined, `stopped` logged) before the loop closes
+        await stopping[0]

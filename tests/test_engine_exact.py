@@ -108,3 +108,15 @@ def test_cancel_frees_row_without_changing_others(tiny_model_dir):
     assert rows_after_cancel == [2]
     del arrivals[0][1]
     _check_against_hf(loaded, engine, outputs, arrivals)
+
+
+def test_long_newcomer_shifts_the_batch_right(tiny_model_dir):
+    """A prompt longer than the write column forces the live window to move right (outside any
+    forward): outputs must not change."""
+    import torch
+    loaded = model_loader.load(tiny_model_dir("llama"), CPU, torch.float32)
+    engine, limits = make_engine(loaded, max_batch_size=2, max_seq_len=128)
+    arrivals = {0: [GenerateInput(request_id="short", prompt="hi", max_new_tokens=20, ignore_eos=True)],
+                2: [GenerateInput(request_id="long", prompt="word " * 60, max_new_tokens=10, ignore_eos=True)]}
+    outputs = drive(engine, limits, arrivals)
+    _check_against_hf(loaded, engine, outputs, arrivals)

@@ -1,0 +1,433 @@
+"""`baton bench`: the engine and its peers on the same requests, in one process and one run.
+
+  python -m benchmarks.bench --preset llama2-7b --runs engine,engine-eager,hf-static,hf-cb,floor
+Writes benchmarks/results/<name>.json (device, versions, every figure, the command).
+Presets build random-weight models in-process (the GPU machine cannot fetch weights).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from benchmarks import workloads
+from benchmarks.workloads import BenchRequest
+
+PRESETS = {
+    # Llama-2-7B shape
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=32000, max_position_embeddings=2048),
+}
+
+
+def build_preset(name: str, device: torch.device, dtype: torch.dtype, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(**{**PRESETS[name], **overrides}, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    torch.set_default_dtype(previous)
+    model.config._attn_implementation = "sdpa"
+    return model.eval()
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def _free(device: torch.device) -> None:
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---- the engine, in process --------------------------------------------------------------------
+def run_engine(model, tokenizer, spec, reqs: list[BenchRequest], *, cuda_graphs: bool, max_batch: int,
+               max_seq_len: int, label: str, host_budget: int = 64 << 30) -> dict:
+    from engine.api import assemble_engine
+    from engine.config import EngineConfig
+    from engine.request import Request, SamplingParams
+
+    config = EngineConfig(max_batch_size=max_batch, max_seq_len=max_seq_len, warmup=False,
+                          cuda_graphs=cuda_graphs, max_prefill_tokens=16384, host_kv_budget_bytes=host_budget,
+                          aging_seconds=0)
+    engine, info = assemble_engine(model, tokenizer, spec, config)
+    device = model.device
+    # warm-up (captures graphs for the buckets it touches; the rest are captured on first use)
+    _drive(engine, [BenchRequest([5] * 16, 4)], None, device)
+    sync(device)
+    stats = _drive(engine, reqs, tqdm(total=sum(r.max_new_tokens for r in reqs), desc=label, unit="tok",
+                                      file=sys.stderr, mininterval=2), device)
+    stats.update(max_batch_size=info.max_batch_size, cuda_graphs=cuda_graphs,
+                 graphs_captured=len(engine.runner.graphs.graphs) if engine.runner.graphs else 0,
+                 bytes_offloaded=engine.bytes_offloaded, bytes_restored=engine.bytes_restored,
+                 preemptions=engine.num_parked_total)
+    del engine
+    _free(device)
+    return stats
+
+
+def _drive(engine, reqs: list[BenchRequest], bar, device) -> dict:
+    from engine.request import Request, SamplingParams
+    records = {}
+    pending = sorted(range(len(reqs)), key=lambda i: reqs[i].arrival_s)
+    start = time.monotonic()
+    step_times = []
+
+    def sink_for(i: int):
+        rec = records[i]
+
+        def sink(out) -> None:
+            if out.token_ids:
+                now = time.monotonic()
+                rec["times"].extend([now] * len(out.token_ids))
+                if bar is not None:
+                    bar.update(len(out.token_ids))
+            if out.finished:
+                rec["done"] = time.monotonic()
+                rec["tokens"] = out.completion_tokens
+        return sink
+
+    while pending or engine.has_work():
+        now = time.monotonic() - start
+        while pending and reqs[pending[0]].arrival_s <= now:
+            i = pending.pop(0)
+            r = reqs[i]
+            records[i] = {"arrival": start + r.arrival_s, "times": [], "priority": r.priority}
+            engine.add_request(Request(f"b{i}", list(r.prompt_ids), SamplingParams(max_new_tokens=r.max_new_tokens,
+                                                                                   ignore_eos=True),
+                                       priority=r.priority), sink_for(i))
+        if engine.has_work():
+            t0 = time.monotonic()
+            engine.step()
+            step_times.append(time.monotonic() - t0)
+        elif pending:
+            time.sleep(min(0.005, max(0.0, reqs[pending[0]].arrival_s - now)))
+    sync(device)
+    wall = time.monotonic() - start
+    if bar is not None:
+        bar.close()
+    return summarize(records, wall, step_times)
+
+
+def summarize(records: dict, wall: float, step_times: list[float]) -> dict:
+    tokens = sum(r["tokens"] for r in records.values())
+    ttft = [r["times"][0] - r["arrival"] for r in records.values() if r["times"]]
+    tpot = [(r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1) for r in records.values() if len(r["times"]) > 1]
+    itl = [b - a for r in records.values() for a, b in zip(r["times"], r["times"][1:])]
+    out = {"wall_s": wall, "useful_tokens": tokens, "tok_per_s": tokens / wall, "requests": len(records),
+           "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99), "tpot_p50_s": pct(tpot, 50),
+           "tpot_p99_s": pct(tpot, 99), "itl_p50_s": pct(itl, 50), "itl_p99_s": pct(itl, 99),
+           "steps": len(step_times), "step_p50_ms": 1000 * pct(step_times, 50)}
+    by_prio: dict[int, list[float]] = {}
+    for r in records.values():
+        if r["times"]:
+            by_prio.setdefault(r["priority"], []).append(r["times"][0] - r["arrival"])
+    if len(by_prio) > 1:
+        out["ttft_by_priority"] = {str(p): {"p50_s": pct(v, 50), "p99_s": pct(v, 99), "n": len(v)}
+                                   for p, v in sorted(by_prio.items())}
+        low = [r for r in records.values() if r["priority"] == min(by_prio)]
+        out["low_priority_tok_per_s"] = sum(r["tokens"] for r in low) / (max(r["done"] for r in low) - min(r["arrival"] for r in low))
+    return out
+
+
+# ---- the full gRPC path: server in this process, clients streaming over loopback ---------------
+def run_grpc(model, tokenizer, spec, reqs: list[BenchRequest], *, max_batch: int, max_seq_len: int) -> dict:
+    import asyncio
+    import threading
+
+    import grpc
+
+    from baton.v1 import baton_pb2 as pb
+    from baton.v1 import baton_pb2_grpc as pb_grpc
+    from engine.api import EngineClient, assemble_engine
+    from engine.config import EngineConfig
+    from service.server import BatonServer, ServerConfig
+
+    config = EngineConfig(max_batch_size=max_batch, max_seq_len=max_seq_len, warmup=True, max_prefill_tokens=16384,
+                          aging_seconds=0, max_new_tokens_limit=max_seq_len)
+    engine, info = assemble_engine(model, tokenizer, spec, config)
+    client = EngineClient(config, prebuilt=(engine, info, tokenizer))
+    server_loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    holder = {}
+
+    async def start() -> None:
+        # grpc.aio objects belong to the loop they are made on: build the server inside it
+        holder["server"] = BatonServer(ServerConfig(port=0, max_message_bytes=64 << 20), config, engine=client)
+        await holder["server"].start()
+
+    def serve() -> None:
+        asyncio.set_event_loop(server_loop)
+        server_loop.run_until_complete(start())
+        ready.set()
+        server_loop.run_forever()
+
+    threading.Thread(target=serve, daemon=True).start()
+    ready.wait(600)
+    server = holder["server"]
+    records: dict[int, dict] = {}
+    bar = tqdm(total=sum(r.max_new_tokens for r in reqs), desc="grpc", unit="tok", file=sys.stderr, mininterval=2)
+
+    async def one(i: int, stub, start: float) -> None:
+        r = reqs[i]
+        await asyncio.sleep(r.arrival_s)
+        rec = records[i] = {"arrival": time.monotonic(), "times": [], "priority": r.priority}
+        msg = pb.GenerateRequest(prompt=r.text, priority=r.priority,
+                                 params=pb.GenerationParams(max_new_tokens=r.max_new_tokens, ignore_eos=True))
+        async for resp in stub.Generate(msg):
+            if resp.token_ids:
+                now = time.monotonic()
+                rec["times"].extend([now] * len(resp.token_ids))
+                bar.update(len(resp.token_ids))
+            if resp.finish_reason:
+                rec["done"], rec["tokens"] = time.monotonic(), resp.usage.completion_tokens
+
+    async def run_all() -> float:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            start = time.monotonic()
+            await asyncio.gather(*(one(i, stub, start) for i in range(len(reqs))))
+            return time.monotonic() - start
+
+    wall = asyncio.run(run_all())
+    bar.close()
+    asyncio.run_coroutine_threadsafe(server.stop(), server_loop).result(60)
+    server_loop.call_soon_threadsafe(server_loop.stop)
+    return summarize(records, wall, [])
+
+
+# ---- peers ---------------------------------------------------------------------------------------
+def run_hf_static(model, reqs: list[BenchRequest], batch: int = 32) -> dict:
+    """HF generate, static batches of `batch` in arrival order, left padding, run to completion."""
+    device = model.device
+    start = time.monotonic()
+    generated = 0
+    for i in tqdm(range(0, len(reqs), batch), desc="hf-static", file=sys.stderr):
+        group = reqs[i:i + batch]
+        longest = max(len(r.prompt_ids) for r in group)
+        ids = torch.zeros(len(group), longest, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, r in enumerate(group):
+            ids[j, longest - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            mask[j, longest - len(r.prompt_ids):] = 1
+        n = max(r.max_new_tokens for r in group)
+        with torch.inference_mode():
+            out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=0, eos_token_id=None)
+        generated += (out.shape[1] - longest) * len(group)
+    sync(device)
+    wall = time.monotonic() - start
+    useful = sum(r.max_new_tokens for r in reqs)
+    return {"wall_s": wall, "useful_tokens": useful, "tok_per_s": useful / wall, "generated_tokens": generated}
+
+
+def run_hf_cb(model, reqs: list[BenchRequest]) -> dict:
+    """HF continuous batching (paged cache). generate_batch takes one max_new_tokens for all, so
+    every request runs to the longest; useful tokens count each request's own length."""
+    from transformers import GenerationConfig
+    device = model.device
+    n = max(r.max_new_tokens for r in reqs)
+    cfg = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=-1, pad_token_id=0,
+                           use_cuda_graph=False)
+    start = time.monotonic()
+    with torch.inference_mode():
+        out = model.generate_batch(inputs=[r.prompt_ids for r in reqs], generation_config=cfg, progress_bar=True)
+    sync(device)
+    wall = time.monotonic() - start
+    generated = sum(len(v.generated_tokens) for v in out.values())
+    useful = sum(r.max_new_tokens for r in reqs)
+    return {"wall_s": wall, "useful_tokens": useful, "tok_per_s": useful / wall, "generated_tokens": generated,
+            "generated_tok_per_s": generated / wall, "max_new_tokens_all": n}
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Device-to-device copy, bytes read + written per second (the memory ceiling)."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    sync(device)
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        y.copy_(x)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * x.numel() / statistics.median(times)
+
+
+def host_link_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> dict:
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    for _ in range(2):
+        host.copy_(src, non_blocking=True)
+        src.copy_(host, non_blocking=True)
+    sync(device)
+    d2h, h2d = [], []
+    for _ in range(5):
+        t0 = time.perf_counter(); host.copy_(src, non_blocking=True); sync(device); d2h.append(time.perf_counter() - t0)
+        t0 = time.perf_counter(); src.copy_(host, non_blocking=True); sync(device); h2d.append(time.perf_counter() - t0)
+    return {"d2h_GBps": nbytes / statistics.median(d2h) / 1e9, "h2d_GBps": nbytes / statistics.median(h2d) / 1e9}
+
+
+def decode_step_micro(model, tokenizer, spec, batch: int, context: int, cuda_graphs: bool) -> dict:
+    """Median time of one decode step with `batch` rows of `context` tokens (random K/V)."""
+    from engine.api import assemble_engine
+    from engine.config import EngineConfig
+    config = EngineConfig(max_batch_size=batch, max_seq_len=context + 64, warmup=False, cuda_graphs=cuda_graphs)
+    engine, _info = assemble_engine(model, tokenizer, spec, config)
+    slab, runner = engine.slab, engine.runner
+    L, two, S, H, T, D = slab.data.shape
+    for i in range(batch):
+        slab.add_row(f"m{i}", torch.randn(L, two, H, context - 1, D, dtype=slab.data.dtype, device=slab.data.device))
+    ids = [7] * batch
+    times = []
+    for i in range(30):
+        sync(model.device)
+        t0 = time.perf_counter()
+        runner.decode(ids)
+        sync(model.device)
+        times.append(time.perf_counter() - t0)
+        if slab.write_col + 2 > slab.max_len:
+            break
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv = batch * context * slab.bytes_per_token
+    del engine
+    _free(model.device)
+    return {"batch": batch, "context": context, "step_ms": 1000 * statistics.median(times[5:]),
+            "weights_bytes": weights, "kv_bytes": kv}
+
+
+def versions() -> dict:
+    import transformers
+    v = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    if torch.cuda.is_available():
+        v["device"] = torch.cuda.get_device_name(0)
+    else:
+        v["device"] = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return v
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="baton bench", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="random-weight model built in-process")
+    p.add_argument("--model", default=None, help="local HF folder (default: the built-in SmolLM2 when no preset)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder for presets (default: the built-in one)")
+    p.add_argument("--runs", default="engine,hf-static", help="comma list: engine, engine-eager, hf-static, hf-cb, "
+                   "floor, w2, w3")
+    p.add_argument("--requests", type=int, default=128)
+    p.add_argument("--max-output", type=int, default=512)
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--rates", default="2,4,8", help="W2 Poisson arrival rates, requests/s")
+    p.add_argument("--name", default=None, help="result file name (default: preset/model and device)")
+    p.add_argument("--dtype", default="auto")
+    args = p.parse_args(argv)
+
+    from engine import model_loader
+    device = model_loader.resolve_device("auto")
+    dtype = model_loader.resolve_dtype(args.dtype, device)
+    if args.preset:
+        from transformers import AutoTokenizer
+        if args.tokenizer:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+        else:
+            folder, gguf = model_loader.builtin_model_path()
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, local_files_only=True)
+        # The vocabulary must cover the tokenizer's ids (the gRPC path sends text): 49,152 for the
+        # built-in tokenizer instead of Llama-2's 32,000 (+0.28 GB of weights, counted in the floor).
+        model = build_preset(args.preset, device, dtype,
+                             vocab_size=max(PRESETS[args.preset]["vocab_size"], len(tokenizer)))
+        spec = model_loader.spec_of(model, tokenizer, args.preset)
+        spec = type(spec)(**{**spec.__dict__, "eos_token_ids": ()})
+    else:
+        model, tokenizer, spec = model_loader.load(args.model, device, dtype)
+    vocab = min(spec.vocab_size, len(tokenizer))
+    reqs = workloads.with_text(workloads.w1(args.requests, vocab=vocab, output=(16, args.max_output)), tokenizer)
+    max_seq = max(len(r.prompt_ids) + r.max_new_tokens for r in reqs) + 8
+    runs = args.runs.split(",")
+    result = {"command": "python -m benchmarks.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "versions": versions(), "model": args.preset or spec.name, "dtype": str(dtype),
+              "workload_w1": {"requests": len(reqs), "useful_tokens": sum(r.max_new_tokens for r in reqs)}}
+    common = dict(max_batch=args.max_batch_size, max_seq_len=max_seq)
+    name = args.name or f"{args.preset or spec.name}-{device.type}"
+    out = Path(__file__).parent / "results" / f"{name}.json"
+
+    def save() -> None:  # after every run, so a time-out keeps what finished
+        out.write_text(json.dumps(result, indent=2))
+    if "floor" in runs and device.type == "cuda":
+        bw = copy_bandwidth(device)
+        result["copy_bandwidth_Bps"] = bw
+        result["host_link"] = host_link_bandwidth(device)
+        for batch in (32, 64):
+            for graphs in (True, False):
+                m = decode_step_micro(model, tokenizer, spec, batch, 1024, graphs)
+                m["floor_ms"] = 1000 * (m["weights_bytes"] + m["kv_bytes"]) / bw
+                m["ratio_to_floor"] = m["step_ms"] / m["floor_ms"]
+                result[f"decode_step_b{batch}_ctx1024_{'graph' if graphs else 'eager'}"] = m
+        result["floor_w1_tok_per_s_b32"] = 32 / (result["decode_step_b32_ctx1024_graph"]["floor_ms"] / 1000)
+    save()
+    if "engine" in runs:
+        result["engine"] = run_engine(model, tokenizer, spec, reqs, cuda_graphs=True, label="engine", **common)
+    save()
+    if "engine-eager" in runs:
+        result["engine_eager"] = run_engine(model, tokenizer, spec, reqs, cuda_graphs=False, label="engine-eager", **common)
+    save()
+    if "w2" in runs:
+        for rate in [float(x) for x in args.rates.split(",")]:
+            w2 = workloads.w2(rate, num_requests=args.requests, vocab=vocab, output=(16, args.max_output))
+            save()
+            result[f"engine_w2_rate{rate:g}"] = run_engine(model, tokenizer, spec, w2, cuda_graphs=True,
+                                                           label=f"w2@{rate:g}/s", **common)
+    save()
+    if "w3" in runs:
+        w3 = workloads.w3(num_low=args.max_batch_size, num_high=16, high_every_s=0.5, vocab=vocab)
+        max3 = max(len(r.prompt_ids) + r.max_new_tokens for r in w3) + 8
+        result["engine_w3"] = run_engine(model, tokenizer, spec, w3, cuda_graphs=True, label="w3",
+                                         max_batch=args.max_batch_size, max_seq_len=max3)
+        low_only = [r for r in w3 if r.priority == 0]
+        result["engine_w3_low_only"] = run_engine(model, tokenizer, spec, low_only, cuda_graphs=True, label="w3-low",
+                                                  max_batch=args.max_batch_size, max_seq_len=max3)
+    save()
+    if "grpc" in runs:
+        result["grpc"] = run_grpc(model, tokenizer, spec, reqs, **common)
+        if "engine" in result:
+            result["grpc_over_engine"] = result["grpc"]["tok_per_s"] / result["engine"]["tok_per_s"]
+    save()
+    if "hf-static" in runs:
+        result["hf_static"] = run_hf_static(model, reqs)
+    save()
+    if "hf-cb" in runs:
+        try:
+            result["hf_cb"] = run_hf_cb(model, reqs)
+        except Exception as exc:  # noqa: BLE001 - record why a peer could not run
+            result["hf_cb"] = {"error": repr(exc)}
+    if device.type == "cuda":
+        result["peak_device_bytes"] = torch.cuda.max_memory_allocated()
+    save()
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
