@@ -81,7 +81,9 @@ def run_engine(model, tokenizer, spec, reqs: list[BenchRequest], *, cuda_graphs:
     stats.update(max_batch_size=info.max_batch_size, cuda_graphs=cuda_graphs,
                  graphs_captured=len(engine.runner.graphs.graphs) if engine.runner.graphs else 0,
                  bytes_offloaded=engine.bytes_offloaded, bytes_restored=engine.bytes_restored,
-                 preemptions=engine.num_parked_total)
+                 preemptions=engine.num_parked_total, seconds_prefill=engine.seconds_prefill,
+                 seconds_decode=engine.seconds_decode)
+    engine.close()
     del engine
     _free(device)
     return stats
@@ -214,6 +216,8 @@ def run_grpc(model, tokenizer, spec, reqs: list[BenchRequest], *, max_batch: int
     bar.close()
     asyncio.run_coroutine_threadsafe(server.stop(), server_loop).result(60)
     server_loop.call_soon_threadsafe(server_loop.stop)
+    engine.close()
+    _free(model.device)
     return summarize(records, wall, [])
 
 
@@ -313,6 +317,7 @@ def decode_step_micro(model, tokenizer, spec, batch: int, context: int, cuda_gra
             break
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     kv = batch * context * slab.bytes_per_token
+    engine.close()
     del engine
     _free(model.device)
     return {"batch": batch, "context": context, "step_ms": 1000 * statistics.median(times[5:]),
@@ -329,6 +334,33 @@ def versions() -> dict:
     return v
 
 
+def _per_stage(args, argv: list[str], runs: list[str]) -> int:
+    import subprocess
+    name = args.name or f"{args.preset or 'model'}-cuda"
+    merged: dict = {}
+    base = [a for i, a in enumerate(argv) if a not in ("--runs", "--name") and
+            (i == 0 or argv[i - 1] not in ("--runs", "--name"))]
+    for run in runs:
+        part = f"{name}.{run}"
+        code = subprocess.call([sys.executable, "-m", "benchmarks.bench", *base, "--runs", run, "--name", part,
+                                "--same-process"])
+        path = Path(__file__).parent / "results" / f"{part}.json"
+        if path.exists():
+            for key, value in json.loads(path.read_text()).items():
+                merged.setdefault(key, value)
+            path.unlink()
+        if code != 0:
+            merged[f"{run}_exit_code"] = code
+        merged["command"] = "python -m benchmarks.bench " + " ".join(argv)
+        if "grpc" in merged and "engine" in merged:
+            merged["grpc_over_engine"] = merged["grpc"]["tok_per_s"] / merged["engine"]["tok_per_s"]
+        for peer in ("hf_static", "hf_cb", "engine_eager"):
+            if peer in merged and "engine" in merged and "tok_per_s" in merged[peer]:
+                merged[f"engine_over_{peer}"] = merged["engine"]["tok_per_s"] / merged[peer]["tok_per_s"]
+        (Path(__file__).parent / "results" / f"{name}.json").write_text(json.dumps(merged, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="baton bench", description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="random-weight model built in-process")
@@ -342,7 +374,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", default="2,4,8", help="W2 Poisson arrival rates, requests/s")
     p.add_argument("--name", default=None, help="result file name (default: preset/model and device)")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--same-process", action="store_true",
+                   help="run every stage in this process (default on CUDA: one child process per stage, "
+                        "so no stage inherits another's device memory)")
     args = p.parse_args(argv)
+    argv = list(argv if argv is not None else sys.argv[1:])
+    runs = args.runs.split(",")
+    if len(runs) > 1 and torch.cuda.is_available() and not args.same_process:
+        return _per_stage(args, argv, runs)
 
     from engine import model_loader
     device = model_loader.resolve_device("auto")
@@ -365,7 +404,6 @@ def main(argv: list[str] | None = None) -> int:
     vocab = min(spec.vocab_size, len(tokenizer))
     reqs = workloads.with_text(workloads.w1(args.requests, vocab=vocab, output=(16, args.max_output)), tokenizer)
     max_seq = max(len(r.prompt_ids) + r.max_new_tokens for r in reqs) + 8
-    runs = args.runs.split(",")
     result = {"command": "python -m benchmarks.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
               "versions": versions(), "model": args.preset or spec.name, "dtype": str(dtype),
               "workload_w1": {"requests": len(reqs), "useful_tokens": sum(r.max_new_tokens for r in reqs)}}

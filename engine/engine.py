@@ -40,6 +40,22 @@ class StepResult:
     num_finished: int
 
 
+def length_groups(requests, max_waste: float = 0.25) -> list[list[Request]]:
+    """Split newcomers into prefill forwards of similar prompt length, so padding stays under
+    `max_waste` of each forward's tokens (one long prompt must not pad thirty short ones)."""
+    groups: list[list[Request]] = []
+    for request in sorted(requests, key=lambda r: len(r.prompt_ids)):
+        group = groups[-1] if groups else None
+        if group is not None:
+            longest = len(request.prompt_ids)
+            real = sum(len(r.prompt_ids) for r in group) + longest
+            if longest * (len(group) + 1) <= real * (1 + max_waste):
+                group.append(request)
+                continue
+        groups.append([request])
+    return groups
+
+
 class LLMEngine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer,
                  eos_token_ids: tuple[int, ...], seed: int = 0, pressure: Callable[[], bool] = lambda: False) -> None:
@@ -56,6 +72,8 @@ class LLMEngine:
         self.num_parked_total = 0          # rows parked since start (preemptions and suspends)
         self.bytes_offloaded = 0
         self.bytes_restored = 0
+        self.seconds_prefill = 0.0         # wall time in prefill forwards + their sampling
+        self.seconds_decode = 0.0          # wall time in decode forwards + their sampling
 
     # ---- requests in -----------------------------------------------------------------------
     def add_request(self, request: Request, sink: OutputSink) -> None:
@@ -112,10 +130,12 @@ class LLMEngine:
             request.bytes_restored += kv.numel() * kv.element_size()
             self.bytes_restored += kv.numel() * kv.element_size()
         finished: list[Request] = []
-        if sched.prefill:
-            result = self.runner.prefill([r.prompt_ids for r in sched.prefill])
-            tokens = self._sample(list(sched.prefill), result.logits)
-            for i, (request, token) in enumerate(zip(sched.prefill, tokens)):
+        for group in length_groups(sched.prefill):
+            started = time.monotonic()
+            result = self.runner.prefill([r.prompt_ids for r in group])
+            tokens = self._sample(group, result.logits)
+            self.seconds_prefill += time.monotonic() - started
+            for i, (request, token) in enumerate(zip(group, tokens)):
                 if self._append(request, token):
                     finished.append(request)
                 else:
@@ -123,8 +143,11 @@ class LLMEngine:
         if self.slab.num_rows:
             by_id = {r.request_id: r for r in sched.decode}
             rows = [by_id[row_id] for row_id in self.slab.row_ids]
+            started = time.monotonic()
             logits = self.runner.decode([r.output_ids[-1] for r in rows])
-            for request, token in zip(rows, self._sample(rows, logits)):
+            tokens = self._sample(rows, logits)
+            self.seconds_decode += time.monotonic() - started
+            for request, token in zip(rows, tokens):
                 if self._append(request, token):
                     finished.append(request)
         return finished
@@ -182,6 +205,12 @@ class LLMEngine:
         self.scheduler.schedule(time.monotonic())  # drain the free list
         for row_id in list(self.slab.row_ids):
             self.slab.remove_row(row_id)
+        self.host_kv.clear()
+
+    def close(self) -> None:
+        """Release device memory now (slab, graphs), even if references to the engine linger."""
+        self.runner.graphs = None
+        self.slab.data = torch.empty(0, device=self.slab.data.device)
         self.host_kv.clear()
 
     # ---- events out ------------------------------------------------------------------------
