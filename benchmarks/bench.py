@@ -69,7 +69,7 @@ def run_engine(model, tokenizer, spec, reqs: list[BenchRequest], *, cuda_graphs:
     from engine.request import Request, SamplingParams
 
     config = EngineConfig(max_batch_size=max_batch, max_seq_len=max_seq_len, warmup=False,
-                          cuda_graphs=cuda_graphs, max_prefill_tokens=16384, host_kv_budget_bytes=host_budget,
+                          cuda_graphs=cuda_graphs, max_prefill_tokens=32768, host_kv_budget_bytes=host_budget,
                           aging_seconds=0)
     engine, info = assemble_engine(model, tokenizer, spec, config)
     device = model.device
@@ -166,7 +166,7 @@ def run_grpc(model, tokenizer, spec, reqs: list[BenchRequest], *, max_batch: int
     from engine.config import EngineConfig
     from service.server import BatonServer, ServerConfig
 
-    config = EngineConfig(max_batch_size=max_batch, max_seq_len=max_seq_len, warmup=True, max_prefill_tokens=16384,
+    config = EngineConfig(max_batch_size=max_batch, max_seq_len=max_seq_len, warmup=True, max_prefill_tokens=32768,
                           aging_seconds=0, max_new_tokens_limit=max_seq_len)
     engine, info = assemble_engine(model, tokenizer, spec, config)
     client = EngineClient(config, prebuilt=(engine, info, tokenizer))
@@ -438,14 +438,18 @@ def main(argv: list[str] | None = None) -> int:
             result[f"engine_w2_rate{rate:g}"] = run_engine(model, tokenizer, spec, w2, cuda_graphs=True,
                                                            label=f"w2@{rate:g}/s", **common)
     save()
-    if "w3" in runs:
+    if "w3" in runs or "w3-low" in runs:
+        # a saturated batch of priority-0 work; priority-10 arrivals preempt into it ("w3-low":
+        # the same low-priority work alone, to price what the preemptions cost it)
         w3 = workloads.w3(num_low=args.max_batch_size, num_high=16, high_every_s=0.5, vocab=vocab)
         max3 = max(len(r.prompt_ids) + r.max_new_tokens for r in w3) + 8
-        result["engine_w3"] = run_engine(model, tokenizer, spec, w3, cuda_graphs=True, label="w3",
-                                         max_batch=args.max_batch_size, max_seq_len=max3)
-        low_only = [r for r in w3 if r.priority == 0]
-        result["engine_w3_low_only"] = run_engine(model, tokenizer, spec, low_only, cuda_graphs=True, label="w3-low",
-                                                  max_batch=args.max_batch_size, max_seq_len=max3)
+        if "w3" in runs:
+            result["engine_w3"] = run_engine(model, tokenizer, spec, w3, cuda_graphs=True, label="w3",
+                                             max_batch=args.max_batch_size, max_seq_len=max3)
+        if "w3-low" in runs:
+            low_only = [r for r in w3 if r.priority == 0]
+            result["engine_w3_low_only"] = run_engine(model, tokenizer, spec, low_only, cuda_graphs=True,
+                                                      label="w3-low", max_batch=args.max_batch_size, max_seq_len=max3)
     save()
     if "grpc" in runs:
         result["grpc"] = run_grpc(model, tokenizer, spec, reqs, **common)

@@ -40,9 +40,11 @@ class StepResult:
     num_finished: int
 
 
-def length_groups(requests, max_waste: float = 0.25) -> list[list[Request]]:
+def length_groups(requests, max_waste: float = 1.0) -> list[list[Request]]:
     """Split newcomers into prefill forwards of similar prompt length, so padding stays under
-    `max_waste` of each forward's tokens (one long prompt must not pad thirty short ones)."""
+    `max_waste` of each forward's tokens (one long prompt must not pad thirty short ones).
+    Measured on an H200 (7B shape): each eager forward costs ~55 ms of host overhead, so a tight
+    bound (0.25) made many small forwards and doubled prefill time; 1.0 splits only wild mixes."""
     groups: list[list[Request]] = []
     for request in sorted(requests, key=lambda r: len(r.prompt_ids)):
         group = groups[-1] if groups else None

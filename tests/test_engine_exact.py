@@ -120,3 +120,15 @@ def test_long_newcomer_shifts_the_batch_right(tiny_model_dir):
                 2: [GenerateInput(request_id="long", prompt="word " * 60, max_new_tokens=10, ignore_eos=True)]}
     outputs = drive(engine, limits, arrivals)
     _check_against_hf(loaded, engine, outputs, arrivals)
+
+
+def test_length_groups_bound_padding():
+    from engine.engine import length_groups
+    from engine.request import Request, SamplingParams
+    reqs = [Request(f"r{n}", [1] * n, SamplingParams(max_new_tokens=1)) for n in (500, 30, 40, 35, 480, 33, 510)]
+    groups = length_groups(reqs)
+    assert sorted(len(r.prompt_ids) for g in groups for r in g) == sorted(len(r.prompt_ids) for r in reqs)
+    for g in groups:
+        longest = max(len(r.prompt_ids) for r in g)
+        assert longest * len(g) <= 2.0 * sum(len(r.prompt_ids) for r in g)
+    assert len(groups) == 2      # the short ones together, the long ones together
