@@ -255,11 +255,13 @@ def run_hf_cb(model, reqs: list[BenchRequest]) -> dict:
     cfg = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=-1, pad_token_id=0,
                            use_cuda_graph=False)
     start = time.monotonic()
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: HF's CB manager edits its tensors outside it
         out = model.generate_batch(inputs=[r.prompt_ids for r in reqs], generation_config=cfg, progress_bar=True)
     sync(device)
     wall = time.monotonic() - start
     generated = sum(len(v.generated_tokens) for v in out.values())
+    if generated < sum(r.max_new_tokens for r in reqs):
+        raise RuntimeError(f"HF continuous batching generated only {generated} tokens")
     useful = sum(r.max_new_tokens for r in reqs)
     return {"wall_s": wall, "useful_tokens": useful, "tok_per_s": useful / wall, "generated_tokens": generated,
             "generated_tok_per_s": generated / wall, "max_new_tokens_all": n}
