@@ -183,3 +183,32 @@ def test_cli_generate_streams_an_answer(server):
     assert out.returncode == 0, out.stderr
     assert len(out.stdout.strip()) > 20
     assert "completion tokens" in out.stderr
+
+
+def test_priority_change_preempts_through_grpc_and_stays_exact(client, server):
+    """Fill the 4-row batch with priority-0 streams; a fifth waits. Raising its priority over gRPC
+    preempts the latest low-priority row (its K/V go to host memory and come back); every output
+    still equals its uninterrupted greedy run, and the host pool ends empty."""
+    options = GenerationOptions(max_new_tokens=48, ignore_eos=True)
+    prompts = [f"Story number {i}:" for i in range(5)]
+    solo = {p: client.complete(p, options=options).token_ids for p in prompts}
+    results, states = {}, {}
+
+    def run(i: int) -> None:
+        done = client.complete(prompts[i], options=options, request_id=f"prio-{i}")
+        results[i], states[i] = done.token_ids, done.states
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    assert server.wait_metric("baton_running_rows", 4, timeout=60) == 4
+    waiter = threading.Thread(target=run, args=(4,))
+    waiter.start()
+    time.sleep(0.3)
+    assert client.preempt("prio-4", "priority", priority=10) in ("QUEUED", "RUNNING")
+    for t in [*threads, waiter]:
+        t.join(180)
+    assert {i: results[i] for i in range(5)} == {i: solo[p] for i, p in enumerate(prompts)}
+    assert any("PREEMPTED" in s for s in states.values())
+    assert server.wait_metric("baton_kv_host_bytes", 0) == 0
+    assert server.metric("baton_preemptions_total") >= 1
