@@ -82,7 +82,7 @@ def run_engine(model, tokenizer, spec, reqs: list[BenchRequest], *, cuda_graphs:
                  graphs_captured=len(engine.runner.graphs.graphs) if engine.runner.graphs else 0,
                  bytes_offloaded=engine.bytes_offloaded, bytes_restored=engine.bytes_restored,
                  preemptions=engine.num_parked_total, seconds_prefill=engine.seconds_prefill,
-                 seconds_decode=engine.seconds_decode)
+                 seconds_decode=engine.seconds_decode, slab_relocations=engine.slab.num_relocations)
     engine.close()
     del engine
     _free(device)

@@ -126,6 +126,9 @@ class LLMEngine:
             request.bytes_offloaded += kv.numel() * kv.element_size()
             self.bytes_offloaded += kv.numel() * kv.element_size()
             self.num_parked_total += 1
+        incoming = [len(r.prompt_ids) for r in sched.prefill] + [r.num_tokens for r in sched.restore]
+        if incoming:
+            self.slab.reserve(max(incoming))
         for request in sched.restore:
             kv = self.host_kv.pop(request.request_id)
             self.slab.add_row(request.request_id, kv.to(self.runner.device, non_blocking=True))

@@ -30,6 +30,7 @@ class KVSlab:
         self.max_len = max_len
         self.num_slots = num_slots
         self.write_col = 0
+        self.num_relocations = 0   # times the live window was moved (a copy of the whole window)
         self.row_ids: list[str] = []
         self.lengths: list[int] = []
 
@@ -89,6 +90,11 @@ class KVSlab:
         if not self.row_ids:
             self.write_col = 0
 
+    def reserve(self, longest: int) -> None:
+        """Before embedding several rows: move the window once so that a row of `longest` tokens
+        fits left of the write column (otherwise each longer newcomer would move it again)."""
+        self._make_room(need_left=longest)
+
     def row_length(self, row_id: str) -> int:
         return self.lengths[self.row_ids.index(row_id)]
 
@@ -133,6 +139,7 @@ class KVSlab:
         temporary is 1/L of the window)."""
         width, w, n = max(self.lengths, default=0), self.write_col, self.num_rows
         if n and width and new_w != w:
+            self.num_relocations += 1
             for i in range(self.data.shape[0]):
                 layer = self.data[i]                                  # [2, S, H, T, D]
                 window = layer[:, :n, :, w - width:w].clone()
