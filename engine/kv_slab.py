@@ -17,6 +17,8 @@ path captures per (row bucket, width bucket).
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -154,7 +156,9 @@ class _SlabLayer(CacheLayerMixin):
 
     def __init__(self, cache: "SlabCache", layer: int) -> None:
         super().__init__()
-        self._cache = cache
+        # A weak reference: a strong one makes a cycle (cache -> layers -> cache) that only the
+        # cyclic GC frees, which kept each prefill's multi-GB K/V alive for many steps.
+        self._cache = weakref.proxy(cache)
         self._layer = layer
         self.is_initialized = True
 

@@ -132,3 +132,23 @@ def test_length_groups_bound_padding():
         longest = max(len(r.prompt_ids) for r in g)
         assert longest * len(g) <= 2.0 * sum(len(r.prompt_ids) for r in g)
     assert len(groups) == 2      # the short ones together, the long ones together
+
+
+def test_prefill_kv_is_freed_without_the_cyclic_gc():
+    """A SlabCache must not form a reference cycle: a prefill's temporary K/V (GBs for a 7B model)
+    must be freed as soon as the result is dropped, not whenever Python's cyclic GC runs."""
+    import gc
+    import weakref
+
+    import torch
+    from engine.kv_slab import SlabCache
+    gc.disable()
+    try:
+        data = torch.zeros(2, 2, 1, 1, 4, 2)
+        probe = weakref.ref(data)
+        cache = SlabCache(data, num_rows=1, lo=0, hi=4, write_index=torch.arange(4))
+        k, v = cache.update(torch.ones(1, 1, 4, 2), torch.ones(1, 1, 4, 2), 0)
+        del cache, data, k, v
+        assert probe() is None
+    finally:
+        gc.enable()
