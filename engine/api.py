@@ -176,10 +176,12 @@ class EngineClient:
             if out.finished:
                 with self._lock:
                     if self._sinks.pop(rid, None) is None:
-                        return  # already ended (engine died and ended it)
+                        return  # this stream was already ended once
             sink(out)
 
         with self._lock:
+            if self._stop.is_set():
+                raise EngineUnavailable("engine is not running")
             if rid in self._sinks:
                 raise DuplicateRequest(f"request_id {rid!r} is already in flight")
             if len(self._sinks) >= self.config.max_queue + self.info.max_batch_size:
@@ -252,10 +254,10 @@ class EngineClient:
             log.critical("engine_thread_died", error=repr(exc), traceback=traceback.format_exc())
             raise
         finally:
-            self._stop.set()
             with self._lock:
-                sinks, self._sinks = dict(self._sinks), {}
-            for rid, sink in sinks.items():
+                self._stop.set()
+                sinks = list(self._sinks.items())
+            for rid, sink in sinks:  # counted sinks: each removes itself from _sinks, then forwards
                 sink(RequestOutput(rid, state=RequestState.FINISHED, finish_reason=FinishReason.ERROR,
                                    error="engine stopped", retryable=True))
 
@@ -271,5 +273,5 @@ class EngineClient:
             except Exception as exc:  # noqa: BLE001 - one bad step must not kill the service
                 self._step_errors += 1
                 log.error("engine_step_failed", error=repr(exc), traceback=traceback.format_exc())
-                self.engine.fail_all(f"engine step failed: {exc!r}")
+                self.engine.fail_batch(f"engine step failed: {exc!r}")
 

@@ -76,6 +76,8 @@ class LLMEngine:
         self.bytes_restored = 0
         self.seconds_prefill = 0.0         # wall time in prefill forwards + their sampling
         self.seconds_decode = 0.0          # wall time in decode forwards + their sampling
+        self.seconds_offload = 0.0         # wall time of K/V copies to host (synchronised; parks are rare)
+        self.seconds_restore = 0.0         # wall time of K/V copies back to the device
 
     # ---- requests in -----------------------------------------------------------------------
     def add_request(self, request: Request, sink: OutputSink) -> None:
@@ -120,20 +122,24 @@ class LLMEngine:
         """Apply the schedule to the slab and run the forwards. Returns requests that finished."""
         for request in sched.free:
             self._drop_kv(request.request_id)
+        started = self._timed_start(bool(sched.park))
         for request in sched.park:
             kv = self.slab.take_row(request.request_id, pin=self._pin)
             self.host_kv[request.request_id] = kv
             request.bytes_offloaded += kv.numel() * kv.element_size()
             self.bytes_offloaded += kv.numel() * kv.element_size()
             self.num_parked_total += 1
+        self.seconds_offload += self._timed_end(started)
         incoming = [len(r.prompt_ids) for r in sched.prefill] + [r.num_tokens for r in sched.restore]
         if incoming:
             self.slab.reserve(max(incoming))
+        started = self._timed_start(bool(sched.restore))
         for request in sched.restore:
             kv = self.host_kv.pop(request.request_id)
             self.slab.add_row(request.request_id, kv.to(self.runner.device, non_blocking=True))
             request.bytes_restored += kv.numel() * kv.element_size()
             self.bytes_restored += kv.numel() * kv.element_size()
+        self.seconds_restore += self._timed_end(started)
         finished: list[Request] = []
         for group in length_groups(sched.prefill):
             started = time.monotonic()
@@ -156,6 +162,21 @@ class LLMEngine:
                 if self._append(request, token):
                     finished.append(request)
         return finished
+
+    def _timed_start(self, active: bool) -> float | None:
+        """Start timing a copy phase; on CUDA, drain queued work first so only the copy is timed."""
+        if not active:
+            return None
+        if self.runner.device.type == "cuda":
+            torch.cuda.synchronize(self.runner.device)
+        return time.monotonic()
+
+    def _timed_end(self, started: float | None) -> float:
+        if started is None:
+            return 0.0
+        if self.runner.device.type == "cuda":
+            torch.cuda.synchronize(self.runner.device)
+        return time.monotonic() - started
 
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
         lives = [self._live[r.request_id] for r in requests]
@@ -201,16 +222,21 @@ class LLMEngine:
             live.new_text += live.detok.flush()
             self._emit_final(request)
 
-    def fail_all(self, message: str) -> None:
-        """An engine step raised: end every unfinished request with ERROR and reset the batch."""
-        for request in list(self.scheduler.by_id.values()):
+    def fail_batch(self, message: str) -> None:
+        """An engine step raised: end the requests that were in the batch (their rows may be half
+        updated) and any parked one whose K/V did not reach host memory; reset the slab. Queued
+        and properly parked requests are untouched and run later."""
+        broken = [r for r in list(self.scheduler.by_id.values())
+                  if r.state == RequestState.RUNNING
+                  or (r.state in (RequestState.PREEMPTED, RequestState.SUSPENDED)
+                      and r.num_preemptions and r.request_id not in self.host_kv)]
+        for request in broken:
             request.error = message
             self.scheduler.cancel(request.request_id, FinishReason.ERROR)
             self._emit_final(request)
-        self.scheduler.schedule(time.monotonic())  # drain the free list
+        self.scheduler.clear_pending()   # their rows are removed right here
         for row_id in list(self.slab.row_ids):
             self.slab.remove_row(row_id)
-        self.host_kv.clear()
 
     def close(self) -> None:
         """Release device memory now (slab, graphs), even if references to the engine linger."""

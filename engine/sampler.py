@@ -20,7 +20,11 @@ def apply_repetition_penalty(row: torch.Tensor, seen_ids: list[int], penalty: fl
 
 def filtered_logits(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, top-k and top-p on one row [V]; removed tokens get -inf."""
-    row = row / params.temperature
+    # Shift by the max first: a tiny temperature (or an extreme penalty) must not overflow to inf/NaN
+    # and fail the whole batch's step; for normal temperatures the draw is unchanged.
+    finite = torch.finfo(row.dtype)
+    row = row.nan_to_num(nan=finite.min, posinf=finite.max, neginf=finite.min)
+    row = (row - row.max()) / params.temperature
     if params.top_k > 0 and params.top_k < row.shape[-1]:
         kth = torch.topk(row, params.top_k).values[-1]
         row = row.masked_fill(row < kth, float("-inf"))

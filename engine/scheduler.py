@@ -182,6 +182,11 @@ class Scheduler:
         self._park.clear()
         return out
 
+    def clear_pending(self) -> None:
+        """Forget rows queued to be freed or parked (the engine reset the batch itself)."""
+        self._free.clear()
+        self._park.clear()
+
     # ---- views -----------------------------------------------------------------------------
     def queue_position(self, request: Request, now: float) -> int:
         order = sorted(self.waiting, key=lambda r: self._admission_key(r, now))

@@ -84,14 +84,18 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             context.set_trailing_metadata((("retry-after-ms", "1000"),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except DuplicateRequest as exc:
+            self.metrics.request_done("already_exists")
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         except EngineUnavailable as exc:
+            self.metrics.request_done("unavailable")
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         rlog = log.bind(request_id=request_id)
         rlog.info("request_started", priority=inp.priority, **({"caller": inp.owner} if inp.owner else {}),
                   **({"prompt": inp.prompt, "messages": inp.messages} if self.log_prompts else {}))
         final: RequestOutput | None = None
+        first_token_at: float | None = None
         last_token_at: float | None = None
+        streamed = 0
         try:
             while final is None:
                 outs = [await queue.get()]
@@ -102,7 +106,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                         now = time.monotonic()
                         self.metrics.tokens(len(out.token_ids), started if last_token_at is None else last_token_at,
                                             now, first=last_token_at is None)
+                        if first_token_at is None:
+                            first_token_at = now
                         last_token_at = now
+                        streamed += len(out.token_ids)
                     yield convert.response(out)
                     if out.finished:
                         final = out
@@ -112,7 +119,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 self.metrics.request_done("cancelled")
                 rlog.info("request_aborted", reason="client cancelled or deadline exceeded")
         reason = final.finish_reason.name.lower()
-        self.metrics.request_done(reason)
+        self.metrics.request_finished(reason, started=started, finished=time.monotonic(),
+                                      first_token_at=first_token_at, last_token_at=last_token_at,
+                                      tokens=streamed, stats=final.stats)
         rlog.info("request_finished", finish_reason=reason, prompt_tokens=final.prompt_tokens,
                   completion_tokens=final.completion_tokens,
                   ttft_s=final.stats.time_to_first_token_seconds if final.stats else None,
