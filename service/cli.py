@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
     add_client_args(g)
+    b = sub.add_parser("bench", help="benchmark the engine, the gRPC path and Hugging Face peers "
+                       "(all arguments go to benchmarks/bench.py; try `baton bench --help`)", add_help=False)
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
     c = sub.add_parser("chat", help="interactive chat with a running server")
     c.add_argument("--system", default="", help="system message")
     add_client_args(c)
@@ -110,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # everything after `bench` belongs to the benchmark's own parser
+        from benchmarks import bench
+        return bench.main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
