@@ -273,5 +273,8 @@ class EngineClient:
             except Exception as exc:  # noqa: BLE001 - one bad step must not kill the service
                 self._step_errors += 1
                 log.error("engine_step_failed", error=repr(exc), traceback=traceback.format_exc())
-                self.engine.fail_batch(f"engine step failed: {exc!r}")
+                out_of_memory = isinstance(exc, torch.OutOfMemoryError)
+                if out_of_memory and torch.cuda.is_available():
+                    torch.cuda.empty_cache()  # give back what the failed step's temporaries held
+                self.engine.fail_batch(f"engine step failed: {exc!r}", out_of_memory=out_of_memory)
 

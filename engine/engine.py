@@ -222,7 +222,7 @@ class LLMEngine:
             live.new_text += live.detok.flush()
             self._emit_final(request)
 
-    def fail_batch(self, message: str) -> None:
+    def fail_batch(self, message: str, out_of_memory: bool = False) -> None:
         """An engine step raised: end the requests that were in the batch (their rows may be half
         updated) and any parked one whose K/V did not reach host memory; reset the slab. Queued
         and properly parked requests are untouched and run later."""
@@ -233,7 +233,7 @@ class LLMEngine:
         for request in broken:
             request.error = message
             self.scheduler.cancel(request.request_id, FinishReason.ERROR)
-            self._emit_final(request)
+            self._emit_final(request, out_of_memory=out_of_memory)
         self.scheduler.clear_pending()   # their rows are removed right here
         for row_id in list(self.slab.row_ids):
             self.slab.remove_row(row_id)
@@ -253,11 +253,12 @@ class LLMEngine:
         live.new_ids, live.new_text = [], ""
         live.sink(event)
 
-    def _emit_final(self, request: Request) -> None:
+    def _emit_final(self, request: Request, out_of_memory: bool = False) -> None:
         live = self._live.pop(request.request_id)
         live.sink(RequestOutput(
             request.request_id, text=live.new_text, token_ids=tuple(live.new_ids),
             state=RequestState.FINISHED, finish_reason=request.finish_reason, error=request.error,
+            out_of_memory=out_of_memory,
             prompt_tokens=len(request.prompt_ids), completion_tokens=len(request.output_ids),
             stats=stats_of(request, time.monotonic())))
 

@@ -114,6 +114,7 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     error: str | None = None                # with finish_reason ERROR
     retryable: bool = False                 # with ERROR: the engine went away (UNAVAILABLE), not this request's fault
+    out_of_memory: bool = False             # with ERROR: the device ran out of memory (RESOURCE_EXHAUSTED)
     prompt_tokens: int = 0                  # on the last event
     completion_tokens: int = 0              # on the last event
     stats: RequestStats | None = None       # on the last event

@@ -69,7 +69,7 @@ def merge(outs: list[RequestOutput]) -> RequestOutput:
     return RequestOutput(
         request_id=last.request_id, text="".join(o.text for o in outs),
         token_ids=tuple(t for o in outs for t in o.token_ids), state=last.state,
-        queue_position=last.queue_position, finish_reason=last.finish_reason, error=last.error, retryable=last.retryable,
+        queue_position=last.queue_position, finish_reason=last.finish_reason, error=last.error, retryable=last.retryable, out_of_memory=last.out_of_memory,
         prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens, stats=last.stats)
 
 

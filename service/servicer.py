@@ -127,7 +127,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                   ttft_s=final.stats.time_to_first_token_seconds if final.stats else None,
                   **({"error": final.error} if final.error else {}))
         if final.finish_reason == FinishReason.ERROR:
-            code = grpc.StatusCode.UNAVAILABLE if final.retryable else grpc.StatusCode.INTERNAL
+            code = (grpc.StatusCode.UNAVAILABLE if final.retryable
+                    else grpc.StatusCode.RESOURCE_EXHAUSTED if final.out_of_memory
+                    else grpc.StatusCode.INTERNAL)
             await context.abort(code, final.error or "engine error")
 
     async def Preempt(self, request: pb.PreemptRequest, context: grpc.aio.ServicerContext) -> pb.PreemptResponse:

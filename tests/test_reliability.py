@@ -426,21 +426,26 @@ def wire(engine_client):
     loop.close()
 
 
-def test_failed_engine_step_is_internal_at_the_wire(engine_client, wire):
-    """The streams in a failed step end with INTERNAL (details say why); later streams are fine."""
+@pytest.mark.parametrize("error, code", [
+    (RuntimeError("injected decode failure"), grpc.StatusCode.INTERNAL),
+    (torch.OutOfMemoryError("injected decode failure: CUDA out of memory"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+], ids=["exception", "device_out_of_memory"])
+def test_failed_engine_step_is_internal_at_the_wire(engine_client, wire, error, code):
+    """The streams in a failed step end with INTERNAL (details say why), or RESOURCE_EXHAUSTED when
+    the device ran out of memory; the server survives and later streams are fine."""
     runner = engine_client.engine.runner
     real_decode, fired = runner.decode, []
 
     def flaky(*args, **kwargs):
         if not fired and runner.slab.num_rows == 2:
             fired.append(True)
-            raise RuntimeError("injected decode failure")
+            raise error
         return real_decode(*args, **kwargs)
     runner.decode = flaky
     opts = GenerationOptions(max_new_tokens=60, ignore_eos=True)
     failed = [Stream(wire, "The ocean is", options=opts), Stream(wire, "My favourite food is", options=opts)]
     for stream in failed:
-        assert stream.end().code == grpc.StatusCode.INTERNAL
+        assert stream.end().code == code
         assert "injected decode failure" in stream.details
     ok = Stream(wire, "Hello", options=GenerationOptions(max_new_tokens=5, ignore_eos=True)).end()
     assert ok.code == grpc.StatusCode.OK and ok.finish_reason == "LENGTH" and ok.tokens == 5
