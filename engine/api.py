@@ -107,7 +107,8 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     runner = ModelRunner(hf_model, slab, device, pad_token_id=pad, cuda_graphs=config.cuda_graphs)
     engine = LLMEngine(runner, scheduler, tokenizer, spec.eos_token_ids, seed=config.seed,
-                       pressure=monitor.pressure)
+                       pressure=monitor.pressure,
+                       pinned_arena_bytes=min(config.pinned_arena_bytes, config.host_kv_budget_bytes))
     info = ModelInfo(
         model_name=spec.name, max_context_length=max_seq_len, eos_token_ids=spec.eos_token_ids,
         max_new_tokens_limit=config.max_new_tokens_limit, default_max_new_tokens=config.default_max_new_tokens,

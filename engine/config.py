@@ -24,6 +24,7 @@ class EngineConfig:
     max_prefill_tokens: int = 8192        # padded prompt tokens in one prefill forward
     kv_budget_bytes: int | None = None    # device K/V bytes the batch may use; None = the slab's size
     host_kv_budget_bytes: int = 8 << 30   # parked K/V bytes in host memory
+    pinned_arena_bytes: int = 4 << 30     # of those, pre-pinned once at start (CUDA): fast offload
     aging_seconds: float = 30.0           # a waiting request gains one priority level per this many s (0 = off)
     high_watermark: float = 0.95          # device memory fraction above which rows are parked (CUDA)
     low_watermark: float = 0.85           # below which parked rows come back / more are admitted (CUDA)

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from engine.detokenizer import IncrementalDetokenizer
+from engine.host_pool import HostPool
 from engine.kv_slab import KVSlab
 from engine.model_runner import ModelRunner
 from engine.request import FinishReason, Request, RequestOutput, RequestState, stats_of
@@ -60,7 +61,8 @@ def length_groups(requests, max_waste: float = 1.0) -> list[list[Request]]:
 
 class LLMEngine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer,
-                 eos_token_ids: tuple[int, ...], seed: int = 0, pressure: Callable[[], bool] = lambda: False) -> None:
+                 eos_token_ids: tuple[int, ...], seed: int = 0, pressure: Callable[[], bool] = lambda: False,
+                 pinned_arena_bytes: int = 0) -> None:
         self.runner = runner
         self.slab: KVSlab = runner.slab
         self.scheduler = scheduler
@@ -70,7 +72,9 @@ class LLMEngine:
         self._live: dict[str, _Live] = {}
         self._seeds = random.Random(seed)
         self._pressure = pressure
-        self._pin = runner.device.type == "cuda"
+        # Parked rows: a pinned arena on CUDA (blocks of 64 tokens), plain memory on CPU.
+        on_cuda = runner.device.type == "cuda"
+        self.host_pool = HostPool(pinned_arena_bytes if on_cuda else 0, 64 * self.slab.bytes_per_token, pin=on_cuda)
         self.num_parked_total = 0          # rows parked since start (preemptions and suspends)
         self.bytes_offloaded = 0
         self.bytes_restored = 0
@@ -124,7 +128,7 @@ class LLMEngine:
             self._drop_kv(request.request_id)
         started = self._timed_start(bool(sched.park))
         for request in sched.park:
-            kv = self.slab.take_row(request.request_id, pin=self._pin)
+            kv = self.slab.take_row(request.request_id, self.host_pool.allocate)
             self.host_kv[request.request_id] = kv
             request.bytes_offloaded += kv.numel() * kv.element_size()
             self.bytes_offloaded += kv.numel() * kv.element_size()
@@ -134,12 +138,16 @@ class LLMEngine:
         if incoming:
             self.slab.reserve(max(incoming))
         started = self._timed_start(bool(sched.restore))
+        restored = []
         for request in sched.restore:
             kv = self.host_kv.pop(request.request_id)
             self.slab.add_row(request.request_id, kv.to(self.runner.device, non_blocking=True))
             request.bytes_restored += kv.numel() * kv.element_size()
             self.bytes_restored += kv.numel() * kv.element_size()
-        self.seconds_restore += self._timed_end(started)
+            restored.append(kv)
+        self.seconds_restore += self._timed_end(started)   # synchronised: the copies are done
+        for kv in restored:
+            self.host_pool.release(kv)
         finished: list[Request] = []
         for group in length_groups(sched.prefill):
             started = time.monotonic()
@@ -265,4 +273,6 @@ class LLMEngine:
     def _drop_kv(self, request_id: str) -> None:
         if request_id in self.slab.row_ids:
             self.slab.remove_row(request_id)
-        self.host_kv.pop(request_id, None)
+        kv = self.host_kv.pop(request_id, None)
+        if kv is not None:
+            self.host_pool.release(kv)

@@ -69,13 +69,14 @@ class KVSlab:
         self.row_ids.append(row_id)
         self.lengths.append(n)
 
-    def take_row(self, row_id: str, pin: bool) -> torch.Tensor:
-        """Copy a row's K/V out to host memory ([L, 2, H, n, D]) and remove the row."""
+    def take_row(self, row_id: str, allocate) -> torch.Tensor:
+        """Copy a row's K/V out to host memory ([L, 2, H, n, D], from `allocate(shape, dtype)`)
+        and remove the row."""
         slot = self.row_ids.index(row_id)
         n = self.lengths[slot]
         src = self.data[:, :, slot, :, self.write_col - n:self.write_col]
-        host = torch.empty(src.shape, dtype=src.dtype, pin_memory=pin)
-        host.copy_(src, non_blocking=pin)
+        host = allocate(src.shape, src.dtype)
+        host.copy_(src, non_blocking=host.is_pinned())
         self.remove_row(row_id)
         return host
 
