@@ -42,7 +42,9 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]]) -> PrefillResult:
         """Prefill prompts together, left-padded to the longest; none of the batch's rows take part."""
-        m, P = len(prompts), max(len(p) for p in prompts)
+        # Width rounded up to a multiple of 16: SDPA's memory-efficient kernel needs an aligned mask,
+        # and an unaligned one falls back to the math kernel (the extra columns are left padding).
+        m, P = len(prompts), -(-max(len(p) for p in prompts) // 16) * 16
         lengths = [len(p) for p in prompts]
         ids = torch.full((m, P), self.pad_token_id, dtype=torch.long)
         for i, p in enumerate(prompts):
