@@ -82,7 +82,9 @@ def run_engine(model, tokenizer, spec, reqs: list[BenchRequest], *, cuda_graphs:
                  graphs_captured=len(engine.runner.graphs.graphs) if engine.runner.graphs else 0,
                  bytes_offloaded=engine.bytes_offloaded, bytes_restored=engine.bytes_restored,
                  preemptions=engine.num_parked_total, seconds_prefill=engine.seconds_prefill,
-                 seconds_decode=engine.seconds_decode, slab_relocations=engine.slab.num_relocations)
+                 seconds_decode=engine.seconds_decode, slab_relocations=engine.slab.num_relocations,
+                 offload_GBps=engine.bytes_offloaded / engine.seconds_offload / 1e9 if engine.seconds_offload else None,
+                 restore_GBps=engine.bytes_restored / engine.seconds_restore / 1e9 if engine.seconds_restore else None)
     engine.close()
     del engine
     _free(device)
@@ -440,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
             result[f"engine_w2_rate{rate:g}"] = run_engine(model, tokenizer, spec, w2, cuda_graphs=True,
                                                            label=f"w2@{rate:g}/s", **common)
     save()
+    if "w3" in runs and device.type == "cuda" and "host_link" not in result:
+        result["host_link"] = host_link_bandwidth(device)
     if "w3" in runs or "w3-low" in runs:
         # a saturated batch of priority-0 work; priority-10 arrivals preempt into it ("w3-low":
         # the same low-priority work alone, to price what the preemptions cost it)

@@ -18,7 +18,7 @@ def load(name: str) -> dict:
 
 
 def main() -> None:
-    main_run = load("llama2-7b-h200-w1-grpc-nocycle.json")
+    main_run = load("llama2-7b-h200-w1-grpc-aligned.json")
     bars = {
         "HF generate\nstatic x32": load("llama2-7b-h200-hf-static.json")["hf_static"]["tok_per_s"],
         "HF continuous\nbatching": load("llama2-7b-h200-hf-cb.json")["hf_cb"]["tok_per_s"],
