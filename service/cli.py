@@ -36,6 +36,7 @@ SERVE_FLAGS = [
     ("max-prefill-tokens", int, 8192, "padded prompt tokens per prefill forward"),
     ("kv-budget-bytes", int, None, "K/V bytes the running batch may hold (default: the whole slab)"),
     ("host-kv-budget-bytes", int, 8 << 30, "K/V bytes that may be parked in host memory"),
+    ("pinned-arena-bytes", int, 4 << 30, "of those, page-locked once at start on CUDA (fast offload)"),
     ("aging-seconds", float, 30.0, "a waiting request gains one priority level per this many seconds (0 = off)"),
     ("grace-seconds", float, 10.0, "on SIGTERM, how long in-flight streams may finish"),
     ("max-message-bytes", int, 4 << 20, "largest request or response message; larger: RESOURCE_EXHAUSTED"),
@@ -72,7 +73,8 @@ def serve(args: argparse.Namespace) -> int:
         max_seq_len=args.max_seq_len, default_max_new_tokens=args.default_max_new_tokens,
         max_new_tokens_limit=args.max_new_tokens_limit, max_queue=args.max_queue,
         max_prefill_tokens=args.max_prefill_tokens, kv_budget_bytes=args.kv_budget_bytes,
-        host_kv_budget_bytes=args.host_kv_budget_bytes, aging_seconds=args.aging_seconds,
+        host_kv_budget_bytes=args.host_kv_budget_bytes, pinned_arena_bytes=args.pinned_arena_bytes,
+        aging_seconds=args.aging_seconds,
         warmup=not args.no_warmup)
     try:
         server_config = ServerConfig(
