@@ -66,7 +66,6 @@ def run_engine(model, tokenizer, spec, reqs: list[BenchRequest], *, cuda_graphs:
                max_seq_len: int, label: str, host_budget: int = 64 << 30) -> dict:
     from engine.api import assemble_engine
     from engine.config import EngineConfig
-    from engine.request import Request, SamplingParams
 
     config = EngineConfig(max_batch_size=max_batch, max_seq_len=max_seq_len, warmup=False,
                           cuda_graphs=cuda_graphs, max_prefill_tokens=32768, host_kv_budget_bytes=host_budget,

@@ -11,7 +11,6 @@ import concurrent.futures
 import enum
 import queue
 import threading
-import time
 import traceback
 from dataclasses import dataclass
 from typing import Callable

@@ -11,7 +11,6 @@ import pytest
 
 from baton.v1 import baton_pb2 as pb
 from baton_client import BatonClient, GenerationOptions
-from baton_client.client import build_request
 from tests.conftest import REPO, hf_reference
 
 pytestmark = pytest.mark.slow
@@ -46,7 +45,7 @@ def test_health_reflection_and_model_info(client, server):
 def test_greedy_stream_matches_hf_and_arrives_incrementally(client, smollm2):
     hf_model, tokenizer, spec = smollm2
     prompt = "The three primary colors are"
-    arrivals, completion_ids, text = [], [], ""
+    completion_ids, text = [], ""
     messages = list(client.generate(prompt, options=GenerationOptions(max_new_tokens=40)))
     for msg in messages:
         completion_ids.extend(msg.token_ids)
