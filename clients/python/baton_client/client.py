@@ -68,6 +68,13 @@ def build_request(prompt: str | None = None, messages: Messages | None = None, *
         priority=priority, params=(options or GenerationOptions()).to_pb())
 
 
+ROUTING_HEADER = "x-baton-request-id"  # lets a load balancer send Generate and Preempt of one id to one replica
+
+
+def _routed(metadata: tuple[tuple[str, str], ...], request_id: str) -> tuple[tuple[str, str], ...]:
+    return metadata + ((ROUTING_HEADER, request_id),) if request_id else metadata
+
+
 _ACTIONS = {"suspend": pb.PreemptRequest.SUSPEND, "resume": pb.PreemptRequest.RESUME,
             "cancel": pb.PreemptRequest.CANCEL, "priority": pb.PreemptRequest.ACTION_UNSPECIFIED}
 
@@ -91,7 +98,8 @@ class BatonClient:
     def generate(self, prompt: str | None = None, messages: Messages | None = None, *,
                  timeout: float | None = None, **kwargs) -> Iterator[pb.GenerateResponse]:
         """Returns the call: iterate it for messages, `.cancel()` it to stop the request."""
-        return self.stub.Generate(build_request(prompt, messages, **kwargs), timeout=timeout, metadata=self.metadata)
+        request = build_request(prompt, messages, **kwargs)
+        return self.stub.Generate(request, timeout=timeout, metadata=_routed(self.metadata, request.request_id))
 
     def complete(self, prompt: str | None = None, messages: Messages | None = None, **kwargs) -> Completion:
         completion = Completion()
@@ -100,7 +108,8 @@ class BatonClient:
         return completion
 
     def preempt(self, request_id: str, action: str, priority: int | None = None) -> str:
-        resp = self.stub.Preempt(build_preempt(request_id, action, priority), metadata=self.metadata)
+        resp = self.stub.Preempt(build_preempt(request_id, action, priority),
+                                 metadata=_routed(self.metadata, request_id))
         return pb.RequestState.Name(resp.state)
 
     def model_info(self) -> pb.ModelInfo:
@@ -149,7 +158,8 @@ class AsyncBatonClient:
 
     def generate(self, prompt: str | None = None, messages: Messages | None = None, *,
                  timeout: float | None = None, **kwargs) -> AsyncIterator[pb.GenerateResponse]:
-        return self.stub.Generate(build_request(prompt, messages, **kwargs), timeout=timeout, metadata=self.metadata)
+        request = build_request(prompt, messages, **kwargs)
+        return self.stub.Generate(request, timeout=timeout, metadata=_routed(self.metadata, request.request_id))
 
     async def complete(self, prompt: str | None = None, messages: Messages | None = None, **kwargs) -> Completion:
         completion = Completion()
@@ -158,7 +168,8 @@ class AsyncBatonClient:
         return completion
 
     async def preempt(self, request_id: str, action: str, priority: int | None = None) -> str:
-        resp = await self.stub.Preempt(build_preempt(request_id, action, priority), metadata=self.metadata)
+        resp = await self.stub.Preempt(build_preempt(request_id, action, priority),
+                                       metadata=_routed(self.metadata, request_id))
         return pb.RequestState.Name(resp.state)
 
     async def model_info(self) -> pb.ModelInfo:
