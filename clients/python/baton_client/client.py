@@ -72,7 +72,11 @@ ROUTING_HEADER = "x-baton-request-id"  # lets a load balancer send Generate and 
 
 
 def _routed(metadata: tuple[tuple[str, str], ...], request_id: str) -> tuple[tuple[str, str], ...]:
-    return metadata + ((ROUTING_HEADER, request_id),) if request_id else metadata
+    """Add the routing header when the id can be one (printable ASCII, at most 128 characters, the
+    server's own limit); other ids go without it and the server reports what is wrong with them."""
+    if request_id and len(request_id) <= 128 and request_id.isascii() and request_id.isprintable():
+        return metadata + ((ROUTING_HEADER, request_id),)
+    return metadata
 
 
 _ACTIONS = {"suspend": pb.PreemptRequest.SUSPEND, "resume": pb.PreemptRequest.RESUME,
