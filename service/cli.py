@@ -103,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     g = sub.add_parser("generate", help="stream a completion from a running server")
     g.add_argument("prompt")
-    g.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--chat", action="store_true",
+                      help="send the prompt as a user chat message (the default when the model has a chat template)")
+    mode.add_argument("--raw", action="store_true", help="send the prompt as raw text, no chat template")
     add_client_args(g)
     b = sub.add_parser("bench", help="benchmark the engine, the gRPC path and Hugging Face peers "
                        "(all arguments go to benchmarks/bench.py; try `baton bench --help`)", add_help=False)

@@ -176,12 +176,18 @@ def test_preempt_cancel_ends_stream_with_cancelled(client):
 
 
 def test_cli_generate_streams_an_answer(server):
+    # The README's first command: no flags. The built-in model is an instruct model, so the CLI
+    # sends the prompt as a user message and a real answer streams in (raw, it would end at once).
     out = subprocess.run([sys.executable, "-m", "service.cli", "generate", "--target", server.target,
-                          "--chat", "--max-new-tokens", "20", "Why is the sky blue?"],
+                          "--max-new-tokens", "20", "Why is the sky blue?"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert len(out.stdout.strip()) > 20
-    assert "completion tokens" in out.stderr
+    assert "20 completion tokens" in out.stderr
+    raw = subprocess.run([sys.executable, "-m", "service.cli", "generate", "--target", server.target, "--raw",
+                          "--max-new-tokens", "5", "The capital of France is"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert raw.returncode == 0 and "Paris" in raw.stdout, raw.stderr
 
 
 def test_priority_change_preempts_through_grpc_and_stays_exact(client, server):

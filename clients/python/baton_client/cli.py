@@ -41,14 +41,18 @@ def _stream(client: BatonClient, args: argparse.Namespace, **kwargs) -> Completi
         call.cancel()
         raise
     sys.stdout.write("\n")
+    sys.stdout.flush()
     return completion
 
 
 def generate(args: argparse.Namespace) -> int:
     with BatonClient(args.target) as client:
         try:
-            messages = [("user", args.prompt)] if args.chat else None
-            done = _stream(client, args, prompt=None if args.chat else args.prompt, messages=messages)
+            # An instruct model answers a user message; fed the bare question as raw text it may
+            # just end the turn. So: chat when the model has a chat template, unless --raw.
+            as_chat = args.chat or (not args.raw and client.model_info().has_chat_template)
+            messages = [("user", args.prompt)] if as_chat else None
+            done = _stream(client, args, prompt=None if as_chat else args.prompt, messages=messages)
         except grpc.RpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
