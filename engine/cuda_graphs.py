@@ -17,7 +17,7 @@ import bisect
 
 import torch
 
-from engine.kv_slab import KVSlab, SlabCache
+from engine.kv_slab import KVSlab, SlabCache, row_mask
 
 
 def _buckets(limit: int, steps: tuple[int, ...]) -> list[int]:
@@ -44,9 +44,8 @@ class GraphDecoder:
         lens = self.lens[:rows]
         cols = torch.arange(width, device=self.lens.device)
         w = self.write
-        mask = (cols[None, :] >= (w - lens)[:, None]) & (cols[None, :] <= w)         # [B, W]
         cache = SlabCache(self.slab.data, num_rows=rows, lo=0, hi=width, write_index=w)
-        out = self.model(input_ids=self.ids[:rows], attention_mask=mask[:, None, None, :],
+        out = self.model(input_ids=self.ids[:rows], attention_mask=row_mask(cols, w, lens),
                          position_ids=lens[:, None], past_key_values=cache, use_cache=True)
         return out.logits[:, -1]                                                      # [B, V]
 

@@ -34,13 +34,6 @@ class _Live:
     new_text: str = ""
 
 
-@dataclass(frozen=True)
-class StepResult:
-    num_prefilled: int
-    num_decoded: int
-    num_finished: int
-
-
 def length_groups(requests, max_waste: float = 1.0) -> list[list[Request]]:
     """Split newcomers into prefill forwards of similar prompt length, so padding stays under
     `max_waste` of each forward's tokens (one long prompt must not pad thirty short ones).
@@ -116,38 +109,20 @@ class LLMEngine:
 
     # ---- the step --------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self) -> StepResult:
+    def step(self) -> None:
         sched = self.scheduler.schedule(time.monotonic(), pressure=self._pressure())
         finished = self._execute(sched)
         self._update(sched, finished)
-        return StepResult(len(sched.prefill), len(sched.decode), len(finished))
 
     def _execute(self, sched: SchedulerOutput) -> list[Request]:
         """Apply the schedule to the slab and run the forwards. Returns requests that finished."""
         for request in sched.free:
             self._drop_kv(request.request_id)
-        started = self._timed_start(bool(sched.park))
-        for request in sched.park:
-            kv = self.slab.take_row(request.request_id, self.host_pool.allocate)
-            self.host_kv[request.request_id] = kv
-            request.bytes_offloaded += kv.numel() * kv.element_size()
-            self.bytes_offloaded += kv.numel() * kv.element_size()
-            self.num_parked_total += 1
-        self.seconds_offload += self._timed_end(started)
+        self._park(sched.park)
         incoming = [len(r.prompt_ids) for r in sched.prefill] + [r.num_tokens for r in sched.restore]
         if incoming:
             self.slab.reserve(max(incoming))
-        started = self._timed_start(bool(sched.restore))
-        restored = []
-        for request in sched.restore:
-            kv = self.host_kv.pop(request.request_id)
-            self.slab.add_row(request.request_id, kv.to(self.runner.device, non_blocking=True))
-            request.bytes_restored += kv.numel() * kv.element_size()
-            self.bytes_restored += kv.numel() * kv.element_size()
-            restored.append(kv)
-        self.seconds_restore += self._timed_end(started)   # synchronised: the copies are done
-        for kv in restored:
-            self.host_pool.release(kv)
+        self._restore(sched.restore)
         finished: list[Request] = []
         for group in length_groups(sched.prefill):
             started = time.monotonic()
@@ -170,6 +145,33 @@ class LLMEngine:
                 if self._append(request, token):
                     finished.append(request)
         return finished
+
+    def _park(self, requests: tuple[Request, ...]) -> None:
+        """Copy these rows' K/V to host memory and take them out of the batch."""
+        started = self._timed_start(bool(requests))
+        for request in requests:
+            kv = self.slab.take_row(request.request_id, self.host_pool.allocate)
+            self.host_kv[request.request_id] = kv
+            nbytes = kv.numel() * kv.element_size()
+            request.bytes_offloaded += nbytes
+            self.bytes_offloaded += nbytes
+            self.num_parked_total += 1
+        self.seconds_offload += self._timed_end(started)
+
+    def _restore(self, requests: tuple[Request, ...]) -> None:
+        """Embed parked K/V back into free rows (no recompute)."""
+        started = self._timed_start(bool(requests))
+        restored = []
+        for request in requests:
+            kv = self.host_kv.pop(request.request_id)
+            self.slab.add_row(request.request_id, kv.to(self.runner.device, non_blocking=True))
+            nbytes = kv.numel() * kv.element_size()
+            request.bytes_restored += nbytes
+            self.bytes_restored += nbytes
+            restored.append(kv)
+        self.seconds_restore += self._timed_end(started)   # synchronised: the copies are done
+        for kv in restored:
+            self.host_pool.release(kv)
 
     def _timed_start(self, active: bool) -> float | None:
         """Start timing a copy phase; on CUDA, drain queued work first so only the copy is timed."""

@@ -118,9 +118,9 @@ class KVSlab:
 
     def decode_mask(self, lo: int, hi: int) -> torch.Tensor:
         """[n, 1, 1, hi - lo] bool: True where a row attends (its own tokens and the new column)."""
-        cols = torch.arange(lo, hi, device=self.data.device)                       # [W]
-        first = self.write_col - torch.tensor(self.lengths, device=self.data.device)  # [n]
-        return (cols[None, :] >= first[:, None])[:, None, None, :]
+        device = self.data.device
+        return row_mask(torch.arange(lo, hi, device=device), self.write_col,
+                        torch.tensor(self.lengths, device=device))
 
     def cache(self, lo: int) -> "SlabCache":
         w = torch.tensor([self.write_col], device=self.data.device)
@@ -148,6 +148,13 @@ class KVSlab:
                 window = layer[:, :n, :, w - width:w].clone()
                 layer[:, :n, :, new_w - width:new_w] = window
         self.write_col = new_w
+
+
+def row_mask(cols: torch.Tensor, write, lengths: torch.Tensor) -> torch.Tensor:
+    """The regenerated attention mask of one decode step, [n, 1, 1, W] bool: row r attends column c
+    iff c holds one of its `lengths[r]` tokens (right-aligned at `write`) or is the new column `write`.
+    `write` may be an int or a device tensor (inside a CUDA graph)."""
+    return ((cols[None, :] >= (write - lengths)[:, None]) & (cols[None, :] <= write))[:, None, None, :]
 
 
 class _SlabLayer(CacheLayerMixin):
