@@ -1,14 +1,16 @@
 """GenerationService: Generate streams engine events; Preempt, GetModelInfo, Tokenize.
 
-Each Generate call registers a sink that hops engine events onto this event loop
-(`call_soon_threadsafe`) into an asyncio.Queue, and yields them as they come. If the call ends
-for any reason other than its request finishing (client cancel, disconnect, deadline), the
-request is aborted in the engine, which frees its row at the next step.
+Each Generate call registers a sink that hops engine events onto this event loop into an
+asyncio.Queue (through the loop's Mailbox: one wake-up per engine step, not one per stream), and
+yields them as they come. If the call ends for any reason other than its request finishing
+(client cancel, disconnect, deadline), the request is aborted in the engine, which frees its row
+at the next step.
 """
 from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 
 import grpc
 import structlog
@@ -20,6 +22,7 @@ from engine.inputs import InvalidInput
 from engine.request import FinishReason, RequestOutput
 from engine.scheduler import SchedulerError
 from service import auth, convert
+from service.mailbox import Mailbox
 from service.metrics import Metrics
 
 log = structlog.get_logger("baton.service")
@@ -60,6 +63,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self.engine: EngineClient | None = None   # set once the model is loaded
         self.metrics = metrics
         self.log_prompts = log_prompts
+        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = weakref.WeakKeyDictionary()
+
+    def _mailbox(self, loop: asyncio.AbstractEventLoop) -> Mailbox:
+        mailbox = self._mailboxes.get(loop)
+        if mailbox is None:
+            mailbox = self._mailboxes[loop] = Mailbox(loop)
+        return mailbox
 
     async def _engine(self, context: grpc.aio.ServicerContext) -> EngineClient:
         if self.engine is None or not self.engine.ready:
@@ -70,12 +80,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         engine = await self._engine(context)
-        loop = asyncio.get_running_loop()
+        mailbox = self._mailbox(asyncio.get_running_loop())
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         inp = convert.generate_input(request, owner=auth.request_owner())
         started = time.monotonic()
         try:
-            request_id = await asyncio.to_thread(engine.submit, inp, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+            request_id = await asyncio.to_thread(engine.submit, inp, lambda out: mailbox.post(queue, out))
         except InvalidInput as exc:
             self.metrics.request_done("invalid_argument")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _details(exc))
