@@ -63,7 +63,8 @@ def sync(device: torch.device) -> None:
 
 # ---- the engine, in process --------------------------------------------------------------------
 def run_engine(model, tokenizer, spec, reqs: list[BenchRequest], *, cuda_graphs: bool, max_batch: int,
-               max_seq_len: int, label: str, host_budget: int = 64 << 30) -> dict:
+               max_seq_len: int, label: str, host_budget: int = 64 << 30,
+               slo: tuple[float, float] | None = None) -> dict:
     from engine.api import assemble_engine
     from engine.config import EngineConfig
 
@@ -76,7 +77,7 @@ def run_engine(model, tokenizer, spec, reqs: list[BenchRequest], *, cuda_graphs:
     _drive(engine, [BenchRequest([5] * 16, 4)], None, device)
     sync(device)
     stats = _drive(engine, reqs, tqdm(total=sum(r.max_new_tokens for r in reqs), desc=label, unit="tok",
-                                      file=sys.stderr, mininterval=2), device)
+                                      file=sys.stderr, mininterval=2), device, slo)
     stats.update(max_batch_size=info.max_batch_size, cuda_graphs=cuda_graphs,
                  graphs_captured=len(engine.runner.graphs.graphs) if engine.runner.graphs else 0,
                  bytes_offloaded=engine.bytes_offloaded, bytes_restored=engine.bytes_restored,
@@ -90,7 +91,7 @@ def run_engine(model, tokenizer, spec, reqs: list[BenchRequest], *, cuda_graphs:
     return stats
 
 
-def _drive(engine, reqs: list[BenchRequest], bar, device) -> dict:
+def _drive(engine, reqs: list[BenchRequest], bar, device, slo: tuple[float, float] | None = None) -> dict:
     from engine.request import Request, SamplingParams
     records = {}
     pending = sorted(range(len(reqs)), key=lambda i: reqs[i].arrival_s)
@@ -130,10 +131,12 @@ def _drive(engine, reqs: list[BenchRequest], bar, device) -> dict:
     wall = time.monotonic() - start
     if bar is not None:
         bar.close()
-    return summarize(records, wall, step_times)
+    return summarize(records, wall, step_times, slo)
 
 
-def summarize(records: dict, wall: float, step_times: list[float]) -> dict:
+def summarize(records: dict, wall: float, step_times: list[float], slo: tuple[float, float] | None = None) -> dict:
+    """`slo` = (TTFT seconds, TPOT seconds): adds goodput, the requests meeting both (a request
+    with one token has no TPOT and needs only the TTFT) and their tokens per second of the run."""
     tokens = sum(r["tokens"] for r in records.values())
     ttft = [r["times"][0] - r["arrival"] for r in records.values() if r["times"]]
     tpot = [(r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1) for r in records.values() if len(r["times"]) > 1]
@@ -151,18 +154,26 @@ def summarize(records: dict, wall: float, step_times: list[float]) -> dict:
                                    for p, v in sorted(by_prio.items())}
         low = [r for r in records.values() if r["priority"] == min(by_prio)]
         out["low_priority_tok_per_s"] = sum(r["tokens"] for r in low) / (max(r["done"] for r in low) - min(r["arrival"] for r in low))
+    if slo is not None:
+        slo_ttft, slo_tpot = slo
+        good = [r for r in records.values() if r["times"] and r["times"][0] - r["arrival"] <= slo_ttft and
+                (len(r["times"]) < 2 or (r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1) <= slo_tpot)]
+        out.update(slo_ttft_s=slo_ttft, slo_tpot_s=slo_tpot,
+                   goodput_requests_fraction=len(good) / len(records) if records else float("nan"),
+                   goodput_tok_per_s=sum(r["tokens"] for r in good) / wall)
     return out
 
 
-# ---- the full gRPC path: server in this process, clients streaming over loopback ---------------
+# ---- the full gRPC path: server in this process, clients streaming over loopback from another ---
 def run_grpc(model, tokenizer, spec, reqs: list[BenchRequest], *, max_batch: int, max_seq_len: int) -> dict:
+    """The server (and engine thread) run here on the in-process model; the client streams run in a
+    child process (benchmarks.grpc_load), so they do not compete with the server for this GIL."""
     import asyncio
+    import os
+    import subprocess
+    import tempfile
     import threading
 
-    import grpc
-
-    from baton.v1 import baton_pb2 as pb
-    from baton.v1 import baton_pb2_grpc as pb_grpc
     from engine.api import EngineClient, assemble_engine
     from engine.config import EngineConfig
     from service.server import BatonServer, ServerConfig
@@ -187,39 +198,34 @@ def run_grpc(model, tokenizer, spec, reqs: list[BenchRequest], *, max_batch: int
         server_loop.run_forever()
 
     threading.Thread(target=serve, daemon=True).start()
-    ready.wait(600)
+    if not ready.wait(600):
+        raise RuntimeError("gRPC server did not start")
     server = holder["server"]
-    records: dict[int, dict] = {}
-    bar = tqdm(total=sum(r.max_new_tokens for r in reqs), desc="grpc", unit="tok", file=sys.stderr, mininterval=2)
-
-    async def one(i: int, stub, start: float) -> None:
-        r = reqs[i]
-        await asyncio.sleep(r.arrival_s)
-        rec = records[i] = {"arrival": time.monotonic(), "times": [], "priority": r.priority}
-        msg = pb.GenerateRequest(prompt=r.text, priority=r.priority,
-                                 params=pb.GenerationParams(max_new_tokens=r.max_new_tokens, ignore_eos=True))
-        async for resp in stub.Generate(msg):
-            if resp.token_ids:
-                now = time.monotonic()
-                rec["times"].extend([now] * len(resp.token_ids))
-                bar.update(len(resp.token_ids))
-            if resp.finish_reason:
-                rec["done"], rec["tokens"] = time.monotonic(), resp.usage.completion_tokens
-
-    async def run_all() -> float:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = pb_grpc.GenerationServiceStub(channel)
-            start = time.monotonic()
-            await asyncio.gather(*(one(i, stub, start) for i in range(len(reqs))))
-            return time.monotonic() - start
-
-    wall = asyncio.run(run_all())
-    bar.close()
-    asyncio.run_coroutine_threadsafe(server.stop(), server_loop).result(60)
-    server_loop.call_soon_threadsafe(server_loop.stop)
-    engine.close()
-    _free(model.device)
-    return summarize(records, wall, [])
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ)
+    # `baton.v1` lives in clients/python (the editable install maps it there; say so explicitly)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "clients" / "python"),
+                                         *filter(None, [env.get("PYTHONPATH")])])
+    try:
+        with tempfile.TemporaryDirectory(prefix="baton-grpc-load-") as tmp:
+            workload, out = Path(tmp) / "workload.json", Path(tmp) / "records.json"
+            workload.write_text(json.dumps([{"text": r.text, "max_new_tokens": r.max_new_tokens,
+                                             "arrival_s": r.arrival_s, "priority": r.priority} for r in reqs]))
+            code = subprocess.call([sys.executable, "-m", "benchmarks.grpc_load", "--port", str(server.port),
+                                    "--workload", str(workload), "--out", str(out)], env=env, cwd=root)
+            if code != 0:
+                raise RuntimeError(f"gRPC load client exited with {code}")
+            result = json.loads(out.read_text())
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), server_loop).result(60)
+        server_loop.call_soon_threadsafe(server_loop.stop)
+        engine.close()
+        _free(model.device)
+    records = {int(i): rec for i, rec in result["records"].items()}
+    unfinished = [i for i in range(len(reqs)) if i not in records or "done" not in records[i]]
+    if unfinished:
+        raise RuntimeError(f"{len(unfinished)} gRPC streams did not finish: {unfinished[:10]}")
+    return {**summarize(records, result["wall_s"], []), "client": "separate process"}
 
 
 # ---- peers ---------------------------------------------------------------------------------------
@@ -341,11 +347,18 @@ def _per_stage(args, argv: list[str], runs: list[str]) -> int:
     import subprocess
     name = args.name or f"{args.preset or 'model'}-cuda"
     merged: dict = {}
-    base = [a for i, a in enumerate(argv) if a not in ("--runs", "--name") and
-            (i == 0 or argv[i - 1] not in ("--runs", "--name"))]
+    base = [a for i, a in enumerate(argv) if a not in ("--runs", "--name", "--rates") and
+            (i == 0 or argv[i - 1] not in ("--runs", "--name", "--rates"))]
+    stages: list[tuple[str, list[str]]] = []
     for run in runs:
-        part = f"{name}.{run}"
-        code = subprocess.call([sys.executable, "-m", "benchmarks.bench", *base, "--runs", run, "--name", part,
+        if run == "w2":  # W2 builds one engine per rate: each rate in a fresh process too
+            stages += [(f"w2-rate{rate.strip()}", ["--runs", "w2", "--rates", rate.strip()])
+                       for rate in args.rates.split(",")]
+        else:
+            stages.append((run, ["--runs", run]))
+    for stage, stage_args in stages:
+        part = f"{name}.{stage}"
+        code = subprocess.call([sys.executable, "-m", "benchmarks.bench", *base, *stage_args, "--name", part,
                                 "--same-process"])
         path = Path(__file__).parent / "results" / f"{part}.json"
         if path.exists():
@@ -353,7 +366,7 @@ def _per_stage(args, argv: list[str], runs: list[str]) -> int:
                 merged.setdefault(key, value)
             path.unlink()
         if code != 0:
-            merged[f"{run}_exit_code"] = code
+            merged[f"{stage}_exit_code"] = code
         merged["command"] = "python -m benchmarks.bench " + " ".join(argv)
         if "grpc" in merged and "engine" in merged:
             merged["grpc_over_engine"] = merged["grpc"]["tok_per_s"] / merged["engine"]["tok_per_s"]
@@ -375,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-output", type=int, default=512)
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--rates", default="2,4,8", help="W2 Poisson arrival rates, requests/s")
+    p.add_argument("--slo-ttft-s", type=float, default=1.0, help="W2 goodput: time-to-first-token SLO, seconds")
+    p.add_argument("--slo-tpot-s", type=float, default=0.05, help="W2 goodput: time-per-output-token SLO, seconds")
     p.add_argument("--name", default=None, help="result file name (default: preset/model and device)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--same-process", action="store_true",
@@ -439,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
             w2 = workloads.w2(rate, num_requests=args.requests, vocab=vocab, output=(16, args.max_output))
             save()
             result[f"engine_w2_rate{rate:g}"] = run_engine(model, tokenizer, spec, w2, cuda_graphs=True,
-                                                           label=f"w2@{rate:g}/s", **common)
+                                                           label=f"w2@{rate:g}/s", **common,
+                                                           slo=(args.slo_ttft_s, args.slo_tpot_s))
     save()
     if "w3" in runs and device.type == "cuda" and "host_link" not in result:
         result["host_link"] = host_link_bandwidth(device)
