@@ -64,13 +64,13 @@ def sync(device: torch.device) -> None:
 # ---- the engine, in process --------------------------------------------------------------------
 def run_engine(model, tokenizer, spec, reqs: list[BenchRequest], *, cuda_graphs: bool, max_batch: int,
                max_seq_len: int, label: str, host_budget: int = 64 << 30,
-               slo: tuple[float, float] | None = None) -> dict:
+               slo: tuple[float, float] | None = None, fused: bool | None = None) -> dict:
     from engine.api import assemble_engine
     from engine.config import EngineConfig
 
     config = EngineConfig(max_batch_size=max_batch, max_seq_len=max_seq_len, warmup=False,
                           cuda_graphs=cuda_graphs, max_prefill_tokens=32768, host_kv_budget_bytes=host_budget,
-                          aging_seconds=0)
+                          aging_seconds=0, fused_decode=fused)
     engine, info = assemble_engine(model, tokenizer, spec, config)
     device = model.device
     # warm-up (captures graphs for the buckets it touches; the rest are captured on first use)
@@ -78,7 +78,7 @@ def run_engine(model, tokenizer, spec, reqs: list[BenchRequest], *, cuda_graphs:
     sync(device)
     stats = _drive(engine, reqs, tqdm(total=sum(r.max_new_tokens for r in reqs), desc=label, unit="tok",
                                       file=sys.stderr, mininterval=2), device, slo)
-    stats.update(max_batch_size=info.max_batch_size, cuda_graphs=cuda_graphs,
+    stats.update(max_batch_size=info.max_batch_size, cuda_graphs=cuda_graphs, decode=engine.runner.describe(),
                  graphs_captured=len(engine.runner.graphs.graphs) if engine.runner.graphs else 0,
                  bytes_offloaded=engine.bytes_offloaded, bytes_restored=engine.bytes_restored,
                  preemptions=engine.num_parked_total, seconds_prefill=engine.seconds_prefill,
@@ -165,7 +165,8 @@ def summarize(records: dict, wall: float, step_times: list[float], slo: tuple[fl
 
 
 # ---- the full gRPC path: server in this process, clients streaming over loopback from another ---
-def run_grpc(model, tokenizer, spec, reqs: list[BenchRequest], *, max_batch: int, max_seq_len: int) -> dict:
+def run_grpc(model, tokenizer, spec, reqs: list[BenchRequest], *, max_batch: int, max_seq_len: int,
+             fused: bool | None = None) -> dict:
     """The server (and engine thread) run here on the in-process model; the client streams run in a
     child process (benchmarks.grpc_load), so they do not compete with the server for this GIL."""
     import asyncio
@@ -179,7 +180,7 @@ def run_grpc(model, tokenizer, spec, reqs: list[BenchRequest], *, max_batch: int
     from service.server import BatonServer, ServerConfig
 
     config = EngineConfig(max_batch_size=max_batch, max_seq_len=max_seq_len, warmup=True, max_prefill_tokens=32768,
-                          aging_seconds=0, max_new_tokens_limit=max_seq_len)
+                          aging_seconds=0, max_new_tokens_limit=max_seq_len, fused_decode=fused)
     engine, info = assemble_engine(model, tokenizer, spec, config)
     client = EngineClient(config, prebuilt=(engine, info, tokenizer))
     server_loop = asyncio.new_event_loop()
@@ -304,11 +305,13 @@ def host_link_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> dict:
     return {"d2h_GBps": nbytes / statistics.median(d2h) / 1e9, "h2d_GBps": nbytes / statistics.median(h2d) / 1e9}
 
 
-def decode_step_micro(model, tokenizer, spec, batch: int, context: int, cuda_graphs: bool) -> dict:
+def decode_step_micro(model, tokenizer, spec, batch: int, context: int, cuda_graphs: bool,
+                      fused: bool | None = None) -> dict:
     """Median time of one decode step with `batch` rows of `context` tokens (random K/V)."""
     from engine.api import assemble_engine
     from engine.config import EngineConfig
-    config = EngineConfig(max_batch_size=batch, max_seq_len=context + 64, warmup=False, cuda_graphs=cuda_graphs)
+    config = EngineConfig(max_batch_size=batch, max_seq_len=context + 64, warmup=False, cuda_graphs=cuda_graphs,
+                          fused_decode=fused)
     engine, _info = assemble_engine(model, tokenizer, spec, config)
     slab, runner = engine.slab, engine.runner
     L, two, S, H, T, D = slab.data.shape
@@ -326,11 +329,12 @@ def decode_step_micro(model, tokenizer, spec, batch: int, context: int, cuda_gra
             break
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     kv = batch * context * slab.bytes_per_token
+    decode = runner.describe()
     engine.close()
     del engine
     _free(model.device)
     return {"batch": batch, "context": context, "step_ms": 1000 * statistics.median(times[5:]),
-            "weights_bytes": weights, "kv_bytes": kv}
+            "weights_bytes": weights, "kv_bytes": kv, "decode": decode}
 
 
 def versions() -> dict:
@@ -392,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slo-tpot-s", type=float, default=0.05, help="W2 goodput: time-per-output-token SLO, seconds")
     p.add_argument("--name", default=None, help="result file name (default: preset/model and device)")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--decode", choices=("auto", "fused", "hf"), default="auto",
+                   help="engine decode step: fused kernels, the HF forward, or auto (fused on CUDA where supported)")
     p.add_argument("--same-process", action="store_true",
                    help="run every stage in this process (default on CUDA: one child process per stage, "
                         "so no stage inherits another's device memory)")
@@ -425,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": "python -m benchmarks.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
               "versions": versions(), "model": args.preset or spec.name, "dtype": str(dtype),
               "workload_w1": {"requests": len(reqs), "useful_tokens": sum(r.max_new_tokens for r in reqs)}}
-    common = dict(max_batch=args.max_batch_size, max_seq_len=max_seq)
+    fused = {"auto": None, "fused": True, "hf": False}[args.decode]
+    common = dict(max_batch=args.max_batch_size, max_seq_len=max_seq, fused=fused)
     name = args.name or f"{args.preset or spec.name}-{device.type}"
     out = Path(__file__).parent / "results" / f"{name}.json"
 
@@ -435,12 +442,15 @@ def main(argv: list[str] | None = None) -> int:
         bw = copy_bandwidth(device)
         result["copy_bandwidth_Bps"] = bw
         result["host_link"] = host_link_bandwidth(device)
+        # the engine's decode (--decode), and the HF forward with and without CUDA graphs beside it
+        variants = {"graph": (True, fused), "hf_graph": (True, False), "eager": (False, False)}
         for batch in (32, 64):
-            for graphs in (True, False):
-                m = decode_step_micro(model, tokenizer, spec, batch, 1024, graphs)
+            for label, (graphs, mode) in variants.items():
+                m = decode_step_micro(model, tokenizer, spec, batch, 1024, graphs, mode)
                 m["floor_ms"] = 1000 * (m["weights_bytes"] + m["kv_bytes"]) / bw
                 m["ratio_to_floor"] = m["step_ms"] / m["floor_ms"]
-                result[f"decode_step_b{batch}_ctx1024_{'graph' if graphs else 'eager'}"] = m
+                result[f"decode_step_b{batch}_ctx1024_{label}"] = m
+                save()
         result["floor_w1_tok_per_s_b32"] = 32 / (result["decode_step_b32_ctx1024_graph"]["floor_ms"] / 1000)
     save()
     if "engine" in runs:
@@ -466,11 +476,11 @@ def main(argv: list[str] | None = None) -> int:
         max3 = max(len(r.prompt_ids) + r.max_new_tokens for r in w3) + 8
         if "w3" in runs:
             result["engine_w3"] = run_engine(model, tokenizer, spec, w3, cuda_graphs=True, label="w3",
-                                             max_batch=args.max_batch_size, max_seq_len=max3)
+                                             max_batch=args.max_batch_size, max_seq_len=max3, fused=fused)
         if "w3-low" in runs:
             low_only = [r for r in w3 if r.priority == 0]
             result["engine_w3_low_only"] = run_engine(model, tokenizer, spec, low_only, cuda_graphs=True,
-                                                      label="w3-low", max_batch=args.max_batch_size, max_seq_len=max3)
+                                                      label="w3-low", max_batch=args.max_batch_size, max_seq_len=max3, fused=fused)
     save()
     if "grpc" in runs:
         result["grpc"] = run_grpc(model, tokenizer, spec, reqs, **common)

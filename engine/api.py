@@ -104,7 +104,12 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
         kv_bytes_per_token=bytes_per_token, host_budget_bytes=config.host_kv_budget_bytes,
         aging_seconds=config.aging_seconds))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    runner = ModelRunner(hf_model, slab, device, pad_token_id=pad, cuda_graphs=config.cuda_graphs)
+    fused = config.fused_decode
+    if fused is None:  # auto: on CUDA, for the model families it supports
+        from engine.fused_decode import unsupported_reason
+        fused = device.type == "cuda" and unsupported_reason(hf_model) is None
+    runner = ModelRunner(hf_model, slab, device, pad_token_id=pad, cuda_graphs=config.cuda_graphs,
+                         fused_decode=fused)
     engine = LLMEngine(runner, scheduler, tokenizer, spec.eos_token_ids, seed=config.seed,
                        pressure=monitor.pressure,
                        pinned_arena_bytes=min(config.pinned_arena_bytes, config.host_kv_budget_bytes))

@@ -32,6 +32,7 @@ class EngineConfig:
     seed: int = 0                         # seeds the draw of per-request seeds when none is given
     warmup: bool = True                   # run one short generation before reporting SERVING
     cuda_graphs: bool = True              # replay decode steps as CUDA graphs (CUDA only)
+    fused_decode: bool | None = None      # fused-kernel decode step (Llama/Mistral/Qwen2); None = on for CUDA
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:

@@ -14,10 +14,11 @@ embedded into it, and stale columns are always masked.
 from __future__ import annotations
 
 import bisect
+import gc
 
 import torch
 
-from engine.kv_slab import KVSlab, SlabCache, row_mask
+from engine.kv_slab import KVSlab, row_mask
 
 
 def _buckets(limit: int, steps: tuple[int, ...]) -> list[int]:
@@ -26,8 +27,8 @@ def _buckets(limit: int, steps: tuple[int, ...]) -> list[int]:
 
 
 class GraphDecoder:
-    def __init__(self, model, slab: KVSlab, max_padding: int = 64) -> None:
-        self.model = model
+    def __init__(self, forward, slab: KVSlab, max_padding: int = 64) -> None:
+        self.forward = forward      # ModelRunner.forward_decode
         self.slab = slab
         self.max_padding = max_padding
         S, T = slab.num_slots, slab.max_len
@@ -43,11 +44,8 @@ class GraphDecoder:
     def _forward(self, rows: int, width: int) -> torch.Tensor:
         lens = self.lens[:rows]
         cols = torch.arange(width, device=self.lens.device)
-        w = self.write
-        cache = SlabCache(self.slab.data, num_rows=rows, lo=0, hi=width, write_index=w)
-        out = self.model(input_ids=self.ids[:rows], attention_mask=row_mask(cols, w, lens),
-                         position_ids=lens[:, None], past_key_values=cache, use_cache=True)
-        return out.logits[:, -1]                                                      # [B, V]
+        return self.forward(self.ids[:rows], lens[:, None], row_mask(cols, self.write, lens),
+                            rows, 0, width, self.write)                               # [B, V]
 
     def _graph(self, rows: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         key = (rows, width)
@@ -66,12 +64,21 @@ class GraphDecoder:
 
     def capture_all(self) -> int:
         """Capture every (rows, width) graph now (largest first, so the shared pool is sized once),
-        so that no request pays for a capture. Returns the number of graphs."""
+        so that no request pays for a capture. Returns the number of graphs.
+        The cyclic GC is off meanwhile: a collection inside a capture can free another graph's
+        private memory pool, which invalidates the capture."""
         self.slab.write_col = 0
-        for rows in reversed(self.row_buckets):
-            for width in reversed(self.width_buckets):
-                self.write.fill_(min(width - 1, self.slab.max_len - 1))
-                self._graph(rows, width)
+        gc.collect()
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for rows in reversed(self.row_buckets):
+                for width in reversed(self.width_buckets):
+                    self.write.fill_(min(width - 1, self.slab.max_len - 1))
+                    self._graph(rows, width)
+        finally:
+            if was_enabled:
+                gc.enable()
         torch.cuda.synchronize()
         return len(self.graphs)
 

@@ -122,10 +122,6 @@ class KVSlab:
         return row_mask(torch.arange(lo, hi, device=device), self.write_col,
                         torch.tensor(self.lengths, device=device))
 
-    def cache(self, lo: int) -> "SlabCache":
-        w = torch.tensor([self.write_col], device=self.data.device)
-        return SlabCache(self.data, num_rows=self.num_rows, lo=lo, hi=self.write_col + 1, write_index=w)
-
     # ---- internals -------------------------------------------------------------------------
     def _make_room(self, need_left: int) -> None:
         """Move the live window so that w >= need_left and w + 1 <= max_len."""

@@ -28,16 +28,36 @@ class PrefillResult:
 
 class ModelRunner:
     def __init__(self, hf_model, slab: KVSlab, device: torch.device, pad_token_id: int = 0,
-                 cuda_graphs: bool = False) -> None:
+                 cuda_graphs: bool = False, fused_decode: bool = False) -> None:
         self.model = hf_model
         self.slab = slab
         self.device = device
         self.pad_token_id = pad_token_id
+        self.fused = None
+        if fused_decode:
+            from engine.fused_decode import FusedDecoder
+            self.fused = FusedDecoder(hf_model, compile=device.type == "cuda")
         self.graphs = None
         if cuda_graphs and device.type == "cuda":
             from engine.cuda_graphs import GraphDecoder
-            self.graphs = GraphDecoder(hf_model, slab)
+            self.graphs = GraphDecoder(self.forward_decode, slab)
             self.graphs.capture_all()
+
+    def describe(self) -> str:
+        """How decode steps run, for the start-up log: e.g. 'fused+compiled, cuda graphs (52)'."""
+        kind = "hf" if self.fused is None else "fused+compiled" if self.fused.compiled else "fused"
+        return kind + (f", cuda graphs ({len(self.graphs.graphs)})" if self.graphs is not None else ", eager")
+
+    def forward_decode(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                       rows: int, lo: int, hi: int, write_index: torch.Tensor) -> torch.Tensor:
+        """One decode forward of slab rows [0, rows): input_ids and positions [rows, 1], mask
+        [rows, 1, 1, hi - lo]; writes column `write_index` and attends columns [lo, hi). -> logits [rows, V]."""
+        if self.fused is not None:
+            return self.fused(input_ids, positions, mask, self.slab.data, rows, lo, hi, write_index)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=SlabCache(self.slab.data, num_rows=rows, lo=lo, hi=hi, write_index=write_index),
+                         use_cache=True)
+        return out.logits[:, -1]
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]]) -> PrefillResult:
@@ -78,13 +98,9 @@ class ModelRunner:
         n = slab.num_rows
         lo, hi = slab.prepare_decode()
         positions = torch.tensor(slab.lengths, dtype=torch.long, device=self.device)[:, None]  # [n, 1]
-        out = self.model(
-            input_ids=torch.tensor(input_ids, dtype=torch.long, device=self.device)[:, None],
-            attention_mask=slab.decode_mask(lo, hi),                                         # [n,1,1,W]
-            position_ids=positions,
-            past_key_values=slab.cache(lo),
-            use_cache=True,
-        )
+        logits = self.forward_decode(torch.tensor(input_ids, dtype=torch.long, device=self.device)[:, None],
+                                     positions, slab.decode_mask(lo, hi), n, lo, hi,
+                                     torch.tensor([slab.write_col], device=self.device))
         slab.advance()
-        assert out.logits.shape[0] == n
-        return out.logits[:, -1]
+        assert logits.shape[0] == n
+        return logits

@@ -33,6 +33,8 @@ SERVE_FLAGS = [
     ("default-max-new-tokens", int, 256, "max_new_tokens when a request sends 0"),
     ("max-new-tokens-limit", int, 4096, "largest max_new_tokens accepted"),
     ("max-queue", int, 1024, "requests waiting beyond the batch before RESOURCE_EXHAUSTED"),
+    ("decode", str, "auto", "decode step: fused (Llama/Mistral/Qwen2: fused q/k/v, gate/up and compiled "
+                            "element-wise kernels) | hf (the model's own forward) | auto (fused on CUDA where supported)"),
     ("max-prefill-tokens", int, 8192, "padded prompt tokens per prefill forward"),
     ("kv-budget-bytes", int, None, "K/V bytes the running batch may hold (default: the whole slab)"),
     ("host-kv-budget-bytes", int, 8 << 30, "K/V bytes that may be parked in host memory"),
@@ -68,15 +70,17 @@ def serve(args: argparse.Namespace) -> int:
     from service.server import ServerConfig, serve as run_server
 
     logs.configure(args.log_level)
-    engine_config = EngineConfig(
-        model=args.model, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
-        max_seq_len=args.max_seq_len, default_max_new_tokens=args.default_max_new_tokens,
-        max_new_tokens_limit=args.max_new_tokens_limit, max_queue=args.max_queue,
-        max_prefill_tokens=args.max_prefill_tokens, kv_budget_bytes=args.kv_budget_bytes,
-        host_kv_budget_bytes=args.host_kv_budget_bytes, pinned_arena_bytes=args.pinned_arena_bytes,
-        aging_seconds=args.aging_seconds,
-        warmup=not args.no_warmup)
     try:
+        if args.decode not in ("auto", "fused", "hf"):
+            raise ValueError(f"--decode must be auto, fused or hf, got {args.decode!r}")
+        engine_config = EngineConfig(
+            model=args.model, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
+            max_seq_len=args.max_seq_len, default_max_new_tokens=args.default_max_new_tokens,
+            max_new_tokens_limit=args.max_new_tokens_limit, max_queue=args.max_queue,
+            max_prefill_tokens=args.max_prefill_tokens, kv_budget_bytes=args.kv_budget_bytes,
+            host_kv_budget_bytes=args.host_kv_budget_bytes, pinned_arena_bytes=args.pinned_arena_bytes,
+            aging_seconds=args.aging_seconds, fused_decode={"auto": None, "fused": True, "hf": False}[args.decode],
+            warmup=not args.no_warmup)
         server_config = ServerConfig(
             host=args.host, port=args.port, metrics_port=args.metrics_port, grace_seconds=args.grace_seconds,
             log_prompts=args.log_prompts, max_message_bytes=args.max_message_bytes,

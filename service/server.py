@@ -112,7 +112,8 @@ class BatonServer:
         info = self.engine.info
         log.info("engine_ready", model=info.model_name, device=info.device, dtype=info.dtype,
                  max_batch_size=info.max_batch_size, max_context=info.max_context_length,
-                 kv_slab_bytes=info.kv_slab_bytes, host_kv_budget_bytes=self.engine_config.host_kv_budget_bytes)
+                 kv_slab_bytes=info.kv_slab_bytes, host_kv_budget_bytes=self.engine_config.host_kv_budget_bytes,
+                 decode=self.engine.engine.runner.describe())
         await self._set_health(True)
         asyncio.get_running_loop().create_task(self._watch_engine())
 

@@ -1,7 +1,8 @@
 """CUDA checks (skipped without a GPU; run on the device machine):
 - fp32 on CUDA, eager and CUDA-graph decode, staggered arrivals: equal to HF generate alone;
 - preemption with real CUDA -> pinned-host copies: tests/test_engine_preemption.py (device cuda);
-- bf16: the CUDA-graph path gives the same greedy tokens as the eager path of the same engine.
+- bf16: the CUDA-graph path gives the same greedy tokens as the eager path of the same engine;
+- each for the HF forward and for the fused, compiled decode step (engine/fused_decode.py).
 """
 from __future__ import annotations
 
@@ -31,10 +32,13 @@ def tiny_cuda(tiny_model_dir):
     return model_loader.load(tiny_model_dir("llama"), CUDA, torch.float32)
 
 
-@pytest.mark.parametrize("graphs", [False, True])
-def test_cuda_fp32_matches_hf(tiny_cuda, graphs):
+@pytest.mark.parametrize("fused", [False, True], ids=["hf-forward", "fused-compiled"])
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_cuda_fp32_matches_hf(tiny_cuda, graphs, fused):
     torch.backends.cuda.matmul.allow_tf32 = False
-    engine, limits = make_engine(tiny_cuda, max_batch_size=3, max_seq_len=128, cuda_graphs=graphs)
+    engine, limits = make_engine(tiny_cuda, max_batch_size=3, max_seq_len=128, cuda_graphs=graphs,
+                                 fused_decode=fused)
+    assert (engine.runner.fused is not None) == fused and (not fused or engine.runner.fused.compiled)
     arrivals = _arrivals()
     outputs = drive(engine, limits, arrivals)
     hf_model, tokenizer, _ = tiny_cuda
@@ -45,10 +49,12 @@ def test_cuda_fp32_matches_hf(tiny_cuda, graphs):
             assert outputs[inp.request_id].token_ids == expected, inp.request_id
 
 
-def test_bf16_graph_path_equals_eager_path(tiny_model_dir):
+@pytest.mark.parametrize("fused", [False, True], ids=["hf-forward", "fused-compiled"])
+def test_bf16_graph_path_equals_eager_path(tiny_model_dir, fused):
     loaded = model_loader.load(tiny_model_dir("llama"), CUDA, torch.bfloat16)
     results = []
     for graphs in (False, True):
-        engine, limits = make_engine(loaded, max_batch_size=4, max_seq_len=256, cuda_graphs=graphs)
+        engine, limits = make_engine(loaded, max_batch_size=4, max_seq_len=256, cuda_graphs=graphs,
+                                     fused_decode=fused)
         results.append({k: v.token_ids for k, v in drive(engine, limits, _arrivals(n_tokens=(60,) * 6)).items()})
     assert results[0] == results[1]

@@ -1,0 +1,70 @@
+"""The fused decode step (engine/fused_decode.py) computes what the HF forward computes.
+
+On CPU it runs uncompiled (the same functions Inductor fuses on CUDA), in fp32, so greedy tokens
+must equal HF generate's exactly; tests/test_gpu.py checks the compiled CUDA path the same way.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import model_loader
+from engine.fused_decode import FusedDecoder, unsupported_reason
+from tests.conftest import CPU, drive, make_engine
+from tests.test_engine_exact import _arrivals, _check_against_hf
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
+def loaded(request, tiny_model_dir):
+    return model_loader.load(tiny_model_dir(request.param), CPU, torch.float32)
+
+
+def test_fused_engine_matches_hf_generate(loaded):
+    engine, limits = make_engine(loaded, max_batch_size=3, max_seq_len=128, fused_decode=True)
+    assert engine.runner.fused is not None
+    arrivals = _arrivals(lengths=[20, 35, 8, 16, 27, 5], steps=[0, 1, 2, 4, 4, 13], ignore_eos=True)
+    outputs = drive(engine, limits, arrivals)
+    _check_against_hf(loaded, engine, outputs, arrivals)
+
+
+def test_fused_step_logits_equal_hf_step(loaded):
+    """One decode step of a ragged batch: fused and HF forwards give the same logits and write the
+    same K/V column."""
+    engine, _ = make_engine(loaded, max_batch_size=3, max_seq_len=64, fused_decode=True)
+    runner, slab = engine.runner, engine.slab
+    L, two, S, H, T, D = slab.data.shape
+    g = torch.Generator().manual_seed(0)
+    for i, n in enumerate((5, 17, 9)):
+        slab.add_row(f"r{i}", torch.randn(L, two, H, n, D, generator=g))
+    lo, hi = slab.prepare_decode()
+    args = (torch.tensor([[11], [12], [13]]), torch.tensor(slab.lengths)[:, None], slab.decode_mask(lo, hi),
+            3, lo, hi, torch.tensor([slab.write_col]))
+    fused_logits = runner.forward_decode(*args)
+    fused_kv = slab.data[:, :, :3, :, slab.write_col].clone()
+    slab.data[:, :, :3, :, slab.write_col] = 0
+    fused, runner.fused = runner.fused, None
+    hf_logits = runner.forward_decode(*args)
+    runner.fused = fused
+    torch.testing.assert_close(fused_logits, hf_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused_kv, slab.data[:, :, :3, :, slab.write_col], rtol=1e-5, atol=1e-5)
+
+
+def test_fusing_shares_the_weights(loaded):
+    """q/k/v and gate/up become views of the fused tensors: no second copy of the weights."""
+    model = loaded[0]
+    before = sum(p.numel() for p in model.parameters())
+    fused = FusedDecoder(model)
+    attn = model.model.layers[0].self_attn
+    qkv = fused.layers[0].qkv_w
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+    assert attn.v_proj.weight.data_ptr() == qkv[-attn.v_proj.out_features:].data_ptr()
+    assert sum(p.numel() for p in model.parameters()) == before
+
+
+def test_unsupported_models_fall_back(tiny_model_dir):
+    gpt2 = model_loader.load(tiny_model_dir("gpt2"), CPU, torch.float32)
+    assert "gpt2" in unsupported_reason(gpt2[0])
+    with pytest.raises(ValueError, match="gpt2"):
+        make_engine(gpt2, fused_decode=True)
+    engine, _ = make_engine(gpt2)               # auto: HF forward
+    assert engine.runner.fused is None
