@@ -166,7 +166,7 @@ def summarize(records: dict, wall: float, step_times: list[float], slo: tuple[fl
 
 # ---- the full gRPC path: server in this process, clients streaming over loopback from another ---
 def run_grpc(model, tokenizer, spec, reqs: list[BenchRequest], *, max_batch: int, max_seq_len: int,
-             fused: bool | None = None) -> dict:
+             fused: bool | None = None, gil_switch_interval_s: float | None = None) -> dict:
     """The server (and engine thread) run here on the in-process model; the client streams run in a
     child process (benchmarks.grpc_load), so they do not compete with the server for this GIL."""
     import asyncio
@@ -189,7 +189,8 @@ def run_grpc(model, tokenizer, spec, reqs: list[BenchRequest], *, max_batch: int
 
     async def start() -> None:
         # grpc.aio objects belong to the loop they are made on: build the server inside it
-        holder["server"] = BatonServer(ServerConfig(port=0, max_message_bytes=64 << 20), config, engine=client)
+        extra = {} if gil_switch_interval_s is None else {"gil_switch_interval_s": gil_switch_interval_s}
+        holder["server"] = BatonServer(ServerConfig(port=0, max_message_bytes=64 << 20, **extra), config, engine=client)
         await holder["server"].start()
 
     def serve() -> None:
@@ -207,6 +208,7 @@ def run_grpc(model, tokenizer, spec, reqs: list[BenchRequest], *, max_batch: int
     # `baton.v1` lives in clients/python (the editable install maps it there; say so explicitly)
     env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "clients" / "python"),
                                          *filter(None, [env.get("PYTHONPATH")])])
+    before = (engine.seconds_prefill, engine.seconds_decode, client.stats().steps)
     try:
         with tempfile.TemporaryDirectory(prefix="baton-grpc-load-") as tmp:
             workload, out = Path(tmp) / "workload.json", Path(tmp) / "records.json"
@@ -217,6 +219,11 @@ def run_grpc(model, tokenizer, spec, reqs: list[BenchRequest], *, max_batch: int
             if code != 0:
                 raise RuntimeError(f"gRPC load client exited with {code}")
             result = json.loads(out.read_text())
+        # where the engine thread's time went meanwhile (GPU-synchronised, as in run_engine)
+        engine_side = {"seconds_prefill": engine.seconds_prefill - before[0],
+                       "seconds_decode": engine.seconds_decode - before[1],
+                       "engine_steps": client.stats().steps - before[2],
+                       "gil_switch_interval_s": sys.getswitchinterval()}
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(), server_loop).result(60)
         server_loop.call_soon_threadsafe(server_loop.stop)
@@ -226,7 +233,7 @@ def run_grpc(model, tokenizer, spec, reqs: list[BenchRequest], *, max_batch: int
     unfinished = [i for i in range(len(reqs)) if i not in records or "done" not in records[i]]
     if unfinished:
         raise RuntimeError(f"{len(unfinished)} gRPC streams did not finish: {unfinished[:10]}")
-    return {**summarize(records, result["wall_s"], []), "client": "separate process"}
+    return {**summarize(records, result["wall_s"], []), "client": "separate process", **engine_side}
 
 
 # ---- peers ---------------------------------------------------------------------------------------
@@ -305,6 +312,10 @@ def host_link_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> dict:
     return {"d2h_GBps": nbytes / statistics.median(d2h) / 1e9, "h2d_GBps": nbytes / statistics.median(h2d) / 1e9}
 
 
+# decode-step micro-benchmarks at 1,024 context: "batch:variant"
+FLOOR_VARIANTS = ("32:graph", "32:hf_graph", "32:eager", "64:graph", "64:hf_graph", "64:eager")
+
+
 def decode_step_micro(model, tokenizer, spec, batch: int, context: int, cuda_graphs: bool,
                       fused: bool | None = None) -> dict:
     """Median time of one decode step with `batch` rows of `context` tokens (random K/V)."""
@@ -359,6 +370,8 @@ def _per_stage(args, argv: list[str], runs: list[str]) -> int:
         if run == "w2":  # W2 builds one engine per rate: each rate in a fresh process too
             stages += [(f"w2-rate{rate.strip()}", ["--runs", "w2", "--rates", rate.strip()])
                        for rate in args.rates.split(",")]
+        elif run == "floor":  # one engine per step variant too: a closed engine's memory lingers
+            stages += [(f"floor-{v.replace(':', '-')}", ["--runs", "floor", "--floor-variant", v]) for v in FLOOR_VARIANTS]
         else:
             stages.append((run, ["--runs", run]))
     for stage, stage_args in stages:
@@ -397,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slo-tpot-s", type=float, default=0.05, help="W2 goodput: time-per-output-token SLO, seconds")
     p.add_argument("--name", default=None, help="result file name (default: preset/model and device)")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--floor-variant", choices=FLOOR_VARIANTS, default=None,
+                   help="floor stage: only this decode-step variant (on CUDA each runs in its own process)")
     p.add_argument("--decode", choices=("auto", "fused", "hf"), default="auto",
                    help="engine decode step: fused kernels, the HF forward, or auto (fused on CUDA where supported)")
     p.add_argument("--same-process", action="store_true",
@@ -444,18 +459,19 @@ def main(argv: list[str] | None = None) -> int:
         result["copy_bandwidth_Bps"] = bw
         result["host_link"] = host_link_bandwidth(device)
         # the engine's decode (--decode), and the HF forward with and without CUDA graphs beside it
-        # Largest first, fused last: an engine built with CUDA graphs does not give all of its
-        # device memory back when closed in-process (see device_bytes_after_close), so the big
-        # slabs go first.
-        variants = {"eager": (False, False), "hf_graph": (True, False), "graph": (True, fused)}
-        for batch in (64, 32):
-            for label, (graphs, mode) in variants.items():
-                m = decode_step_micro(model, tokenizer, spec, batch, 1024, graphs, mode)
-                m["floor_ms"] = 1000 * (m["weights_bytes"] + m["kv_bytes"]) / bw
-                m["ratio_to_floor"] = m["step_ms"] / m["floor_ms"]
-                result[f"decode_step_b{batch}_ctx1024_{label}"] = m
-                save()
-        result["floor_w1_tok_per_s_b32"] = 32 / (result["decode_step_b32_ctx1024_graph"]["floor_ms"] / 1000)
+        variants = {"graph": (True, fused), "hf_graph": (True, False), "eager": (False, False)}
+        for variant in FLOOR_VARIANTS:
+            if args.floor_variant not in (None, variant):
+                continue
+            batch, label = int(variant.split(":")[0]), variant.split(":")[1]
+            graphs, mode = variants[label]
+            m = decode_step_micro(model, tokenizer, spec, batch, 1024, graphs, mode)
+            m["floor_ms"] = 1000 * (m["weights_bytes"] + m["kv_bytes"]) / bw
+            m["ratio_to_floor"] = m["step_ms"] / m["floor_ms"]
+            result[f"decode_step_b{batch}_ctx1024_{label}"] = m
+            save()
+        if "decode_step_b32_ctx1024_graph" in result:
+            result["floor_w1_tok_per_s_b32"] = 32 / (result["decode_step_b32_ctx1024_graph"]["floor_ms"] / 1000)
     save()
     if "engine" in runs:
         result["engine"] = run_engine(model, tokenizer, spec, reqs, cuda_graphs=True, label="engine", **common)
@@ -486,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
             result["engine_w3_low_only"] = run_engine(model, tokenizer, spec, low_only, cuda_graphs=True,
                                                       label="w3-low", max_batch=args.max_batch_size, max_seq_len=max3, fused=fused)
     save()
+    if "grpc-gil5ms" in runs:  # the same with Python's default GIL switch interval, for comparison
+        result["grpc_gil5ms"] = run_grpc(model, tokenizer, spec, reqs, gil_switch_interval_s=0.005, **common)
     if "grpc" in runs:
         result["grpc"] = run_grpc(model, tokenizer, spec, reqs, **common)
         if "engine" in result:

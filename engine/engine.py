@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from engine.detokenizer import IncrementalDetokenizer
+from engine.detokenizer import IncrementalDetokenizer, fast_decoder
 from engine.host_pool import HostPool
 from engine.kv_slab import KVSlab
 from engine.model_runner import ModelRunner
@@ -60,6 +60,7 @@ class LLMEngine:
         self.slab: KVSlab = runner.slab
         self.scheduler = scheduler
         self.tokenizer = tokenizer
+        self._decode = fast_decoder(tokenizer)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.host_kv: dict[str, torch.Tensor] = {}     # parked rows, [L, 2, H, n, D] each
         self._live: dict[str, _Live] = {}
@@ -84,7 +85,7 @@ class LLMEngine:
         if not p.greedy:
             seed = p.seed if p.seed is not None else self._seeds.getrandbits(63)
             generator = make_generator(seed, self.runner.device)
-        self._live[request.request_id] = _Live(IncrementalDetokenizer(self.tokenizer, p.stop), generator, sink)
+        self._live[request.request_id] = _Live(IncrementalDetokenizer(self.tokenizer, p.stop, self._decode), generator, sink)
         sink(RequestOutput(request.request_id, state=RequestState.QUEUED,
                            queue_position=self.scheduler.queue_position(request, time.monotonic())))
 

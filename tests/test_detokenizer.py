@@ -372,3 +372,19 @@ def test_partial_stop_property(toks, kind, text, extra, cut):
     assert len(held) >= len(tail)  # the stop's beginning is held until flush
     assert out + d.flush() == final
     assert not d.stopped
+
+
+@pytest.mark.parametrize("make", [_builtin_tokenizer, _sentencepiece_tokenizer], ids=["byte-level", "sentencepiece"])
+def test_fast_decoder_equals_tokenizer_decode(make):
+    """The engine decodes through the Rust backend directly; it must equal the wrapper's decode."""
+    import random
+
+    from engine.detokenizer import fast_decoder
+    tok = make()
+    decode = fast_decoder(tok)
+    rng = random.Random(0)
+    special = list(tok.all_special_ids)
+    for _ in range(300):
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randint(0, 12))] + rng.sample(special, min(1, len(special)))
+        rng.shuffle(ids)
+        assert decode(ids) == tok.decode(ids, skip_special_tokens=True), ids
