@@ -18,15 +18,15 @@ def load(name: str) -> dict:
 
 
 def main() -> None:
-    main_run = load("llama2-7b-h200-w1-grpc-aligned.json")
+    main_run = load("llama2-7b-h200-fused-b.json")       # floor, engine, gRPC, HF CB in one run
     bars = {
-        "HF generate\nstatic x32": load("llama2-7b-h200-hf-static.json")["hf_static"]["tok_per_s"],
-        "HF continuous\nbatching": load("llama2-7b-h200-hf-cb.json")["hf_cb"]["tok_per_s"],
+        "HF generate\nstatic x32": load("llama2-7b-h200-fused-a.json")["hf_static"]["tok_per_s"],
+        "HF continuous\nbatching": main_run["hf_cb"]["tok_per_s"],
         "Baton engine\neager": load("llama2-7b-h200-eager-and-grouped-prefill.json")["engine_eager"]["tok_per_s"],
-        "Baton engine\nCUDA graphs": main_run["engine"]["tok_per_s"],
-        "Baton via\ngRPC": main_run["grpc"]["tok_per_s"],
+        "Baton engine\nfused + graphs": main_run["engine"]["tok_per_s"],
+        "Baton via\ngRPC": main_run["grpc_gil5ms"]["tok_per_s"],
     }
-    floor = load("llama2-7b-h200-floor.json")
+    floor = main_run
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     ax1.bar(list(bars), list(bars.values()), color=["#999", "#999", "#7aa", "#2a7", "#2a7"])
     ax1.axhline(floor["floor_w1_tok_per_s_b32"], ls="--", color="k", lw=1)
@@ -35,12 +35,13 @@ def main() -> None:
     ax1.set_title("W1: 128 requests, Llama-2-7B shape, bf16, one H200")
     for i, v in enumerate(bars.values()):
         ax1.text(i, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
-    steps = [(k, v) for k, v in floor.items() if k.startswith("decode_step")]
-    labels = [k.replace("decode_step_", "").replace("_ctx1024", "") for k, _ in steps]
+    steps = sorted(((k, v) for k, v in floor.items() if k.startswith("decode_step") and "eager" not in k),
+                   key=lambda kv: (kv[1]["batch"], "hf" not in kv[0]))
+    labels = [f"b{v['batch']} {'HF forward' if 'hf' in k else 'fused'}" for k, v in steps]
     ax2.bar(labels, [v["step_ms"] for _, v in steps], color="#2a7")
     ax2.scatter(labels, [v["floor_ms"] for _, v in steps], color="k", marker="_", s=600, label="floor")
     ax2.set_ylabel("ms per decode step (1024 context)")
-    ax2.set_title("Decode step vs (weights + K/V bytes) / copy bandwidth")
+    ax2.set_title("CUDA-graph decode step vs (weights + K/V bytes) / copy bandwidth")
     ax2.legend()
     fig.tight_layout()
     OUT.parent.mkdir(exist_ok=True)

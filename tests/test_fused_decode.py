@@ -68,3 +68,12 @@ def test_unsupported_models_fall_back(tiny_model_dir):
         make_engine(gpt2, fused_decode=True)
     engine, _ = make_engine(gpt2)               # auto: HF forward
     assert engine.runner.fused is None
+
+
+def test_serve_refuses_bad_engine_flags_before_loading_the_model(capsys, monkeypatch):
+    from service.cli import main
+    monkeypatch.setattr("service.logs.configure", lambda level="info": None)
+    for argv, field in ((["--decode", "fast"], "--decode"), (["--device", "tpu"], "device"),
+                        (["--max-batch-size", "0"], "max_batch_size")):
+        assert main(["serve", "--port", "0", *argv]) == 2, argv
+        assert field in capsys.readouterr().err, argv
