@@ -51,6 +51,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seen_ids: list[li
         if not p.greedy:
             probs = filtered_logits(logits[i], p).softmax(-1)
             chosen[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
+    if chosen.is_cuda:
+        # Wait for the step here, where PyTorch releases the GIL: Tensor.tolist() would wait for
+        # the GPU while holding it, and the service's event loop (same process) could not stream
+        # anything during the whole step.
+        torch.cuda.current_stream(chosen.device).synchronize()
     return chosen.tolist()
 
 

@@ -1,8 +1,8 @@
 """GenerationService: Generate streams engine events; Preempt, GetModelInfo, Tokenize.
 
-Each Generate call registers a sink that hops engine events onto this event loop into an
-asyncio.Queue (through the loop's Mailbox: one wake-up per engine step, not one per stream), and
-yields them as they come. If the call ends for any reason other than its request finishing
+Each Generate call registers a sink that hops engine events onto this event loop into the call's
+Inbox (through the loop's Mailbox: one wake-up per engine step, not one per stream), and yields
+them as they come. If the call ends for any reason other than its request finishing
 (client cancel, disconnect, deadline), the request is aborted in the engine, which frees its row
 at the next step.
 """
@@ -22,7 +22,7 @@ from engine.inputs import InvalidInput
 from engine.request import FinishReason, RequestOutput
 from engine.scheduler import SchedulerError
 from service import auth, convert
-from service.mailbox import Mailbox
+from service.mailbox import Inbox, Mailbox
 from service.metrics import Metrics
 
 log = structlog.get_logger("baton.service")
@@ -81,11 +81,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         engine = await self._engine(context)
         mailbox = self._mailbox(asyncio.get_running_loop())
-        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        inbox = Inbox()
         inp = convert.generate_input(request, owner=auth.request_owner())
         started = time.monotonic()
         try:
-            request_id = await asyncio.to_thread(engine.submit, inp, lambda out: mailbox.post(queue, out))
+            request_id = await asyncio.to_thread(engine.submit, inp, lambda out: mailbox.post(inbox, out))
         except InvalidInput as exc:
             self.metrics.request_done("invalid_argument")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _details(exc))
@@ -108,9 +108,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         streamed = 0
         try:
             while final is None:
-                outs = [await queue.get()]
-                while not queue.empty():
-                    outs.append(queue.get_nowait())
+                outs = await inbox.get_all()
                 for out in _batches(outs):
                     if out.token_ids:
                         now = time.monotonic()
