@@ -18,13 +18,14 @@ def load(name: str) -> dict:
 
 
 def main() -> None:
-    main_run = load("llama2-7b-h200-fused-b.json")       # floor, engine, gRPC, HF CB in one run
+    main_run = load("llama2-7b-h200-fused-b.json")       # floor, engine, HF CB in one run
+    final = load("llama2-7b-h200-fused-d.json")          # engine and gRPC with the final code
     bars = {
         "HF generate\nstatic x32": load("llama2-7b-h200-fused-a.json")["hf_static"]["tok_per_s"],
         "HF continuous\nbatching": main_run["hf_cb"]["tok_per_s"],
         "Baton engine\neager": load("llama2-7b-h200-eager-and-grouped-prefill.json")["engine_eager"]["tok_per_s"],
-        "Baton engine\nfused + graphs": main_run["engine"]["tok_per_s"],
-        "Baton via\ngRPC": main_run["grpc_gil5ms"]["tok_per_s"],
+        "Baton engine\nfused + graphs": final["engine"]["tok_per_s"],
+        "Baton via\ngRPC": final["grpc"]["tok_per_s"],
     }
     floor = main_run
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
