@@ -38,7 +38,9 @@ def length_groups(requests, max_waste: float = 1.0) -> list[list[Request]]:
     """Split newcomers into prefill forwards of similar prompt length, so padding stays under
     `max_waste` of each forward's tokens (one long prompt must not pad thirty short ones).
     Measured on an H200 (7B shape): each eager forward costs ~55 ms of host overhead, so a tight
-    bound (0.25) made many small forwards and doubled prefill time; 1.0 splits only wild mixes."""
+    bound (0.25) made many small forwards and doubled prefill time; 1.0 splits only wild mixes.
+    On a CPU a forward costs its arithmetic, and padding is pure waste: 0.1 there (for 32 prompts
+    of 32-512 tokens: 10.4 K padded tokens in 8 forwards instead of 16.3 K in one)."""
     groups: list[list[Request]] = []
     for request in sorted(requests, key=lambda r: len(r.prompt_ids)):
         group = groups[-1] if groups else None
@@ -55,8 +57,9 @@ def length_groups(requests, max_waste: float = 1.0) -> list[list[Request]]:
 class LLMEngine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer,
                  eos_token_ids: tuple[int, ...], seed: int = 0, pressure: Callable[[], bool] = lambda: False,
-                 pinned_arena_bytes: int = 0) -> None:
+                 pinned_arena_bytes: int = 0, prefill_max_waste: float = 1.0) -> None:
         self.runner = runner
+        self.prefill_max_waste = prefill_max_waste
         self.slab: KVSlab = runner.slab
         self.scheduler = scheduler
         self.tokenizer = tokenizer
@@ -125,7 +128,7 @@ class LLMEngine:
             self.slab.reserve(max(incoming))
         self._restore(sched.restore)
         finished: list[Request] = []
-        for group in length_groups(sched.prefill):
+        for group in length_groups(sched.prefill, self.prefill_max_waste):
             started = time.monotonic()
             result = self.runner.prefill([r.prompt_ids for r in group])
             tokens = self._sample(group, result.logits)

@@ -23,8 +23,11 @@ else falls back to the HF forward (`unsupported_reason` says why).
 """
 from __future__ import annotations
 
+import structlog
 import torch
 import torch.nn.functional as F
+
+log = structlog.get_logger("baton.engine")
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
@@ -134,11 +137,24 @@ class FusedDecoder:
             self._compile()
 
     def _compile(self) -> None:
-        """Compile the point-wise pieces (dynamic shapes: one compile serves every bucket).
-        Compiling happens at the first call; GraphDecoder's warm-up runs it before capture."""
+        """Compile the point-wise pieces (dynamic shapes: one compile serves every bucket) and run
+        them once now, so a machine where compiling fails (no C compiler for Triton, say) falls
+        back to the same functions uncompiled instead of failing a request or a graph capture."""
         opts = dict(dynamic=True, fullgraph=True)
-        self.qkv_rotary = torch.compile(_qkv_split_rotary, **opts)
-        self.silu_mul = torch.compile(_silu_mul, **opts)
+        qkv_rotary = torch.compile(_qkv_split_rotary, **opts)
+        silu_mul = torch.compile(_silu_mul, **opts)
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        w = self.layers[0].qkv_w
+        try:
+            for rows in (2, 3):   # two sizes: the compiled code is the dynamic-shape one
+                qkv = torch.zeros(rows, w.shape[0], dtype=w.dtype, device=w.device)
+                cos = torch.ones(rows, d, dtype=w.dtype, device=w.device)
+                qkv_rotary(qkv, cos, cos, hq, hkv, d)
+                silu_mul(torch.zeros(rows, self.layers[0].gate_up_w.shape[0], dtype=w.dtype, device=w.device))
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: run uncompiled
+            log.warning("fused_decode_compile_failed", error=repr(exc)[:500])
+            return
+        self.qkv_rotary, self.silu_mul = qkv_rotary, silu_mul
         self.compiled = True
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine import model_loader
-from engine.fused_decode import FusedDecoder, unsupported_reason
+from engine.fused_decode import FusedDecoder, _qkv_split_rotary, _silu_mul, unsupported_reason
 from tests.conftest import CPU, drive, make_engine
 from tests.test_engine_exact import _arrivals, _check_against_hf
 
@@ -77,3 +77,16 @@ def test_serve_refuses_bad_engine_flags_before_loading_the_model(capsys, monkeyp
                         (["--max-batch-size", "0"], "max_batch_size")):
         assert main(["serve", "--port", "0", *argv]) == 2, argv
         assert field in capsys.readouterr().err, argv
+
+
+def test_compile_failure_falls_back_to_uncompiled(loaded, monkeypatch):
+    """A machine where torch.compile cannot build kernels still serves, with the same functions
+    uncompiled (the failure shows at the first call, so FusedDecoder makes that call itself)."""
+    def broken_compile(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("no C compiler")
+        return run
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    fused = FusedDecoder(loaded[0], compile=True)
+    assert not fused.compiled
+    assert (fused.qkv_rotary, fused.silu_mul) == (_qkv_split_rotary, _silu_mul)
