@@ -140,6 +140,11 @@ class FusedDecoder:
         """Compile the point-wise pieces (dynamic shapes: one compile serves every bucket) and run
         them once now, so a machine where compiling fails (no C compiler for Triton, say) falls
         back to the same functions uncompiled instead of failing a request or a graph capture."""
+        # Compiled code is cached per function across every FusedDecoder in the process, and past
+        # the recompile limit (8: dtypes x shape specialisations of earlier engines) dynamo runs the
+        # function uncompiled without saying so, which rounds bf16 differently from the compiled
+        # path. A serving process builds one engine; start each one from an empty cache.
+        torch.compiler.reset()
         opts = dict(dynamic=True, fullgraph=True)
         qkv_rotary = torch.compile(_qkv_split_rotary, **opts)
         silu_mul = torch.compile(_silu_mul, **opts)

@@ -13,6 +13,8 @@ import torch
 
 from engine.kv_slab import KVSlab, SlabCache
 
+GRAPH_MAX_PADDING = 64   # CUDA: columns of common padding before the window is moved to column 0
+
 
 @dataclass(frozen=True)
 class PrefillResult:
@@ -40,7 +42,7 @@ class ModelRunner:
         self.graphs = None
         if cuda_graphs and device.type == "cuda":
             from engine.cuda_graphs import GraphDecoder
-            self.graphs = GraphDecoder(self.forward_decode, slab)
+            self.graphs = GraphDecoder(self.forward_decode, slab, max_padding=GRAPH_MAX_PADDING)
             self.graphs.capture_all()
 
     def describe(self) -> str:
@@ -96,7 +98,14 @@ class ModelRunner:
             return self.graphs.decode(ids)
         slab = self.slab
         n = slab.num_rows
-        lo, hi = slab.prepare_decode()
+        if self.device.type == "cuda":
+            # The same window as the CUDA-graph path (from column 0, relocated past 64 columns of
+            # common padding): attention kernels sum keys in blocks, and a window that starts
+            # elsewhere groups the same keys differently, which changes bf16 rounding.
+            _, hi = slab.prepare_decode(max_padding=GRAPH_MAX_PADDING)
+            lo = 0
+        else:
+            lo, hi = slab.prepare_decode()
         positions = torch.tensor(slab.lengths, dtype=torch.long, device=self.device)[:, None]  # [n, 1]
         logits = self.forward_decode(torch.tensor(input_ids, dtype=torch.long, device=self.device)[:, None],
                                      positions, slab.decode_mask(lo, hi), n, lo, hi,
