@@ -316,6 +316,30 @@ def host_link_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> dict:
 FLOOR_VARIANTS = ("32:graph", "32:hf_graph", "32:eager", "64:graph", "64:hf_graph", "64:eager")
 
 
+def fill_slab(slab, rows: int, context: int) -> None:
+    """Embed `rows` rows of `context - 1` random K/V tokens, so a decode step attends `context`."""
+    L, two, _S, H, _T, D = slab.data.shape
+    for i in range(rows):
+        slab.add_row(f"m{i}", torch.randn(L, two, H, context - 1, D, dtype=slab.data.dtype, device=slab.data.device))
+
+
+def median_decode_step(runner, steps: int = 30, skip: int = 5) -> float:
+    """Median seconds of one decode step of every row in `runner`'s slab (the first `skip` steps,
+    warm-up, are not counted)."""
+    slab, device = runner.slab, runner.device
+    ids = [7] * slab.num_rows
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        runner.decode(ids)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        if slab.write_col + 2 > slab.max_len:
+            break
+    return statistics.median(times[skip:])
+
+
 def decode_step_micro(model, tokenizer, spec, batch: int, context: int, cuda_graphs: bool,
                       fused: bool | None = None) -> dict:
     """Median time of one decode step with `batch` rows of `context` tokens (random K/V)."""
@@ -324,27 +348,15 @@ def decode_step_micro(model, tokenizer, spec, batch: int, context: int, cuda_gra
     config = EngineConfig(max_batch_size=batch, max_seq_len=context + 64, warmup=False, cuda_graphs=cuda_graphs,
                           fused_decode=fused)
     engine, _info = assemble_engine(model, tokenizer, spec, config)
-    slab, runner = engine.slab, engine.runner
-    L, two, S, H, T, D = slab.data.shape
-    for i in range(batch):
-        slab.add_row(f"m{i}", torch.randn(L, two, H, context - 1, D, dtype=slab.data.dtype, device=slab.data.device))
-    ids = [7] * batch
-    times = []
-    for i in range(30):
-        sync(model.device)
-        t0 = time.perf_counter()
-        runner.decode(ids)
-        sync(model.device)
-        times.append(time.perf_counter() - t0)
-        if slab.write_col + 2 > slab.max_len:
-            break
+    fill_slab(engine.slab, batch, context)
+    step_s = median_decode_step(engine.runner)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv = batch * context * slab.bytes_per_token
-    decode = runner.describe()
+    kv = batch * context * engine.slab.bytes_per_token
+    decode = engine.runner.describe()
     engine.close()
-    del engine, slab, runner
+    del engine
     _free(model.device)
-    return {"batch": batch, "context": context, "step_ms": 1000 * statistics.median(times[5:]),
+    return {"batch": batch, "context": context, "step_ms": 1000 * step_s,
             "weights_bytes": weights, "kv_bytes": kv, "decode": decode,
             "device_bytes_after_close": torch.cuda.memory_allocated() if model.device.type == "cuda" else 0}
 

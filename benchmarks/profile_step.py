@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.bench import build_preset
+from benchmarks.bench import build_preset, fill_slab, median_decode_step
 from engine.kv_slab import KVSlab
 from engine.model_runner import ModelRunner
 
@@ -32,21 +30,12 @@ def main() -> None:
     for fused in (False, True):
         slab = KVSlab(32, 32, 128, B, C + 64, torch.bfloat16, dev)
         runner = ModelRunner(model, slab, dev, cuda_graphs=True, fused_decode=fused)
-        for i in range(B):
-            slab.add_row(f"m{i}", torch.randn(32, 2, 32, C - 1, 128, dtype=torch.bfloat16, device=dev))
-        ids = [7] * B
-        times = []
-        for _ in range(30):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            runner.decode(ids)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        print(f"{runner.describe()}: graph step {1000 * statistics.median(times[5:]):.2f} ms")
+        fill_slab(slab, B, C)
+        print(f"{runner.describe()}: graph step {1000 * median_decode_step(runner):.2f} ms")
         runner.graphs = None
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
-                runner.decode(ids)
+                runner.decode([7] * B)
             torch.cuda.synchronize()
         events = [e for e in prof.key_averages() if e.device_time_total > 0]
         print(f"  eager profile: {sum(e.count for e in events) / 3:.0f} kernels/step, "

@@ -103,13 +103,17 @@ class KVSlab:
 
     # ---- decode ----------------------------------------------------------------------------
     def prepare_decode(self, max_padding: int | None = None) -> tuple[int, int]:
-        """Make room for one write column; return the window [lo, hi) the step attends to.
-        With `max_padding`, also move the window left to column 0 once more than that many
-        columns of common padding precede it (the CUDA-graph path attends from column 0)."""
+        """Make room for one write column; return the window [lo, hi) the step attends to:
+        from the first column any row uses, or, with `max_padding`, from column 0, moving the rows
+        left once more than that many columns of common padding precede them (the CUDA path: its
+        graphs attend from column 0, and so does its eager step, because attention kernels sum keys
+        in blocks and a window starting elsewhere would round bf16 differently)."""
         self._make_room(need_left=0)
-        if max_padding is not None and self.window_start() > max_padding:
+        if max_padding is None:
+            return self.window_start(), self.write_col + 1
+        if self.window_start() > max_padding:
             self._relocate(max(self.lengths, default=0))
-        return self.window_start(), self.write_col + 1
+        return 0, self.write_col + 1
 
     def advance(self) -> None:
         """After a decode step wrote column w for every live row."""

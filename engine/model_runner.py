@@ -98,14 +98,7 @@ class ModelRunner:
             return self.graphs.decode(ids)
         slab = self.slab
         n = slab.num_rows
-        if self.device.type == "cuda":
-            # The same window as the CUDA-graph path (from column 0, relocated past 64 columns of
-            # common padding): attention kernels sum keys in blocks, and a window that starts
-            # elsewhere groups the same keys differently, which changes bf16 rounding.
-            _, hi = slab.prepare_decode(max_padding=GRAPH_MAX_PADDING)
-            lo = 0
-        else:
-            lo, hi = slab.prepare_decode()
+        lo, hi = slab.prepare_decode(GRAPH_MAX_PADDING if self.device.type == "cuda" else None)
         positions = torch.tensor(slab.lengths, dtype=torch.long, device=self.device)[:, None]  # [n, 1]
         logits = self.forward_decode(torch.tensor(input_ids, dtype=torch.long, device=self.device)[:, None],
                                      positions, slab.decode_mask(lo, hi), n, lo, hi,

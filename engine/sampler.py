@@ -52,9 +52,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seen_ids: list[li
             probs = filtered_logits(logits[i], p).softmax(-1)
             chosen[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
     if chosen.is_cuda:
-        # Wait for the step here, where PyTorch releases the GIL: Tensor.tolist() would wait for
-        # the GPU while holding it, and the service's event loop (same process) could not stream
-        # anything during the whole step.
+        # Wait for the step in a call that releases the GIL for the whole wait, so the service's
+        # event loop (same process) streams meanwhile. tolist() releases it too for most of its
+        # wait (an H200 probe: another thread ran at 78% of its free speed, 90% here); the gRPC
+        # path measured 0.86 of the engine with this line and 0.79-0.83 without, within run spread.
         torch.cuda.current_stream(chosen.device).synchronize()
     return chosen.tolist()
 
