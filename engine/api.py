@@ -1,9 +1,17 @@
-"""The engine thread and the thread-safe facade the service uses.
+"""The thread-safe facade the service holds, and the engine loop behind it in a thread.
 
-Thread boundary: callers (the asyncio event loop) never touch the engine directly. They put
-commands on `_inbox`; the engine thread runs them between steps. Events come back through each
-request's sink, called on the engine thread (the service hops them onto its loop with
-`call_soon_threadsafe`). Preempt-style commands answer through a `concurrent.futures.Future`.
+`EngineHandle` is what the service sees: validation, stream bookkeeping (one sink per open
+request, so a dying engine can end them all) and the limits. Two transports carry its commands
+to the engine loop:
+
+* `EngineClient` (here): the loop runs as a thread of the calling process. Callers put
+  commands on `_inbox`; the engine thread runs them between steps. Events come back through each
+  request's sink, called on the engine thread.
+* `engine.process.EngineProcess`: the loop runs in its own process (what `baton serve` uses), so
+  the server's event loop and the engine never share a GIL.
+
+Either way sinks are called on a thread that is not the caller's (the service hops them onto its
+loop through a Mailbox), and Preempt-style commands answer through a `concurrent.futures.Future`.
 """
 from __future__ import annotations
 
@@ -12,8 +20,8 @@ import enum
 import queue
 import threading
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import structlog
 import torch
@@ -25,7 +33,7 @@ from engine.inputs import GenerateInput, Limits, build_request, encode
 from engine.kv_slab import KVSlab
 from engine.memory import MemoryMonitor
 from engine.model_runner import ModelRunner
-from engine.request import FinishReason, RequestOutput, RequestState
+from engine.request import FinishReason, Request, RequestOutput, RequestState
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerError
 
 log = structlog.get_logger("baton.engine")
@@ -63,6 +71,7 @@ class ModelInfo:
     vocab_size: int
     has_chat_template: bool
     kv_slab_bytes: int
+    decode: str = ""                 # the decode step the runner uses (ModelRunner.describe())
 
 
 @dataclass(frozen=True)
@@ -77,13 +86,22 @@ class EngineStats:
     preemptions: int
     bytes_offloaded: int
     bytes_restored: int
+    seconds_prefill: float = 0.0     # GPU-synchronised time in prefill forwards (CUDA; 0 elsewhere)
+    seconds_decode: float = 0.0      # ... and in decode steps
 
 
-def build_engine(config: EngineConfig) -> tuple[LLMEngine, ModelInfo, object]:
-    """Load the model named by `config` and assemble an engine around it."""
-    device = model_loader.resolve_device(config.device)
-    dtype = model_loader.resolve_dtype(config.dtype, device)
-    hf_model, tokenizer, spec = model_loader.load(config.model, device, dtype)
+Loader = Callable[[], tuple]   # () -> (hf_model, tokenizer, ModelSpec); picklable for EngineProcess
+
+
+def build_engine(config: EngineConfig, loader: Loader | None = None) -> tuple[LLMEngine, ModelInfo, object]:
+    """Load the model named by `config` (or whatever `loader` builds, e.g. a benchmark preset)
+    and assemble an engine around it."""
+    if loader is None:
+        device = model_loader.resolve_device(config.device)
+        dtype = model_loader.resolve_dtype(config.dtype, device)
+        hf_model, tokenizer, spec = model_loader.load(config.model, device, dtype)
+    else:
+        hf_model, tokenizer, spec = loader()
     engine, info = assemble_engine(hf_model, tokenizer, spec, config)
     return engine, info, tokenizer
 
@@ -119,54 +137,91 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
         max_new_tokens_limit=config.max_new_tokens_limit, default_max_new_tokens=config.default_max_new_tokens,
         max_batch_size=num_slots, device=str(device), dtype=str(dtype).removeprefix("torch."),
         vocab_size=spec.vocab_size, has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
-        kv_slab_bytes=slab.total_bytes)
+        kv_slab_bytes=slab.total_bytes, decode=runner.describe())
     return engine, info
 
 
-class EngineClient:
-    """Owns the engine thread. Every public method is safe to call from any thread."""
+# ---- the engine loop's pieces, shared by both transports ------------------------------------------
+@dataclass
+class StepCounts:
+    steps: int = 0
+    step_errors: int = 0
 
-    def __init__(self, config: EngineConfig, prebuilt: tuple[LLMEngine, ModelInfo, object] | None = None) -> None:
-        """Loads the model named by `config`, or wraps `prebuilt` (engine, info, tokenizer),
-        e.g. a benchmark's in-process model."""
+
+def run_step(engine: LLMEngine, counts: StepCounts) -> None:
+    """One engine step. A failing step fails its batch (every row ends with an error) but not the
+    loop; it is counted before the rows' final events go out."""
+    try:
+        engine.step()
+        counts.steps += 1
+    except Exception as exc:  # noqa: BLE001 - one bad step must not kill the service
+        counts.step_errors += 1
+        log.error("engine_step_failed", error=repr(exc), traceback=traceback.format_exc())
+        out_of_memory = isinstance(exc, torch.OutOfMemoryError)
+        if out_of_memory and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # give back what the failed step's temporaries held
+        engine.fail_batch(f"engine step failed: {exc!r}", out_of_memory=out_of_memory)
+
+
+def apply_preempt(engine: LLMEngine, request_id: str, action: PreemptAction, priority: int | None,
+                  owner: str | None) -> RequestState:
+    """Run one Preempt call on the engine's thread; raises SchedulerError (NOT_FOUND, ...)."""
+    request = engine.scheduler.get(request_id)
+    if owner is not None and request.owner != owner:
+        raise SchedulerError("PERMISSION_DENIED", f"request_id {request_id!r} belongs to another caller")
+    if priority is not None:
+        engine.scheduler.set_priority(request_id, priority)
+    if action == PreemptAction.SUSPEND:
+        request = engine.suspend(request_id)
+    elif action == PreemptAction.RESUME:
+        request = engine.resume(request_id)
+    elif action == PreemptAction.CANCEL:
+        request = engine.cancel(request_id)
+    return request.state
+
+
+def cancel_quietly(engine: LLMEngine, request_id: str) -> None:
+    """Abort for a client that went away: unknown or finished ids are ignored."""
+    try:
+        engine.cancel(request_id)
+    except SchedulerError:
+        pass
+
+
+def engine_stats(engine: LLMEngine, counts: StepCounts) -> EngineStats:
+    host = sum(t.numel() * t.element_size() for t in list(engine.host_kv.values()))
+    return EngineStats(
+        rows_on_device=engine.slab.num_rows, rows_parked=len(engine.host_kv),
+        requests_waiting=sum(r.state == RequestState.QUEUED for r in list(engine.scheduler.waiting)),
+        kv_bytes_on_device=engine.slab.used_bytes, kv_bytes_on_host=host,
+        steps=counts.steps, step_errors=counts.step_errors, preemptions=engine.num_parked_total,
+        bytes_offloaded=engine.bytes_offloaded, bytes_restored=engine.bytes_restored,
+        seconds_prefill=engine.seconds_prefill, seconds_decode=engine.seconds_decode)
+
+
+class EngineHandle:
+    """Validation and stream bookkeeping over a transport to the engine loop. Every public method
+    is safe to call from any thread. Transports implement start, stop, alive, abort, preempt,
+    stats and `_post_add`."""
+
+    def __init__(self, config: EngineConfig, info: ModelInfo, tokenizer) -> None:
         self.config = config
-        self.engine, self.info, self._tokenizer = prebuilt or build_engine(config)
-        self.limits = Limits(self.info.max_context_length, config.default_max_new_tokens,
-                             config.max_new_tokens_limit)
-        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.info = info
+        self._tokenizer = tokenizer
+        self.limits = Limits(info.max_context_length, config.default_max_new_tokens, config.max_new_tokens_limit)
         self._lock = threading.Lock()
         self._sinks: dict[str, OutputSink] = {}   # open streams, so a dying engine can end them all
-        self._steps = 0
-        self._step_errors = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="baton-engine", daemon=True)
+        self._stop = threading.Event()              # set by stop(), or when the engine loop is gone
         self.ready = False
-
-    # ---- lifecycle -------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread.start()
-        if self.config.warmup:
-            self.warmup()
-        self.ready = True
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._inbox.put(lambda: None)
-        self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stop.is_set()
 
     def warmup(self) -> None:
         """One short generation through the whole path, so the first user does not pay for it."""
         done = threading.Event()
         self.submit(GenerateInput(request_id="warmup", prompt="Hello", max_new_tokens=2),
                     lambda out: done.set() if out.finished else None)
-        if not done.wait(120):
+        if not done.wait(600):   # the first CUDA step may compile kernels
             raise RuntimeError("engine warm-up did not finish")
 
-    # ---- requests --------------------------------------------------------------------------
     def tokenize(self, prompt: str, messages: tuple[tuple[str, str], ...]) -> tuple[list[int], list[str]]:
         ids = encode(self._tokenizer, prompt, messages)
         return ids, self._tokenizer.convert_ids_to_tokens(ids)
@@ -193,17 +248,62 @@ class EngineClient:
             if len(self._sinks) >= self.config.max_queue + self.info.max_batch_size:
                 raise QueueFull(f"{len(self._sinks)} requests in flight; retry later")
             self._sinks[rid] = counted_sink
-        self._inbox.put(lambda: self.engine.add_request(request, counted_sink))
+        self._post_add(request, counted_sink)
         return rid
+
+    def _end_streams(self, error: str) -> None:
+        """The engine loop is gone: end every open stream as retryable (UNAVAILABLE), never hang one."""
+        with self._lock:
+            self._stop.set()
+            sinks = list(self._sinks.items())
+        for rid, sink in sinks:  # counted sinks: each removes itself from _sinks, then forwards
+            sink(RequestOutput(rid, state=RequestState.FINISHED, finish_reason=FinishReason.ERROR,
+                               error=error, retryable=True))
+
+    # ---- transport -------------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        raise NotImplementedError
+
+    def _post_add(self, request: Request, sink: OutputSink) -> None:
+        raise NotImplementedError
+
+
+class EngineClient(EngineHandle):
+    """The engine loop as a thread of this process (tests, fault injection, debugging)."""
+
+    def __init__(self, config: EngineConfig, prebuilt: tuple[LLMEngine, ModelInfo, object] | None = None) -> None:
+        """Loads the model named by `config`, or wraps `prebuilt` (engine, info, tokenizer),
+        e.g. a benchmark's in-process model."""
+        self.engine, info, tokenizer = prebuilt or build_engine(config)
+        super().__init__(config, info, tokenizer)
+        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._counts = StepCounts()
+        self._thread = threading.Thread(target=self._run, name="baton-engine", daemon=True)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+        if self.config.warmup:
+            self.warmup()
+        self.ready = True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._inbox.put(lambda: None)
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    # ---- requests --------------------------------------------------------------------------
+    def _post_add(self, request: Request, sink: OutputSink) -> None:
+        self._inbox.put(lambda: self.engine.add_request(request, sink))
 
     def abort(self, request_id: str) -> None:
         """Best effort cancel (client went away); unknown or finished ids are ignored."""
-        def cancel() -> None:
-            try:
-                self.engine.cancel(request_id)
-            except SchedulerError:
-                pass
-        self._inbox.put(cancel)
+        self._inbox.put(lambda: cancel_quietly(self.engine, request_id))
 
     def preempt(self, request_id: str, action: PreemptAction, priority: int | None,
                 owner: str | None = None) -> concurrent.futures.Future:
@@ -212,18 +312,7 @@ class EngineClient:
 
         def run() -> None:
             try:
-                request = self.engine.scheduler.get(request_id)
-                if owner is not None and request.owner != owner:
-                    raise SchedulerError("PERMISSION_DENIED", f"request_id {request_id!r} belongs to another caller")
-                if priority is not None:
-                    self.engine.scheduler.set_priority(request_id, priority)
-                if action == PreemptAction.SUSPEND:
-                    request = self.engine.suspend(request_id)
-                elif action == PreemptAction.RESUME:
-                    request = self.engine.resume(request_id)
-                elif action == PreemptAction.CANCEL:
-                    request = self.engine.cancel(request_id)
-                future.set_result(request.state)
+                future.set_result(apply_preempt(self.engine, request_id, action, priority, owner))
             except Exception as exc:  # noqa: BLE001 - handed to the caller
                 future.set_exception(exc)
 
@@ -231,14 +320,7 @@ class EngineClient:
         return future
 
     def stats(self) -> EngineStats:
-        eng = self.engine
-        host = sum(t.numel() * t.element_size() for t in list(eng.host_kv.values()))
-        return EngineStats(
-            rows_on_device=eng.slab.num_rows, rows_parked=len(eng.host_kv),
-            requests_waiting=sum(r.state == RequestState.QUEUED for r in list(eng.scheduler.waiting)),
-            kv_bytes_on_device=eng.slab.used_bytes, kv_bytes_on_host=host,
-            steps=self._steps, step_errors=self._step_errors, preemptions=eng.num_parked_total,
-            bytes_offloaded=eng.bytes_offloaded, bytes_restored=eng.bytes_restored)
+        return engine_stats(self.engine, self._counts)
 
     # ---- the thread ------------------------------------------------------------------------
     def _drain(self, block: bool) -> None:
@@ -260,12 +342,7 @@ class EngineClient:
             log.critical("engine_thread_died", error=repr(exc), traceback=traceback.format_exc())
             raise
         finally:
-            with self._lock:
-                self._stop.set()
-                sinks = list(self._sinks.items())
-            for rid, sink in sinks:  # counted sinks: each removes itself from _sinks, then forwards
-                sink(RequestOutput(rid, state=RequestState.FINISHED, finish_reason=FinishReason.ERROR,
-                                   error="engine stopped", retryable=True))
+            self._end_streams("engine stopped")
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
@@ -273,14 +350,4 @@ class EngineClient:
             self._drain(block=not self.engine.has_work())
             if self._stop.is_set() or not self.engine.has_work():
                 continue
-            try:
-                self.engine.step()
-                self._steps += 1
-            except Exception as exc:  # noqa: BLE001 - one bad step must not kill the service
-                self._step_errors += 1
-                log.error("engine_step_failed", error=repr(exc), traceback=traceback.format_exc())
-                out_of_memory = isinstance(exc, torch.OutOfMemoryError)
-                if out_of_memory and torch.cuda.is_available():
-                    torch.cuda.empty_cache()  # give back what the failed step's temporaries held
-                self.engine.fail_batch(f"engine step failed: {exc!r}", out_of_memory=out_of_memory)
-
+            run_step(self.engine, self._counts)

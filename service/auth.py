@@ -53,7 +53,7 @@ def request_owner() -> str:
 
 
 def preempt_owner() -> str | None:
-    """`owner` for EngineClient.preempt: None (no check) for admins and when auth is off."""
+    """`owner` for EngineHandle.preempt: None (no check) for admins and when auth is off."""
     caller = CALLER.get()
     return None if caller is None or caller.admin else caller.name
 

@@ -62,6 +62,9 @@ def _serve_parser(sub) -> None:
                    help="log prompt text (debugging only) [env BATON_LOG_PROMPTS]")
     p.add_argument("--no-warmup", action="store_true", default=_env("no-warmup", False),
                    help="skip the warm-up generation [env BATON_NO_WARMUP]")
+    p.add_argument("--engine-in-thread", action="store_true", default=_env("engine-in-thread", False),
+                   help="run the engine loop as a thread of the server process, not in its own process "
+                        "(debugging; it then shares the GIL with gRPC) [env BATON_ENGINE_IN_THREAD]")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -85,7 +88,8 @@ def serve(args: argparse.Namespace) -> int:
             host=args.host, port=args.port, metrics_port=args.metrics_port, grace_seconds=args.grace_seconds,
             log_prompts=args.log_prompts, max_message_bytes=args.max_message_bytes,
             max_concurrent_streams=args.max_concurrent_streams, tls_cert=args.tls_cert, tls_key=args.tls_key,
-            tls_client_ca=args.tls_client_ca, auth_tokens_file=args.auth_tokens_file)
+            tls_client_ca=args.tls_client_ca, auth_tokens_file=args.auth_tokens_file,
+            engine_in_thread=args.engine_in_thread, log_level=args.log_level)
         for path in (args.tls_cert, args.tls_key, args.tls_client_ca, args.auth_tokens_file):
             if path and not os.path.isfile(path):
                 raise ValueError(f"no such file: {path}")

@@ -1,7 +1,7 @@
 """Prometheus metrics (prefix `baton_`), served over HTTP at /metrics when --metrics-port is set.
 
 Request-level series are updated by the servicer; engine series are read from
-`EngineClient.stats()` at scrape time by a custom collector, so the engine loop does no
+`EngineHandle.stats()` at scrape time by a custom collector, so the engine loop does no
 metrics work per step. docs/deployment.md lists every series and what it means.
 
 Servicer call protocol, per Generate call:

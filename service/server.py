@@ -1,14 +1,17 @@
 """Builds and runs the grpc.aio server: GenerationService, health, reflection, metrics.
 
+The engine loop runs in its own process (engine.process.EngineProcess), so this process's event
+loop only does I/O; `engine_in_thread` runs it as a thread here instead (debugging, fault tests).
 The port is bound before the model loads: health reports NOT_SERVING until the engine has
-loaded and warmed up, then SERVING; if the engine thread dies it goes back to NOT_SERVING.
+loaded and warmed up, then SERVING; if the engine dies it goes back to NOT_SERVING.
 SIGTERM/SIGINT: stop accepting, let streams finish within the grace period, then cancel them.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
 import signal
-import sys
 from dataclasses import dataclass
 
 import grpc
@@ -17,9 +20,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from baton.v1 import baton_pb2, baton_pb2_grpc
-from engine.api import EngineClient
+from engine.api import EngineClient, EngineHandle
 from engine.config import EngineConfig
-from service import auth
+from engine.process import EngineProcess
+from service import auth, logs
 from service.metrics import Metrics
 from service.servicer import GenerationServicer
 
@@ -40,10 +44,10 @@ class ServerConfig:
     tls_key: str | None = None         # PEM private key
     tls_client_ca: str | None = None   # PEM CA bundle: require client certificates signed by it (mTLS)
     auth_tokens_file: str | None = None  # `token caller_name [admin]` lines: require a bearer token
-    # The engine thread and the gRPC event loop share this process's GIL; None keeps Python's
-    # switch interval (5 ms). Measured on an H200 (docs/benchmarks.md): 0.5 ms made the gRPC path
-    # slower (2,518 vs 2,697 tok/s), so the default stays.
-    gil_switch_interval_s: float | None = None
+    # Run the engine loop as a thread of this process instead of its own process. It then shares
+    # the GIL with the event loop: 14-17% slower under load on an H200 (docs/benchmarks.md).
+    engine_in_thread: bool = False
+    log_level: str = "info"            # also configures the engine process's logs
 
     def __post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -58,7 +62,7 @@ class ServerConfig:
 
 class BatonServer:
     def __init__(self, config: ServerConfig, engine_config: EngineConfig,
-                 engine: EngineClient | None = None) -> None:
+                 engine: EngineHandle | None = None) -> None:
         self.config = config
         self.engine_config = engine_config
         self.metrics = Metrics()
@@ -94,7 +98,7 @@ class BatonServer:
             self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"could not bind {config.host}:{config.port}")
-        self.engine: EngineClient | None = engine   # prebuilt (benchmarks); else loaded in start()
+        self.engine: EngineHandle | None = engine   # prebuilt (tests, benchmarks); else started in start()
         self._stopped = asyncio.Event()
 
     async def _set_health(self, serving: bool) -> None:
@@ -103,16 +107,17 @@ class BatonServer:
             await _maybe_await(self.health.set(name, status))
 
     async def start(self) -> None:
-        if self.config.gil_switch_interval_s is not None:
-            sys.setswitchinterval(self.config.gil_switch_interval_s)
         await self._set_health(False)
         await self.server.start()
         log.info("listening", host=self.config.host, port=self.port)
         if self.config.metrics_port is not None:
             self.metrics.serve(self.config.host, self.config.metrics_port)
             log.info("metrics_listening", port=self.config.metrics_port)
-        if self.engine is None:
+        if self.engine is None and self.config.engine_in_thread:
             self.engine = await asyncio.to_thread(EngineClient, self.engine_config)
+        elif self.engine is None:
+            setup = functools.partial(logs.configure, self.config.log_level)
+            self.engine = await asyncio.to_thread(EngineProcess, self.engine_config, setup=setup)
         await asyncio.to_thread(self.engine.start)
         self.servicer.engine = self.engine
         self.metrics.watch_engine(self.engine)
@@ -120,14 +125,14 @@ class BatonServer:
         log.info("engine_ready", model=info.model_name, device=info.device, dtype=info.dtype,
                  max_batch_size=info.max_batch_size, max_context=info.max_context_length,
                  kv_slab_bytes=info.kv_slab_bytes, host_kv_budget_bytes=self.engine_config.host_kv_budget_bytes,
-                 decode=self.engine.engine.runner.describe())
+                 decode=info.decode, engine_pid=getattr(self.engine, "pid", None) or os.getpid())
         await self._set_health(True)
         asyncio.get_running_loop().create_task(self._watch_engine())
 
     async def _watch_engine(self) -> None:
         while not self._stopped.is_set():
             if self.engine is not None and not self.engine.alive:
-                log.error("engine_thread_died")
+                log.error("engine_died")
                 await self._set_health(False)
                 return
             await asyncio.sleep(0.5)

@@ -17,7 +17,7 @@ import structlog
 
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc as pb_grpc
-from engine.api import DuplicateRequest, EngineClient, EngineUnavailable, QueueFull
+from engine.api import DuplicateRequest, EngineHandle, EngineUnavailable, QueueFull
 from engine.inputs import InvalidInput
 from engine.request import FinishReason, RequestOutput
 from engine.scheduler import SchedulerError
@@ -60,7 +60,7 @@ def _batches(outs: list[RequestOutput]) -> list[RequestOutput]:
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def __init__(self, metrics: Metrics, log_prompts: bool = False) -> None:
-        self.engine: EngineClient | None = None   # set once the model is loaded
+        self.engine: EngineHandle | None = None   # set once the model is loaded
         self.metrics = metrics
         self.log_prompts = log_prompts
         self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = weakref.WeakKeyDictionary()
@@ -71,7 +71,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             mailbox = self._mailboxes[loop] = Mailbox(loop)
         return mailbox
 
-    async def _engine(self, context: grpc.aio.ServicerContext) -> EngineClient:
+    async def _engine(self, context: grpc.aio.ServicerContext) -> EngineHandle:
         if self.engine is None or not self.engine.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "model is still loading")
         if not self.engine.alive:
@@ -155,6 +155,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                                                              owner=auth.preempt_owner()))
         except SchedulerError as exc:
             await context.abort(_CODES.get(exc.code, grpc.StatusCode.FAILED_PRECONDITION), _details(exc))
+        except EngineUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         log.info("preempt", request_id=request.request_id, action=action.name, priority=priority, state=state.name)
         return pb.PreemptResponse(request_id=request.request_id, state=convert.state_to_pb(state))
 
