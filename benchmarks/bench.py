@@ -42,6 +42,27 @@ def build_preset(name: str, device: torch.device, dtype: torch.dtype, **override
     return model.eval()
 
 
+def load_model(preset: str | None, model: str | None, tokenizer_folder: str | None, device: torch.device,
+               dtype: torch.dtype):
+    """-> (model, tokenizer, spec): a preset with random weights, or a local/built-in model. Module
+    level, so functools.partial of it can be sent to an engine process (run_grpc). On the "meta"
+    device a preset costs nothing: for its spec alone."""
+    from engine import model_loader
+    if not preset:
+        return model_loader.load(model, device, dtype)
+    from transformers import AutoTokenizer
+    if tokenizer_folder:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
+    else:
+        folder, gguf = model_loader.builtin_model_path()
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, local_files_only=True)
+    # The vocabulary must cover the tokenizer's ids (the gRPC path sends text): 49,152 for the
+    # built-in tokenizer instead of Llama-2's 32,000 (+0.28 GB of weights, counted in the floor).
+    hf_model = build_preset(preset, device, dtype, vocab_size=max(PRESETS[preset]["vocab_size"], len(tokenizer)))
+    spec = model_loader.spec_of(hf_model, tokenizer, preset)
+    return hf_model, tokenizer, type(spec)(**{**spec.__dict__, "eos_token_ids": ()})
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -164,11 +185,13 @@ def summarize(records: dict, wall: float, step_times: list[float], slo: tuple[fl
     return out
 
 
-# ---- the full gRPC path: server in this process, clients streaming over loopback from another ---
-def run_grpc(model, tokenizer, spec, reqs: list[BenchRequest], *, max_batch: int, max_seq_len: int,
-             fused: bool | None = None, gil_switch_interval_s: float | None = None) -> dict:
-    """The server (and engine thread) run here on the in-process model; the client streams run in a
-    child process (benchmarks.grpc_load), so they do not compete with the server for this GIL."""
+# ---- the full gRPC path: the server here, clients streaming over loopback from another process ---
+def run_grpc(reqs: list[BenchRequest], *, load, transport: str, max_batch: int, max_seq_len: int,
+             fused: bool | None = None) -> dict:
+    """`transport` "process": the engine loop in its own process, as `baton serve` runs it (`load`,
+    a picklable () -> (model, tokenizer, spec), builds the model there); "thread": the engine loop
+    as a thread of this process on `load()`'s model (`baton serve --engine-in-thread`). The client
+    streams run in a child process (benchmarks.grpc_load), so they compete with neither."""
     import asyncio
     import os
     import subprocess
@@ -177,30 +200,38 @@ def run_grpc(model, tokenizer, spec, reqs: list[BenchRequest], *, max_batch: int
 
     from engine.api import EngineClient, assemble_engine
     from engine.config import EngineConfig
+    from engine.process import EngineProcess
     from service.server import BatonServer, ServerConfig
 
     config = EngineConfig(max_batch_size=max_batch, max_seq_len=max_seq_len, warmup=True, max_prefill_tokens=32768,
                           aging_seconds=0, max_new_tokens_limit=max_seq_len, fused_decode=fused)
-    engine, info = assemble_engine(model, tokenizer, spec, config)
-    client = EngineClient(config, prebuilt=(engine, info, tokenizer))
+    engine = None
+    if transport == "thread":
+        model, tokenizer, spec = load()
+        engine, info = assemble_engine(model, tokenizer, spec, config)
+        client = EngineClient(config, prebuilt=(engine, info, tokenizer))
+    else:
+        client = EngineProcess(config, loader=load)
     server_loop = asyncio.new_event_loop()
     ready = threading.Event()
     holder = {}
 
     async def start() -> None:
         # grpc.aio objects belong to the loop they are made on: build the server inside it
-        extra = {} if gil_switch_interval_s is None else {"gil_switch_interval_s": gil_switch_interval_s}
-        holder["server"] = BatonServer(ServerConfig(port=0, max_message_bytes=64 << 20, **extra), config, engine=client)
+        holder["server"] = BatonServer(ServerConfig(port=0, max_message_bytes=64 << 20), config, engine=client)
         await holder["server"].start()
 
     def serve() -> None:
         asyncio.set_event_loop(server_loop)
-        server_loop.run_until_complete(start())
-        ready.set()
+        try:
+            server_loop.run_until_complete(start())
+        finally:
+            ready.set()
         server_loop.run_forever()
 
     threading.Thread(target=serve, daemon=True).start()
-    if not ready.wait(600):
+    if not ready.wait(1800) or "server" not in holder or not client.ready:
+        client.stop()
         raise RuntimeError("gRPC server did not start")
     server = holder["server"]
     root = Path(__file__).resolve().parent.parent
@@ -208,7 +239,7 @@ def run_grpc(model, tokenizer, spec, reqs: list[BenchRequest], *, max_batch: int
     # `baton.v1` lives in clients/python (the editable install maps it there; say so explicitly)
     env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "clients" / "python"),
                                          *filter(None, [env.get("PYTHONPATH")])])
-    before = (engine.seconds_prefill, engine.seconds_decode, client.stats().steps)
+    before = _idle_stats(client)
     try:
         with tempfile.TemporaryDirectory(prefix="baton-grpc-load-") as tmp:
             workload, out = Path(tmp) / "workload.json", Path(tmp) / "records.json"
@@ -219,21 +250,38 @@ def run_grpc(model, tokenizer, spec, reqs: list[BenchRequest], *, max_batch: int
             if code != 0:
                 raise RuntimeError(f"gRPC load client exited with {code}")
             result = json.loads(out.read_text())
-        # where the engine thread's time went meanwhile (GPU-synchronised, as in run_engine)
-        engine_side = {"seconds_prefill": engine.seconds_prefill - before[0],
-                       "seconds_decode": engine.seconds_decode - before[1],
-                       "engine_steps": client.stats().steps - before[2],
-                       "gil_switch_interval_s": sys.getswitchinterval()}
+        # where the engine loop's time went meanwhile (GPU-synchronised, as in run_engine)
+        after = _idle_stats(client)
+        engine_side = {"seconds_prefill": after.seconds_prefill - before.seconds_prefill,
+                       "seconds_decode": after.seconds_decode - before.seconds_decode,
+                       "seconds_idle": after.seconds_idle - before.seconds_idle,
+                       "engine_steps": after.steps - before.steps}
     finally:
-        asyncio.run_coroutine_threadsafe(server.stop(), server_loop).result(60)
+        asyncio.run_coroutine_threadsafe(server.stop(), server_loop).result(120)
         server_loop.call_soon_threadsafe(server_loop.stop)
-        engine.close()
-        _free(model.device)
+        if engine is not None:
+            engine.close()
+            _free(engine.runner.device)
     records = {int(i): rec for i, rec in result["records"].items()}
     unfinished = [i for i in range(len(reqs)) if i not in records or "done" not in records[i]]
     if unfinished:
         raise RuntimeError(f"{len(unfinished)} gRPC streams did not finish: {unfinished[:10]}")
-    return {**summarize(records, result["wall_s"], []), "client": "separate process", **engine_side}
+    server_ttft = [r["server_ttft"] for r in records.values()]
+    server_queued = [r["server_queued"] for r in records.values()]
+    return {**summarize(records, result["wall_s"], []), "client": "separate process",
+            "engine_loop": transport, **engine_side,
+            "server_ttft_p50_s": pct(server_ttft, 50), "server_ttft_p99_s": pct(server_ttft, 99),
+            "server_queued_p50_s": pct(server_queued, 50), "server_queued_p99_s": pct(server_queued, 99)}
+
+
+def _idle_stats(client):
+    """The engine's stats once it has gone idle (an engine process reports them as it does)."""
+    deadline = time.monotonic() + 5
+    stats = client.stats()
+    while (stats.rows_on_device or stats.requests_waiting) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        stats = client.stats()
+    return stats
 
 
 # ---- peers ---------------------------------------------------------------------------------------
@@ -398,8 +446,9 @@ def _per_stage(args, argv: list[str], runs: list[str]) -> int:
         if code != 0:
             merged[f"{stage}_exit_code"] = code
         merged["command"] = "python -m benchmarks.bench " + " ".join(argv)
-        if "grpc" in merged and "engine" in merged:
-            merged["grpc_over_engine"] = merged["grpc"]["tok_per_s"] / merged["engine"]["tok_per_s"]
+        for key in ("grpc", "grpc_thread"):
+            if key in merged and "engine" in merged:
+                merged[f"{key}_over_engine"] = merged[key]["tok_per_s"] / merged["engine"]["tok_per_s"]
         for peer in ("hf_static", "hf_cb", "engine_eager"):
             if peer in merged and "engine" in merged and "tok_per_s" in merged[peer]:
                 merged[f"engine_over_{peer}"] = merged["engine"]["tok_per_s"] / merged[peer]["tok_per_s"]
@@ -412,8 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="random-weight model built in-process")
     p.add_argument("--model", default=None, help="local HF folder (default: the built-in SmolLM2 when no preset)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder for presets (default: the built-in one)")
-    p.add_argument("--runs", default="engine,hf-static", help="comma list: engine, engine-eager, hf-static, hf-cb, "
-                   "floor, w2, w3")
+    p.add_argument("--runs", default="engine,hf-static", help="comma list: engine, engine-eager, grpc (engine "
+                   "process, as served), grpc-thread (engine thread in the server), hf-static, hf-cb, floor, w2, w3, "
+                   "w3-low")
     p.add_argument("--requests", type=int, default=128)
     p.add_argument("--max-output", type=int, default=512)
     p.add_argument("--max-batch-size", type=int, default=64)
@@ -435,24 +485,17 @@ def main(argv: list[str] | None = None) -> int:
     if len(runs) > 1 and torch.cuda.is_available() and not args.same_process:
         return _per_stage(args, argv, runs)
 
+    import functools
+
     from engine import model_loader
     device = model_loader.resolve_device("auto")
     dtype = model_loader.resolve_dtype(args.dtype, device)
-    if args.preset:
-        from transformers import AutoTokenizer
-        if args.tokenizer:
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
-        else:
-            folder, gguf = model_loader.builtin_model_path()
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, local_files_only=True)
-        # The vocabulary must cover the tokenizer's ids (the gRPC path sends text): 49,152 for the
-        # built-in tokenizer instead of Llama-2's 32,000 (+0.28 GB of weights, counted in the floor).
-        model = build_preset(args.preset, device, dtype,
-                             vocab_size=max(PRESETS[args.preset]["vocab_size"], len(tokenizer)))
-        spec = model_loader.spec_of(model, tokenizer, args.preset)
-        spec = type(spec)(**{**spec.__dict__, "eos_token_ids": ()})
+    load = functools.partial(load_model, args.preset, args.model, args.tokenizer, device, dtype)
+    if args.preset and set(runs) <= {"grpc"}:
+        # only the engine process needs the weights: build none here (it would halve its memory)
+        model, tokenizer, spec = load_model(args.preset, None, args.tokenizer, torch.device("meta"), dtype)
     else:
-        model, tokenizer, spec = model_loader.load(args.model, device, dtype)
+        model, tokenizer, spec = load()
     vocab = min(spec.vocab_size, len(tokenizer))
     reqs = workloads.with_text(workloads.w1(args.requests, vocab=vocab, output=(16, args.max_output)), tokenizer)
     max_seq = max(len(r.prompt_ids) + r.max_new_tokens for r in reqs) + 8
@@ -514,12 +557,13 @@ def main(argv: list[str] | None = None) -> int:
             result["engine_w3_low_only"] = run_engine(model, tokenizer, spec, low_only, cuda_graphs=True,
                                                       label="w3-low", max_batch=args.max_batch_size, max_seq_len=max3, fused=fused)
     save()
-    if "grpc-gil0.5ms" in runs:  # the same with a 0.5 ms GIL switch interval (Python's is 5 ms), for comparison
-        result["grpc_gil0.5ms"] = run_grpc(model, tokenizer, spec, reqs, gil_switch_interval_s=0.0005, **common)
-    if "grpc" in runs:
-        result["grpc"] = run_grpc(model, tokenizer, spec, reqs, **common)
-        if "engine" in result:
-            result["grpc_over_engine"] = result["grpc"]["tok_per_s"] / result["engine"]["tok_per_s"]
+    if "grpc-thread" in runs:   # the engine loop as a thread of the server (it shares the GIL)
+        result["grpc_thread"] = run_grpc(reqs, load=lambda: (model, tokenizer, spec), transport="thread", **common)
+    if "grpc" in runs:          # the engine loop in its own process, as `baton serve` runs it
+        result["grpc"] = run_grpc(reqs, load=load, transport="process", **common)
+    for key in ("grpc", "grpc_thread"):
+        if key in result and "engine" in result:
+            result[f"{key}_over_engine"] = result[key]["tok_per_s"] / result["engine"]["tok_per_s"]
     save()
     if "hf-static" in runs:
         result["hf_static"] = run_hf_static(model, reqs)

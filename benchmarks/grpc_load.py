@@ -4,7 +4,8 @@ server's and the engine thread's GIL).
   python -m benchmarks.grpc_load --port P --workload IN.json --out OUT.json
 IN.json: a list of {text, max_new_tokens, arrival_s, priority}. One asyncio task per request over
 one grpc.aio channel: sleep until its arrival, stream Generate (ignore_eos), record the arrival
-time, each token's receive time, and completion_tokens and the time the stream finished.
+time, each token's receive time, completion_tokens, the time the stream finished and the
+server's own TTFT and queue time from the final message's stats.
 OUT.json: {"wall_s": ..., "records": {index: {arrival, times, priority, done, tokens}}} (times on
 this process's monotonic clock; only differences are meaningful). Exits non-zero if any stream
 fails.
@@ -40,6 +41,9 @@ async def run(target: str, reqs: list[dict], bar) -> tuple[dict[int, dict], floa
                 bar.update(len(resp.token_ids))
             if resp.finish_reason:
                 rec["done"], rec["tokens"] = time.monotonic(), resp.usage.completion_tokens
+                # the server's view: from its submit of the request to the engine's first token
+                rec["server_ttft"] = resp.stats.time_to_first_token_seconds
+                rec["server_queued"] = resp.stats.queued_seconds
 
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)

@@ -16,9 +16,11 @@ loop through a Mailbox), and Preempt-style commands answer through a `concurrent
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import enum
 import queue
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,6 +90,15 @@ class EngineStats:
     bytes_restored: int
     seconds_prefill: float = 0.0     # GPU-synchronised time in prefill forwards (CUDA; 0 elsewhere)
     seconds_decode: float = 0.0      # ... and in decode steps
+    seconds_idle: float = 0.0        # the engine loop waiting for work (finished waits, see `settled`)
+    waiting_since: float | None = None   # monotonic time the current wait began; None while busy
+
+    def settled(self, now: float) -> EngineStats:
+        """These stats with the wait in progress counted as idle up to `now`."""
+        if self.waiting_since is None:
+            return self
+        return dataclasses.replace(self, seconds_idle=self.seconds_idle + max(0.0, now - self.waiting_since),
+                                   waiting_since=None)
 
 
 Loader = Callable[[], tuple]   # () -> (hf_model, tokenizer, ModelSpec); picklable for EngineProcess
@@ -146,6 +157,15 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
 class StepCounts:
     steps: int = 0
     step_errors: int = 0
+    seconds_idle: float = 0.0        # blocked waiting for a command with nothing to run (finished waits)
+    waiting_since: float | None = None   # the wait in progress
+
+    def wait_begins(self) -> None:
+        self.waiting_since = time.monotonic()
+
+    def wait_ends(self) -> None:
+        self.seconds_idle += time.monotonic() - self.waiting_since
+        self.waiting_since = None
 
 
 def run_step(engine: LLMEngine, counts: StepCounts) -> None:
@@ -196,7 +216,8 @@ def engine_stats(engine: LLMEngine, counts: StepCounts) -> EngineStats:
         kv_bytes_on_device=engine.slab.used_bytes, kv_bytes_on_host=host,
         steps=counts.steps, step_errors=counts.step_errors, preemptions=engine.num_parked_total,
         bytes_offloaded=engine.bytes_offloaded, bytes_restored=engine.bytes_restored,
-        seconds_prefill=engine.seconds_prefill, seconds_decode=engine.seconds_decode)
+        seconds_prefill=engine.seconds_prefill, seconds_decode=engine.seconds_decode,
+        seconds_idle=counts.seconds_idle, waiting_since=counts.waiting_since)
 
 
 class EngineHandle:
@@ -320,12 +341,19 @@ class EngineClient(EngineHandle):
         return future
 
     def stats(self) -> EngineStats:
-        return engine_stats(self.engine, self._counts)
+        return engine_stats(self.engine, self._counts).settled(time.monotonic())
 
     # ---- the thread ------------------------------------------------------------------------
     def _drain(self, block: bool) -> None:
         try:
-            command = self._inbox.get(block=block)
+            if block:
+                self._counts.wait_begins()
+                try:
+                    command = self._inbox.get()
+                finally:
+                    self._counts.wait_ends()
+            else:
+                command = self._inbox.get_nowait()
             while True:
                 try:
                     command()

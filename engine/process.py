@@ -121,9 +121,11 @@ class _Worker:
     def drain(self, block: bool) -> bool:
         """Run the commands that came in (waiting for one when `block`). -> False to stop."""
         if block:
+            self.counts.wait_begins()
             self.flush(with_stats=True)   # going idle: the server's gauges show the idle state
-        timeout = None if block else 0
-        while self.commands.poll(timeout):
+            self.commands.poll(None)
+            self.counts.wait_ends()
+        while self.commands.poll(0):
             message = self.commands.recv()   # EOFError: the server is gone
             if message[0] == "stop":
                 return False
@@ -131,7 +133,6 @@ class _Worker:
                 self.handle(message)
             except Exception as exc:  # noqa: BLE001 - a bad command must not kill the loop
                 log.error("engine_command_failed", error=repr(exc), traceback=traceback.format_exc())
-            timeout = 0
         return True
 
     def handle(self, message: tuple) -> None:
@@ -194,7 +195,7 @@ class EngineProcess(EngineHandle):
             raise RuntimeError(f"engine failed to start: {first[1]}")
         _, info, tokenizer = first
         super().__init__(config, info, tokenizer)
-        self._stats = EngineStats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        self._stats = EngineStats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0)   # until the first report
         self._calls: dict[int, concurrent.futures.Future] = {}
         self._call_ids = itertools.count()
         self._outgoing: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
@@ -260,7 +261,7 @@ class EngineProcess(EngineHandle):
 
     def stats(self) -> EngineStats:
         """The engine's latest report (at most 0.25 s old while busy; exact when idle)."""
-        return self._stats
+        return self._stats.settled(time.monotonic())
 
     # ---- the threads -----------------------------------------------------------------------
     def _write(self) -> None:

@@ -120,6 +120,8 @@ _ENGINE_COUNTERS = (
     ("baton_kv_restore_bytes", "K/V bytes copied host to device", "bytes_restored"),
     ("baton_engine_steps", "Engine steps run", "steps"),
     ("baton_engine_step_errors", "Engine steps that raised", "step_errors"),
+    ("baton_engine_idle_seconds", "Time the engine loop waited with nothing to run (busy share: "
+                                  "1 - rate of this)", "seconds_idle"),
 )
 
 

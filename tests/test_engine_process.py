@@ -137,6 +137,8 @@ def test_process_transport_outputs_equal_the_thread_transport(tiny_model_dir):
             time.sleep(0.05)
         stats = process.stats()
         assert stats.rows_on_device == 0 and stats.steps > 0 and stats.kv_bytes_on_host == 0
+        time.sleep(0.3)   # idle time counts while the wait is still going on
+        assert process.stats().seconds_idle - stats.seconds_idle >= 0.25
     finally:
         process.stop()
     assert all(reason == FinishReason.LENGTH for _, reason in expected.values())
