@@ -81,7 +81,7 @@ def serve_engine(commands, events, config: EngineConfig, loader: Loader | None,
     try:
         engine, info, tokenizer = build_engine(config, loader)
     except BaseException as exc:  # noqa: BLE001 - reported to the server, which raises it
-        log.error("engine_start_failed", error=repr(exc), traceback=traceback.format_exc())
+        log.error("engine_load_failed", error=repr(exc), traceback=traceback.format_exc())
         events.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
     events.send(("ready", info, tokenizer))

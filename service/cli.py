@@ -99,8 +99,7 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"baton serve: error: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(run_server(server_config, engine_config))
-    return 0
+    return asyncio.run(run_server(server_config, engine_config))
 
 
 def build_parser() -> argparse.ArgumentParser:

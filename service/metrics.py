@@ -152,7 +152,7 @@ class _EngineCollector:
             if stats is not None:
                 family.add_metric([], getattr(stats, field))
             yield family
-        alive = GaugeMetricFamily("baton_engine_alive", "1 while the engine thread runs, else 0")
+        alive = GaugeMetricFamily("baton_engine_alive", "1 while the engine loop runs, else 0")
         info = InfoMetricFamily("baton_model", "The served model")
         slab = GaugeMetricFamily("baton_kv_slab_bytes", "Size of the preallocated K/V slab on the device")
         batch = GaugeMetricFamily("baton_max_batch_size", "Rows in the decode batch at most")

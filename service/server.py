@@ -157,7 +157,8 @@ async def _maybe_await(value) -> None:
         await value
 
 
-async def serve(config: ServerConfig, engine_config: EngineConfig) -> None:
+async def serve(config: ServerConfig, engine_config: EngineConfig) -> int:
+    """Run until SIGTERM/SIGINT. -> exit status: 0, or 1 when the engine could not start."""
     server = BatonServer(config, engine_config)
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task] = []
@@ -168,7 +169,13 @@ async def serve(config: ServerConfig, engine_config: EngineConfig) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    await server.start()
+    try:
+        await server.start()
+    except Exception as exc:  # noqa: BLE001 - e.g. the model cannot load: say why, exit 1
+        log.critical("engine_start_failed", error=str(exc))
+        await server.stop()
+        return 1
     await server.wait()
-    if stopping:   # let stop() finish (engine thread joined, `stopped` logged) before the loop closes
+    if stopping:   # let stop() finish (engine joined, `stopped` logged) before the loop closes
         await stopping[0]
+    return 0

@@ -7,13 +7,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import grpc
 import pytest
 from baton_client import BatonClient, GenerationOptions
-from conftest import start_server
+from conftest import REPO, start_server
 
 from baton.v1 import baton_pb2 as pb
 from engine.api import EngineClient, EngineUnavailable, PreemptAction
@@ -91,6 +93,12 @@ def test_engine_process_reports_a_failed_start(tmp_path):
     (tmp_path / "config.json").write_text("{}")   # a folder that is not a model
     with pytest.raises(RuntimeError, match="engine failed to start"):
         EngineProcess(EngineConfig(model=str(tmp_path), device="cpu", warmup=False))
+    # the server says so in its log and exits 1 (not a traceback, not a hang)
+    done = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--port", "0", "--model", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    failed = [json.loads(line) for line in done.stderr.splitlines() if '"engine_start_failed"' in line]
+    assert failed and "engine failed to start" in failed[0]["error"]
 
 
 def _run_all(engine, prompts: list[str], preempt_id: str | None = None) -> dict[str, tuple[list[int], str]]:
