@@ -187,7 +187,7 @@ def summarize(records: dict, wall: float, step_times: list[float], slo: tuple[fl
 
 # ---- the full gRPC path: the server here, clients streaming over loopback from another process ---
 def run_grpc(reqs: list[BenchRequest], *, load, transport: str, max_batch: int, max_seq_len: int,
-             fused: bool | None = None) -> dict:
+             fused: bool | None = None, slo: tuple[float, float] | None = None) -> dict:
     """`transport` "process": the engine loop in its own process, as `baton serve` runs it (`load`,
     a picklable () -> (model, tokenizer, spec), builds the model there); "thread": the engine loop
     as a thread of this process on `load()`'s model (`baton serve --engine-in-thread`). The client
@@ -268,7 +268,7 @@ def run_grpc(reqs: list[BenchRequest], *, load, transport: str, max_batch: int, 
         raise RuntimeError(f"{len(unfinished)} gRPC streams did not finish: {unfinished[:10]}")
     server_ttft = [r["server_ttft"] for r in records.values()]
     server_queued = [r["server_queued"] for r in records.values()]
-    return {**summarize(records, result["wall_s"], []), "client": "separate process",
+    return {**summarize(records, result["wall_s"], [], slo), "client": "separate process",
             "engine_loop": transport, **engine_side,
             "server_ttft_p50_s": pct(server_ttft, 50), "server_ttft_p99_s": pct(server_ttft, 99),
             "server_queued_p50_s": pct(server_queued, 50), "server_queued_p99_s": pct(server_queued, 99)}
@@ -427,8 +427,8 @@ def _per_stage(args, argv: list[str], runs: list[str]) -> int:
             (i == 0 or argv[i - 1] not in ("--runs", "--name", "--rates"))]
     stages: list[tuple[str, list[str]]] = []
     for run in runs:
-        if run == "w2":  # W2 builds one engine per rate: each rate in a fresh process too
-            stages += [(f"w2-rate{rate.strip()}", ["--runs", "w2", "--rates", rate.strip()])
+        if run in ("w2", "grpc-w2"):  # one engine per rate: each rate in a fresh process too
+            stages += [(f"{run}-rate{rate.strip()}", ["--runs", run, "--rates", rate.strip()])
                        for rate in args.rates.split(",")]
         elif run == "floor":  # one engine per step variant too: a closed engine's memory lingers
             stages += [(f"floor-{v.replace(':', '-')}", ["--runs", "floor", "--floor-variant", v]) for v in FLOOR_VARIANTS]
@@ -462,8 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="local HF folder (default: the built-in SmolLM2 when no preset)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder for presets (default: the built-in one)")
     p.add_argument("--runs", default="engine,hf-static", help="comma list: engine, engine-eager, grpc (engine "
-                   "process, as served), grpc-thread (engine thread in the server), hf-static, hf-cb, floor, w2, w3, "
-                   "w3-low")
+                   "process, as served), grpc-thread (engine thread in the server), grpc-w2 (W2 through gRPC), hf-static, "
+                   "hf-cb, floor, w2, w3, w3-low")
     p.add_argument("--requests", type=int, default=128)
     p.add_argument("--max-output", type=int, default=512)
     p.add_argument("--max-batch-size", type=int, default=64)
@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     device = model_loader.resolve_device("auto")
     dtype = model_loader.resolve_dtype(args.dtype, device)
     load = functools.partial(load_model, args.preset, args.model, args.tokenizer, device, dtype)
-    if args.preset and set(runs) <= {"grpc"}:
+    if args.preset and set(runs) <= {"grpc", "grpc-w2"}:
         # only the engine process needs the weights: build none here (it would halve its memory)
         model, tokenizer, spec = load_model(args.preset, None, args.tokenizer, torch.device("meta"), dtype)
     else:
@@ -536,7 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     save()
     if "w2" in runs:
         for rate in [float(x) for x in args.rates.split(",")]:
-            w2 = workloads.w2(rate, num_requests=args.requests, vocab=vocab, output=(16, args.max_output))
+            # the same tokens as grpc-w2 sends (text round trip, as for W1)
+            w2 = workloads.with_text(workloads.w2(rate, num_requests=args.requests, vocab=vocab,
+                                                  output=(16, args.max_output)), tokenizer)
             save()
             result[f"engine_w2_rate{rate:g}"] = run_engine(model, tokenizer, spec, w2, cuda_graphs=True,
                                                            label=f"w2@{rate:g}/s", **common,
@@ -557,6 +559,13 @@ def main(argv: list[str] | None = None) -> int:
             result["engine_w3_low_only"] = run_engine(model, tokenizer, spec, low_only, cuda_graphs=True,
                                                       label="w3-low", max_batch=args.max_batch_size, max_seq_len=max3, fused=fused)
     save()
+    if "grpc-w2" in runs:       # W2 through the served path: Poisson arrivals from the client process
+        for rate in [float(x) for x in args.rates.split(",")]:
+            w2 = workloads.with_text(workloads.w2(rate, num_requests=args.requests, vocab=vocab,
+                                                  output=(16, args.max_output)), tokenizer)
+            result[f"grpc_w2_rate{rate:g}"] = run_grpc(w2, load=load, transport="process", **common,
+                                                       slo=(args.slo_ttft_s, args.slo_tpot_s))
+            save()
     if "grpc-thread" in runs:   # the engine loop as a thread of the server (it shares the GIL)
         result["grpc_thread"] = run_grpc(reqs, load=lambda: (model, tokenizer, spec), transport="thread", **common)
     if "grpc" in runs:          # the engine loop in its own process, as `baton serve` runs it

@@ -19,19 +19,21 @@ def load(name: str) -> dict:
 
 def main() -> None:
     main_run = load("llama2-7b-h200-fused-b.json")       # floor, engine, HF CB in one run
-    final = load("llama2-7b-h200-fused-d.json")          # engine and gRPC with the final code
+    final = load("llama2-7b-h200-proc-b.json")           # engine, gRPC (engine process, engine thread)
     bars = {
         "HF generate\nstatic x32": load("llama2-7b-h200-fused-a.json")["hf_static"]["tok_per_s"],
         "HF continuous\nbatching": main_run["hf_cb"]["tok_per_s"],
         "Baton engine\neager": load("llama2-7b-h200-eager-and-grouped-prefill.json")["engine_eager"]["tok_per_s"],
         "Baton engine\nfused + graphs": final["engine"]["tok_per_s"],
-        "Baton via\ngRPC": final["grpc"]["tok_per_s"],
+        "Baton via gRPC\nengine thread": final["grpc_thread"]["tok_per_s"],
+        "Baton via gRPC\nengine process": final["grpc"]["tok_per_s"],
     }
     floor = main_run
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    ax1.bar(list(bars), list(bars.values()), color=["#999", "#999", "#7aa", "#2a7", "#2a7"])
+    ax1.bar(list(bars), list(bars.values()), color=["#999", "#999", "#7aa", "#2a7", "#7aa", "#2a7"])
     ax1.axhline(floor["floor_w1_tok_per_s_b32"], ls="--", color="k", lw=1)
     ax1.text(0, floor["floor_w1_tok_per_s_b32"] * 1.02, "memory floor at batch 32", fontsize=8)
+    ax1.tick_params(axis="x", labelsize=7)
     ax1.set_ylabel("useful tokens / s")
     ax1.set_title("W1: 128 requests, Llama-2-7B shape, bf16, one H200")
     for i, v in enumerate(bars.values()):

@@ -79,6 +79,9 @@ class LLMEngine:
         self.seconds_decode = 0.0          # wall time in decode forwards + their sampling
         self.seconds_offload = 0.0         # wall time of K/V copies to host (synchronised; parks are rare)
         self.seconds_restore = 0.0         # wall time of K/V copies back to the device
+        # Called after each prefill group's events have gone to their sinks, mid-step: an engine
+        # process sends them on at once (engine/process.py) instead of after the whole step.
+        self.on_events: Callable[[], None] = lambda: None
 
     # ---- requests in -----------------------------------------------------------------------
     def add_request(self, request: Request, sink: OutputSink) -> None:
@@ -138,6 +141,9 @@ class LLMEngine:
                     finished.append(request)
                 else:
                     self.slab.add_row(request.request_id, result.row_kv(i))
+                    # its first token streams now, not after the other groups and the decode
+                    self._send(request, state=RequestState.RUNNING)
+            self.on_events()
         if self.slab.num_rows:
             by_id = {r.request_id: r for r in sched.decode}
             rows = [by_id[row_id] for row_id in self.slab.row_ids]
@@ -224,12 +230,12 @@ class LLMEngine:
             if request.state == RequestState.PREEMPTED:  # SUSPENDED was reported by suspend()
                 self._send(request, state=request.state)
         done = {id(r) for r in finished}
-        entered = {id(r) for r in (*sched.restore, *sched.prefill)}
-        for request in (*sched.restore, *sched.prefill):
+        restored = {id(r) for r in sched.restore}
+        for request in sched.restore:
             if id(request) not in done:
                 self._send(request, state=RequestState.RUNNING)
-        for request in sched.decode:
-            if id(request) not in done and id(request) not in entered:
+        for request in sched.decode:   # newly prefilled rows included: their RUNNING went out already
+            if id(request) not in done and id(request) not in restored:
                 self._send(request)
         for request in finished:
             live = self._live[request.request_id]

@@ -102,6 +102,7 @@ class _Worker:
         self.outbox: list = []
         self.counts = StepCounts()
         self.stats_at = 0.0
+        engine.on_events = self.flush_events
 
     def collect(self, out: RequestOutput) -> None:
         """The sink of every request: events wait in the outbox until the step ends."""
@@ -112,8 +113,7 @@ class _Worker:
 
     def run(self) -> None:
         while self.drain(block=not self.engine.has_work()):
-            if self.outbox:   # new requests' QUEUED events go out now, not after a long prefill
-                self.flush(with_stats=False)
+            self.flush_events()   # new requests' QUEUED events go out now, not after a long prefill
             if self.engine.has_work():
                 run_step(self.engine, self.counts)
             self.flush(with_stats=time.monotonic() - self.stats_at >= _STATS_EVERY_S)
@@ -155,6 +155,10 @@ class _Worker:
             self.events.send(("reply", call_id, state, error))
         else:
             raise ValueError(f"unknown engine command {kind!r}")
+
+    def flush_events(self) -> None:
+        if self.outbox:
+            self.flush(with_stats=False)
 
     def flush(self, with_stats: bool) -> None:
         stats = None

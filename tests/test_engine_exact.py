@@ -152,3 +152,45 @@ def test_prefill_kv_is_freed_without_the_cyclic_gc():
         assert probe() is None
     finally:
         gc.enable()
+
+
+
+def test_each_prefill_group_streams_its_first_tokens_before_the_next_group_runs(tiny_model_dir):
+    """Newcomers of one step in two length groups: the short group's RUNNING events (each with its
+    first token) reach their sinks before the long group's prefill starts; outputs still equal HF."""
+    from engine.inputs import build_request
+    from tests.conftest import Collected
+    loaded = model_loader.load(tiny_model_dir("llama"), CPU, __import__("torch").float32)
+    engine, limits = make_engine(loaded, max_batch_size=4, max_seq_len=256)   # CPU: groups pad <= 10%
+    log: list[tuple] = []
+    prefill = engine.runner.prefill
+
+    def logged_prefill(prompts):
+        log.append(("prefill", len(prompts)))
+        return prefill(prompts)
+
+    engine.runner.prefill = logged_prefill
+    engine.on_events = lambda: log.append(("on_events",))
+    long_prompt = "Once upon a time, in a land far away, there lived a " * 8
+    inputs = [GenerateInput(request_id="short-a", prompt="Hi there", max_new_tokens=6, ignore_eos=True),
+              GenerateInput(request_id="short-b", prompt="Hello you", max_new_tokens=6, ignore_eos=True),
+              GenerateInput(request_id="long", prompt=long_prompt, max_new_tokens=6, ignore_eos=True)]
+    outputs = {inp.request_id: Collected() for inp in inputs}
+
+    def sink_for(rid: str):
+        def sink(out) -> None:
+            outputs[rid].events.append(out)
+            log.append(("event", rid, out.state.name if out.state else None, len(out.token_ids)))
+        return sink
+
+    for inp in inputs:
+        engine.add_request(build_request(inp, engine.tokenizer, limits), sink_for(inp.request_id))
+    while engine.has_work():
+        engine.step()
+    prefills = [i for i, entry in enumerate(log) if entry[0] == "prefill"]
+    assert [log[i] for i in prefills] == [("prefill", 2), ("prefill", 1)], log   # short pair, then the long one
+    between = log[prefills[0] + 1:prefills[1]]
+    running = {e[1] for e in between if e[0] == "event" and e[2] == "RUNNING" and e[3] == 1}
+    assert running == {"short-a", "short-b"}, log        # their first tokens are out before the long prefill
+    assert between[-1] == ("on_events",), log
+    _check_against_hf(loaded, engine, outputs, {0: inputs})
