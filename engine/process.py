@@ -14,8 +14,8 @@ Commands: ("add", Request) | ("abort", request_id) | ("stop",)
 Events:   ("ready", ModelInfo, tokenizer) | ("failed", message)       start-up, exactly one
           ("outs", [item, ...], EngineStats | None)                    item: (request_id, text,
                   token_ids) for a plain token event (a tuple pickles ~10x faster than the
-                  dataclass), else the RequestOutput itself; stats at most every 0.25 s while
-                  busy, and whenever the loop goes idle
+                  dataclass), else the RequestOutput itself; stats when rows came or went, every
+                  0.25 s while busy, and whenever the loop goes idle
           ("reply", call_id, RequestState | None, (code, message) | None)
 
 The server validates and tokenises requests (it holds a copy of the tokenizer), so bad input is
@@ -102,6 +102,7 @@ class _Worker:
         self.outbox: list = []
         self.counts = StepCounts()
         self.stats_at = 0.0
+        self.reported_shape: tuple[int, int, int] | None = None
         engine.on_events = self.flush_events
 
     def collect(self, out: RequestOutput) -> None:
@@ -161,10 +162,15 @@ class _Worker:
             self.flush(with_stats=False)
 
     def flush(self, with_stats: bool) -> None:
+        """Send the outbox; with stats when asked, or when rows came or went since the last report
+        (so gauges such as running rows are exact at every change, not up to 0.25 s late)."""
+        engine = self.engine
+        shape = (engine.slab.num_rows, len(engine.host_kv), len(engine.scheduler.waiting))
         stats = None
-        if with_stats:
-            stats = engine_stats(self.engine, self.counts)
+        if with_stats or shape != self.reported_shape:
+            stats = engine_stats(engine, self.counts)
             self.stats_at = time.monotonic()
+            self.reported_shape = shape
         if self.outbox or stats is not None:
             self.events.send(("outs", self.outbox, stats))
             self.outbox = []
@@ -264,7 +270,8 @@ class EngineProcess(EngineHandle):
         return future
 
     def stats(self) -> EngineStats:
-        """The engine's latest report (at most 0.25 s old while busy; exact when idle)."""
+        """The engine's latest report: gauges as of the last change of rows, counters at most 0.25 s
+        old while busy; exact when idle."""
         return self._stats.settled(time.monotonic())
 
     # ---- the threads -----------------------------------------------------------------------
@@ -282,14 +289,14 @@ class EngineProcess(EngineHandle):
             while True:
                 message = self._events.recv()
                 if message[0] == "outs":
+                    if message[2] is not None:   # first: a caller who saw these events sees these stats
+                        self._stats = message[2]
                     sinks = self._sinks
                     for item in message[1]:
                         out = RequestOutput(*item) if type(item) is tuple else item
                         sink = sinks.get(out.request_id)
                         if sink is not None:
                             sink(out)
-                    if message[2] is not None:
-                        self._stats = message[2]
                 elif message[0] == "reply":
                     _, call_id, state, error = message
                     with self._lock:
