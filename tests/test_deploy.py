@@ -265,9 +265,10 @@ def test_metrics_exposition_names_types_and_tpot():
     m.request_finished("length", started=0.0, finished=0.6, first_token_at=0.2, last_token_at=0.5, tokens=4,
                        stats=SimpleNamespace(queued_seconds=0.05))
     m.request_done("cancelled")
-    stats = SimpleNamespace(rows_on_device=1, rows_parked=2, requests_waiting=3, kv_bytes_on_device=4,
-                            kv_bytes_on_host=5, steps=6, step_errors=0, preemptions=7, bytes_offloaded=8,
-                            bytes_restored=9)
+    from engine.api import EngineStats
+    stats = EngineStats(rows_on_device=1, rows_parked=2, requests_waiting=3, kv_bytes_on_device=4,
+                        kv_bytes_on_host=5, steps=6, step_errors=0, preemptions=7, bytes_offloaded=8,
+                        bytes_restored=9, seconds_idle=1.5)
     info = SimpleNamespace(model_name="m", device="cpu", dtype="float32", max_context_length=256,
                            kv_slab_bytes=1024, max_batch_size=2)
     m.watch_engine(SimpleNamespace(stats=lambda: stats, info=info, alive=True))
@@ -275,7 +276,8 @@ def test_metrics_exposition_names_types_and_tpot():
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
     types = {name: f.type for name, f in families.items()}
     for name in ("baton_requests", "baton_generated_tokens", "baton_preemptions", "baton_kv_offload_bytes",
-                 "baton_kv_restore_bytes", "baton_engine_steps", "baton_engine_step_errors"):
+                 "baton_kv_restore_bytes", "baton_engine_steps", "baton_engine_step_errors",
+                 "baton_engine_idle_seconds"):
         assert types[name] == "counter", name
     for name in ("baton_running_rows", "baton_parked_rows", "baton_queue_depth", "baton_kv_device_bytes",
                  "baton_kv_host_bytes", "baton_engine_alive", "baton_kv_slab_bytes", "baton_max_batch_size"):
@@ -293,6 +295,7 @@ def test_metrics_exposition_names_types_and_tpot():
     assert samples[("baton_inter_token_latency_seconds_sum", ())] == pytest.approx(0.1)
     assert samples[("baton_request_duration_seconds_sum", ())] == pytest.approx(0.6)
     assert samples[("baton_preemptions_total", ())] == 7 and samples[("baton_queue_depth", ())] == 3
+    assert samples[("baton_engine_idle_seconds_total", ())] == 1.5
     assert samples[("baton_model_info", (("device", "cpu"), ("dtype", "float32"), ("max_context_length", "256"),
                                          ("model", "m")))] == 1
     assert not any(name.endswith("_created") for name, _ in samples)
