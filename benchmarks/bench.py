@@ -42,6 +42,10 @@ def build_preset(name: str, device: torch.device, dtype: torch.dtype, **override
     return model.eval()
 
 
+RUNS = {"engine", "engine-eager", "grpc", "grpc-thread", "grpc-w2", "hf-static", "hf-cb", "floor", "w2", "w3",
+        "w3-low"}
+
+
 def load_model(preset: str | None, model: str | None, tokenizer_folder: str | None, device: torch.device,
                dtype: torch.dtype):
     """-> (model, tokenizer, spec): a preset with random weights, or a local/built-in model. Module
@@ -482,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     argv = list(argv if argv is not None else sys.argv[1:])
     runs = args.runs.split(",")
+    unknown = sorted(set(runs) - RUNS)
+    if unknown:   # a typo must not silently measure nothing
+        p.error(f"--runs: unknown {', '.join(unknown)} (choose from {', '.join(sorted(RUNS))})")
     if len(runs) > 1 and torch.cuda.is_available() and not args.same_process:
         return _per_stage(args, argv, runs)
 
