@@ -3,15 +3,25 @@
   python -m benchmarks.bench --preset llama2-7b --runs engine,engine-eager,hf-static,hf-cb,floor
 Writes benchmarks/results/<name>.json (device, versions, every figure, the command).
 Presets build random-weight models in-process (the GPU machine cannot fetch weights).
+
+A run is a list of named stages (`--runs`, run in the order given); `STAGES` at the end of this
+file maps each name to a function that gets the run's `Bench` context and returns its figures,
+merged into the result under the keys docs/benchmarks.md cites. On CUDA each stage (and each
+rate of a per-rate stage, each floor variant) runs in a child process of its own.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
 import json
 import platform
 import statistics
 import sys
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,8 +34,9 @@ PRESETS = {
     # Llama-2-7B shape
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    # a CPU smoke model; its context covers W4's 4,096 tokens
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=32000, max_position_embeddings=2048),
+                 num_key_value_heads=2, vocab_size=32000, max_position_embeddings=4096),
 }
 
 
@@ -40,10 +51,6 @@ def build_preset(name: str, device: torch.device, dtype: torch.dtype, **override
     torch.set_default_dtype(previous)
     model.config._attn_implementation = "sdpa"
     return model.eval()
-
-
-RUNS = {"engine", "engine-eager", "grpc", "grpc-thread", "grpc-w2", "hf-static", "hf-cb", "floor", "w2", "w3",
-        "w3-low"}
 
 
 def load_model(preset: str | None, model: str | None, tokenizer_folder: str | None, device: torch.device,
@@ -86,11 +93,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def weights_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 # ---- the engine, in process --------------------------------------------------------------------
 def run_engine(model, tokenizer, spec, reqs: list[BenchRequest], *, cuda_graphs: bool, max_batch: int,
                max_seq_len: int, label: str, host_budget: int = 64 << 30,
-               slo: tuple[float, float] | None = None, fused: bool | None = None) -> dict:
-    from engine.api import assemble_engine
+               slo: tuple[float, float] | None = None, fused: bool | None = None,
+               bandwidth: float | None = None) -> dict:
+    """Run `reqs` (at their arrival times) through an engine built around `model`. With
+    `bandwidth` (device copy bytes/s), each decode step is also compared with its own floor:
+    (weights + the K/V bytes its rows really hold) / bandwidth."""
+    from engine.build import assemble_engine
     from engine.config import EngineConfig
 
     config = EngineConfig(max_batch_size=max_batch, max_seq_len=max_seq_len, warmup=False,
@@ -98,57 +113,93 @@ def run_engine(model, tokenizer, spec, reqs: list[BenchRequest], *, cuda_graphs:
                           aging_seconds=0, fused_decode=fused)
     engine, info = assemble_engine(model, tokenizer, spec, config)
     device = model.device
-    # warm-up (captures graphs for the buckets it touches; the rest are captured on first use)
+    # warm-up (its step and copy counts are left out of the figures below)
     _drive(engine, [BenchRequest([5] * 16, 4)], None, device)
     sync(device)
-    stats = _drive(engine, reqs, tqdm(total=sum(r.max_new_tokens for r in reqs), desc=label, unit="tok",
-                                      file=sys.stderr, mininterval=2), device, slo)
-    stats.update(max_batch_size=info.max_batch_size, cuda_graphs=cuda_graphs, decode=engine.runner.describe(),
-                 graphs_captured=len(engine.runner.graphs.graphs) if engine.runner.graphs else 0,
-                 bytes_offloaded=engine.bytes_offloaded, bytes_restored=engine.bytes_restored,
-                 preemptions=engine.num_parked_total, seconds_prefill=engine.seconds_prefill,
-                 seconds_decode=engine.seconds_decode, slab_relocations=engine.slab.num_relocations,
-                 offload_GBps=engine.bytes_offloaded / engine.seconds_offload / 1e9 if engine.seconds_offload else None,
-                 restore_GBps=engine.bytes_restored / engine.seconds_restore / 1e9 if engine.seconds_restore else None)
+    before = engine.stats()
+    stats, decodes = _drive(engine, reqs, tqdm(total=sum(r.max_new_tokens for r in reqs), desc=label, unit="tok",
+                                               file=sys.stderr, mininterval=2), device, slo)
+    after = engine.stats()
+
+    def delta(name: str):
+        return getattr(after, name) - getattr(before, name)
+
+    offload_s, restore_s = delta("seconds_offload"), delta("seconds_restore")
+    stats.update(max_batch_size=info.max_batch_size, max_seq_len=info.max_context_length, cuda_graphs=cuda_graphs,
+                 decode=info.decode, graphs_captured=info.decode_graphs,
+                 bytes_offloaded=delta("bytes_offloaded"), bytes_restored=delta("bytes_restored"),
+                 preemptions=delta("preemptions"), seconds_prefill=delta("seconds_prefill"),
+                 seconds_decode=delta("seconds_decode"), slab_relocations=delta("kv_relocations"),
+                 offload_GBps=delta("bytes_offloaded") / offload_s / 1e9 if offload_s else None,
+                 restore_GBps=delta("bytes_restored") / restore_s / 1e9 if restore_s else None)
+    stats.update(decode_step_figures(decodes, weights_bytes(model), bandwidth))
     engine.close()
     del engine
     _free(device)
     return stats
 
 
-def _drive(engine, reqs: list[BenchRequest], bar, device, slo: tuple[float, float] | None = None) -> dict:
+def decode_step_figures(decodes: list[tuple[float, int, int]], weights: int, bandwidth: float | None) -> dict:
+    """Decode steps of a run, each (seconds, rows, K/V bytes of those rows); with `bandwidth`, the
+    ratio of each step to its floor, (weights + K/V bytes) / bandwidth."""
+    seconds = [d[0] for d in decodes]
+    out = {"decode_steps": len(decodes), "decode_step_p50_ms": 1000 * pct(seconds, 50),
+           "decode_step_p99_ms": 1000 * pct(seconds, 99), "decode_rows_p50": pct([d[1] for d in decodes], 50),
+           "decode_kv_bytes_p50": pct([d[2] for d in decodes], 50)}
+    if bandwidth:
+        floors = [(weights + kv) / bandwidth for _s, _rows, kv in decodes]
+        out.update(copy_bandwidth_Bps=bandwidth, weights_bytes=weights, real_floor_p50_ms=1000 * pct(floors, 50),
+                   decode_step_vs_real_floor_p50=pct([s / f for (s, _r, _k), f in zip(decodes, floors)], 50))
+    return out
+
+
+def _drive(engine, reqs: list[BenchRequest], bar, device,
+           slo: tuple[float, float] | None = None) -> tuple[dict, list[tuple[float, int, int]]]:
+    """Feed `reqs` at their arrival times and step the engine until every one has finished. Each
+    phase's tokens are timestamped when the phase ends (a prefill group's first tokens before the
+    step's decode, as the served path streams them). -> (summary, one (seconds, rows, K/V bytes)
+    per decode phase: its duration and the rows and real K/V bytes it read)."""
     from engine.request import Request, SamplingParams
-    records = {}
-    pending = sorted(range(len(reqs)), key=lambda i: reqs[i].arrival_s)
+    records: dict[int, dict] = {}
+    by_id: dict[str, dict] = {}
+    pending = collections.deque(sorted(range(len(reqs)), key=lambda i: reqs[i].arrival_s))
     start = time.monotonic()
-    step_times = []
+    step_times: list[float] = []
+    decodes: list[tuple[float, int, int]] = []
+    peak_rows = 0
 
-    def sink_for(i: int):
-        rec = records[i]
-
-        def sink(out) -> None:
+    def deliver(events, now: float) -> None:
+        for out in events:
+            rec = by_id[out.request_id]
             if out.token_ids:
-                now = time.monotonic()
                 rec["times"].extend([now] * len(out.token_ids))
                 if bar is not None:
                     bar.update(len(out.token_ids))
             if out.finished:
-                rec["done"] = time.monotonic()
+                rec["done"] = now
                 rec["tokens"] = out.completion_tokens
-        return sink
 
     while pending or engine.has_work():
         now = time.monotonic() - start
         while pending and reqs[pending[0]].arrival_s <= now:
-            i = pending.pop(0)
+            i = pending.popleft()
             r = reqs[i]
-            records[i] = {"arrival": start + r.arrival_s, "times": [], "priority": r.priority}
+            records[i] = by_id[f"b{i}"] = {"arrival": start + r.arrival_s, "times": [], "priority": r.priority}
             engine.add_request(Request(f"b{i}", list(r.prompt_ids), SamplingParams(max_new_tokens=r.max_new_tokens,
                                                                                    ignore_eos=True),
-                                       priority=r.priority), sink_for(i))
+                                       priority=r.priority))
         if engine.has_work():
-            t0 = time.monotonic()
-            engine.step()
+            before = engine.stats()
+            t0 = mark = time.monotonic()
+            for events in engine.step_phases():
+                ended = time.monotonic()
+                deliver(events, ended)
+                after = engine.stats()
+                if after.seconds_decode > before.seconds_decode:   # this phase was the decode
+                    decodes.append((ended - mark, before.rows_on_device, before.kv_bytes_on_device))
+                peak_rows = max(peak_rows, after.rows_on_device)
+                before = after
+                mark = time.monotonic()
             step_times.append(time.monotonic() - t0)
         elif pending:
             time.sleep(min(0.005, max(0.0, reqs[pending[0]].arrival_s - now)))
@@ -156,7 +207,7 @@ def _drive(engine, reqs: list[BenchRequest], bar, device, slo: tuple[float, floa
     wall = time.monotonic() - start
     if bar is not None:
         bar.close()
-    return summarize(records, wall, step_times, slo)
+    return {**summarize(records, wall, step_times, slo), "peak_rows_on_device": peak_rows}, decodes
 
 
 def summarize(records: dict, wall: float, step_times: list[float], slo: tuple[float, float] | None = None) -> dict:
@@ -200,9 +251,9 @@ def run_grpc(reqs: list[BenchRequest], *, load, transport: str, max_batch: int, 
     import os
     import subprocess
     import tempfile
-    import threading
 
-    from engine.api import EngineClient, assemble_engine
+    from engine.api import EngineClient
+    from engine.build import assemble_engine
     from engine.config import EngineConfig
     from engine.process import EngineProcess
     from service.server import BatonServer, ServerConfig
@@ -244,13 +295,16 @@ def run_grpc(reqs: list[BenchRequest], *, load, transport: str, max_batch: int, 
     env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "clients" / "python"),
                                          *filter(None, [env.get("PYTHONPATH")])])
     before = _idle_stats(client)
+    rows = _PeakRows(client)
     try:
         with tempfile.TemporaryDirectory(prefix="baton-grpc-load-") as tmp:
             workload, out = Path(tmp) / "workload.json", Path(tmp) / "records.json"
             workload.write_text(json.dumps([{"text": r.text, "max_new_tokens": r.max_new_tokens,
                                              "arrival_s": r.arrival_s, "priority": r.priority} for r in reqs]))
+            rows.start()
             code = subprocess.call([sys.executable, "-m", "benchmarks.grpc_load", "--port", str(server.port),
                                     "--workload", str(workload), "--out", str(out)], env=env, cwd=root)
+            rows.stop()
             if code != 0:
                 raise RuntimeError(f"gRPC load client exited with {code}")
             result = json.loads(out.read_text())
@@ -259,8 +313,12 @@ def run_grpc(reqs: list[BenchRequest], *, load, transport: str, max_batch: int, 
         engine_side = {"seconds_prefill": after.seconds_prefill - before.seconds_prefill,
                        "seconds_decode": after.seconds_decode - before.seconds_decode,
                        "seconds_idle": after.seconds_idle - before.seconds_idle,
-                       "engine_steps": after.steps - before.steps}
+                       "engine_steps": after.steps - before.steps,
+                       "preemptions": after.preemptions - before.preemptions,
+                       "peak_rows_on_device": rows.peak,
+                       "peak_rows_note": f"the handle's stats polled every {1000 * rows.every:g} ms"}
     finally:
+        rows.stop()
         asyncio.run_coroutine_threadsafe(server.stop(), server_loop).result(120)
         server_loop.call_soon_threadsafe(server_loop.stop)
         if engine is not None:
@@ -286,6 +344,25 @@ def _idle_stats(client):
         time.sleep(0.05)
         stats = client.stats()
     return stats
+
+
+class _PeakRows(threading.Thread):
+    """The most rows on the device seen in an engine handle's stats, polled every `every` s (the
+    loop reports them whenever rows come or go, so a poll sees the latest change)."""
+
+    def __init__(self, client, every: float = 0.05) -> None:
+        super().__init__(name="bench-peak-rows", daemon=True)
+        self.client, self.every, self.peak = client, every, 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.every):
+            self.peak = max(self.peak, self.client.stats().rows_on_device)
+
+    def stop(self) -> None:
+        self._done.set()
+        if self.is_alive():
+            self.join()
 
 
 # ---- peers ---------------------------------------------------------------------------------------
@@ -332,6 +409,77 @@ def run_hf_cb(model, reqs: list[BenchRequest]) -> dict:
     useful = sum(r.max_new_tokens for r in reqs)
     return {"wall_s": wall, "useful_tokens": useful, "tok_per_s": useful / wall, "generated_tokens": generated,
             "generated_tok_per_s": generated / wall, "max_new_tokens_all": n}
+
+
+def run_hf_cb_arrivals(model, reqs: list[BenchRequest], *, max_batch: int, slo: tuple[float, float] | None = None,
+                       label: str = "hf-cb") -> dict:
+    """HF continuous batching in its serving form: one manager (`init_continuous_batching`), each
+    request added at its arrival time with its own max_new_tokens, CUDA graphs on (on CUDA), at
+    most `max_batch` requests per batch (Baton's row limit). Token times are the manager's own
+    per-token timestamps (`record_timestamps`). Its scheduler is FIFO: priorities are ignored."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+    from transformers.generation.continuous_batching.utils import WorkloadHints
+
+    device = model.device
+    on_cuda = device.type == "cuda"
+    gen = GenerationConfig(max_new_tokens=max(r.max_new_tokens for r in reqs), do_sample=False, eos_token_id=-1,
+                           pad_token_id=0)
+    cb = ContinuousBatchingConfig(use_cuda_graph=on_cuda, max_requests_per_batch=max_batch)
+    hints = WorkloadHints(max_prompt_length=max(len(r.prompt_ids) for r in reqs),
+                          max_generated_length=max(r.max_new_tokens for r in reqs), num_requests=len(reqs))
+    records: dict[int, dict] = {}
+    by_id: dict[str, dict] = {}
+    bar = None
+    with torch.no_grad():  # not inference_mode: HF's CB manager edits its tensors outside it
+        manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb,
+                                                 workload_hints=hints)
+        try:
+            attention = model.config._attn_implementation
+            manager.warmup()
+            manager.start()
+            bar = tqdm(total=len(reqs), desc=label, unit="req", file=sys.stderr, mininterval=2)
+            pending = collections.deque(sorted(range(len(reqs)), key=lambda i: reqs[i].arrival_s))
+            start = time.perf_counter()    # the clock of HF's token timestamps
+            finished = 0
+            while finished < len(reqs):
+                now = time.perf_counter() - start
+                while pending and reqs[pending[0]].arrival_s <= now:
+                    i = pending.popleft()
+                    r = reqs[i]
+                    records[i] = by_id[f"w{i}"] = {"arrival": time.perf_counter(), "times": [],
+                                                   "priority": r.priority}
+                    manager.add_request(list(r.prompt_ids), request_id=f"w{i}", max_new_tokens=r.max_new_tokens,
+                                        eos_token_id=-1, record_timestamps=True)
+                wait = min(0.005, max(0.0, reqs[pending[0]].arrival_s - now)) if pending else 0.1
+                out = manager.get_result(timeout=wait)
+                if out is None:
+                    if not manager.is_running():
+                        raise RuntimeError("HF continuous batching: its generation thread stopped")
+                    continue
+                if not out.is_finished():
+                    continue
+                if out.error:
+                    raise RuntimeError(f"HF continuous batching, request {out.request_id}: {out.error}")
+                rec = by_id[out.request_id]
+                rec["times"] = list(out.timestamps or [])
+                rec["tokens"] = len(out.generated_tokens)
+                rec["done"] = rec["times"][-1] if rec["times"] else time.perf_counter()
+                finished += 1
+                bar.update(1)
+            sync(device)
+            wall = time.perf_counter() - start
+        finally:
+            if bar is not None:
+                bar.close()
+            manager.stop(block=True, timeout=60)
+            manager.destroy()
+    wanted = sum(r.max_new_tokens for r in reqs)
+    got = sum(r["tokens"] for r in records.values())
+    if got < wanted:
+        raise RuntimeError(f"HF continuous batching generated only {got} of {wanted} tokens")
+    return {**summarize(records, wall, [], slo), "attention": attention, "cuda_graphs": on_cuda,
+            "max_requests_per_batch": max_batch, "priorities": "ignored (FIFO scheduler)",
+            "timestamped_tokens": sum(len(r["times"]) for r in records.values())}
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -395,16 +543,16 @@ def median_decode_step(runner, steps: int = 30, skip: int = 5) -> float:
 def decode_step_micro(model, tokenizer, spec, batch: int, context: int, cuda_graphs: bool,
                       fused: bool | None = None) -> dict:
     """Median time of one decode step with `batch` rows of `context` tokens (random K/V)."""
-    from engine.api import assemble_engine
+    from engine.build import assemble_engine
     from engine.config import EngineConfig
     config = EngineConfig(max_batch_size=batch, max_seq_len=context + 64, warmup=False, cuda_graphs=cuda_graphs,
                           fused_decode=fused)
-    engine, _info = assemble_engine(model, tokenizer, spec, config)
+    engine, info = assemble_engine(model, tokenizer, spec, config)
     fill_slab(engine.slab, batch, context)
     step_s = median_decode_step(engine.runner)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = weights_bytes(model)
     kv = batch * context * engine.slab.bytes_per_token
-    decode = engine.runner.describe()
+    decode = info.decode
     engine.close()
     del engine
     _free(model.device)
@@ -423,7 +571,284 @@ def versions() -> dict:
     return v
 
 
+# ---- the run's context, and one function per stage -----------------------------------------------
+@dataclass
+class Bench:
+    """What every stage gets: the arguments, the model (on the "meta" device when only an engine
+    process needs weights), W1's requests, the engine settings W1 runs use, and the result so far."""
+    args: argparse.Namespace
+    device: torch.device
+    model: object
+    tokenizer: object
+    spec: object
+    load: Callable[[], tuple]     # picklable () -> (model, tokenizer, spec): builds it in an engine process
+    reqs: list[BenchRequest]      # W1, text round-tripped (the gRPC path sends text)
+    common: dict                  # max_batch, max_seq_len (W1's), fused: the W1 engine settings
+    out: Path
+    result: dict = field(default_factory=dict)
+
+    def save(self) -> None:
+        """After every stage (and every rate), so a time-out keeps what finished."""
+        self.out.write_text(json.dumps(self.result, indent=2))
+
+    def keep(self, key: str, value: dict) -> dict:
+        """Record one figure set now (a stage of several saves as it goes). -> {key: value}"""
+        self.result[key] = value
+        self.save()
+        return {key: value}
+
+    @property
+    def vocab(self) -> int:
+        return min(self.spec.vocab_size, len(self.tokenizer))
+
+    @property
+    def rates(self) -> list[float]:
+        return [float(x) for x in self.args.rates.split(",")]
+
+    @property
+    def slo(self) -> tuple[float, float]:
+        return self.args.slo_ttft_s, self.args.slo_tpot_s
+
+    @property
+    def fused(self) -> bool | None:
+        return self.common["fused"]
+
+    @functools.cached_property
+    def copy_bandwidth(self) -> float:
+        """Measured once per process (CUDA only)."""
+        bw = self.result["copy_bandwidth_Bps"] = copy_bandwidth(self.device)
+        _free(self.device)   # its 2 GB of buffers must not shrink the slab sized next
+        return bw
+
+    @functools.cached_property
+    def host_link(self) -> dict:
+        link = self.result["host_link"] = host_link_bandwidth(self.device)
+        _free(self.device)
+        return link
+
+    def per_rate(self, prefix: str, run_one: Callable[[float], dict]) -> dict:
+        """One figure set per --rates rate, saved as it comes: {f"{prefix}_rate{r}": ...}."""
+        out = {}
+        for rate in self.rates:
+            out.update(self.keep(f"{prefix}_rate{rate:g}", run_one(rate)))
+        return out
+
+    # ---- workloads --------------------------------------------------------------------------
+    def w2(self, rate: float) -> list[BenchRequest]:
+        # the same tokens in process and through gRPC (text round trip, as for W1)
+        cap = self.args.w1_max_output
+        return workloads.with_text(workloads.w2(rate, num_requests=self.args.requests, vocab=self.vocab,
+                                                output=(min(16, cap), cap)), self.tokenizer)
+
+    @property
+    def w4_context(self) -> int:
+        return min(self.args.max_seq_len, self.spec.max_context)
+
+    def w4(self, rate: float) -> list[BenchRequest]:
+        """W4 at `rate`, text round-tripped (the server's tokenizer may make a prompt longer), each
+        output cut to fit the context if it must (counted in workload_w4.requests_output_cut)."""
+        median, sigma, _cap = W4_OUTPUT     # the cap: --max-output, at most W4_OUTPUT's
+        reqs = workloads.with_text(workloads.w4(rate, num_requests=self.args.requests, vocab=self.vocab,
+                                                prompt=W4_PROMPT, output=(median, sigma, self.args.w4_max_output),
+                                                high_fraction=W4_HIGH[0], high_priority=W4_HIGH[1]),
+                                   self.tokenizer)
+        room = self.w4_context - 2    # prompt + output + the spare column stay within the context
+        fitted = [r if len(r.prompt_ids) + r.max_new_tokens <= room else
+                  BenchRequest(r.prompt_ids, max(1, room - len(r.prompt_ids)), r.arrival_s, r.priority, r.text)
+                  for r in reqs]
+        self.result.setdefault("workload_w4", {
+            "requests": len(fitted), "context": self.w4_context,
+            "prompt": {"median": W4_PROMPT[0], "sigma": W4_PROMPT[1], "cap": W4_PROMPT[2]},
+            "output": {"median": median, "sigma": sigma, "cap": self.args.w4_max_output},
+            "high_priority": {"priority": W4_HIGH[1], "fraction": W4_HIGH[0],
+                              "requests": sum(r.priority > 0 for r in fitted)},
+            "prompt_tokens": sum(len(r.prompt_ids) for r in fitted),
+            "useful_tokens": sum(r.max_new_tokens for r in fitted),
+            "requests_output_cut": sum(a is not b for a, b in zip(reqs, fitted))})
+        return fitted
+
+
+def with_offered(figures: dict, reqs: list[BenchRequest]) -> dict:
+    """A run's figures with what was offered, the output tokens over the span of the arrivals
+    (from the run's start to the last one), beside what was delivered (tok_per_s)."""
+    if "tok_per_s" in figures:
+        span = max(r.arrival_s for r in reqs)
+        offered = sum(r.max_new_tokens for r in reqs) / span if span > 0 else float("inf")
+        figures.update(offered_tok_per_s=offered, delivered_tok_per_s=figures["tok_per_s"],
+                       delivered_over_offered=figures["tok_per_s"] / offered)
+    return figures
+
+
+W4_PROMPT = (400, 1.0, 3000)    # lognormal: median, sigma, cap (tokens)
+W4_OUTPUT = (200, 0.8, 1000)
+W4_HIGH = (0.15, 10)            # fraction of requests at the higher priority, and that priority
+
+
+def stage_floor(b: Bench) -> dict:
+    """Decode-step micro-benchmarks at 1,024 context against the copy-bandwidth floor (CUDA)."""
+    if b.device.type != "cuda":
+        return {}
+    bw = b.copy_bandwidth
+    out = {"copy_bandwidth_Bps": bw, "host_link": b.host_link}
+    # the engine's decode (--decode), and the HF forward with and without CUDA graphs beside it
+    variants = {"graph": (True, b.fused), "hf_graph": (True, False), "eager": (False, False)}
+    for variant in FLOOR_VARIANTS:
+        if b.args.floor_variant not in (None, variant):
+            continue
+        batch, label = int(variant.split(":")[0]), variant.split(":")[1]
+        graphs, mode = variants[label]
+        m = decode_step_micro(b.model, b.tokenizer, b.spec, batch, 1024, graphs, mode)
+        m["floor_ms"] = 1000 * (m["weights_bytes"] + m["kv_bytes"]) / bw
+        m["ratio_to_floor"] = m["step_ms"] / m["floor_ms"]
+        out.update(b.keep(f"decode_step_b{batch}_ctx1024_{label}", m))
+    if "decode_step_b32_ctx1024_graph" in out:
+        out["floor_w1_tok_per_s_b32"] = 32 / (out["decode_step_b32_ctx1024_graph"]["floor_ms"] / 1000)
+    return out
+
+
+def stage_engine(b: Bench) -> dict:
+    return {"engine": run_engine(b.model, b.tokenizer, b.spec, b.reqs, cuda_graphs=True, label="engine", **b.common)}
+
+
+def stage_engine_eager(b: Bench) -> dict:
+    return {"engine_eager": run_engine(b.model, b.tokenizer, b.spec, b.reqs, cuda_graphs=False, label="engine-eager",
+                                       **b.common)}
+
+
+def stage_w2(b: Bench) -> dict:
+    """W2: W1's requests with Poisson arrivals, one engine per rate."""
+    return b.per_rate("engine_w2", lambda rate: run_engine(
+        b.model, b.tokenizer, b.spec, b.w2(rate), cuda_graphs=True, label=f"w2@{rate:g}/s", **b.common, slo=b.slo))
+
+
+def _w3(b: Bench) -> tuple[list[BenchRequest], int]:
+    """A saturated batch of priority-0 work; priority-10 arrivals preempt into it."""
+    w3 = workloads.w3(num_low=b.args.max_batch_size, num_high=16, high_every_s=0.5, vocab=b.vocab)
+    return w3, max(len(r.prompt_ids) + r.max_new_tokens for r in w3) + 8
+
+
+def stage_w3(b: Bench) -> dict:
+    out = {"host_link": b.host_link} if b.device.type == "cuda" else {}
+    w3, max_seq = _w3(b)
+    out["engine_w3"] = run_engine(b.model, b.tokenizer, b.spec, w3, cuda_graphs=True, label="w3",
+                                  max_batch=b.args.max_batch_size, max_seq_len=max_seq, fused=b.fused)
+    return out
+
+
+def stage_w3_low(b: Bench) -> dict:
+    """W3's low-priority work alone, to price what the preemptions cost it."""
+    w3, max_seq = _w3(b)
+    low_only = [r for r in w3 if r.priority == 0]
+    return {"engine_w3_low_only": run_engine(b.model, b.tokenizer, b.spec, low_only, cuda_graphs=True, label="w3-low",
+                                             max_batch=b.args.max_batch_size, max_seq_len=max_seq, fused=b.fused)}
+
+
+def stage_grpc_w2(b: Bench) -> dict:
+    """W2 through the served path: Poisson arrivals from the client process."""
+    return b.per_rate("grpc_w2", lambda rate: run_grpc(b.w2(rate), load=b.load, transport="process", **b.common,
+                                                       slo=b.slo))
+
+
+def stage_grpc_thread(b: Bench) -> dict:
+    """W1 through gRPC, the engine loop as a thread of the server (it shares the GIL)."""
+    return {"grpc_thread": run_grpc(b.reqs, load=lambda: (b.model, b.tokenizer, b.spec), transport="thread",
+                                    **b.common)}
+
+
+def stage_grpc(b: Bench) -> dict:
+    """W1 through gRPC, the engine loop in its own process, as `baton serve` runs it."""
+    return {"grpc": run_grpc(b.reqs, load=b.load, transport="process", **b.common)}
+
+
+def stage_hf_static(b: Bench) -> dict:
+    return {"hf_static": run_hf_static(b.model, b.reqs)}
+
+
+def stage_hf_cb(b: Bench) -> dict:
+    try:
+        return {"hf_cb": run_hf_cb(b.model, b.reqs)}
+    except Exception as exc:  # noqa: BLE001 - record why a peer could not run
+        return {"hf_cb": {"error": repr(exc)}}
+
+
+def stage_w4(b: Bench) -> dict:
+    """W4 (chat traffic) in process, one engine per rate, with --max-seq-len of context; each
+    decode step against its floor from the K/V bytes its rows really hold (CUDA)."""
+    def one(rate: float) -> dict:
+        reqs = b.w4(rate)
+        bandwidth = b.copy_bandwidth if b.device.type == "cuda" else None
+        return with_offered(run_engine(b.model, b.tokenizer, b.spec, reqs, cuda_graphs=True, label=f"w4@{rate:g}/s",
+                                       max_batch=b.args.max_batch_size, max_seq_len=b.w4_context, fused=b.fused,
+                                       slo=b.slo, bandwidth=bandwidth), reqs)
+    return b.per_rate("engine_w4", one)
+
+
+def stage_grpc_w4(b: Bench) -> dict:
+    """W4 through the served path (engine process; client streams from their own process)."""
+    def one(rate: float) -> dict:
+        reqs = b.w4(rate)
+        return with_offered(run_grpc(reqs, load=b.load, transport="process", max_batch=b.args.max_batch_size,
+                                     max_seq_len=b.w4_context, fused=b.fused, slo=b.slo), reqs)
+    return b.per_rate("grpc_w4", one)
+
+
+def stage_hf_cb_w4(b: Bench) -> dict:
+    """W4 on HF continuous batching, arrivals honoured, per-request lengths, CUDA graphs on."""
+    def one(rate: float) -> dict:
+        reqs = b.w4(rate)
+        try:
+            return with_offered(run_hf_cb_arrivals(b.model, reqs, max_batch=b.args.max_batch_size, slo=b.slo,
+                                                   label=f"hf-cb-w4@{rate:g}/s"), reqs)
+        except Exception as exc:  # noqa: BLE001 - record why a peer could not run
+            return {"error": repr(exc)}
+    return b.per_rate("hf_cb_w4", one)
+
+
+# `--runs` names stages from this table; they run in the order given
+STAGES: dict[str, Callable[[Bench], dict]] = {
+    "floor": stage_floor,
+    "engine": stage_engine,
+    "engine-eager": stage_engine_eager,
+    "w2": stage_w2,
+    "w3": stage_w3,
+    "w3-low": stage_w3_low,
+    "w4": stage_w4,
+    "grpc": stage_grpc,
+    "grpc-thread": stage_grpc_thread,
+    "grpc-w2": stage_grpc_w2,
+    "grpc-w4": stage_grpc_w4,
+    "hf-static": stage_hf_static,
+    "hf-cb": stage_hf_cb,
+    "hf-cb-w4": stage_hf_cb_w4,
+}
+RUNS = frozenset(STAGES)
+PER_RATE = {"w2", "grpc-w2", "w4", "grpc-w4", "hf-cb-w4"}   # on CUDA: one child process per rate
+ENGINE_PROCESS_ONLY = {"grpc", "grpc-w2", "grpc-w4"}       # need no weights in this process
+
+# (a, b): result[f"{a}_over_{b}"] = a's tok/s over b's; per rate for the per-rate stages
+RATIOS = (("grpc", "engine"), ("grpc_thread", "engine"), ("engine", "hf_static"), ("engine", "hf_cb"),
+          ("engine", "engine_eager"))
+RATE_RATIOS = (("grpc_w2", "engine_w2"), ("grpc_w4", "engine_w4"), ("engine_w4", "hf_cb_w4"))
+
+
+def add_ratios(result: dict) -> None:
+    def tok_per_s(key: str) -> float | None:
+        value = result.get(key)
+        return value.get("tok_per_s") if isinstance(value, dict) else None
+
+    for a, b in RATIOS:
+        if tok_per_s(a) and tok_per_s(b):
+            result[f"{a}_over_{b}"] = tok_per_s(a) / tok_per_s(b)
+    for a, b in RATE_RATIOS:
+        for key in [k for k in result if k.startswith(f"{a}_rate")]:
+            rate = key.removeprefix(f"{a}_rate")
+            if tok_per_s(key) and tok_per_s(f"{b}_rate{rate}"):
+                result[f"{a}_over_{b}_rate{rate}"] = tok_per_s(key) / tok_per_s(f"{b}_rate{rate}")
+
+
 def _per_stage(args, argv: list[str], runs: list[str]) -> int:
+    """Each stage (each rate, each floor variant) in a child process of its own; the figures are
+    merged into one result file."""
     import subprocess
     name = args.name or f"{args.preset or 'model'}-cuda"
     merged: dict = {}
@@ -431,7 +856,7 @@ def _per_stage(args, argv: list[str], runs: list[str]) -> int:
             (i == 0 or argv[i - 1] not in ("--runs", "--name", "--rates"))]
     stages: list[tuple[str, list[str]]] = []
     for run in runs:
-        if run in ("w2", "grpc-w2"):  # one engine per rate: each rate in a fresh process too
+        if run in PER_RATE:  # one engine per rate: each rate in a fresh process too
             stages += [(f"{run}-rate{rate.strip()}", ["--runs", run, "--rates", rate.strip()])
                        for rate in args.rates.split(",")]
         elif run == "floor":  # one engine per step variant too: a closed engine's memory lingers
@@ -450,12 +875,7 @@ def _per_stage(args, argv: list[str], runs: list[str]) -> int:
         if code != 0:
             merged[f"{stage}_exit_code"] = code
         merged["command"] = "python -m benchmarks.bench " + " ".join(argv)
-        for key in ("grpc", "grpc_thread"):
-            if key in merged and "engine" in merged:
-                merged[f"{key}_over_engine"] = merged[key]["tok_per_s"] / merged["engine"]["tok_per_s"]
-        for peer in ("hf_static", "hf_cb", "engine_eager"):
-            if peer in merged and "engine" in merged and "tok_per_s" in merged[peer]:
-                merged[f"engine_over_{peer}"] = merged["engine"]["tok_per_s"] / merged[peer]["tok_per_s"]
+        add_ratios(merged)
         (Path(__file__).parent / "results" / f"{name}.json").write_text(json.dumps(merged, indent=2))
     return 0
 
@@ -465,15 +885,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="random-weight model built in-process")
     p.add_argument("--model", default=None, help="local HF folder (default: the built-in SmolLM2 when no preset)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder for presets (default: the built-in one)")
-    p.add_argument("--runs", default="engine,hf-static", help="comma list: engine, engine-eager, grpc (engine "
-                   "process, as served), grpc-thread (engine thread in the server), grpc-w2 (W2 through gRPC), hf-static, "
-                   "hf-cb, floor, w2, w3, w3-low")
-    p.add_argument("--requests", type=int, default=128)
-    p.add_argument("--max-output", type=int, default=512)
+    p.add_argument("--runs", default="engine,hf-static", help="comma list of stages, run in the order given: engine, "
+                   "engine-eager, grpc (engine process, as served), grpc-thread (engine thread in the server), "
+                   "grpc-w2 (W2 through gRPC), hf-static, hf-cb, floor, w2, w3, w3-low, w4 (chat traffic), "
+                   "grpc-w4 (W4 through gRPC), hf-cb-w4 (W4 on HF continuous batching)")
+    p.add_argument("--requests", type=int, default=128, help="requests of W1, W2 and W4")
+    p.add_argument("--max-output", type=int, default=None,
+                   help="output length cap: W1/W2 outputs are uniform 16..this (default 512); W4's lognormal "
+                        "outputs are capped at this (default 1,000)")
     p.add_argument("--max-batch-size", type=int, default=64)
-    p.add_argument("--rates", default="2,4,8", help="W2 Poisson arrival rates, requests/s")
-    p.add_argument("--slo-ttft-s", type=float, default=1.0, help="W2 goodput: time-to-first-token SLO, seconds")
-    p.add_argument("--slo-tpot-s", type=float, default=0.05, help="W2 goodput: time-per-output-token SLO, seconds")
+    p.add_argument("--max-seq-len", type=int, default=4096, help="W4: the engine's context (K/V columns per row)")
+    p.add_argument("--rates", default="2,4,8", help="W2 and W4 Poisson arrival rates, requests/s")
+    p.add_argument("--slo-ttft-s", type=float, default=1.0, help="W2/W4 goodput: time-to-first-token SLO, seconds")
+    p.add_argument("--slo-tpot-s", type=float, default=0.05, help="W2/W4 goodput: time-per-output-token SLO, seconds")
     p.add_argument("--name", default=None, help="result file name (default: preset/model and device)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--floor-variant", choices=FLOOR_VARIANTS, default=None,
@@ -485,115 +909,51 @@ def main(argv: list[str] | None = None) -> int:
                         "so no stage inherits another's device memory)")
     args = p.parse_args(argv)
     argv = list(argv if argv is not None else sys.argv[1:])
-    runs = args.runs.split(",")
+    args.w1_max_output = args.max_output or 512
+    args.w4_max_output = min(W4_OUTPUT[2], args.max_output or W4_OUTPUT[2])
+    runs = list(dict.fromkeys(args.runs.split(",")))
     unknown = sorted(set(runs) - RUNS)
     if unknown:   # a typo must not silently measure nothing
         p.error(f"--runs: unknown {', '.join(unknown)} (choose from {', '.join(sorted(RUNS))})")
     if len(runs) > 1 and torch.cuda.is_available() and not args.same_process:
         return _per_stage(args, argv, runs)
 
-    import functools
+    bench = build_bench(args, argv, runs)
+    for name in runs:
+        bench.result.update(STAGES[name](bench))
+        bench.save()
+    add_ratios(bench.result)
+    if bench.device.type == "cuda":
+        bench.result["peak_device_bytes"] = torch.cuda.max_memory_allocated()
+    bench.save()
+    print(json.dumps(bench.result, indent=2))
+    return 0
 
+
+def build_bench(args, argv: list[str], runs: list[str]) -> Bench:
     from engine import model_loader
     device = model_loader.resolve_device("auto")
     dtype = model_loader.resolve_dtype(args.dtype, device)
     load = functools.partial(load_model, args.preset, args.model, args.tokenizer, device, dtype)
-    if args.preset and set(runs) <= {"grpc", "grpc-w2"}:
+    if args.preset and set(runs) <= ENGINE_PROCESS_ONLY:
         # only the engine process needs the weights: build none here (it would halve its memory)
         model, tokenizer, spec = load_model(args.preset, None, args.tokenizer, torch.device("meta"), dtype)
     else:
         model, tokenizer, spec = load()
     vocab = min(spec.vocab_size, len(tokenizer))
-    reqs = workloads.with_text(workloads.w1(args.requests, vocab=vocab, output=(16, args.max_output)), tokenizer)
+    cap = args.w1_max_output
+    reqs = workloads.with_text(workloads.w1(args.requests, vocab=vocab, output=(min(16, cap), cap)), tokenizer)
     max_seq = max(len(r.prompt_ids) + r.max_new_tokens for r in reqs) + 8
-    result = {"command": "python -m benchmarks.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "versions": versions(), "model": args.preset or spec.name, "dtype": str(dtype),
-              "workload_w1": {"requests": len(reqs), "useful_tokens": sum(r.max_new_tokens for r in reqs)}}
     fused = {"auto": None, "fused": True, "hf": False}[args.decode]
-    common = dict(max_batch=args.max_batch_size, max_seq_len=max_seq, fused=fused)
     name = args.name or f"{args.preset or spec.name}-{device.type}"
-    out = Path(__file__).parent / "results" / f"{name}.json"
-
-    def save() -> None:  # after every run, so a time-out keeps what finished
-        out.write_text(json.dumps(result, indent=2))
-    if "floor" in runs and device.type == "cuda":
-        bw = copy_bandwidth(device)
-        result["copy_bandwidth_Bps"] = bw
-        result["host_link"] = host_link_bandwidth(device)
-        # the engine's decode (--decode), and the HF forward with and without CUDA graphs beside it
-        variants = {"graph": (True, fused), "hf_graph": (True, False), "eager": (False, False)}
-        for variant in FLOOR_VARIANTS:
-            if args.floor_variant not in (None, variant):
-                continue
-            batch, label = int(variant.split(":")[0]), variant.split(":")[1]
-            graphs, mode = variants[label]
-            m = decode_step_micro(model, tokenizer, spec, batch, 1024, graphs, mode)
-            m["floor_ms"] = 1000 * (m["weights_bytes"] + m["kv_bytes"]) / bw
-            m["ratio_to_floor"] = m["step_ms"] / m["floor_ms"]
-            result[f"decode_step_b{batch}_ctx1024_{label}"] = m
-            save()
-        if "decode_step_b32_ctx1024_graph" in result:
-            result["floor_w1_tok_per_s_b32"] = 32 / (result["decode_step_b32_ctx1024_graph"]["floor_ms"] / 1000)
-    save()
-    if "engine" in runs:
-        result["engine"] = run_engine(model, tokenizer, spec, reqs, cuda_graphs=True, label="engine", **common)
-    save()
-    if "engine-eager" in runs:
-        result["engine_eager"] = run_engine(model, tokenizer, spec, reqs, cuda_graphs=False, label="engine-eager", **common)
-    save()
-    if "w2" in runs:
-        for rate in [float(x) for x in args.rates.split(",")]:
-            # the same tokens as grpc-w2 sends (text round trip, as for W1)
-            w2 = workloads.with_text(workloads.w2(rate, num_requests=args.requests, vocab=vocab,
-                                                  output=(16, args.max_output)), tokenizer)
-            save()
-            result[f"engine_w2_rate{rate:g}"] = run_engine(model, tokenizer, spec, w2, cuda_graphs=True,
-                                                           label=f"w2@{rate:g}/s", **common,
-                                                           slo=(args.slo_ttft_s, args.slo_tpot_s))
-    save()
-    if "w3" in runs and device.type == "cuda" and "host_link" not in result:
-        result["host_link"] = host_link_bandwidth(device)
-    if "w3" in runs or "w3-low" in runs:
-        # a saturated batch of priority-0 work; priority-10 arrivals preempt into it ("w3-low":
-        # the same low-priority work alone, to price what the preemptions cost it)
-        w3 = workloads.w3(num_low=args.max_batch_size, num_high=16, high_every_s=0.5, vocab=vocab)
-        max3 = max(len(r.prompt_ids) + r.max_new_tokens for r in w3) + 8
-        if "w3" in runs:
-            result["engine_w3"] = run_engine(model, tokenizer, spec, w3, cuda_graphs=True, label="w3",
-                                             max_batch=args.max_batch_size, max_seq_len=max3, fused=fused)
-        if "w3-low" in runs:
-            low_only = [r for r in w3 if r.priority == 0]
-            result["engine_w3_low_only"] = run_engine(model, tokenizer, spec, low_only, cuda_graphs=True,
-                                                      label="w3-low", max_batch=args.max_batch_size, max_seq_len=max3, fused=fused)
-    save()
-    if "grpc-w2" in runs:       # W2 through the served path: Poisson arrivals from the client process
-        for rate in [float(x) for x in args.rates.split(",")]:
-            w2 = workloads.with_text(workloads.w2(rate, num_requests=args.requests, vocab=vocab,
-                                                  output=(16, args.max_output)), tokenizer)
-            result[f"grpc_w2_rate{rate:g}"] = run_grpc(w2, load=load, transport="process", **common,
-                                                       slo=(args.slo_ttft_s, args.slo_tpot_s))
-            save()
-    if "grpc-thread" in runs:   # the engine loop as a thread of the server (it shares the GIL)
-        result["grpc_thread"] = run_grpc(reqs, load=lambda: (model, tokenizer, spec), transport="thread", **common)
-    if "grpc" in runs:          # the engine loop in its own process, as `baton serve` runs it
-        result["grpc"] = run_grpc(reqs, load=load, transport="process", **common)
-    for key in ("grpc", "grpc_thread"):
-        if key in result and "engine" in result:
-            result[f"{key}_over_engine"] = result[key]["tok_per_s"] / result["engine"]["tok_per_s"]
-    save()
-    if "hf-static" in runs:
-        result["hf_static"] = run_hf_static(model, reqs)
-    save()
-    if "hf-cb" in runs:
-        try:
-            result["hf_cb"] = run_hf_cb(model, reqs)
-        except Exception as exc:  # noqa: BLE001 - record why a peer could not run
-            result["hf_cb"] = {"error": repr(exc)}
-    if device.type == "cuda":
-        result["peak_device_bytes"] = torch.cuda.max_memory_allocated()
-    save()
-    print(json.dumps(result, indent=2))
-    return 0
+    bench = Bench(args=args, device=device, model=model, tokenizer=tokenizer, spec=spec, load=load, reqs=reqs,
+                  common=dict(max_batch=args.max_batch_size, max_seq_len=max_seq, fused=fused),
+                  out=Path(__file__).parent / "results" / f"{name}.json")
+    bench.result.update({
+        "command": "python -m benchmarks.bench " + " ".join(argv), "versions": versions(),
+        "model": args.preset or spec.name, "dtype": str(dtype),
+        "workload_w1": {"requests": len(reqs), "useful_tokens": sum(r.max_new_tokens for r in reqs)}})
+    return bench
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Benchmark workloads: fixed-seed request sets, no model needed."""
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -51,3 +52,28 @@ def w3(num_low: int, num_high: int, high_every_s: float, vocab: int = 32000, see
     high = [BenchRequest([rng.randrange(100, vocab) for _ in range(rng.randint(32, 128))], 32,
                          arrival_s=(i + 1) * high_every_s, priority=10) for i in range(num_high)]
     return low + high
+
+
+def _lognormal_length(rng: random.Random, median: float, sigma: float, cap: int) -> int:
+    return min(cap, max(1, round(rng.lognormvariate(math.log(median), sigma))))
+
+
+def w4(rate_per_s: float, num_requests: int = 128, vocab: int = 32000, seed: int = 0,
+       prompt=(400, 1.0, 3000), output=(200, 0.8, 1000), high_fraction: float = 0.15,
+       high_priority: int = 10) -> list[BenchRequest]:
+    """W4, chat traffic: lognormal lengths, `prompt` and `output` = (median, sigma, cap) tokens
+    (each at least 1), Poisson arrivals at `rate_per_s`, and `high_fraction` of the requests at
+    `high_priority` (the others 0). The requests (lengths, tokens, priorities) depend on `seed`
+    alone and the arrivals on their own stream, so every rate runs the same requests: the
+    arrival times at rate r are those at rate 1 divided by r."""
+    rng = random.Random(seed + 4)
+    arrivals = random.Random(seed + 5)
+    out, t = [], 0.0
+    for _ in range(num_requests):
+        n_prompt = _lognormal_length(rng, *prompt)
+        n_output = _lognormal_length(rng, *output)
+        priority = high_priority if rng.random() < high_fraction else 0
+        ids = [rng.randrange(100, vocab) for _ in range(n_prompt)]
+        t += arrivals.expovariate(rate_per_s)
+        out.append(BenchRequest(ids, n_output, arrival_s=t, priority=priority))
+    return out

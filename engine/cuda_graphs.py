@@ -52,9 +52,8 @@ class GraphDecoder:
         if key not in self.graphs:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(1):                     # warm up kernels/allocator outside capture
-                    self._forward(rows, width)
+            with torch.cuda.stream(stream):    # warm up kernels and the allocator outside capture
+                self._forward(rows, width)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):

@@ -1,46 +1,65 @@
-"""One engine step = schedule -> execute -> update.
+"""One engine step = schedule -> execute -> update, and the step's events returned as a value.
 
-`LLMEngine` is single-threaded (the engine thread in engine/api.py drives it). `step()` asks the
-scheduler what changes, applies those changes to the K/V slab and runs at most two forwards (the
-prefill of newcomers, then one decode of every row), then turns sampled tokens into stream events.
+`LLMEngine` is single-threaded: the command loop (engine/loop.py) drives it, in a thread of the
+server or in the engine process. Commands (`add_request`, `abort`, `preempt`) return the events
+they cause; `step()` returns a `StepOutput`. Nothing leaves the engine by callback.
+
+A step runs in phases, and `step_phases()` yields each phase's events as soon as it is done, so
+a prefill group's first tokens can reach their streams before the batch's decode runs:
+  1. membership: rows ended by a command are dropped, rows chosen by the scheduler are parked in
+     host memory, parked rows are restored (no recompute);
+  2. one phase per prefill group: newcomers of similar length are prefilled together, on their
+     own, and their K/V embedded into the batch (Baton's prefill/decode separation);
+  3. decode: one token for every row of the batch; finished rows leave at once.
 """
 from __future__ import annotations
 
-import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from engine.detokenizer import IncrementalDetokenizer, fast_decoder
-from engine.host_pool import HostPool
+from engine.errors import NotOwner
+from engine.host_pool import HostPool, ParkedKV
 from engine.kv_slab import KVSlab
 from engine.model_runner import ModelRunner
-from engine.request import FinishReason, Request, RequestOutput, RequestState, stats_of
-from engine.sampler import make_generator, sample
+from engine.outputs import EngineStats, StepOutput
+from engine.request import FinishReason, PreemptAction, Request, RequestOutput, RequestState, stats_of
+from engine.sampler import Sampler, make_generator
 from engine.scheduler import Scheduler, SchedulerOutput
 
-OutputSink = Callable[[RequestOutput], None]
+Events = tuple[RequestOutput, ...]
 
 
 @dataclass
 class _Live:
     """Per-request engine state that is not scheduling data."""
     detok: IncrementalDetokenizer
-    generator: torch.Generator | None
-    sink: OutputSink
+    generator: torch.Generator | None     # only for a sampled request with its own seed
     new_ids: list[int] = field(default_factory=list)
     new_text: str = ""
+
+
+@dataclass
+class _Counters:
+    steps: int = 0
+    step_errors: int = 0
+    parks: int = 0                 # rows parked since start (preemptions and suspends)
+    bytes_offloaded: int = 0
+    bytes_restored: int = 0
+    seconds_prefill: float = 0.0
+    seconds_decode: float = 0.0
+    seconds_offload: float = 0.0
+    seconds_restore: float = 0.0
 
 
 def length_groups(requests, max_waste: float = 1.0) -> list[list[Request]]:
     """Split newcomers into prefill forwards of similar prompt length, so padding stays under
     `max_waste` of each forward's tokens (one long prompt must not pad thirty short ones).
-    Measured on an H200 (7B shape): each eager forward costs ~55 ms of host overhead, so a tight
-    bound (0.25) made many small forwards and doubled prefill time; 1.0 splits only wild mixes.
-    On a CPU a forward costs its arithmetic, and padding is pure waste: 0.1 there (for 32 prompts
-    of 32-512 tokens: 10.4 K padded tokens in 8 forwards instead of 16.3 K in one)."""
+    A GPU forward is dominated by per-forward host overhead, so a loose bound (1.0) that splits
+    only wild mixes suits it; on a CPU padding is pure arithmetic waste, so a tight one (0.1)."""
     groups: list[list[Request]] = []
     for request in sorted(requests, key=lambda r: len(r.prompt_ids)):
         group = groups[-1] if groups else None
@@ -59,70 +78,78 @@ class LLMEngine:
                  eos_token_ids: tuple[int, ...], seed: int = 0, pressure: Callable[[], bool] = lambda: False,
                  pinned_arena_bytes: int = 0, prefill_max_waste: float = 1.0) -> None:
         self.runner = runner
-        self.prefill_max_waste = prefill_max_waste
         self.slab: KVSlab = runner.slab
         self.scheduler = scheduler
         self.tokenizer = tokenizer
-        self._decode = fast_decoder(tokenizer)
+        self.prefill_max_waste = prefill_max_waste
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.host_kv: dict[str, torch.Tensor] = {}     # parked rows, [L, 2, H, n, D] each
+        self.sampler = Sampler(runner.device, seed)
+        self._decode_text = fast_decoder(tokenizer)
         self._live: dict[str, _Live] = {}
-        self._seeds = random.Random(seed)
         self._pressure = pressure
+        self._counts = _Counters()
         # Parked rows: a pinned arena on CUDA (blocks of 64 tokens), plain memory on CPU.
         on_cuda = runner.device.type == "cuda"
-        self.host_pool = HostPool(pinned_arena_bytes if on_cuda else 0, 64 * self.slab.bytes_per_token, pin=on_cuda)
-        self.num_parked_total = 0          # rows parked since start (preemptions and suspends)
-        self.bytes_offloaded = 0
-        self.bytes_restored = 0
-        self.seconds_prefill = 0.0         # wall time in prefill forwards + their sampling
-        self.seconds_decode = 0.0          # wall time in decode forwards + their sampling
-        self.seconds_offload = 0.0         # wall time of K/V copies to host (synchronised; parks are rare)
-        self.seconds_restore = 0.0         # wall time of K/V copies back to the device
-        # Called after each prefill group's events have gone to their sinks, mid-step: an engine
-        # process sends them on at once (engine/process.py) instead of after the whole step.
-        self.on_events: Callable[[], None] = lambda: None
+        self.parked = ParkedKV(HostPool(pinned_arena_bytes if on_cuda else 0, 64 * self.slab.bytes_per_token,
+                                        pin=on_cuda))
 
-    # ---- requests in -----------------------------------------------------------------------
-    def add_request(self, request: Request, sink: OutputSink) -> None:
+    # ---- commands (between steps) -----------------------------------------------------------
+    def add_request(self, request: Request) -> RequestOutput:
+        """Queue a request; raises DuplicateRequest. -> its QUEUED event."""
         self.scheduler.add(request)
         p = request.params
-        generator = None
-        if not p.greedy:
-            seed = p.seed if p.seed is not None else self._seeds.getrandbits(63)
-            generator = make_generator(seed, self.runner.device)
-        self._live[request.request_id] = _Live(IncrementalDetokenizer(self.tokenizer, p.stop, self._decode), generator, sink)
-        sink(RequestOutput(request.request_id, state=RequestState.QUEUED,
-                           queue_position=self.scheduler.queue_position(request, time.monotonic())))
+        generator = make_generator(p.seed, self.runner.device) if not p.greedy and p.seed is not None else None
+        self._live[request.request_id] = _Live(IncrementalDetokenizer(self.tokenizer, p.stop, self._decode_text),
+                                               generator)
+        return RequestOutput(request.request_id, state=RequestState.QUEUED,
+                             queue_position=self.scheduler.queue_position(request, time.monotonic()))
 
-    def cancel(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> Request:
-        request = self.scheduler.cancel(request_id, reason)
-        self._emit_final(request)
-        return request
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> RequestOutput:
+        """End a request now (its row or parked K/V are freed at the next step). -> its final event.
+        Raises UnknownRequest / RequestFinished."""
+        return self._final(self.scheduler.cancel(request_id, reason))
 
-    def suspend(self, request_id: str) -> Request:
-        """Park now: a running row's K/V are copied out at the start of the next step."""
-        request = self.scheduler.suspend(request_id, time.monotonic())
-        self._live[request_id].sink(RequestOutput(request_id, state=RequestState.SUSPENDED))
-        return request
-
-    def resume(self, request_id: str) -> Request:
-        request = self.scheduler.resume(request_id)
-        self._live[request_id].sink(RequestOutput(request_id, state=request.state))
-        return request
+    def preempt(self, request_id: str, action: PreemptAction, priority: int | None = None,
+                owner: str | None = None) -> tuple[RequestState, Events]:
+        """One Preempt call: -> (the request's state after it, the events it caused). Raises
+        UnknownRequest, RequestFinished, NotOwner or HostPoolFull; on a raise nothing changed."""
+        request = self.scheduler.get(request_id)
+        if owner is not None and request.owner != owner:
+            raise NotOwner(f"request_id {request_id!r} belongs to another caller")
+        if action == PreemptAction.SUSPEND:   # first: a refused SUSPEND must leave the priority alone
+            request = self.scheduler.suspend(request_id, time.monotonic())
+        if priority is not None:
+            self.scheduler.set_priority(request_id, priority)
+        if action == PreemptAction.SUSPEND:
+            return request.state, (RequestOutput(request_id, state=RequestState.SUSPENDED),)
+        if action == PreemptAction.RESUME:
+            request = self.scheduler.resume(request_id)
+            return request.state, (RequestOutput(request_id, state=request.state),)
+        if action == PreemptAction.CANCEL:
+            return RequestState.FINISHED, (self.abort(request_id),)
+        return request.state, ()
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    # ---- the step --------------------------------------------------------------------------
-    @torch.inference_mode()
-    def step(self) -> None:
-        sched = self.scheduler.schedule(time.monotonic(), pressure=self._pressure())
-        finished = self._execute(sched)
-        self._update(sched, finished)
+    # ---- the step ---------------------------------------------------------------------------
+    def step(self) -> StepOutput:
+        phases = tuple(phase for phase in self.step_phases() if phase)
+        return StepOutput(phases=phases, stats=self.stats())
 
-    def _execute(self, sched: SchedulerOutput) -> list[Request]:
-        """Apply the schedule to the slab and run the forwards. Returns requests that finished."""
+    def step_phases(self) -> Iterator[Events]:
+        """Run one step, yielding each phase's events when the phase is done. The caller runs the
+        iterator to its end before the next command (a step is never interleaved with commands)."""
+        sched = self.scheduler.schedule(time.monotonic(), pressure=self._pressure())
+        yield self._membership(sched)
+        for group in length_groups(sched.prefill, self.prefill_max_waste):
+            yield self._prefill(group)
+        if self.slab.num_rows:
+            yield self._decode(sched.decode)
+        self._counts.steps += 1
+
+    @torch.inference_mode()
+    def _membership(self, sched: SchedulerOutput) -> Events:
         for request in sched.free:
             self._drop_kv(request.request_id)
         self._park(sched.park)
@@ -130,58 +157,107 @@ class LLMEngine:
         if incoming:
             self.slab.reserve(max(incoming))
         self._restore(sched.restore)
-        finished: list[Request] = []
-        for group in length_groups(sched.prefill, self.prefill_max_waste):
-            started = time.monotonic()
-            result = self.runner.prefill([r.prompt_ids for r in group])
-            tokens = self._sample(group, result.logits)
-            self.seconds_prefill += time.monotonic() - started
-            for i, (request, token) in enumerate(zip(group, tokens)):
-                if self._append(request, token):
-                    finished.append(request)
-                else:
-                    self.slab.add_row(request.request_id, result.row_kv(i))
-                    # its first token streams now, not after the other groups and the decode
-                    self._send(request, state=RequestState.RUNNING)
-            self.on_events()
-        if self.slab.num_rows:
-            by_id = {r.request_id: r for r in sched.decode}
-            rows = [by_id[row_id] for row_id in self.slab.row_ids]
-            started = time.monotonic()
-            logits = self.runner.decode([r.output_ids[-1] for r in rows])
-            tokens = self._sample(rows, logits)
-            self.seconds_decode += time.monotonic() - started
-            for request, token in zip(rows, tokens):
-                if self._append(request, token):
-                    finished.append(request)
-        return finished
+        # SUSPENDED rows were reported by the SUSPEND command itself.
+        parked = [RequestOutput(r.request_id, state=r.state) for r in sched.park if r.state == RequestState.PREEMPTED]
+        return (*parked, *(RequestOutput(r.request_id, state=RequestState.RUNNING) for r in sched.restore))
 
+    @torch.inference_mode()
+    def _prefill(self, group: list[Request]) -> Events:
+        started = time.monotonic()
+        result = self.runner.prefill([r.prompt_ids for r in group])
+        tokens = self._sample(group, result.logits)
+        self._counts.seconds_prefill += time.monotonic() - started
+        events = []
+        for i, (request, token) in enumerate(zip(group, tokens)):
+            if self._append(request, token):
+                events.append(self._finish(request))
+            else:
+                self.slab.add_row(request.request_id, result.row_kv(i))
+                events.append(self._flush(request, state=RequestState.RUNNING))
+        return tuple(events)
+
+    @torch.inference_mode()
+    def _decode(self, scheduled: tuple[Request, ...]) -> Events:
+        by_id = {r.request_id: r for r in scheduled}
+        rows = [by_id[row_id] for row_id in self.slab.row_ids]
+        started = time.monotonic()
+        logits = self.runner.decode([r.output_ids[-1] for r in rows])
+        tokens = self._sample(rows, logits)
+        self._counts.seconds_decode += time.monotonic() - started
+        events = []
+        for request, token in zip(rows, tokens):
+            event = self._finish(request) if self._append(request, token) else self._flush(request)
+            if event is not None:
+                events.append(event)
+        return tuple(events)
+
+    def fail_batch(self, exc: BaseException) -> Events:
+        """A step raised: end the requests that were in the batch (their rows may be half updated)
+        and any parked one whose K/V did not reach host memory; reset the slab. Queued and properly
+        parked requests are untouched and run later. -> the final events of those ended."""
+        self._counts.step_errors += 1
+        out_of_memory = isinstance(exc, torch.OutOfMemoryError)
+        if out_of_memory and torch.cuda.is_available():
+            torch.cuda.empty_cache()   # give back what the failed step's temporaries held
+        message = f"engine step failed: {exc!r}"
+        broken = [r for r in list(self.scheduler.by_id.values())
+                  if r.state == RequestState.RUNNING
+                  or (r.state in (RequestState.PREEMPTED, RequestState.SUSPENDED)
+                      and r.num_preemptions and r.request_id not in self.parked)]
+        events = []
+        for request in broken:
+            request.error = message
+            self.scheduler.cancel(request.request_id, FinishReason.ERROR)
+            events.append(self._final(request, out_of_memory=out_of_memory))
+        self.scheduler.clear_pending()   # their rows are removed right here
+        for row_id in list(self.slab.row_ids):
+            self.slab.remove_row(row_id)
+        return tuple(events)
+
+    def stats(self) -> EngineStats:
+        c, kv = self._counts, self.scheduler.kv
+        return EngineStats(
+            rows_on_device=self.slab.num_rows, rows_parked=kv.num_parked,
+            requests_waiting=self.scheduler.num_queued, kv_bytes_on_device=self.slab.used_bytes,
+            kv_bytes_on_host=kv.host_bytes, steps=c.steps, step_errors=c.step_errors, preemptions=c.parks,
+            bytes_offloaded=c.bytes_offloaded, bytes_restored=c.bytes_restored,
+            seconds_prefill=c.seconds_prefill, seconds_decode=c.seconds_decode,
+            seconds_offload=c.seconds_offload, seconds_restore=c.seconds_restore,
+            kv_relocations=self.slab.num_relocations)
+
+    def close(self) -> None:
+        """Release device memory now (slab, graphs), even if references to the engine linger."""
+        self.runner.graphs = None
+        self.slab.data = torch.empty(0, device=self.slab.data.device)
+        self.parked.clear()
+
+    # ---- K/V moves --------------------------------------------------------------------------
     def _park(self, requests: tuple[Request, ...]) -> None:
         """Copy these rows' K/V to host memory and take them out of the batch."""
         started = self._timed_start(bool(requests))
         for request in requests:
-            kv = self.slab.take_row(request.request_id, self.host_pool.allocate)
-            self.host_kv[request.request_id] = kv
+            kv = self.slab.take_row(request.request_id, self.parked.allocate)
+            self.parked.put(request.request_id, kv)
             nbytes = kv.numel() * kv.element_size()
             request.bytes_offloaded += nbytes
-            self.bytes_offloaded += nbytes
-            self.num_parked_total += 1
-        self.seconds_offload += self._timed_end(started)
+            self._counts.bytes_offloaded += nbytes
+            self._counts.parks += 1
+        self._counts.seconds_offload += self._timed_end(started)
 
     def _restore(self, requests: tuple[Request, ...]) -> None:
         """Embed parked K/V back into free rows (no recompute)."""
         started = self._timed_start(bool(requests))
         restored = []
         for request in requests:
-            kv = self.host_kv.pop(request.request_id)
+            kv = self.parked.pop(request.request_id)
             self.slab.add_row(request.request_id, kv.to(self.runner.device, non_blocking=True))
             nbytes = kv.numel() * kv.element_size()
             request.bytes_restored += nbytes
-            self.bytes_restored += nbytes
+            self._counts.bytes_restored += nbytes
             restored.append(kv)
-        self.seconds_restore += self._timed_end(started)   # synchronised: the copies are done
+        self._counts.seconds_restore += self._timed_end(started)   # synchronised: the copies are done
         for kv in restored:
-            self.host_pool.release(kv)
+            self.parked.release(kv)
 
     def _timed_start(self, active: bool) -> float | None:
         """Start timing a copy phase; on CUDA, drain queued work first so only the copy is timed."""
@@ -198,17 +274,22 @@ class LLMEngine:
             torch.cuda.synchronize(self.runner.device)
         return time.monotonic() - started
 
+    def _drop_kv(self, request_id: str) -> None:
+        if request_id in self.slab.row_ids:
+            self.slab.remove_row(request_id)
+        self.parked.drop(request_id)
+
+    # ---- tokens -----------------------------------------------------------------------------
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
-        lives = [self._live[r.request_id] for r in requests]
         # Seen ids are only needed (and only built) for rows with a repetition penalty.
         seen = [r.all_ids if r.params.has_penalty else [] for r in requests]
-        return sample(logits, [r.params for r in requests], seen, [live.generator for live in lives])
+        generators = [self._live[r.request_id].generator for r in requests]
+        return self.sampler.sample(logits, [r.params for r in requests], seen, generators)
 
     def _append(self, request: Request, token: int) -> bool:
         """Record one sampled token; return True when the request must stop."""
-        now = time.monotonic()
         if request.first_token_time is None:
-            request.first_token_time = now
+            request.first_token_time = time.monotonic()
         request.output_ids.append(token)
         live = self._live[request.request_id]
         live.new_ids.append(token)
@@ -218,73 +299,33 @@ class LLMEngine:
             request.finish_reason = FinishReason.STOP_SEQUENCE
         elif token in self.eos_token_ids and not p.ignore_eos:
             request.finish_reason = FinishReason.EOS
-        elif len(request.output_ids) >= p.max_new_tokens or request.num_tokens + 2 > self.slab.max_len:
+        elif len(request.output_ids) >= p.max_new_tokens or not self.scheduler.kv.can_grow(request):
             request.finish_reason = FinishReason.LENGTH
         return request.finish_reason is not None
 
-    def _update(self, sched: SchedulerOutput, finished: list[Request]) -> None:
-        for request in finished:
-            self._drop_kv(request.request_id)
-            self.scheduler.finish(request, request.finish_reason)
-        for request in sched.park:
-            if request.state == RequestState.PREEMPTED:  # SUSPENDED was reported by suspend()
-                self._send(request, state=request.state)
-        done = {id(r) for r in finished}
-        restored = {id(r) for r in sched.restore}
-        for request in sched.restore:
-            if id(request) not in done:
-                self._send(request, state=RequestState.RUNNING)
-        for request in sched.decode:   # newly prefilled rows included: their RUNNING went out already
-            if id(request) not in done and id(request) not in restored:
-                self._send(request)
-        for request in finished:
-            live = self._live[request.request_id]
-            live.new_text += live.detok.flush()
-            self._emit_final(request)
+    def _finish(self, request: Request) -> RequestOutput:
+        """A row met a stopping rule: it leaves the batch now. -> its final event."""
+        self._drop_kv(request.request_id)
+        self.scheduler.finish(request, request.finish_reason)
+        live = self._live[request.request_id]
+        live.new_text += live.detok.flush()
+        return self._final(request)
 
-    def fail_batch(self, message: str, out_of_memory: bool = False) -> None:
-        """An engine step raised: end the requests that were in the batch (their rows may be half
-        updated) and any parked one whose K/V did not reach host memory; reset the slab. Queued
-        and properly parked requests are untouched and run later."""
-        broken = [r for r in list(self.scheduler.by_id.values())
-                  if r.state == RequestState.RUNNING
-                  or (r.state in (RequestState.PREEMPTED, RequestState.SUSPENDED)
-                      and r.num_preemptions and r.request_id not in self.host_kv)]
-        for request in broken:
-            request.error = message
-            self.scheduler.cancel(request.request_id, FinishReason.ERROR)
-            self._emit_final(request, out_of_memory=out_of_memory)
-        self.scheduler.clear_pending()   # their rows are removed right here
-        for row_id in list(self.slab.row_ids):
-            self.slab.remove_row(row_id)
-
-    def close(self) -> None:
-        """Release device memory now (slab, graphs), even if references to the engine linger."""
-        self.runner.graphs = None
-        self.slab.data = torch.empty(0, device=self.slab.data.device)
-        self.host_kv.clear()
-
-    # ---- events out ------------------------------------------------------------------------
-    def _send(self, request: Request, state: RequestState | None = None) -> None:
+    # ---- events -----------------------------------------------------------------------------
+    def _flush(self, request: Request, state: RequestState | None = None) -> RequestOutput | None:
+        """The tokens and text gathered since the last event (and a state change), if any."""
         live = self._live[request.request_id]
         if not (live.new_ids or live.new_text or state is not None):
-            return
+            return None
         event = RequestOutput(request.request_id, text=live.new_text, token_ids=tuple(live.new_ids), state=state)
         live.new_ids, live.new_text = [], ""
-        live.sink(event)
+        return event
 
-    def _emit_final(self, request: Request, out_of_memory: bool = False) -> None:
+    def _final(self, request: Request, out_of_memory: bool = False) -> RequestOutput:
         live = self._live.pop(request.request_id)
-        live.sink(RequestOutput(
+        return RequestOutput(
             request.request_id, text=live.new_text, token_ids=tuple(live.new_ids),
             state=RequestState.FINISHED, finish_reason=request.finish_reason, error=request.error,
             out_of_memory=out_of_memory,
             prompt_tokens=len(request.prompt_ids), completion_tokens=len(request.output_ids),
-            stats=stats_of(request, time.monotonic())))
-
-    def _drop_kv(self, request_id: str) -> None:
-        if request_id in self.slab.row_ids:
-            self.slab.remove_row(request_id)
-        kv = self.host_kv.pop(request_id, None)
-        if kv is not None:
-            self.host_pool.release(kv)
+            stats=stats_of(request, time.monotonic()))

@@ -56,3 +56,40 @@ class HostPool:
             if run == count:
                 return i - count + 1
         return None
+
+
+class ParkedKV:
+    """The K/V tensors of parked rows, by request id, held in a `HostPool`. Storage only: the
+    accounting (bytes, budget) is the scheduler's ledger (engine/kv_ledger.py)."""
+
+    def __init__(self, pool: HostPool) -> None:
+        self.pool = pool
+        self._rows: dict[str, torch.Tensor] = {}   # request_id -> [L, 2, H, n, D]
+
+    def allocate(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        return self.pool.allocate(shape, dtype)
+
+    def put(self, request_id: str, kv: torch.Tensor) -> None:
+        self._rows[request_id] = kv
+
+    def pop(self, request_id: str) -> torch.Tensor:
+        """Take a row out; `release` it once its copy back to the device has completed."""
+        return self._rows.pop(request_id)
+
+    def release(self, kv: torch.Tensor) -> None:
+        self.pool.release(kv)
+
+    def drop(self, request_id: str) -> None:
+        kv = self._rows.pop(request_id, None)
+        if kv is not None:
+            self.pool.release(kv)
+
+    def clear(self) -> None:
+        for request_id in list(self._rows):
+            self.drop(request_id)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._rows
+
+    def __len__(self) -> int:
+        return len(self._rows)

@@ -98,9 +98,6 @@ class KVSlab:
         fits left of the write column (otherwise each longer newcomer would move it again)."""
         self._make_room(need_left=longest)
 
-    def row_length(self, row_id: str) -> int:
-        return self.lengths[self.row_ids.index(row_id)]
-
     # ---- decode ----------------------------------------------------------------------------
     def prepare_decode(self, max_padding: int | None = None) -> tuple[int, int]:
         """Make room for one write column; return the window [lo, hi) the step attends to:

@@ -7,6 +7,7 @@ knows nothing of requests beyond their token ids.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,10 @@ class ModelRunner:
         self.slab = slab
         self.device = device
         self.pad_token_id = pad_token_id
+        # The forward's cache argument: newer transformers renamed `past_key_values` to `cache` (the old
+        # name warns a FutureWarning and goes in 5.40); 5.17 knows only `past_key_values`, and passing
+        # `cache` there would be swallowed by **kwargs (a fresh DynamicCache, the slab never written).
+        self.cache_arg = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
         self.fused = None
         if fused_decode:
             from engine.fused_decode import FusedDecoder
@@ -45,10 +50,14 @@ class ModelRunner:
             self.graphs = GraphDecoder(self.forward_decode, slab, max_padding=GRAPH_MAX_PADDING)
             self.graphs.capture_all()
 
+    @property
+    def num_graphs(self) -> int:
+        return len(self.graphs.graphs) if self.graphs is not None else 0
+
     def describe(self) -> str:
         """How decode steps run, for the start-up log: e.g. 'fused+compiled, cuda graphs (52)'."""
         kind = "hf" if self.fused is None else "fused+compiled" if self.fused.compiled else "fused"
-        return kind + (f", cuda graphs ({len(self.graphs.graphs)})" if self.graphs is not None else ", eager")
+        return kind + (f", cuda graphs ({self.num_graphs})" if self.graphs is not None else ", eager")
 
     def forward_decode(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                        rows: int, lo: int, hi: int, write_index: torch.Tensor) -> torch.Tensor:
@@ -56,9 +65,9 @@ class ModelRunner:
         [rows, 1, 1, hi - lo]; writes column `write_index` and attends columns [lo, hi). -> logits [rows, V]."""
         if self.fused is not None:
             return self.fused(input_ids, positions, mask, self.slab.data, rows, lo, hi, write_index)
+        cache = SlabCache(self.slab.data, num_rows=rows, lo=lo, hi=hi, write_index=write_index)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=SlabCache(self.slab.data, num_rows=rows, lo=lo, hi=hi, write_index=write_index),
-                         use_cache=True)
+                         **{self.cache_arg: cache}, use_cache=True)
         return out.logits[:, -1]
 
     @torch.inference_mode()
@@ -84,7 +93,7 @@ class ModelRunner:
             input_ids=ids.to(self.device),
             attention_mask=mask[:, None].to(self.device),
             position_ids=positions.to(self.device),
-            past_key_values=SlabCache(kv, num_rows=m, lo=0, hi=P, write_index=torch.arange(P, device=self.device)),
+            **{self.cache_arg: SlabCache(kv, num_rows=m, lo=0, hi=P, write_index=torch.arange(P, device=self.device))},
             use_cache=True,
             logits_to_keep=1,
         )

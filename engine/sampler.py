@@ -1,66 +1,292 @@
-"""Per-request sampling: repetition penalty, temperature, top-k, top-p, seeded draws.
+"""Batched sampling: one token per row of a step's logits, the rows sampled together as tensor ops.
 
-Each request owns a `torch.Generator` seeded once, so a seeded request draws the same numbers
-whatever else shares its batch. Greedy rows are decided together by one argmax.
-Processing order follows Hugging Face `generate`: penalty, temperature, top-k, top-p.
+Job: logits [n, V] + each row's SamplingParams -> n token ids, in Hugging Face `generate` order:
+repetition penalty (RepetitionPenaltyLogitsProcessor), then temperature, top-k, top-p (the
+Temperature/TopK/TopPLogitsWarper). Greedy rows take the argmax of their penalised logits.
+
+Invariants:
+- Whole-batch ops, not per-row loops: the penalty is one gather/scatter over every penalised row,
+  temperature/top-k/top-p run on the [m, V] sub-batch of sampled rows with per-row parameter
+  tensors, greedy rows share one argmax, and the draw is one "exponential race" (argmax of p / E,
+  E ~ Exponential(1), picks token i with probability p_i, as gpt-fast's
+  multinomial_sample_one_no_sync) instead of a multinomial per row.
+- Randomness: the unseeded sampled rows draw their noise in ONE call from the Sampler's generator.
+  A row with its own seed draws a full [V] of noise from its own generator every step and uses it
+  by vocab id; that is the only per-row op, and it makes a seeded row's tokens depend on its own
+  logits and generator only, never on what else shares the batch.
+- Filters run dense (over all V) on CUDA. On CPU they first try a few best columns per row (no
+  sort over V) and keep that only where it provably equals the dense result; the check reads the
+  data, which on CUDA would be a mid-step device wait.
+- The caller's logits are never edited. On CUDA nothing reads a device value back before the one
+  explicit synchronize in `Sampler.sample`: the host only queues kernels until then.
 """
 from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass
 
 import torch
 
 from engine.request import SamplingParams
 
-
-def apply_repetition_penalty(row: torch.Tensor, seen_ids: list[int], penalty: float) -> None:
-    """In place on one row of logits [V]: divide positive scores, multiply negative ones."""
-    ids = torch.tensor(sorted(set(seen_ids)), device=row.device, dtype=torch.long)
-    scores = row.index_select(0, ids)
-    row.index_copy_(0, ids, torch.where(scores < 0, scores * penalty, scores / penalty))
-
-
-def filtered_logits(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k and top-p on one row [V]; removed tokens get -inf."""
-    # Shift by the max first: a tiny temperature (or an extreme penalty) must not overflow to inf/NaN
-    # and fail the whole batch's step; for normal temperatures the draw is unchanged.
-    finite = torch.finfo(row.dtype)
-    row = row.nan_to_num(nan=finite.min, posinf=finite.max, neginf=finite.min)
-    row = (row - row.max()) / params.temperature
-    if params.top_k > 0 and params.top_k < row.shape[-1]:
-        kth = torch.topk(row, params.top_k).values[-1]
-        row = row.masked_fill(row < kth, float("-inf"))
-    if 0.0 < params.top_p < 1.0:
-        sorted_logits, order = torch.sort(row, descending=False)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        remove_sorted = cumulative <= (1 - params.top_p)
-        remove_sorted[-1] = False                      # always keep the most likely token
-        remove = torch.zeros_like(remove_sorted).scatter(0, order, remove_sorted)
-        row = row.masked_fill(remove, float("-inf"))
-    return row
-
-
-@torch.inference_mode()
-def sample(logits: torch.Tensor, params: list[SamplingParams], seen_ids: list[list[int]],
-           generators: list[torch.Generator | None]) -> list[int]:
-    """logits [n, V] (any float dtype) -> one token id per row."""
-    logits = logits.float()  # a copy when the model runs in bf16; penalties edit it in place
-    for i, p in enumerate(params):
-        if p.has_penalty:
-            apply_repetition_penalty(logits[i], seen_ids[i], p.repetition_penalty)
-    chosen = logits.argmax(dim=-1)                                   # [n]
-    for i, p in enumerate(params):
-        if not p.greedy:
-            probs = filtered_logits(logits[i], p).softmax(-1)
-            chosen[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
-    if chosen.is_cuda:
-        # Wait for the step in a call that releases the GIL for the whole wait, so the service's
-        # event loop (same process) streams meanwhile. tolist() releases it too for most of its
-        # wait (an H200 probe: another thread ran at 78% of its free speed, 90% here); the gRPC
-        # path measured 0.86 of the engine with this line and 0.79-0.83 without, within run spread.
-        torch.cuda.current_stream(chosen.device).synchronize()
-    return chosen.tolist()
+_NEG_INF = float("-inf")
+# Candidate columns first tried on CPU for a top-p row without top-k (x4 per retry, up to V/4).
+_FIRST_TOP_P_WIDTH = 1024
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return generator
+
+
+def _to_device(data: list | array, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list (or array) on `device`; on CUDA through pinned memory with a non-blocking
+    copy: a blocking host-to-device copy would wait for the forward still queued on the stream."""
+    host = torch.frombuffer(data, dtype=dtype) if isinstance(data, array) else torch.tensor(data, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _penalised(logits: torch.Tensor, params: list[SamplingParams], seen_ids: list[list[int]]) -> torch.Tensor:
+    """[n, V] float32 logits with the repetition penalty applied to every penalised row at once
+    (HF RepetitionPenaltyLogitsProcessor: seen scores < 0 are multiplied by the penalty, the others
+    divided). Returns a new tensor when anything is penalised; never edits `logits`."""
+    rows = [i for i, p in enumerate(params) if p.has_penalty and seen_ids[i]]
+    vocab = logits.shape[1]
+    seen: dict[int, list[int]] = {}
+    for i in rows:
+        ids = seen_ids[i]
+        if min(ids) < 0 or max(ids) >= vocab:            # as HF: drop ids past the logits' width
+            ids = [t for t in ids if 0 <= t < vocab]
+        if ids:
+            seen[i] = ids
+    if not seen:
+        return logits.float()
+    out = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)   # [n, V]
+    width = max(map(len, seen.values()))
+    table = array("q")                               # per penalised row: its row index, then its ids
+    for row, ids in seen.items():
+        # Pad with a repeated id of the same row. Repeats (padding or in the ids) gather the same
+        # score and scatter the same value, so they change nothing (HF does not deduplicate either).
+        table.append(row)
+        table.extend(ids)
+        table.extend([ids[0]] * (width - len(ids)))
+    table_t = _to_device(table, torch.long, out.device).view(len(seen), 1 + width)   # [n_pen, 1+W]
+    index = (table_t[:, 1:] + table_t[:, :1] * vocab).view(-1)   # [n_pen*W] positions in out.view(-1)
+    penalty = _to_device([params[i].repetition_penalty for i in seen], torch.float32, out.device)
+    penalty = penalty[:, None]                                    # [n_pen, 1]
+    flat = out.view(-1)                                           # [n*V]
+    score = flat.gather(0, index).view(len(seen), width)         # [n_pen, W]
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    flat.scatter_(0, index, score.view(-1))
+    return out
+
+
+@dataclass
+class _RowParams:
+    """The sampled rows' filter parameters: tensors for the math, host lists to pick code paths."""
+    temperature: torch.Tensor        # [m, 1]
+    top_k: torch.Tensor              # [m] long; V where top-k is off
+    threshold: torch.Tensor          # [m, 1] 1 - top_p; -1 where top-p is off (no cumulative is <= -1)
+    k_host: list[int]                # top_k as above
+    p_host: list[bool]               # top-p on
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], vocab: int, device: torch.device) -> _RowParams:
+        k_host = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        p_host = [0.0 < p.top_p < 1.0 for p in params]
+        table = _to_device([[p.temperature for p in params], k_host,
+                            [1.0 - p.top_p if on else -1.0 for p, on in zip(params, p_host)]],
+                           torch.float32, device)                              # [3, m], one copy
+        return cls(table[0, :, None], table[1].long(), table[2, :, None], k_host, p_host)
+
+    def k_widest(self, vocab: int) -> int:
+        """The largest top-k in use (0: none)."""
+        return max((k for k in self.k_host if k < vocab), default=0)
+
+    def top_p_only(self, vocab: int) -> bool:
+        """Some row has top-p but not top-k."""
+        return any(p and k == vocab for k, p in zip(self.k_host, self.p_host))
+
+
+@dataclass
+class _Kept:
+    """The sampled rows after temperature/top-k/top-p: `logits[r, j]` (row max 0, -inf where
+    removed) is the logit of vocab id `ids[r, j]`, or of id j when `ids` is None (then C = V)."""
+    logits: torch.Tensor             # [m, C] float32
+    ids: torch.Tensor | None         # [m, C] long, or None
+
+    def dense(self, vocab: int) -> torch.Tensor:
+        """[m, V], -inf outside the kept columns."""
+        if self.ids is None:
+            return self.logits
+        out = self.logits.new_full((self.logits.shape[0], vocab), _NEG_INF)
+        return out.scatter_(1, self.ids, self.logits)
+
+
+def _top_p_removed(cumulative: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """HF TopPLogitsWarper on the cumulative probabilities of logits sorted ascending [m, C] ->
+    bool [m, C], True = removed: cumulative <= 1 - top_p, never the most likely token (last)."""
+    removed = cumulative <= threshold                                          # [m, C]
+    removed[:, -1] = False
+    return removed
+
+
+def _filter_dense(x: torch.Tensor, rows: _RowParams) -> _Kept:
+    """Top-k then top-p over all V columns of x [m, V]; control flow independent of the data."""
+    vocab = x.shape[1]
+    k_widest = rows.k_widest(vocab)
+    if k_widest:
+        values = x.topk(k_widest, dim=-1).values                              # [m, k_widest] descending
+        kth = values.gather(1, (rows.top_k.clamp(max=k_widest) - 1)[:, None])  # [m, 1]
+        kth = kth.masked_fill(rows.top_k[:, None] >= vocab, _NEG_INF)        # top-k off: keep all
+        x = x.masked_fill(x < kth, _NEG_INF)                                 # HF keeps ties with kth
+    if any(rows.p_host):
+        ascending, order = x.sort(dim=-1)                                     # [m, V] each
+        removed = _top_p_removed(ascending.softmax(-1).cumsum(-1), rows.threshold)
+        x = x.masked_fill(removed.scatter(1, order, removed), _NEG_INF)
+    return _Kept(x, None)
+
+
+def _filter_width(x: torch.Tensor, rows: _RowParams, width: int) -> _Kept | None:
+    """Top-k then top-p on each row's `width` best columns of x [m, V] only (no sort over V), every
+    row having top-k or top-p; None unless every column left out is provably removed, so that the
+    result equals the dense one. Reads the data (a device wait)."""
+    vocab = x.shape[1]
+    k_on, p_on = rows.top_k[:, None] < vocab, rows.threshold >= 0              # [m, 1] each
+    values, ids = x.topk(width + 1, dim=-1)                                    # [m, C+1] descending
+    left_out = values[:, -1:]                                                  # [m, 1] best column left out
+    values, ids = values[:, :-1], ids[:, :-1]                                  # [m, C]
+    kth = values.gather(1, (rows.top_k.clamp(max=width) - 1)[:, None]).masked_fill(~k_on, _NEG_INF)
+    values = values.masked_fill(values < kth, _NEG_INF)                        # top-k
+    mass = values.exp().sum(-1, keepdim=True)                                  # [m, 1] (row max is 0)
+    total = mass                              # with top-k on, every column left out is removed
+    if rows.top_p_only(vocab):
+        total = torch.where(k_on, mass, x.exp().sum(-1, keepdim=True))
+    outside = 1 - mass / total                                                 # [m, 1] probability left out
+    # Exact when no tie with a top-k row's k-th value reaches out, and a top-p-only row leaves out
+    # only columns below all of its candidates, of total probability <= 1 - top_p (HF removes those).
+    exact_p = (left_out < values[:, -1:]) & (outside <= rows.threshold)
+    if not bool(torch.where(k_on, left_out < kth, exact_p).all()):
+        return None
+    cumulative = outside + (values.flip(-1).exp() / total).cumsum(-1)          # [m, C] ascending
+    removed = _top_p_removed(cumulative, rows.threshold).flip(-1)              # [m, C] descending
+    return _Kept(values.masked_fill(removed, _NEG_INF), ids)
+
+
+def _filtered(x: torch.Tensor, params: list[SamplingParams], candidates: bool) -> _Kept:
+    """Temperature, top-k and top-p on the sampled rows x [m, V], HF order and semantics.
+    `candidates`: try `_filter_width` first (it reads the data; free on CPU only)."""
+    vocab = x.shape[1]
+    rows = _RowParams.of(params, vocab, x.device)
+    # Shift by the max first: a tiny temperature (or an extreme penalty) must not overflow to inf/NaN
+    # and fail the whole batch's step; for normal temperatures the draw is unchanged.
+    finite = torch.finfo(x.dtype)
+    x = x.nan_to_num(nan=finite.min, posinf=finite.max, neginf=finite.min)     # [m, V], new tensor
+    x.sub_(x.amax(dim=-1, keepdim=True)).div_(rows.temperature)                # row max is 0
+    if candidates and all(k < vocab or p for k, p in zip(rows.k_host, rows.p_host)):
+        width = max(rows.k_widest(vocab), _FIRST_TOP_P_WIDTH if rows.top_p_only(vocab) else 1)
+        while 4 * width <= vocab:
+            kept = _filter_width(x, rows, width)
+            if kept is not None:
+                return kept
+            width *= 4
+    return _filter_dense(x, rows)
+
+
+def _sampled_rows(params: list[SamplingParams]) -> list[int]:
+    return [i for i, p in enumerate(params) if not p.greedy]
+
+
+def processed_logits(logits: torch.Tensor, params: list[SamplingParams], seen_ids: list[list[int]],
+                     *, candidates: bool | None = None) -> torch.Tensor:
+    """[n, V] float32: every row penalised; sampled rows also tempered (max-shifted, so equal to HF
+    up to a per-row constant) and top-k/top-p filtered, -inf where removed. `candidates` picks the
+    filter path (None: as `Sampler` does on this device)."""
+    out = _penalised(logits, params, seen_ids)
+    rows = _sampled_rows(params)
+    if not rows:
+        return out
+    index = _to_device(rows, torch.long, out.device)
+    use_candidates = out.device.type == "cpu" if candidates is None else candidates
+    kept = _filtered(out.index_select(0, index), [params[i] for i in rows], use_candidates)
+    return out.index_copy(0, index, kept.dense(out.shape[1]))
+
+
+class Sampler:
+    """Samples every row of a step at once; owns the generator of the unseeded sampled rows."""
+
+    def __init__(self, device: torch.device, seed: int = 0) -> None:
+        self.device = torch.device(device)
+        self.generator = make_generator(seed, self.device)
+        self.candidates = self.device.type == "cpu"      # see the module docstring
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams], seen_ids: list[list[int]],
+               generators: list[torch.Generator | None]) -> list[int]:
+        """logits [n, V] (any float dtype) -> one token id per row. `generators[i]`: the row's own
+        generator when it has a seed, else None; `seen_ids[i]`: prompt + output ids of a row with
+        a repetition penalty, else []."""
+        chosen = self._choose(logits, params, seen_ids, generators)         # [n] long
+        if chosen.is_cuda:
+            # Wait for the step in a call that releases the GIL for the whole wait, so the service's
+            # event loop (same process) streams meanwhile. tolist() releases it too for most of its
+            # wait (an H200 probe: another thread ran at 78% of its free speed, 90% here); the gRPC
+            # path measured 0.86 of the engine with this line and 0.79-0.83 without, within run spread.
+            torch.cuda.current_stream(chosen.device).synchronize()
+        return chosen.tolist()
+
+    @torch.inference_mode()
+    def choose(self, logits: torch.Tensor, params: list[SamplingParams], seen_ids: list[list[int]],
+               generators: list[torch.Generator | None]) -> torch.Tensor:
+        """As `sample`, but the ids stay on the device ([n] long), not waited for."""
+        return self._choose(logits, params, seen_ids, generators)
+
+    def _choose(self, logits: torch.Tensor, params: list[SamplingParams], seen_ids: list[list[int]],
+                generators: list[torch.Generator | None]) -> torch.Tensor:
+        logits = _penalised(logits, params, seen_ids)                       # [n, V] float32
+        rows = _sampled_rows(params)
+        if not rows:
+            return logits.argmax(dim=-1)
+        everyone = len(rows) == len(params)
+        index = None if everyone else _to_device(rows, torch.long, logits.device)   # [m]
+        sub = logits if everyone else logits.index_select(0, index)                # [m, V]
+        kept = _filtered(sub, [params[i] for i in rows], self.candidates)          # [m, C]
+        drawn = self._race(kept, [generators[i] for i in rows], logits.shape[1])   # [m]
+        if everyone:
+            return drawn
+        return logits.argmax(dim=-1).index_copy_(0, index, drawn)
+
+    def _race(self, kept: _Kept, generators: list[torch.Generator | None], vocab: int) -> torch.Tensor:
+        """The exponential race: argmax over the kept columns of p / E, E ~ Exponential(1), picks
+        each token with its probability p. p needs no normalising (a row-wide scale cannot move the
+        argmax): exp(logits), 1 at the row max, 0 where removed. -> vocab ids [m]."""
+        arrival = self._exponential(kept, generators, vocab)                # [m, C]
+        pick = kept.logits.exp().div_(arrival).argmax(dim=-1)              # [m] column
+        return pick if kept.ids is None else kept.ids.gather(1, pick[:, None]).squeeze(1)
+
+    def _exponential(self, kept: _Kept, generators: list[torch.Generator | None], vocab: int) -> torch.Tensor:
+        """Exponential(1) noise [m, C] for the kept columns: the unseeded rows' in one call from the
+        shared generator; each seeded row's drawn as a full [V] from its own generator, by vocab id."""
+        m, width = kept.logits.shape
+        device = kept.logits.device
+        seeded = [i for i, g in enumerate(generators) if g is not None]
+        unseeded = [i for i, g in enumerate(generators) if g is None]
+        if not seeded:
+            uniform = torch.rand(m, width, generator=self.generator, device=device)          # [m, C]
+        else:
+            own = torch.stack([torch.rand(vocab, generator=generators[i], device=device)
+                               for i in seeded])                                             # [m_s, V]
+            seeded_t = _to_device(seeded, torch.long, device)                                # [m_s]
+            if kept.ids is not None:
+                own = own.gather(1, kept.ids.index_select(0, seeded_t))                      # [m_s, C]
+            uniform = own
+            if unseeded:
+                shared = torch.rand(len(unseeded), width, generator=self.generator, device=device)
+                uniform = torch.empty(m, width, device=device).index_copy_(0, seeded_t, own)
+                uniform.index_copy_(0, _to_device(unseeded, torch.long, device), shared)
+        # E = -log(1 - U). U = 0 gives E = 0: clamp it to the smallest normal so that a removed
+        # column scores 0 / tiny = 0, never 0 / 0 = NaN (which argmax would pick).
+        return uniform.neg_().log1p_().neg_().clamp_min_(torch.finfo(torch.float32).tiny)

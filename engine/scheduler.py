@@ -6,7 +6,7 @@ engine step: which rows leave the batch (to host memory or for good), which requ
 
 Invariants:
 - `running` never holds more than `max_batch_size` requests, nor more K/V tokens than the budget
-  (one column of headroom per row is kept for the next decode write).
+  (counted by the ledger, engine/kv_ledger.py, the one place that knows what a row needs).
 - A request is in exactly one of `waiting` (QUEUED or PREEMPTED), `suspended`, `running`.
 - Preemption compares base priorities only (strictly higher evicts); aging only orders admission,
   so a long wait can never evict someone, and two requests cannot evict each other back and forth.
@@ -18,18 +18,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from engine.errors import DuplicateRequest, HostPoolFull, RequestFinished, UnknownRequest
+from engine.kv_ledger import KVLedger, tokens_needed
 from engine.request import FinishReason, Request, RequestState
 
 
 FINISHED_IDS_KEPT = 10_000
-
-
-class SchedulerError(Exception):
-    """A Preempt-style command that cannot be applied (maps to a status code in the service)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code  # "NOT_FOUND" | "FAILED_PRECONDITION" | "RESOURCE_EXHAUSTED"
 
 
 @dataclass(frozen=True)
@@ -40,10 +34,6 @@ class SchedulerOutput:
     prefill: tuple[Request, ...]   # new requests: prefill, embed, then decode with the batch
     decode: tuple[Request, ...]    # every row of the batch after the changes above
     pressure: bool = False         # memory is above the high watermark
-
-    @property
-    def is_empty(self) -> bool:
-        return not (self.free or self.park or self.restore or self.prefill or self.decode)
 
 
 @dataclass(frozen=True)
@@ -70,17 +60,17 @@ class Scheduler:
         self.waiting: list[Request] = []      # QUEUED or PREEMPTED, in arrival order
         self.suspended: list[Request] = []
         self.by_id: dict[str, Request] = {}
-        self.host_bytes = 0                   # parked K/V bytes, host pool
+        self.kv = KVLedger(config.kv_budget_tokens, config.max_row_tokens, config.kv_bytes_per_token,
+                           config.host_budget_bytes)
         self._free: list[Request] = []
         self._park: list[Request] = []
-        self._kv_parked: set[str] = set()     # ids whose K/V sit in host memory
         # Recently finished ids, so Preempt can answer FAILED_PRECONDITION rather than NOT_FOUND.
         self._finished: OrderedDict[str, None] = OrderedDict()
 
     # ---- commands (between steps) ----------------------------------------------------------
     def add(self, request: Request) -> None:
         if request.request_id in self.by_id:
-            raise SchedulerError("ALREADY_EXISTS", f"request_id {request.request_id!r} is already in use")
+            raise DuplicateRequest(f"request_id {request.request_id!r} is already in use")
         request.state = RequestState.QUEUED
         self._finished.pop(request.request_id, None)
         self.by_id[request.request_id] = request
@@ -89,11 +79,11 @@ class Scheduler:
     def get(self, request_id: str) -> Request:
         request = self.by_id.get(request_id)
         if request is None and request_id in self._finished:
-            raise SchedulerError("FAILED_PRECONDITION", f"request_id {request_id!r} has already finished")
+            raise RequestFinished(f"request_id {request_id!r} has already finished")
         if request is None:
-            raise SchedulerError("NOT_FOUND", f"request_id {request_id!r} is not known")
+            raise UnknownRequest(f"request_id {request_id!r} is not known")
         if request.state.is_finished:
-            raise SchedulerError("FAILED_PRECONDITION", f"request_id {request_id!r} has already finished")
+            raise RequestFinished(f"request_id {request_id!r} has already finished")
         return request
 
     def cancel(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> Request:
@@ -108,8 +98,8 @@ class Scheduler:
         if request.state == RequestState.SUSPENDED:
             return request
         if request.state == RequestState.RUNNING:
-            if not self._host_can_take(request):
-                raise SchedulerError("RESOURCE_EXHAUSTED", "host K/V pool is full; cannot suspend now")
+            if not self.kv.host_can_take(request):
+                raise HostPoolFull("host K/V pool is full; cannot suspend now")
             self.running.remove(request)
             self._park_row(request, now)
         else:
@@ -125,7 +115,7 @@ class Scheduler:
         if request.state != RequestState.SUSPENDED:
             return request
         self.suspended.remove(request)
-        parked = request.request_id in self._kv_parked
+        parked = self.kv.is_parked(request.request_id)
         request.state = RequestState.PREEMPTED if parked else RequestState.QUEUED
         self.waiting.append(request)
         return request
@@ -145,12 +135,12 @@ class Scheduler:
         cfg = self.config
         if pressure and len(self.running) > 1:
             victim = self._victim(exclude=())
-            if victim is not None and self._host_can_take(victim):
+            if victim is not None and self.kv.host_can_take(victim):
                 self._preempt(victim, now)
         # Rows grow by one token a step: park the lowest ones while the batch is over its budget.
-        while self.kv_tokens_running > cfg.kv_budget_tokens and len(self.running) > 1:
+        while not self.kv.fits(self.running, 0) and len(self.running) > 1:
             victim = self._victim(exclude=())
-            if not self._host_can_take(victim):
+            if not self.kv.host_can_take(victim):
                 break
             self._preempt(victim, now)
         restore: list[Request] = []
@@ -160,7 +150,7 @@ class Scheduler:
             if pressure and (self.running or prefill or restore):
                 break  # under memory pressure admit nobody, except one when the batch is empty (progress)
             is_new = candidate.state == RequestState.QUEUED
-            need = candidate.num_tokens + 1
+            need = tokens_needed(candidate)
             if is_new and prefill and max(prefill_longest, len(candidate.prompt_ids)) * (len(prefill) + 1) > cfg.max_prefill_tokens:
                 break  # keep this prefill forward bounded; the rest go next step
             if not self._fits(need):
@@ -189,8 +179,11 @@ class Scheduler:
 
     # ---- views -----------------------------------------------------------------------------
     def queue_position(self, request: Request, now: float) -> int:
-        order = sorted(self.waiting, key=lambda r: self._admission_key(r, now))
-        return order.index(request) if request in order else 0
+        """How many waiting requests would be admitted before `request` (one pass, no sort)."""
+        if request not in self.waiting:
+            return 0
+        key = self._admission_key(request, now)
+        return sum(1 for r in self.waiting if r is not request and self._admission_key(r, now) < key)
 
     @property
     def num_unfinished(self) -> int:
@@ -198,7 +191,12 @@ class Scheduler:
 
     @property
     def kv_tokens_running(self) -> int:
-        return sum(r.num_tokens + 1 for r in self.running)
+        return self.kv.device_tokens(self.running)
+
+    @property
+    def num_queued(self) -> int:
+        """Waiting for their first admission (parked requests not counted)."""
+        return sum(r.state == RequestState.QUEUED for r in self.waiting)
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting or self._free or self._park)
@@ -212,9 +210,7 @@ class Scheduler:
         return (-effective, request.arrival_seq)
 
     def _fits(self, need_tokens: int) -> bool:
-        cfg = self.config
-        return (len(self.running) < cfg.max_batch_size
-                and self.kv_tokens_running + need_tokens <= cfg.kv_budget_tokens)
+        return len(self.running) < self.config.max_batch_size and self.kv.fits(self.running, need_tokens)
 
     def _victim(self, exclude: tuple[Request, ...]) -> Request | None:
         """The one place that picks whom to preempt: lowest priority, latest arrival on ties."""
@@ -224,27 +220,25 @@ class Scheduler:
     def _make_room_for(self, candidate: Request, need: int, exclude: tuple[Request, ...], now: float) -> None:
         """Preempt strictly lower-priority rows, lowest first, but only if that makes `need` fit."""
         cfg = self.config
-        victims, freed_tokens, host = [], 0, self.host_bytes
+        victims, planned_host = [], 0
         pool = sorted((r for r in self.running if r not in exclude and r.priority < candidate.priority),
                       key=lambda r: (r.priority, -r.arrival_seq))
+
+        def room() -> bool:
+            staying = [r for r in self.running if r not in victims]
+            return len(staying) < cfg.max_batch_size and self.kv.fits(staying, need)
+
         for victim in pool:
-            rows_ok = len(self.running) - len(victims) < cfg.max_batch_size
-            tokens_ok = self.kv_tokens_running - freed_tokens + need <= cfg.kv_budget_tokens
-            if rows_ok and tokens_ok:
+            if room():
                 break
-            host += victim.num_tokens * cfg.kv_bytes_per_token
-            if host > cfg.host_budget_bytes:
+            if not self.kv.host_can_take(victim, already=planned_host):
                 return
             victims.append(victim)
-            freed_tokens += victim.num_tokens + 1
-        if len(self.running) - len(victims) >= cfg.max_batch_size or \
-                self.kv_tokens_running - freed_tokens + need > cfg.kv_budget_tokens:
+            planned_host += self.kv.parked_bytes(victim)
+        if not room():
             return  # evicting everyone eligible would still not make room: evict nobody
         for victim in victims:
             self._preempt(victim, now)
-
-    def _host_can_take(self, request: Request) -> bool:
-        return self.host_bytes + request.num_tokens * self.config.kv_bytes_per_token <= self.config.host_budget_bytes
 
     def _preempt(self, request: Request, now: float) -> None:
         self.running.remove(request)
@@ -254,8 +248,7 @@ class Scheduler:
 
     def _park_row(self, request: Request, now: float) -> None:
         self._park.append(request)
-        self._kv_parked.add(request.request_id)
-        self.host_bytes += request.num_tokens * self.config.kv_bytes_per_token
+        self.kv.park(request)
         request.num_preemptions += 1
         request.parked_since = now
 
@@ -265,9 +258,7 @@ class Scheduler:
         if request.parked_since is not None:
             request.parked_seconds += now - request.parked_since
             request.parked_since = None
-        if request.request_id in self._kv_parked:
-            self._kv_parked.discard(request.request_id)
-            self.host_bytes -= request.num_tokens * self.config.kv_bytes_per_token
+        self.kv.unpark(request.request_id)
         request.state = RequestState.RUNNING
         self.running.append(request)
 
@@ -277,9 +268,7 @@ class Scheduler:
                 pool.remove(request)
         if request in self._park:  # parked this step but not yet copied out: nothing to copy now
             self._park.remove(request)
-        if request.request_id in self._kv_parked:
-            self._kv_parked.discard(request.request_id)
-            self.host_bytes -= request.num_tokens * self.config.kv_bytes_per_token
+        self.kv.unpark(request.request_id)
 
     def _set_finished(self, request: Request, reason: FinishReason) -> None:
         request.state = RequestState.FINISHED

@@ -4,7 +4,7 @@ Token auth is a grpc.aio server interceptor. With a tokens file set, every RPC e
 `grpc.health.v1.Health` must carry the metadata `authorization: Bearer <token>`; anything else
 ends with UNAUTHENTICATED before the request message is even parsed. The interceptor resolves the
 token to an `Identity` and runs the handler with that identity in the `CALLER` context variable;
-the servicer reads it with `current_caller()`. No client-supplied identity header is ever read:
+the servicer reads it through `request_owner()` / `preempt_owner()`. No client-supplied identity header is ever read:
 the only input is the token, compared against the file's tokens in constant time.
 
 Tokens file: one caller per line, `token caller_name [admin]`; blank lines and lines starting
@@ -39,11 +39,6 @@ class Identity:
 
 
 CALLER: contextvars.ContextVar[Identity | None] = contextvars.ContextVar("baton_caller", default=None)
-
-
-def current_caller() -> Identity | None:
-    """The authenticated caller of the RPC being served; None when token auth is off."""
-    return CALLER.get()
 
 
 def request_owner() -> str:

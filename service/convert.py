@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from baton.v1 import baton_pb2 as pb
-from engine.api import ModelInfo, PreemptAction
+from engine.build import ModelInfo
 from engine.inputs import GenerateInput
-from engine.request import FinishReason, RequestOutput, RequestState
+from engine.request import FinishReason, PreemptAction, RequestOutput, RequestState
 
 _STATE = {
     RequestState.QUEUED: pb.QUEUED, RequestState.RUNNING: pb.RUNNING,

@@ -1,6 +1,7 @@
-"""One wake-up per burst: engine-thread outputs into per-stream inboxes on an event loop.
+"""One wake-up per burst: engine outputs into per-stream inboxes on an event loop.
 
-The engine thread calls every open stream's sink once per step. With one
+The thread that dispatches the engine's events (the engine process's reader thread, or the
+engine thread itself with --engine-in-thread) calls every open stream's sink once per message. With one
 `loop.call_soon_threadsafe` per sink call, a step with 128 streams writes the loop's self-pipe and
 takes its lock 128 times. A Mailbox collects the (queue, item) pairs under its own lock and
 schedules a single `_flush` on the loop when the first pair of a burst arrives; `_flush` takes the
@@ -8,7 +9,7 @@ whole list and appends each item to its stream's `Inbox` in arrival order.
 
 An `Inbox` is a list plus at most one waiting future: with 128 streams, asyncio.Queue's
 get/put/empty/wake-up machinery was a quarter of the event loop's Python time per message, and
-the loop shares the GIL with the engine thread.
+the loop shares the GIL with the dispatching thread.
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ class Mailbox:
                 self.loop.call_soon_threadsafe(self._flush)
             except RuntimeError:
                 # the loop is closed: nobody can read these inboxes any more; drop, do not raise
-                # into the engine thread (a raising sink would fail the whole engine step)
+                # into the dispatching thread (a raising sink would end every other stream's relay)
                 self._pending.clear()
 
     def _flush(self) -> None:

@@ -11,29 +11,42 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
+from dataclasses import dataclass
 
 import grpc
 import structlog
 
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc as pb_grpc
-from engine.api import DuplicateRequest, EngineHandle, EngineUnavailable, QueueFull
+from engine import errors
+from engine.api import EngineHandle
 from engine.inputs import InvalidInput
 from engine.request import FinishReason, RequestOutput
-from engine.scheduler import SchedulerError
 from service import auth, convert
 from service.mailbox import Inbox, Mailbox
 from service.metrics import Metrics
 
 log = structlog.get_logger("baton.service")
 
-_CODES = {
-    "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
-    "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION,
-    "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "PERMISSION_DENIED": grpc.StatusCode.PERMISSION_DENIED,
-    "ALREADY_EXISTS": grpc.StatusCode.ALREADY_EXISTS,
+# The one place where engine errors become status codes (and the label of the requests counter).
+_STATUS: dict[type[Exception], tuple[grpc.StatusCode, str]] = {
+    InvalidInput: (grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument"),
+    errors.QueueFull: (grpc.StatusCode.RESOURCE_EXHAUSTED, "resource_exhausted"),
+    errors.HostPoolFull: (grpc.StatusCode.RESOURCE_EXHAUSTED, "resource_exhausted"),
+    errors.DuplicateRequest: (grpc.StatusCode.ALREADY_EXISTS, "already_exists"),
+    errors.EngineUnavailable: (grpc.StatusCode.UNAVAILABLE, "unavailable"),
+    errors.UnknownRequest: (grpc.StatusCode.NOT_FOUND, "not_found"),
+    errors.RequestFinished: (grpc.StatusCode.FAILED_PRECONDITION, "failed_precondition"),
+    errors.NotOwner: (grpc.StatusCode.PERMISSION_DENIED, "permission_denied"),
+    errors.EngineError: (grpc.StatusCode.INTERNAL, "internal"),
 }
+
+
+def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    for cls in type(exc).__mro__:
+        if cls in _STATUS:
+            return _STATUS[cls]
+    return grpc.StatusCode.INTERNAL, "internal"
 
 
 _MAX_DETAILS = 512   # status details echo client text; grpc drops trailers over 16 KiB (then the
@@ -58,6 +71,28 @@ def _batches(outs: list[RequestOutput]) -> list[RequestOutput]:
     return groups
 
 
+@dataclass
+class _StreamTimes:
+    """One Generate call's timing, for the TTFT/TPOT metrics, and its final event."""
+    started: float
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    tokens: int = 0
+    final: RequestOutput | None = None
+
+    def record(self, out: RequestOutput, metrics: Metrics) -> None:
+        if out.token_ids:
+            now = time.monotonic()
+            metrics.tokens(len(out.token_ids), self.started if self.last_token_at is None else self.last_token_at,
+                           now, first=self.last_token_at is None)
+            if self.first_token_at is None:
+                self.first_token_at = now
+            self.last_token_at = now
+            self.tokens += len(out.token_ids)
+        if out.finished:
+            self.final = out
+
+
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def __init__(self, metrics: Metrics, log_prompts: bool = False) -> None:
         self.engine: EngineHandle | None = None   # set once the model is loaded
@@ -80,56 +115,55 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         engine = await self._engine(context)
-        mailbox = self._mailbox(asyncio.get_running_loop())
-        inbox = Inbox()
         inp = convert.generate_input(request, owner=auth.request_owner())
-        started = time.monotonic()
-        try:
-            request_id = await asyncio.to_thread(engine.submit, inp, lambda out: mailbox.post(inbox, out))
-        except InvalidInput as exc:
-            self.metrics.request_done("invalid_argument")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _details(exc))
-        except QueueFull as exc:
-            self.metrics.request_done("resource_exhausted")
-            context.set_trailing_metadata((("retry-after-ms", "1000"),))
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except DuplicateRequest as exc:
-            self.metrics.request_done("already_exists")
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
-        except EngineUnavailable as exc:
-            self.metrics.request_done("unavailable")
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        stream = _StreamTimes(started=time.monotonic())
+        inbox = Inbox()
+        request_id = await self._submit(engine, inp, inbox, context)
         rlog = log.bind(request_id=request_id)
         rlog.info("request_started", priority=inp.priority, **({"caller": inp.owner} if inp.owner else {}),
                   **({"prompt": inp.prompt, "messages": inp.messages} if self.log_prompts else {}))
-        final: RequestOutput | None = None
-        first_token_at: float | None = None
-        last_token_at: float | None = None
-        streamed = 0
         try:
-            while final is None:
-                outs = await inbox.get_all()
-                for out in _batches(outs):
-                    if out.token_ids:
-                        now = time.monotonic()
-                        self.metrics.tokens(len(out.token_ids), started if last_token_at is None else last_token_at,
-                                            now, first=last_token_at is None)
-                        if first_token_at is None:
-                            first_token_at = now
-                        last_token_at = now
-                        streamed += len(out.token_ids)
-                    yield convert.response(out)
-                    if out.finished:
-                        final = out
+            async for out in self._relay(inbox, stream):
+                yield convert.response(out)
         finally:
-            if final is None:  # cancelled, disconnected or past its deadline
+            if stream.final is None:  # cancelled, disconnected or past its deadline
                 engine.abort(request_id)
                 self.metrics.request_done("cancelled")
                 rlog.info("request_aborted", reason="client cancelled or deadline exceeded")
+        await self._finish(stream, rlog, context)
+
+    async def _submit(self, engine: EngineHandle, inp, inbox: Inbox, context: grpc.aio.ServicerContext) -> str:
+        """Validate and queue; a refusal ends the call with its status code."""
+        loop = asyncio.get_running_loop()
+        mailbox = self._mailbox(loop)
+        queued = loop.run_in_executor(None, engine.submit, inp, lambda out: mailbox.post(inbox, out))
+        try:
+            return await asyncio.shield(queued)
+        except asyncio.CancelledError:
+            # The call ended while its request was being queued: abort the request once it is.
+            queued.add_done_callback(lambda f: f.cancelled() or f.exception() or engine.abort(f.result()))
+            raise
+        except (InvalidInput, errors.EngineError) as exc:
+            code, label = status_of(exc)
+            self.metrics.request_done(label)
+            if isinstance(exc, errors.QueueFull):
+                context.set_trailing_metadata((("retry-after-ms", "1000"),))
+            await context.abort(code, _details(exc))
+
+    async def _relay(self, inbox: Inbox, stream: _StreamTimes):
+        """The request's events as they come (a backlog merged), until its final one."""
+        while stream.final is None:
+            for out in _batches(await inbox.get_all()):
+                stream.record(out, self.metrics)
+                yield out
+
+    async def _finish(self, stream: _StreamTimes, rlog, context: grpc.aio.ServicerContext) -> None:
+        """Metrics and log of a finished request; an engine-side error ends the call with its code."""
+        final = stream.final
         reason = final.finish_reason.name.lower()
-        self.metrics.request_finished(reason, started=started, finished=time.monotonic(),
-                                      first_token_at=first_token_at, last_token_at=last_token_at,
-                                      tokens=streamed, stats=final.stats)
+        self.metrics.request_finished(reason, started=stream.started, finished=time.monotonic(),
+                                      first_token_at=stream.first_token_at, last_token_at=stream.last_token_at,
+                                      tokens=stream.tokens, stats=final.stats)
         rlog.info("request_finished", finish_reason=reason, prompt_tokens=final.prompt_tokens,
                   completion_tokens=final.completion_tokens,
                   ttft_s=final.stats.time_to_first_token_seconds if final.stats else None,
@@ -153,10 +187,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         try:
             state = await asyncio.wrap_future(engine.preempt(request.request_id, action, priority,
                                                              owner=auth.preempt_owner()))
-        except SchedulerError as exc:
-            await context.abort(_CODES.get(exc.code, grpc.StatusCode.FAILED_PRECONDITION), _details(exc))
-        except EngineUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except errors.EngineError as exc:
+            await context.abort(status_of(exc)[0], _details(exc))
         log.info("preempt", request_id=request.request_id, action=action.name, priority=priority, state=state.name)
         return pb.PreemptResponse(request_id=request.request_id, state=convert.state_to_pb(state))
 

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from engine import model_loader  # noqa: E402
-from engine.api import assemble_engine  # noqa: E402
+from engine.build import assemble_engine  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.inputs import GenerateInput, Limits, build_request  # noqa: E402
 from engine.request import RequestOutput  # noqa: E402
@@ -98,20 +98,26 @@ class Collected:
         return self.events[-1] if self.events and self.events[-1].finished else None
 
 
+def _collect(out: dict[str, Collected], events) -> None:
+    for event in events:
+        out[event.request_id].events.append(event)
+
+
 def drive(engine, limits, arrivals: dict[int, list[GenerateInput]], max_steps: int = 500,
           on_step=None) -> dict[str, Collected]:
-    """Add each GenerateInput at its step, run steps until all finished. Returns outputs by id."""
+    """Add each GenerateInput at its step, run steps until all finished. Returns outputs by id.
+    `on_step(step, engine, out)` runs before each step and may return events (of commands)."""
     out: dict[str, Collected] = {}
     step = 0
     while step < max_steps:
         for inp in arrivals.get(step, []):
             request = build_request(inp, engine.tokenizer, limits)
             out[request.request_id] = Collected()
-            engine.add_request(request, out[request.request_id].events.append)
+            _collect(out, (engine.add_request(request),))
         if on_step is not None:
-            on_step(step, engine, out)
+            _collect(out, on_step(step, engine, out) or ())
         if engine.has_work():
-            engine.step()
+            _collect(out, engine.step().events)
         elif step > max(arrivals, default=0):
             break
         step += 1

@@ -265,7 +265,7 @@ def test_metrics_exposition_names_types_and_tpot():
     m.request_finished("length", started=0.0, finished=0.6, first_token_at=0.2, last_token_at=0.5, tokens=4,
                        stats=SimpleNamespace(queued_seconds=0.05))
     m.request_done("cancelled")
-    from engine.api import EngineStats
+    from engine.outputs import EngineStats
     stats = EngineStats(rows_on_device=1, rows_parked=2, requests_waiting=3, kv_bytes_on_device=4,
                         kv_bytes_on_host=5, steps=6, step_errors=0, preemptions=7, bytes_offloaded=8,
                         bytes_restored=9, seconds_idle=1.5)

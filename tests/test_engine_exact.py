@@ -98,10 +98,10 @@ def test_cancel_frees_row_without_changing_others(tiny_model_dir):
     rows_after_cancel = []
 
     def cancel_at_5(step, eng, out):
-        if step == 5:
-            eng.cancel("r1")
         if step == 6:
             rows_after_cancel.append(eng.slab.num_rows)
+        if step == 5:
+            return (eng.abort("r1"),)
 
     outputs = drive(engine, limits, arrivals, on_step=cancel_at_5)
     assert outputs["r1"].final.finish_reason.name == "CANCELLED"
@@ -170,27 +170,27 @@ def test_each_prefill_group_streams_its_first_tokens_before_the_next_group_runs(
         return prefill(prompts)
 
     engine.runner.prefill = logged_prefill
-    engine.on_events = lambda: log.append(("on_events",))
     long_prompt = "Once upon a time, in a land far away, there lived a " * 8
     inputs = [GenerateInput(request_id="short-a", prompt="Hi there", max_new_tokens=6, ignore_eos=True),
               GenerateInput(request_id="short-b", prompt="Hello you", max_new_tokens=6, ignore_eos=True),
               GenerateInput(request_id="long", prompt=long_prompt, max_new_tokens=6, ignore_eos=True)]
     outputs = {inp.request_id: Collected() for inp in inputs}
 
-    def sink_for(rid: str):
-        def sink(out) -> None:
-            outputs[rid].events.append(out)
-            log.append(("event", rid, out.state.name if out.state else None, len(out.token_ids)))
-        return sink
+    def record(events) -> None:
+        for out in events:
+            outputs[out.request_id].events.append(out)
+            log.append(("event", out.request_id, out.state.name if out.state else None, len(out.token_ids)))
 
     for inp in inputs:
-        engine.add_request(build_request(inp, engine.tokenizer, limits), sink_for(inp.request_id))
+        record((engine.add_request(build_request(inp, engine.tokenizer, limits)),))
     while engine.has_work():
-        engine.step()
+        for events in engine.step_phases():   # what the command loop does: each phase goes out at once
+            record(events)
+            log.append(("phase",))
     prefills = [i for i, entry in enumerate(log) if entry[0] == "prefill"]
     assert [log[i] for i in prefills] == [("prefill", 2), ("prefill", 1)], log   # short pair, then the long one
     between = log[prefills[0] + 1:prefills[1]]
     running = {e[1] for e in between if e[0] == "event" and e[2] == "RUNNING" and e[3] == 1}
     assert running == {"short-a", "short-b"}, log        # their first tokens are out before the long prefill
-    assert between[-1] == ("on_events",), log
+    assert between[-1] == ("phase",), log
     _check_against_hf(loaded, engine, outputs, {0: inputs})

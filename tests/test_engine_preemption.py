@@ -8,6 +8,7 @@ import torch
 
 from engine import model_loader
 from engine.inputs import GenerateInput
+from engine.request import PreemptAction
 from tests.conftest import drive, hf_reference, make_engine
 
 PROMPTS = ["The capital of France is", "Once upon a time there", "1, 2, 3,", "Why is the sky blue?"]
@@ -26,17 +27,19 @@ def test_preemption_and_suspend_cycles_are_exact(tiny_model_dir, device):
     host_bytes = []
 
     def poke(step, eng, out):
+        host_bytes.append(eng.stats().kv_bytes_on_host)
         if step in (20, 30):
-            eng.suspend("low1")
+            return eng.preempt("low1", PreemptAction.SUSPEND)[1]
         if step in (24, 33):
-            eng.resume("low1")
-        host_bytes.append(eng.scheduler.host_bytes)
+            return eng.preempt("low1", PreemptAction.RESUME)[1]
 
     outputs = drive(engine, limits, {0: low, 5: [high[0]], 12: [high[1]]}, on_step=poke)
+    stats = engine.stats()
     # two preemptions by the high-priority arrivals, two suspends
-    assert engine.num_parked_total >= 4
-    assert engine.bytes_restored == engine.bytes_offloaded > 0
-    assert max(host_bytes) > 0 and not engine.host_kv and engine.scheduler.host_bytes == 0
+    assert stats.preemptions >= 4
+    assert stats.bytes_restored == stats.bytes_offloaded > 0
+    assert max(host_bytes) > 0 and len(engine.parked) == 0
+    assert stats.kv_bytes_on_host == 0 and stats.rows_parked == 0
     reference_model = hf_model.cpu()
     for inp in low + high:
         expected = hf_reference(reference_model, tokenizer(inp.prompt)["input_ids"], inp.max_new_tokens, ())

@@ -18,7 +18,9 @@ from baton_client import BatonClient, GenerationOptions
 from conftest import REPO, start_server
 
 from baton.v1 import baton_pb2 as pb
-from engine.api import EngineClient, EngineUnavailable, PreemptAction
+from engine.api import EngineClient
+from engine.errors import EngineUnavailable
+from engine.request import PreemptAction
 from engine.config import EngineConfig
 from engine.inputs import GenerateInput
 from engine.process import EngineProcess

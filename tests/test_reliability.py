@@ -372,19 +372,19 @@ def quiet_thread_death():
 
 def kill_engine_on_next_busy_step(client) -> None:
     """The next step that has a row in the batch raises Fatal and ends the engine thread."""
-    engine, real_step = client.engine, client.engine.step
+    engine, real_step = client.engine, client.engine.step_phases
 
     def dying_step():
         if engine.slab.num_rows:
             raise Fatal("injected: engine thread dies")
         return real_step()
-    engine.step = dying_step
+    engine.step_phases = dying_step
 
 
 def test_engine_thread_death_ends_every_stream_as_retryable(engine_client):
     """Something the step loop cannot catch kills the engine thread: every open request still gets
     a final event (ERROR, retryable -> UNAVAILABLE at the service), and new work is refused."""
-    from engine.api import EngineUnavailable
+    from engine.errors import EngineUnavailable
     from engine.inputs import GenerateInput
     kill_engine_on_next_busy_step(engine_client)
     with quiet_thread_death():

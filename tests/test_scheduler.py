@@ -12,7 +12,8 @@ import pytest
 
 from engine.request import FinishReason, Request, RequestState, SamplingParams
 from engine import scheduler as scheduler_module
-from engine.scheduler import Scheduler, SchedulerConfig, SchedulerError, SchedulerOutput
+from engine.errors import DuplicateRequest, HostPoolFull, RequestFinished, UnknownRequest
+from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
 KVB = 10  # kv_bytes_per_token used throughout
 
@@ -224,13 +225,13 @@ def test_preemption_victim_lowest_priority_latest_arrival():
     assert out.restore == ()
     assert b.state == RequestState.PREEMPTED and b.num_preemptions == 1
     assert b in s.waiting and b not in s.running
-    assert s.host_bytes == tokens_b * KVB
+    assert s.kv.host_bytes == tokens_b * KVB
     assert set(ids(out.decode)) == {"p1", "a", "p2", "hi"}
     execute(s, out)
     # the batch is still full: b stays parked and keeps its bytes
     out = step(s, 2.0)
     assert out.restore == () and b.state == RequestState.PREEMPTED
-    assert s.host_bytes == tokens_b * KVB
+    assert s.kv.host_bytes == tokens_b * KVB
     # room frees: b comes back by restore, not prefill
     s.finish(hi, FinishReason.EOS)
     n_out = len(b.output_ids)
@@ -238,7 +239,7 @@ def test_preemption_victim_lowest_priority_latest_arrival():
     assert ids(out.restore) == ["b"] and out.prefill == ()
     assert b.state == RequestState.RUNNING
     assert len(b.output_ids) == n_out
-    assert s.host_bytes == 0
+    assert s.kv.host_bytes == 0
     assert b.parked_seconds == pytest.approx(2.0)
 
 
@@ -251,13 +252,13 @@ def test_preemption_evicts_as_many_as_needed_for_kv():
     out = s.schedule(0.0)
     assert ids(out.park) == ["b"]
     assert ids(out.prefill) == ["hi"]
-    assert s.host_bytes == b.num_tokens * KVB
+    assert s.kv.host_bytes == b.num_tokens * KVB
     hi2 = make_req("hi2", plen=15, prio=2)  # would need a (prio 0) and c (prio 1) out: a goes, then c
     s.add(hi2)
     out = s.schedule(0.0)
     assert ids(out.park) == ["a", "c"]
     assert ids(out.prefill) == ["hi2"]
-    assert s.host_bytes == (a.num_tokens + b.num_tokens + c.num_tokens) * KVB
+    assert s.kv.host_bytes == (a.num_tokens + b.num_tokens + c.num_tokens) * KVB
 
 
 def test_equal_priority_never_preempts():
@@ -269,7 +270,7 @@ def test_equal_priority_never_preempts():
     s.add(make_req("d", plen=4, prio=0))
     out = s.schedule(0.0)
     assert out.park == () and out.prefill == ()
-    assert s.host_bytes == 0
+    assert s.kv.host_bytes == 0
 
 
 def test_no_ping_pong_between_two_priorities():
@@ -288,7 +289,7 @@ def test_no_ping_pong_between_two_priorities():
     assert seen_parks == ["lo"]
     assert lo.finish_reason == hi.finish_reason == FinishReason.LENGTH
     assert len(lo.output_ids) == len(hi.output_ids) == 6
-    assert s.host_bytes == 0
+    assert s.kv.host_bytes == 0
 
 
 def test_host_pool_full_no_preemption_and_suspend_refused():
@@ -299,10 +300,9 @@ def test_host_pool_full_no_preemption_and_suspend_refused():
     out = s.schedule(0.0)
     assert out.park == () and out.prefill == ()
     assert a.state == b.state == RequestState.RUNNING
-    assert s.host_bytes == 0
-    with pytest.raises(SchedulerError) as exc:
+    assert s.kv.host_bytes == 0
+    with pytest.raises(HostPoolFull):
         s.suspend("a", 0.0)
-    assert exc.value.code == "RESOURCE_EXHAUSTED"
     assert a.state == RequestState.RUNNING and a in s.running
     # a queued request can still be suspended: it has no K/V to park
     s.suspend("hi", 0.0)
@@ -315,7 +315,7 @@ def test_host_pool_exactly_full_is_allowed():
     assert a.num_tokens * KVB == 50  # 4 prompt + 2 generated, the last without K/V yet
     s.add(make_req("hi", plen=4, prio=5))
     out = s.schedule(0.0)
-    assert ids(out.park) == ["a"] and s.host_bytes == 50
+    assert ids(out.park) == ["a"] and s.kv.host_bytes == 50
 
 
 def test_pressure_parks_lowest_row_and_admits_nothing():
@@ -327,7 +327,7 @@ def test_pressure_parks_lowest_row_and_admits_nothing():
     assert ids(out.park) == ["p0b"]
     assert out.prefill == () and out.restore == ()
     assert p0b.state == RequestState.PREEMPTED
-    assert s.host_bytes == p0b.num_tokens * KVB
+    assert s.kv.host_bytes == p0b.num_tokens * KVB
     assert set(ids(out.decode)) == {"p2", "p0a"}
     execute(s, out)
     out = s.schedule(0.0, pressure=True)
@@ -341,7 +341,7 @@ def test_pressure_parks_lowest_row_and_admits_nothing():
     out = s.schedule(0.0)
     assert ids(out.prefill) == ["new"]
     assert ids(out.restore) == ["p0a", "p0b"]
-    assert s.host_bytes == 0
+    assert s.kv.host_bytes == 0
 
 
 def test_pressure_respects_host_pool():
@@ -359,9 +359,9 @@ def test_suspend_running_parks_then_resume_restores():
     assert s.suspend("a", 5.0) is a
     assert a.state == RequestState.SUSPENDED
     assert a in s.suspended and a not in s.running and a not in s.waiting
-    assert s.host_bytes == tokens * KVB
+    assert s.kv.host_bytes == tokens * KVB
     assert s.suspend("a", 6.0) is a  # idempotent
-    assert s.host_bytes == tokens * KVB
+    assert s.kv.host_bytes == tokens * KVB
     out = step(s, 7.0)
     assert ids(out.park) == ["a"]
     assert ids(out.decode) == ["b"]
@@ -375,7 +375,7 @@ def test_suspend_running_parks_then_resume_restores():
     out = s.schedule(10.0)
     assert ids(out.restore) == ["a"] and out.prefill == ()
     assert a.state == RequestState.RUNNING
-    assert s.host_bytes == 0
+    assert s.kv.host_bytes == 0
     assert a.parked_seconds == pytest.approx(5.0)
 
 
@@ -387,7 +387,7 @@ def test_suspend_queued_no_park_resume_then_prefill():
     assert q.state == RequestState.SUSPENDED and q in s.suspended and q not in s.waiting
     out = s.schedule(1.0)
     assert out.park == () and out.prefill == ()
-    assert s.host_bytes == 0
+    assert s.kv.host_bytes == 0
     s.resume("q")
     assert q.state == RequestState.QUEUED and q in s.waiting
     out = s.schedule(3.0)
@@ -405,7 +405,7 @@ def test_suspend_preempted_keeps_kv_resume_restores():
     bytes_lo = lo.num_tokens * KVB
     s.suspend("lo", 0.0)
     assert lo.state == RequestState.SUSPENDED and lo in s.suspended and lo not in s.waiting
-    assert s.host_bytes == bytes_lo
+    assert s.kv.host_bytes == bytes_lo
     drain_steps = 0
     while hi.state != RequestState.FINISHED:
         out = step(s)
@@ -418,7 +418,7 @@ def test_suspend_preempted_keeps_kv_resume_restores():
     assert lo.state == RequestState.PREEMPTED
     out = s.schedule(0.0)
     assert ids(out.restore) == ["lo"]
-    assert s.host_bytes == 0
+    assert s.kv.host_bytes == 0
 
 
 def test_resume_of_not_suspended_is_noop():
@@ -439,7 +439,7 @@ def test_suspend_then_resume_in_same_window_parks_and_restores():
     # K/V are copied out and back in the same step; the accounting ends balanced
     assert ids(out.park) == ["a"] and ids(out.restore) == ["a"]
     assert a.state == RequestState.RUNNING and ids(out.decode) == ["a"]
-    assert s.host_bytes == 0
+    assert s.kv.host_bytes == 0
 
 
 @pytest.mark.parametrize("where", ["running", "queued", "suspended_running", "suspended_queued", "preempted"])
@@ -464,26 +464,25 @@ def test_cancel_everywhere(where):
     assert r.state == RequestState.FINISHED and r.finish_reason == FinishReason.CANCELLED
     assert "r" not in s.by_id
     assert r not in s.running and r not in s.waiting and r not in s.suspended
-    assert s.host_bytes == 0
+    assert s.kv.host_bytes == 0
     out = s.schedule(0.0)
     assert ids(out.free) == ["r"]
     assert r not in out.decode and r not in out.prefill and r not in out.restore
     out = s.schedule(0.0)
     assert out.free == ()
-    with pytest.raises(SchedulerError) as exc:
+    with pytest.raises(RequestFinished):
         s.cancel("r")
-    assert exc.value.code == "FAILED_PRECONDITION"
 
 
 def test_cancel_after_suspend_before_copy_drops_park():
     s = make_sched()
     (a,) = _full_batch(s, [("a", 4, 0)])
     s.suspend("a", 0.0)
-    assert s.host_bytes > 0
+    assert s.kv.host_bytes > 0
     s.cancel("a")
     out = s.schedule(0.0)
     assert ids(out.free) == ["a"] and out.park == ()
-    assert s.host_bytes == 0
+    assert s.kv.host_bytes == 0
 
 
 def test_cancel_with_error_reason():
@@ -497,17 +496,15 @@ def test_get_unknown_not_found():
     s = make_sched()
     for call in (lambda: s.get("nope"), lambda: s.cancel("nope"), lambda: s.suspend("nope", 0.0),
                  lambda: s.resume("nope"), lambda: s.set_priority("nope", 1)):
-        with pytest.raises(SchedulerError) as exc:
+        with pytest.raises(UnknownRequest):
             call()
-        assert exc.value.code == "NOT_FOUND"
 
 
 def test_add_duplicate_id_rejected():
     s = make_sched()
     s.add(make_req("a"))
-    with pytest.raises(SchedulerError) as exc:
+    with pytest.raises(DuplicateRequest):
         s.add(make_req("a"))
-    assert exc.value.code == "ALREADY_EXISTS"
 
 
 @pytest.mark.parametrize("how", ["finish", "cancel"])
@@ -522,9 +519,8 @@ def test_get_finished_is_failed_precondition(how):
     assert "a" not in s.by_id and s.num_unfinished == 0
     for call in (lambda: s.get("a"), lambda: s.cancel("a"), lambda: s.suspend("a", 0.0),
                  lambda: s.resume("a"), lambda: s.set_priority("a", 1)):
-        with pytest.raises(SchedulerError) as exc:
+        with pytest.raises(RequestFinished):
             call()
-        assert exc.value.code == "FAILED_PRECONDITION"
 
 
 def test_finished_ids_forgotten_beyond_limit_and_reusable(monkeypatch):
@@ -534,13 +530,11 @@ def test_finished_ids_forgotten_beyond_limit_and_reusable(monkeypatch):
         s.add(make_req(f"f{i}"))
         s.cancel(f"f{i}")
     for i in (0, 1):
-        with pytest.raises(SchedulerError) as exc:
+        with pytest.raises(UnknownRequest):
             s.get(f"f{i}")
-        assert exc.value.code == "NOT_FOUND"
     for i in (2, 3, 4):
-        with pytest.raises(SchedulerError) as exc:
+        with pytest.raises(RequestFinished):
             s.get(f"f{i}")
-        assert exc.value.code == "FAILED_PRECONDITION"
     # a finished id may be used again by a new request
     r = make_req("f4")
     s.add(r)
@@ -671,8 +665,8 @@ def check_invariants(s: Scheduler, reqs: list[Request], out: SchedulerOutput | N
         assert s.kv_tokens_running <= cfg.kv_budget_tokens
     parked_kv = [r for r in reqs
                  if r.state in (RequestState.PREEMPTED, RequestState.SUSPENDED) and r.output_ids]
-    assert s.host_bytes == sum(r.num_tokens * cfg.kv_bytes_per_token for r in parked_kv)
-    assert 0 <= s.host_bytes <= cfg.host_budget_bytes
+    assert s.kv.host_bytes == sum(r.num_tokens * cfg.kv_bytes_per_token for r in parked_kv)
+    assert 0 <= s.kv.host_bytes <= cfg.host_budget_bytes
 
 
 def _random_run(seed: int) -> None:
@@ -729,8 +723,8 @@ def _random_run(seed: int) -> None:
                 was = r.state
                 try:
                     s.suspend(r.request_id, now)
-                except SchedulerError as exc:
-                    assert exc.code == "RESOURCE_EXHAUSTED" and was == RequestState.RUNNING
+                except HostPoolFull:
+                    assert was == RequestState.RUNNING
                     assert r.state == RequestState.RUNNING
                 else:
                     assert r.state == RequestState.SUSPENDED
@@ -768,7 +762,7 @@ def _random_run(seed: int) -> None:
         else:
             assert r.finish_reason == FinishReason.CANCELLED
             assert len(r.output_ids) <= r.params.max_new_tokens
-    assert s.host_bytes == 0
+    assert s.kv.host_bytes == 0
 
 
 @pytest.mark.parametrize("block", range(4))

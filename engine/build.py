@@ -1,0 +1,86 @@
+"""Assembling an engine: load the model, size the K/V slab, wire scheduler, runner and engine.
+
+`build_engine` is what both transports call (in the server process for the in-thread engine, in
+the engine process otherwise); `assemble_engine` does the wiring around an already loaded model
+(tests, benchmarks).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from engine import model_loader
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.kv_slab import KVSlab
+from engine.memory import MemoryMonitor
+from engine.model_runner import ModelRunner
+from engine.scheduler import Scheduler, SchedulerConfig
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_name: str
+    max_context_length: int
+    eos_token_ids: tuple[int, ...]
+    max_new_tokens_limit: int
+    default_max_new_tokens: int
+    max_batch_size: int
+    device: str
+    dtype: str
+    vocab_size: int
+    has_chat_template: bool
+    kv_slab_bytes: int
+    decode: str = ""                 # the decode step the runner uses (ModelRunner.describe())
+    decode_graphs: int = 0           # CUDA graphs captured for it (0: eager)
+
+
+Loader = Callable[[], tuple]   # () -> (hf_model, tokenizer, ModelSpec); picklable for EngineProcess
+
+
+def build_engine(config: EngineConfig, loader: Loader | None = None) -> tuple[LLMEngine, ModelInfo, object]:
+    """Load the model named by `config` (or whatever `loader` builds, e.g. a benchmark preset)
+    and assemble an engine around it."""
+    if loader is None:
+        device = model_loader.resolve_device(config.device)
+        dtype = model_loader.resolve_dtype(config.dtype, device)
+        hf_model, tokenizer, spec = model_loader.load(config.model, device, dtype)
+    else:
+        hf_model, tokenizer, spec = loader()
+    engine, info = assemble_engine(hf_model, tokenizer, spec, config)
+    return engine, info, tokenizer
+
+
+def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
+                    config: EngineConfig) -> tuple[LLMEngine, ModelInfo]:
+    """Slab, scheduler, runner and engine around an already loaded model."""
+    device, dtype = hf_model.device, hf_model.dtype
+    max_seq_len = min(config.max_seq_len or min(spec.max_context, 4096), spec.max_context)
+    bytes_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * dtype.itemsize
+    monitor = MemoryMonitor(device, config.high_watermark, config.low_watermark)
+    num_slots = monitor.slab_slots(config.max_batch_size, bytes_per_token * max_seq_len, config.kv_memory_fraction)
+    slab = KVSlab(spec.num_layers, spec.num_kv_heads, spec.head_dim, num_slots, max_seq_len, dtype, device)
+    kv_budget = config.kv_budget_bytes if config.kv_budget_bytes is not None else slab.total_bytes
+    scheduler = Scheduler(SchedulerConfig(
+        max_batch_size=num_slots, max_prefill_tokens=config.max_prefill_tokens,
+        kv_budget_tokens=kv_budget // bytes_per_token, max_row_tokens=max_seq_len,
+        kv_bytes_per_token=bytes_per_token, host_budget_bytes=config.host_kv_budget_bytes,
+        aging_seconds=config.aging_seconds))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    fused = config.fused_decode
+    if fused is None:  # auto: on CUDA, for the model families it supports
+        from engine.fused_decode import unsupported_reason
+        fused = device.type == "cuda" and unsupported_reason(hf_model) is None
+    runner = ModelRunner(hf_model, slab, device, pad_token_id=pad, cuda_graphs=config.cuda_graphs,
+                         fused_decode=fused)
+    engine = LLMEngine(runner, scheduler, tokenizer, spec.eos_token_ids, seed=config.seed,
+                       pressure=monitor.pressure,
+                       pinned_arena_bytes=min(config.pinned_arena_bytes, config.host_kv_budget_bytes),
+                       prefill_max_waste=1.0 if device.type == "cuda" else 0.1)
+    info = ModelInfo(
+        model_name=spec.name, max_context_length=max_seq_len, eos_token_ids=spec.eos_token_ids,
+        max_new_tokens_limit=config.max_new_tokens_limit, default_max_new_tokens=config.default_max_new_tokens,
+        max_batch_size=num_slots, device=str(device), dtype=str(dtype).removeprefix("torch."),
+        vocab_size=spec.vocab_size, has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+        kv_slab_bytes=slab.total_bytes, decode=runner.describe(), decode_graphs=runner.num_graphs)
+    return engine, info
