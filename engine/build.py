@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from engine import model_loader
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
+from engine.kv_paged import PagedKV
 from engine.kv_slab import KVSlab
 from engine.memory import MemoryMonitor
 from engine.model_runner import ModelRunner
@@ -58,20 +59,20 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
     max_seq_len = min(config.max_seq_len or min(spec.max_context, 4096), spec.max_context)
     bytes_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * dtype.itemsize
     monitor = MemoryMonitor(device, config.high_watermark, config.low_watermark)
-    num_slots = monitor.slab_slots(config.max_batch_size, bytes_per_token * max_seq_len, config.kv_memory_fraction)
-    slab = KVSlab(spec.num_layers, spec.num_kv_heads, spec.head_dim, num_slots, max_seq_len, dtype, device)
-    kv_budget = config.kv_budget_bytes if config.kv_budget_bytes is not None else slab.total_bytes
+    kv, num_slots = _kv_storage(config, spec, max_seq_len, bytes_per_token, monitor, dtype, device)
+    kv_budget = config.kv_budget_bytes if config.kv_budget_bytes is not None else kv.total_bytes
+    page_size = config.kv_page_size if config.kv_layout == "paged" else 1
     scheduler = Scheduler(SchedulerConfig(
         max_batch_size=num_slots, max_prefill_tokens=config.max_prefill_tokens,
-        kv_budget_tokens=kv_budget // bytes_per_token, max_row_tokens=max_seq_len,
+        kv_budget_tokens=min(kv_budget, kv.total_bytes) // bytes_per_token, max_row_tokens=max_seq_len,
         kv_bytes_per_token=bytes_per_token, host_budget_bytes=config.host_kv_budget_bytes,
-        aging_seconds=config.aging_seconds))
+        aging_seconds=config.aging_seconds, kv_page_size=page_size))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     fused = config.fused_decode
     if fused is None:  # auto: on CUDA, for the model families it supports
         from engine.fused_decode import unsupported_reason
         fused = device.type == "cuda" and unsupported_reason(hf_model) is None
-    runner = ModelRunner(hf_model, slab, device, pad_token_id=pad, cuda_graphs=config.cuda_graphs,
+    runner = ModelRunner(hf_model, kv, device, pad_token_id=pad, cuda_graphs=config.cuda_graphs,
                          fused_decode=fused)
     engine = LLMEngine(runner, scheduler, tokenizer, spec.eos_token_ids, seed=config.seed,
                        pressure=monitor.pressure,
@@ -82,5 +83,25 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
         max_new_tokens_limit=config.max_new_tokens_limit, default_max_new_tokens=config.default_max_new_tokens,
         max_batch_size=num_slots, device=str(device), dtype=str(dtype).removeprefix("torch."),
         vocab_size=spec.vocab_size, has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
-        kv_slab_bytes=slab.total_bytes, decode=runner.describe(), decode_graphs=runner.num_graphs)
+        kv_slab_bytes=kv.total_bytes, decode=runner.describe(), decode_graphs=runner.num_graphs)
     return engine, info
+
+
+def _kv_storage(config: EngineConfig, spec: model_loader.ModelSpec, max_seq_len: int, bytes_per_token: int,
+                monitor: MemoryMonitor, dtype, device) -> tuple[KVSlab | PagedKV, int]:
+    """The batch's K/V storage and its number of rows. The slab reserves a full context per row,
+    so memory bounds the rows; pages are spent only on tokens that exist, so memory bounds the
+    tokens and `max_batch_size` alone bounds the rows."""
+    dims = (spec.num_layers, spec.num_kv_heads, spec.head_dim)
+    if config.kv_layout == "slab":
+        num_slots = monitor.slab_slots(config.max_batch_size, bytes_per_token * max_seq_len, config.kv_memory_fraction)
+        return KVSlab(*dims, num_slots, max_seq_len, dtype, device), num_slots
+    page = config.kv_page_size
+    # At most what a full slab of max_batch_size rows would hold; on CUDA, what free memory allows.
+    wanted = -(-config.max_batch_size * max_seq_len // page)
+    if config.kv_budget_bytes is not None:
+        wanted = min(wanted, -(-config.kv_budget_bytes // (page * bytes_per_token)))
+    num_pages = monitor.slab_slots(wanted, page * bytes_per_token, config.kv_memory_fraction)
+    if num_pages * page < max_seq_len:
+        raise RuntimeError(f"K/V memory for {num_pages} pages cannot hold one row of {max_seq_len} tokens")
+    return PagedKV(*dims, num_pages, page, max_seq_len, config.max_batch_size, dtype, device), config.max_batch_size

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEVICES = ("auto", "cpu", "cuda")
+KV_LAYOUTS = ("slab", "paged")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -33,10 +34,16 @@ class EngineConfig:
     warmup: bool = True                   # run one short generation before reporting SERVING
     cuda_graphs: bool = True              # replay decode steps as CUDA graphs (CUDA only)
     fused_decode: bool | None = None      # fused-kernel decode step (Llama/Mistral/Qwen2); None = on for CUDA
+    kv_layout: str = "slab"               # slab: the paper's padded slab; paged: pages of kv_page_size tokens
+    kv_page_size: int = 128               # tokens per K/V page (paged layout)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {self.kv_layout!r}")
+        if self.kv_page_size < 1:
+            raise ValueError(f"kv_page_size must be >= 1, got {self.kv_page_size}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         for name in ("max_batch_size", "default_max_new_tokens", "max_new_tokens_limit",

@@ -162,28 +162,59 @@ class FusedDecoder:
         self.qkv_rotary, self.silu_mul = qkv_rotary, silu_mul
         self.compiled = True
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                 data: torch.Tensor, rows: int, lo: int, hi: int, write_index: torch.Tensor) -> torch.Tensor:
-        """input_ids [B, 1], positions [B, 1], mask [B, 1, 1, hi - lo] bool -> logits [B, V]."""
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        """input_ids [B, 1], positions [B, 1] -> logits [B, V]. `attend(layer, q, k, v)` stores the
+        new k, v [B, hkv, 1, d] and returns the attention of q [B, hq, 1, d] as [B, hq * d]
+        (`SlabAttend` or `PagedAttend`)."""
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         x = self.embed(input_ids[:, 0])                                     # [B, hidden]
         cos, sin = self.rotary(x, positions)                                # [B, 1, d] each
         cos, sin = cos[:, 0], sin[:, 0]
-        groups = hq // hkv
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.ln1, layer.eps1)
             qkv = F.linear(h, layer.qkv_w, layer.qkv_b)
             q, k, v = self.qkv_rotary(qkv, cos, sin, hq, hkv, d)
-            kv = data[i]                                                    # [2, S, H, T, D]
-            kv[0, :rows].index_copy_(2, write_index, k)
-            kv[1, :rows].index_copy_(2, write_index, v)
-            # Grouped-query attention without copying K/V: the `groups` query heads that share a
-            # K/V head attend as `groups` query rows of that head (SDPA's enable_gqa with a mask
-            # falls back to the slow math kernel on CUDA).
-            attn = F.scaled_dot_product_attention(q.view(-1, hkv, groups, d), kv[0, :rows, :, lo:hi],
-                                                  kv[1, :rows, :, lo:hi], attn_mask=mask, scale=self.scaling)
-            out = F.linear(attn.reshape(attn.shape[0], hq * d), layer.o_w, layer.o_b)
-            x = x + out
+            x = x + F.linear(attend(i, q, k, v), layer.o_w, layer.o_b)
             h = _rms_norm(x, layer.ln2, layer.eps2)
             x = x + F.linear(self.silu_mul(F.linear(h, layer.gate_up_w)), layer.down_w)
         return self.lm_head(_rms_norm(x, self.final_norm.weight, self.final_norm.variance_epsilon))
+
+
+class SlabAttend:
+    """The slab's attention: the new K/V go to the shared write column of rows [0, rows); each row
+    attends the window [lo, hi) under the regenerated mask [B, 1, 1, hi - lo]."""
+
+    def __init__(self, data: torch.Tensor, mask: torch.Tensor, rows: int, lo: int, hi: int,
+                 write_index: torch.Tensor, scale: float) -> None:
+        self.data, self.mask, self.rows, self.lo, self.hi = data, mask, rows, lo, hi
+        self.write_index, self.scale = write_index, scale
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kv = self.data[layer]                                               # [2, S, H, T, D]
+        kv[0, :self.rows].index_copy_(2, self.write_index, k)
+        kv[1, :self.rows].index_copy_(2, self.write_index, v)
+        b, hq, _, d = q.shape
+        hkv = k.shape[1]
+        # Grouped-query attention without copying K/V: the query heads that share a K/V head attend
+        # as query rows of that head (SDPA's enable_gqa with a mask falls back to the slow math
+        # kernel on CUDA).
+        attn = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, d), kv[0, :self.rows, :, self.lo:self.hi],
+                                              kv[1, :self.rows, :, self.lo:self.hi], attn_mask=self.mask,
+                                              scale=self.scale)
+        return attn.reshape(b, hq * d)
+
+
+class PagedAttend:
+    """The paged attention: the new K/V go to each row's own slot of the pool [2, H, N, D]; each row
+    attends only its own pages (FlexAttention, engine/paged_attention.py; its tables are updated
+    once per step by the caller)."""
+
+    def __init__(self, data: torch.Tensor, write_slots: torch.Tensor, attention, rows: int, scale: float) -> None:
+        self.data, self.write_slots, self.attention, self.rows, self.scale = data, write_slots, attention, rows, scale
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        pool = self.data[layer]                                             # [2, H, N, D]
+        pool[0].index_copy_(1, self.write_slots, k[:, :, 0].transpose(0, 1))   # [H, B, D] at slots [B]
+        pool[1].index_copy_(1, self.write_slots, v[:, :, 0].transpose(0, 1))
+        out = self.attention(q, pool[0], pool[1], self.rows, self.scale)   # [B, hq, 1, d]
+        return out.reshape(out.shape[0], -1)

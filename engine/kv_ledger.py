@@ -4,7 +4,8 @@ bytes parked in host memory. Pure Python (no torch), consulted by the scheduler.
 The rule: a row of the decode batch holds the K/V of `request.num_tokens` tokens and keeps one
 spare column for the write of its next decode step, so it needs `num_tokens + SPARE_COLUMNS`.
 A row may keep decoding while, after that write, it would still have its spare column inside
-the context limit.
+the context limit. Device memory is counted in pages of `page_size` tokens (1 for the slab, whose
+budget is plain tokens; the page size for the paged layout, whose allocator hands out pages).
 
 Invariants:
 - `host_bytes` == sum over parked ids of their parked bytes, and never exceeds
@@ -27,8 +28,9 @@ def tokens_needed(request: Request) -> int:
 
 class KVLedger:
     def __init__(self, device_budget_tokens: int, max_row_tokens: int, bytes_per_token: int,
-                 host_budget_bytes: int) -> None:
-        self.device_budget_tokens = device_budget_tokens   # K/V tokens all running rows may hold
+                 host_budget_bytes: int, page_size: int = 1) -> None:
+        self.page_size = page_size
+        self.device_budget_pages = device_budget_tokens // page_size   # pages all running rows may hold
         self.max_row_tokens = max_row_tokens               # columns of one row (context limit)
         self.bytes_per_token = bytes_per_token
         self.host_budget_bytes = host_budget_bytes
@@ -36,15 +38,20 @@ class KVLedger:
         self.host_bytes = 0
 
     # ---- device ----------------------------------------------------------------------------
-    def device_tokens(self, running: Iterable[Request]) -> int:
-        return sum(tokens_needed(r) for r in running)
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    def device_pages(self, running: Iterable[Request]) -> int:
+        """Pages the running rows hold once each has the column of its next write."""
+        return sum(self.pages_for(tokens_needed(r)) for r in running)
 
     def device_bytes(self, running: Iterable[Request]) -> int:
         """Bytes of K/V the running rows really hold (no spare columns)."""
         return sum(r.num_tokens for r in running) * self.bytes_per_token
 
     def fits(self, running: Iterable[Request], extra_tokens: int) -> bool:
-        return self.device_tokens(running) + extra_tokens <= self.device_budget_tokens
+        """Would the running rows plus a newcomer needing `extra_tokens` fit the device budget?"""
+        return self.device_pages(running) + self.pages_for(extra_tokens) <= self.device_budget_pages
 
     def can_grow(self, request: Request) -> bool:
         """After its next decode write, does the row still have its spare column in context?"""

@@ -47,6 +47,12 @@ class KVSlab:
         return L * two * H * D * self.data.element_size()
 
     @property
+    def dims(self) -> tuple[int, int, int]:
+        """(layers, kv heads, head dim)."""
+        L, _two, _S, H, _T, D = self.data.shape
+        return L, H, D
+
+    @property
     def total_bytes(self) -> int:
         return self.data.numel() * self.data.element_size()
 

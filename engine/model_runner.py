@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.fused_decode import SlabAttend
+from engine.kv_paged import PagedCache, PagedKV
 from engine.kv_slab import KVSlab, SlabCache
 
 GRAPH_MAX_PADDING = 64   # CUDA: columns of common padding before the window is moved to column 0
@@ -41,30 +43,42 @@ class ModelRunner:
         # `cache` there would be swallowed by **kwargs (a fresh DynamicCache, the slab never written).
         self.cache_arg = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
         self.fused = None
+        paged = isinstance(slab, PagedKV)
         if fused_decode:
             from engine.fused_decode import FusedDecoder
             self.fused = FusedDecoder(hf_model, compile=device.type == "cuda")
         self.graphs = None
-        if cuda_graphs and device.type == "cuda":
+        self.paged = None     # the fused paged step (FlexAttention over each row's own pages)
+        if paged and self.fused is not None:
+            from engine.paged_decode import PagedDecoder
+            on_cuda = device.type == "cuda"
+            self.paged = PagedDecoder(self.fused, slab, device, graphs=cuda_graphs and on_cuda, compile=on_cuda)
+            if self.paged.use_graphs:
+                self.paged.capture_all()
+        elif cuda_graphs and device.type == "cuda" and not paged:
             from engine.cuda_graphs import GraphDecoder
             self.graphs = GraphDecoder(self.forward_decode, slab, max_padding=GRAPH_MAX_PADDING)
             self.graphs.capture_all()
 
     @property
     def num_graphs(self) -> int:
-        return len(self.graphs.graphs) if self.graphs is not None else 0
+        graphs = self.graphs if self.graphs is not None else self.paged
+        return len(graphs.graphs) if graphs is not None else 0
 
     def describe(self) -> str:
         """How decode steps run, for the start-up log: e.g. 'fused+compiled, cuda graphs (52)'."""
         kind = "hf" if self.fused is None else "fused+compiled" if self.fused.compiled else "fused"
-        return kind + (f", cuda graphs ({self.num_graphs})" if self.graphs is not None else ", eager")
+        if isinstance(self.slab, PagedKV):
+            kind += ", paged flex" if self.paged is not None else ", paged gather"
+        return kind + (f", cuda graphs ({self.num_graphs})" if self.num_graphs else ", eager")
 
     def forward_decode(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                        rows: int, lo: int, hi: int, write_index: torch.Tensor) -> torch.Tensor:
         """One decode forward of slab rows [0, rows): input_ids and positions [rows, 1], mask
         [rows, 1, 1, hi - lo]; writes column `write_index` and attends columns [lo, hi). -> logits [rows, V]."""
         if self.fused is not None:
-            return self.fused(input_ids, positions, mask, self.slab.data, rows, lo, hi, write_index)
+            return self.fused(input_ids, positions,
+                              SlabAttend(self.slab.data, mask, rows, lo, hi, write_index, self.fused.scaling))
         cache = SlabCache(self.slab.data, num_rows=rows, lo=lo, hi=hi, write_index=write_index)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                          **{self.cache_arg: cache}, use_cache=True)
@@ -87,8 +101,8 @@ class ModelRunner:
         real = cols[None, :] >= first[:, None]                                       # [m, P] keys
         # Padded queries see only themselves, so no softmax row is empty (no NaN).
         mask = (causal[None] & real[:, None, :]) | torch.eye(P, dtype=torch.bool)[None]  # [m, P, P]
-        L, two, _, H, _, D = self.slab.data.shape
-        kv = torch.empty(L, two, m, H, P, D, dtype=self.slab.data.dtype, device=self.device)
+        L, H, D = self.slab.dims
+        kv = torch.empty(L, 2, m, H, P, D, dtype=self.slab.data.dtype, device=self.device)
         out = self.model(
             input_ids=ids.to(self.device),
             attention_mask=mask[:, None].to(self.device),
@@ -102,6 +116,8 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, input_ids: list[int]) -> torch.Tensor:
         """One step for every live row of the slab; row r's input is input_ids[r]. -> logits [n, V]."""
+        if isinstance(self.slab, PagedKV):
+            return self._decode_paged(input_ids)
         if self.graphs is not None:
             ids = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)
             return self.graphs.decode(ids)
@@ -115,3 +131,18 @@ class ModelRunner:
         slab.advance()
         assert logits.shape[0] == n
         return logits
+
+    def _decode_paged(self, input_ids: list[int]) -> torch.Tensor:
+        """The fused paged step (FlexAttention over each row's pages), or the HF forward with each
+        row's tokens gathered into a padded window (any model, any device)."""
+        if self.paged is not None:
+            return self.paged.decode(input_ids)
+        kv: PagedKV = self.slab
+        write_slots = kv.prepare_decode()                                                 # [n]
+        gather, mask = kv.gathered_window()                                               # [n, W], [n, 1, 1, W]
+        positions = torch.tensor(kv.lengths, dtype=torch.long, device=self.device)[:, None]   # [n, 1]
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)[:, None]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         **{self.cache_arg: PagedCache(kv.data, write_slots, gather)}, use_cache=True)
+        kv.advance()
+        return out.logits[:, -1]

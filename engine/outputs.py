@@ -28,6 +28,8 @@ class EngineStats(msgspec.Struct, frozen=True, array_like=True):
     seconds_offload: float = 0.0     # K/V copies to host (synchronised on CUDA)
     seconds_restore: float = 0.0     # K/V copies back to the device
     kv_relocations: int = 0          # times the slab's live window was moved
+    kv_pages_used: int = 0           # paged layout: pages held by rows (0 with the slab)
+    kv_pages_free: int = 0           # paged layout: pages free
     seconds_idle: float = 0.0        # the engine loop waiting for work (finished waits, see `settled`)
     waiting_since: Optional[float] = None   # monotonic time the current wait began; None while busy
 

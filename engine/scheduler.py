@@ -45,6 +45,7 @@ class SchedulerConfig:
     kv_bytes_per_token: int             # to account host-pool bytes
     host_budget_bytes: int              # parked K/V bytes allowed in host memory
     aging_seconds: float = 0.0          # +1 effective priority per this many seconds waiting (0 = off)
+    kv_page_size: int = 1               # device K/V is allocated in pages of this many tokens
 
     def __post_init__(self) -> None:
         # A row may grow to max_row_tokens; if that cannot fit alone, it would block the queue forever.
@@ -61,7 +62,7 @@ class Scheduler:
         self.suspended: list[Request] = []
         self.by_id: dict[str, Request] = {}
         self.kv = KVLedger(config.kv_budget_tokens, config.max_row_tokens, config.kv_bytes_per_token,
-                           config.host_budget_bytes)
+                           config.host_budget_bytes, config.kv_page_size)
         self._free: list[Request] = []
         self._park: list[Request] = []
         # Recently finished ids, so Preempt can answer FAILED_PRECONDITION rather than NOT_FOUND.
@@ -191,7 +192,8 @@ class Scheduler:
 
     @property
     def kv_tokens_running(self) -> int:
-        return self.kv.device_tokens(self.running)
+        """Device K/V the running rows hold, in tokens (whole pages for the paged layout)."""
+        return self.kv.device_pages(self.running) * self.kv.page_size
 
     @property
     def num_queued(self) -> int:

@@ -113,6 +113,8 @@ _ENGINE_GAUGES = (
     ("baton_queue_depth", "Requests waiting for their first admission", "requests_waiting"),
     ("baton_kv_device_bytes", "K/V bytes held by batch rows on the device", "kv_bytes_on_device"),
     ("baton_kv_host_bytes", "K/V bytes parked in host memory", "kv_bytes_on_host"),
+    ("baton_kv_pages_used", "K/V pages held by batch rows (--kv-layout paged; 0 with the slab)", "kv_pages_used"),
+    ("baton_kv_pages_free", "K/V pages free (--kv-layout paged; 0 with the slab)", "kv_pages_free"),
 )
 _ENGINE_COUNTERS = (
     ("baton_preemptions", "Rows parked in host memory by the scheduler or by SUSPEND", "preemptions"),

@@ -43,9 +43,15 @@ def _check_against_hf(loaded, engine, outputs, arrivals):
             assert got.final.completion_tokens == len(expected)
 
 
+# Both K/V layouts pass the same exactness tests; pages of 16 tokens so that rows span several.
+LAYOUTS = [dict(kv_layout="slab"), dict(kv_layout="paged", kv_page_size=16)]
+LAYOUT_IDS = ["slab", "paged"]
+
+
 @pytest.mark.slow
-def test_smollm2_staggered_arrivals_match_hf(smollm2):
-    engine, limits = make_engine(smollm2, max_batch_size=4)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+def test_smollm2_staggered_arrivals_match_hf(smollm2, layout):
+    engine, limits = make_engine(smollm2, max_batch_size=4, **layout)
     # six requests through four slots: some wait for a row to free up
     arrivals = _arrivals(lengths=[12, 30, 7, 25, 18, 9], steps=[0, 0, 3, 5, 9, 9])
     outputs = drive(engine, limits, arrivals)
@@ -53,10 +59,11 @@ def test_smollm2_staggered_arrivals_match_hf(smollm2):
     assert engine.slab.num_rows == 0
 
 
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gpt2"])
-def test_tiny_random_models_match_hf(family, tiny_model_dir):
+def test_tiny_random_models_match_hf(family, layout, tiny_model_dir):
     loaded = model_loader.load(tiny_model_dir(family), CPU, __import__("torch").float32)
-    engine, limits = make_engine(loaded, max_batch_size=3, max_seq_len=128)
+    engine, limits = make_engine(loaded, max_batch_size=3, max_seq_len=128, **layout)
     arrivals = _arrivals(lengths=[20, 35, 8, 16, 27, 5], steps=[0, 1, 2, 4, 4, 13], ignore_eos=True)
     outputs = drive(engine, limits, arrivals)
     _check_against_hf(loaded, engine, outputs, arrivals)
@@ -90,10 +97,11 @@ def test_rows_leave_and_cache_shrinks(tiny_model_dir):
     assert short.final.prompt_tokens + len(short.token_ids) == engine.slab.max_len
 
 
-def test_cancel_frees_row_without_changing_others(tiny_model_dir):
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+def test_cancel_frees_row_without_changing_others(tiny_model_dir, layout):
     import torch
     loaded = model_loader.load(tiny_model_dir("llama"), CPU, torch.float32)
-    engine, limits = make_engine(loaded, max_batch_size=3, max_seq_len=128)
+    engine, limits = make_engine(loaded, max_batch_size=3, max_seq_len=128, **layout)
     arrivals = _arrivals(lengths=[30, 30, 30], steps=[0, 0, 0], ignore_eos=True)
     rows_after_cancel = []
 
@@ -194,3 +202,26 @@ def test_each_prefill_group_streams_its_first_tokens_before_the_next_group_runs(
     assert running == {"short-a", "short-b"}, log        # their first tokens are out before the long prefill
     assert between[-1] == ("phase",), log
     _check_against_hf(loaded, engine, outputs, {0: inputs})
+
+
+def test_paged_rows_are_bounded_by_real_tokens_not_by_the_context(tiny_model_dir):
+    """The memory of two full-context slab rows holds six short paged rows at once, exactly."""
+    import torch
+    loaded = model_loader.load(tiny_model_dir("llama"), CPU, torch.float32)
+    hf_model, tokenizer, spec = loaded
+    two_rows = 2 * 128 * (2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 4)   # fp32 bytes
+    engine, limits = make_engine(loaded, max_batch_size=6, max_seq_len=128, kv_budget_bytes=two_rows,
+                                 kv_layout="paged", kv_page_size=16)
+    assert engine.slab.total_bytes == two_rows and engine.stats().kv_pages_free == 16
+    slab, _ = make_engine(loaded, max_batch_size=6, max_seq_len=128)   # six rows of the slab: 3x the memory
+    assert slab.slab.total_bytes == 3 * two_rows
+    inputs = [GenerateInput(request_id=f"s{i}", prompt=PROMPTS[i], max_new_tokens=10, ignore_eos=True)
+              for i in range(6)]
+    peak = []
+    outputs = drive(engine, limits, {0: inputs}, on_step=lambda step, eng, out: peak.append(eng.stats().rows_on_device))
+    assert max(peak) == 6                 # every request decodes at once
+    for inp in inputs:
+        expected = hf_reference(hf_model, tokenizer(inp.prompt)["input_ids"], 10, ())
+        assert outputs[inp.request_id].token_ids == expected, inp.request_id
+    stats = engine.stats()
+    assert stats.kv_pages_used == 0 and stats.kv_pages_free == 16

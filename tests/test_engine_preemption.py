@@ -15,11 +15,13 @@ PROMPTS = ["The capital of France is", "Once upon a time there", "1, 2, 3,", "Wh
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
+@pytest.mark.parametrize("layout", [dict(kv_layout="slab"), dict(kv_layout="paged", kv_page_size=16)],
+                         ids=["slab", "paged"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_preemption_and_suspend_cycles_are_exact(tiny_model_dir, device):
+def test_preemption_and_suspend_cycles_are_exact(tiny_model_dir, device, layout):
     loaded = model_loader.load(tiny_model_dir("llama"), torch.device(device), torch.float32)
     hf_model, tokenizer, _ = loaded
-    engine, limits = make_engine(loaded, max_batch_size=2, max_seq_len=128)
+    engine, limits = make_engine(loaded, max_batch_size=2, max_seq_len=128, **layout)
     low = [GenerateInput(request_id=f"low{i}", prompt=PROMPTS[i], max_new_tokens=40, ignore_eos=True)
            for i in range(2)]
     high = [GenerateInput(request_id=f"high{i}", prompt=PROMPTS[2 + i], max_new_tokens=6, priority=5,
@@ -40,6 +42,7 @@ def test_preemption_and_suspend_cycles_are_exact(tiny_model_dir, device):
     assert stats.bytes_restored == stats.bytes_offloaded > 0
     assert max(host_bytes) > 0 and len(engine.parked) == 0
     assert stats.kv_bytes_on_host == 0 and stats.rows_parked == 0
+    assert stats.kv_pages_used == 0   # every page came back (paged layout; 0 with the slab)
     reference_model = hf_model.cpu()
     for inp in low + high:
         expected = hf_reference(reference_model, tokenizer(inp.prompt)["input_ids"], inp.max_new_tokens, ())

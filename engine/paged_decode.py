@@ -1,0 +1,96 @@
+"""The fused decode step over paged K/V: rows padded to a bucket, attention over each row's own
+pages only (FlexAttention), optionally captured once per row bucket as a CUDA graph.
+
+Everything a step changes lives in static buffers read inside the step (so a captured graph stays
+valid): ids [S, 1] and positions [S, 1] of each row, its write slot [S], and the attention's page
+table and lengths (engine/paged_attention.py). Padding rows (past the live ones, up to the
+bucket) have length 0, attend nothing and write to the pool's scratch page, never a live slot.
+Unlike the slab's graphs, the shapes do not depend on the context: one graph per row bucket.
+"""
+from __future__ import annotations
+
+import bisect
+import gc
+
+import torch
+
+from engine.fused_decode import FusedDecoder, PagedAttend
+from engine.kv_paged import PagedKV
+from engine.paged_attention import PagedDecodeAttention
+
+ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+class PagedDecoder:
+    def __init__(self, fused: FusedDecoder, kv: PagedKV, device: torch.device, graphs: bool, compile: bool) -> None:
+        self.fused, self.kv, self.device = fused, kv, device
+        S = kv.max_rows
+        self.row_buckets = sorted({b for b in ROW_BUCKETS if b < S} | {S})
+        self.attention = PagedDecodeAttention(
+            fused.num_heads, fused.num_kv_heads, fused.head_dim, kv.page_size, max_rows=S,
+            max_pages_per_row=kv.max_pages_per_row, device=device, compile=compile, num_pages=kv.num_pages + 1)
+        self.ids = torch.zeros(S, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(S, 1, dtype=torch.long, device=device)
+        self.write = torch.full((S,), kv.scratch_slot, dtype=torch.long, device=device)
+        self.use_graphs = graphs
+        self.pool = torch.cuda.graph_pool_handle() if graphs else None
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def _forward(self, rows: int) -> torch.Tensor:
+        attend = PagedAttend(self.kv.data, self.write[:rows], self.attention, rows, self.fused.scaling)
+        return self.fused(self.ids[:rows], self.positions[:rows], attend)              # [rows, V]
+
+    def _graph(self, rows: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        if rows not in self.graphs:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):    # compile and warm up outside the capture
+                self._forward(rows)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = self._forward(rows)
+            self.graphs[rows] = (graph, logits)
+        return self.graphs[rows]
+
+    def capture_all(self) -> int:
+        """Capture every row bucket now (largest first, so the shared pool is sized once), with
+        the cyclic GC off (a collection inside a capture can invalidate it)."""
+        self.attention.update(self.kv.page_table(self.kv.max_rows), torch.zeros(self.kv.max_rows, dtype=torch.long,
+                                                                                   device=self.device), self.kv.max_rows)
+        gc.collect()
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for rows in reversed(self.row_buckets):
+                self._graph(rows)
+        finally:
+            if was_enabled:
+                gc.enable()
+        torch.cuda.synchronize()
+        return len(self.graphs)
+
+    @torch.inference_mode()
+    def decode(self, input_ids: list[int]) -> torch.Tensor:
+        """One step for every live row; row r's input is input_ids[r]. -> logits [n, V]."""
+        kv = self.kv
+        n = kv.num_rows
+        write = kv.prepare_decode()                                                     # [n]
+        rows = self.row_buckets[bisect.bisect_left(self.row_buckets, n)]
+        pad = rows - n
+        host = torch.tensor([input_ids + [0] * pad, kv.lengths + [0] * pad], dtype=torch.long)   # [2, rows]
+        host = host.pin_memory() if self.device.type == "cuda" else host
+        ids, positions = host.to(self.device, non_blocking=True)
+        self.ids[:rows, 0].copy_(ids)
+        self.positions[:rows, 0].copy_(positions)
+        self.write[:n].copy_(write)
+        self.write[n:rows].fill_(kv.scratch_slot)
+        lengths = torch.where(torch.arange(rows, device=self.device) < n, positions + 1, 0)   # [rows]
+        self.attention.update(kv.page_table(rows), lengths, rows)
+        if self.use_graphs:
+            graph, logits = self._graph(rows)
+            graph.replay()
+        else:
+            logits = self._forward(rows)
+        kv.advance()
+        return logits[:n]
