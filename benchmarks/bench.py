@@ -100,7 +100,7 @@ def weights_bytes(model) -> int:
 # ---- the engine, in process --------------------------------------------------------------------
 def run_engine(model, tokenizer, spec, reqs: list[BenchRequest], *, cuda_graphs: bool, max_batch: int,
                max_seq_len: int, label: str, host_budget: int = 64 << 30,
-               slo: tuple[float, float] | None = None, fused: bool | None = None,
+               slo: tuple[float, float] | None = None, fused: bool | None = None, kv_layout: str = "slab",
                bandwidth: float | None = None) -> dict:
     """Run `reqs` (at their arrival times) through an engine built around `model`. With
     `bandwidth` (device copy bytes/s), each decode step is also compared with its own floor:
@@ -110,7 +110,7 @@ def run_engine(model, tokenizer, spec, reqs: list[BenchRequest], *, cuda_graphs:
 
     config = EngineConfig(max_batch_size=max_batch, max_seq_len=max_seq_len, warmup=False,
                           cuda_graphs=cuda_graphs, max_prefill_tokens=32768, host_kv_budget_bytes=host_budget,
-                          aging_seconds=0, fused_decode=fused)
+                          aging_seconds=0, fused_decode=fused, kv_layout=kv_layout)
     engine, info = assemble_engine(model, tokenizer, spec, config)
     device = model.device
     # warm-up (its step and copy counts are left out of the figures below)
@@ -242,7 +242,7 @@ def summarize(records: dict, wall: float, step_times: list[float], slo: tuple[fl
 
 # ---- the full gRPC path: the server here, clients streaming over loopback from another process ---
 def run_grpc(reqs: list[BenchRequest], *, load, transport: str, max_batch: int, max_seq_len: int,
-             fused: bool | None = None, slo: tuple[float, float] | None = None) -> dict:
+             fused: bool | None = None, slo: tuple[float, float] | None = None, kv_layout: str = "slab") -> dict:
     """`transport` "process": the engine loop in its own process, as `baton serve` runs it (`load`,
     a picklable () -> (model, tokenizer, spec), builds the model there); "thread": the engine loop
     as a thread of this process on `load()`'s model (`baton serve --engine-in-thread`). The client
@@ -259,7 +259,8 @@ def run_grpc(reqs: list[BenchRequest], *, load, transport: str, max_batch: int, 
     from service.server import BatonServer, ServerConfig
 
     config = EngineConfig(max_batch_size=max_batch, max_seq_len=max_seq_len, warmup=True, max_prefill_tokens=32768,
-                          aging_seconds=0, max_new_tokens_limit=max_seq_len, fused_decode=fused)
+                          aging_seconds=0, max_new_tokens_limit=max_seq_len, fused_decode=fused,
+                          kv_layout=kv_layout)
     engine = None
     if transport == "thread":
         model, tokenizer, spec = load()
@@ -731,7 +732,8 @@ def stage_w3(b: Bench) -> dict:
     out = {"host_link": b.host_link} if b.device.type == "cuda" else {}
     w3, max_seq = _w3(b)
     out["engine_w3"] = run_engine(b.model, b.tokenizer, b.spec, w3, cuda_graphs=True, label="w3",
-                                  max_batch=b.args.max_batch_size, max_seq_len=max_seq, fused=b.fused)
+                                  max_batch=b.args.max_batch_size, max_seq_len=max_seq, fused=b.fused,
+                                  kv_layout=b.args.kv_layout)
     return out
 
 
@@ -740,7 +742,8 @@ def stage_w3_low(b: Bench) -> dict:
     w3, max_seq = _w3(b)
     low_only = [r for r in w3 if r.priority == 0]
     return {"engine_w3_low_only": run_engine(b.model, b.tokenizer, b.spec, low_only, cuda_graphs=True, label="w3-low",
-                                             max_batch=b.args.max_batch_size, max_seq_len=max_seq, fused=b.fused)}
+                                             max_batch=b.args.max_batch_size, max_seq_len=max_seq, fused=b.fused,
+                                  kv_layout=b.args.kv_layout)}
 
 
 def stage_grpc_w2(b: Bench) -> dict:
@@ -779,7 +782,7 @@ def stage_w4(b: Bench) -> dict:
         bandwidth = b.copy_bandwidth if b.device.type == "cuda" else None
         return with_offered(run_engine(b.model, b.tokenizer, b.spec, reqs, cuda_graphs=True, label=f"w4@{rate:g}/s",
                                        max_batch=b.args.max_batch_size, max_seq_len=b.w4_context, fused=b.fused,
-                                       slo=b.slo, bandwidth=bandwidth), reqs)
+                                       slo=b.slo, bandwidth=bandwidth, kv_layout=b.args.kv_layout), reqs)
     return b.per_rate("engine_w4", one)
 
 
@@ -788,7 +791,8 @@ def stage_grpc_w4(b: Bench) -> dict:
     def one(rate: float) -> dict:
         reqs = b.w4(rate)
         return with_offered(run_grpc(reqs, load=b.load, transport="process", max_batch=b.args.max_batch_size,
-                                     max_seq_len=b.w4_context, fused=b.fused, slo=b.slo), reqs)
+                                     max_seq_len=b.w4_context, fused=b.fused, slo=b.slo,
+                                     kv_layout=b.args.kv_layout), reqs)
     return b.per_rate("grpc_w4", one)
 
 
@@ -805,8 +809,22 @@ def stage_hf_cb_w4(b: Bench) -> dict:
 
 
 # `--runs` names stages from this table; they run in the order given
+def stage_decode_chat(b: Bench) -> dict:
+    """Decode step with chat-like lengths at --max-seq-len context (--kv-layout), vs the real-token floor."""
+    if b.device.type != "cuda":
+        return {}
+    from benchmarks.decode_chat import decode_chat
+    out = {"copy_bandwidth_Bps": b.copy_bandwidth}
+    for layout in (b.args.kv_layout,):
+        for key, value in decode_chat(b.model, b.tokenizer, b.spec, layout, (48, 64, 128, 256), b.w4_context,
+                                      b.copy_bandwidth).items():
+            out.update(b.keep(key, value))
+    return out
+
+
 STAGES: dict[str, Callable[[Bench], dict]] = {
     "floor": stage_floor,
+    "decode-chat": stage_decode_chat,
     "engine": stage_engine,
     "engine-eager": stage_engine_eager,
     "w2": stage_w2,
@@ -900,6 +918,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slo-tpot-s", type=float, default=0.05, help="W2/W4 goodput: time-per-output-token SLO, seconds")
     p.add_argument("--name", default=None, help="result file name (default: preset/model and device)")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--kv-layout", choices=("slab", "paged"), default="slab", help="the engine's K/V layout")
     p.add_argument("--floor-variant", choices=FLOOR_VARIANTS, default=None,
                    help="floor stage: only this decode-step variant (on CUDA each runs in its own process)")
     p.add_argument("--decode", choices=("auto", "fused", "hf"), default="auto",
@@ -947,7 +966,8 @@ def build_bench(args, argv: list[str], runs: list[str]) -> Bench:
     fused = {"auto": None, "fused": True, "hf": False}[args.decode]
     name = args.name or f"{args.preset or spec.name}-{device.type}"
     bench = Bench(args=args, device=device, model=model, tokenizer=tokenizer, spec=spec, load=load, reqs=reqs,
-                  common=dict(max_batch=args.max_batch_size, max_seq_len=max_seq, fused=fused),
+                  common=dict(max_batch=args.max_batch_size, max_seq_len=max_seq, fused=fused,
+                              kv_layout=args.kv_layout),
                   out=Path(__file__).parent / "results" / f"{name}.json")
     bench.result.update({
         "command": "python -m benchmarks.bench " + " ".join(argv), "versions": versions(),

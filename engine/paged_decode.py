@@ -18,7 +18,9 @@ from engine.fused_decode import FusedDecoder, PagedAttend
 from engine.kv_paged import PagedKV
 from engine.paged_attention import PagedDecodeAttention
 
-ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+# Coarse: a decode step reads every weight once whatever its rows, and a padding row attends
+# nothing, so padding up to 2x rows costs little, while each bucket is one FlexAttention compile.
+ROW_BUCKETS = (8, 32, 64, 128, 256, 512)
 
 
 class PagedDecoder:
@@ -53,6 +55,7 @@ class PagedDecoder:
             self.graphs[rows] = (graph, logits)
         return self.graphs[rows]
 
+    @torch.inference_mode()   # as every decode runs: no autograd (FlexAttention's backward needs more tables)
     def capture_all(self) -> int:
         """Capture every row bucket now (largest first, so the shared pool is sized once), with
         the cyclic GC off (a collection inside a capture can invalidate it)."""
