@@ -211,7 +211,7 @@ class EngineLoop:
             for events in self.engine.step_phases():
                 if events:
                     self._outbox.extend(events)
-                    self._flush(with_stats=False)
+                    self._flush()     # with stats when rows came: a first token never precedes its gauge
         except Exception as exc:  # noqa: BLE001 - one bad step must not kill the service
             log.error("engine_step_failed", error=repr(exc), traceback=traceback.format_exc())
             self._outbox.extend(self.engine.fail_batch(exc))
@@ -223,19 +223,17 @@ class EngineLoop:
         return msgspec.structs.replace(self.engine.stats(), seconds_idle=self._idle.seconds,
                                        waiting_since=self._idle.since)
 
-    def _flush(self, force_stats: bool = False, with_stats: bool = True) -> None:
+    def _flush(self, force_stats: bool = False) -> None:
         """Send the outbox, with stats when forced, due (every STATS_EVERY_S) or when rows came or
         went since the last report (so gauges such as running rows are exact at every change)."""
-        stats = None
-        if with_stats:
-            stats = self._stats()
-            shape = (stats.rows_on_device, stats.rows_parked, stats.requests_waiting)
-            due = time.monotonic() - self._stats_at >= STATS_EVERY_S
-            if force_stats or due or shape != self._reported_shape:
-                self._stats_at = time.monotonic()
-                self._reported_shape = shape
-            else:
-                stats = None
+        stats = self._stats()
+        shape = (stats.rows_on_device, stats.rows_parked, stats.requests_waiting)
+        due = time.monotonic() - self._stats_at >= STATS_EVERY_S
+        if force_stats or due or shape != self._reported_shape:
+            self._stats_at = time.monotonic()
+            self._reported_shape = shape
+        else:
+            stats = None
         if self._outbox or stats is not None:
             events, self._outbox = tuple(self._outbox), []
             self.send(Outputs(events, stats))
