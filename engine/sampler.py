@@ -231,10 +231,9 @@ class Sampler:
         a repetition penalty, else []."""
         chosen = self._choose(logits, params, seen_ids, generators)         # [n] long
         if chosen.is_cuda:
-            # Wait for the step in a call that releases the GIL for the whole wait, so the service's
-            # event loop (same process) streams meanwhile. tolist() releases it too for most of its
-            # wait (an H200 probe: another thread ran at 78% of its free speed, 90% here); the gRPC
-            # path measured 0.86 of the engine with this line and 0.79-0.83 without, within run spread.
+            # Wait for the step in a call that releases the GIL for the whole wait, so other threads
+            # of this process (the in-thread transport's event loop) run meanwhile; tolist() holds
+            # it for part of its wait (docs/benchmarks.md, note 12).
             torch.cuda.current_stream(chosen.device).synchronize()
         return chosen.tolist()
 

@@ -155,3 +155,37 @@ def test_process_transport_outputs_equal_the_thread_transport(tiny_model_dir):
     assert not process.alive
     with pytest.raises(EngineUnavailable):
         process.submit(GenerateInput(request_id="late", prompt="Hi", max_new_tokens=2), lambda out: None)
+
+
+def test_served_paged_layout_matches_hf_generate(tmp_path, tiny_model_dir):
+    """`baton serve --kv-layout paged` (env BATON_KV_LAYOUT): the real server, through gRPC, gives
+    HF generate's tokens for concurrent requests, reports pages in Prometheus, and returns them."""
+    import torch
+
+    from engine import model_loader
+    from tests.conftest import hf_reference
+    folder = tiny_model_dir("llama")
+    server = start_server(tmp_path, "--model", folder, "--max-seq-len", "256", "--kv-page-size", "16",
+                          env={"BATON_KV_LAYOUT": "paged"})
+    prompts = ["Once upon a time", "The capital of France is", "1, 2, 3,"]
+    try:
+        with BatonClient(server.target) as client:
+            results: dict[str, list[int]] = {}
+
+            def run(prompt: str) -> None:
+                ids = []
+                for message in client.generate(prompt, options=GenerationOptions(max_new_tokens=20, ignore_eos=True)):
+                    ids.extend(message.token_ids)
+                results[prompt] = ids
+            threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+        assert server.wait_metric("baton_kv_pages_used", 0) == 0
+        assert server.metric("baton_kv_pages_free") == 4 * 256 // 16   # max_batch_size 4 x 256 tokens, pages of 16
+    finally:
+        server.stop()
+    hf_model, tokenizer, _ = model_loader.load(folder, torch.device("cpu"), torch.float32)
+    for prompt in prompts:
+        assert results[prompt] == hf_reference(hf_model, tokenizer(prompt)["input_ids"], 20, ()), prompt
