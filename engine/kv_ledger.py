@@ -45,10 +45,6 @@ class KVLedger:
         """Pages the running rows hold once each has the column of its next write."""
         return sum(self.pages_for(tokens_needed(r)) for r in running)
 
-    def device_bytes(self, running: Iterable[Request]) -> int:
-        """Bytes of K/V the running rows really hold (no spare columns)."""
-        return sum(r.num_tokens for r in running) * self.bytes_per_token
-
     def fits(self, running: Iterable[Request], extra_tokens: int) -> bool:
         """Would the running rows plus a newcomer needing `extra_tokens` fit the device budget?"""
         return self.device_pages(running) + self.pages_for(extra_tokens) <= self.device_budget_pages
