@@ -1,9 +1,10 @@
-"""Decode step with chat-like row lengths, slab vs paged, against the floor of the REAL K/V bytes.
+"""Decode step with chat-like row lengths, for one K/V layout, against the floor of the REAL K/V bytes.
 
 Rows get lognormal lengths (median 600 tokens, sigma 0.8, capped at the context) of random K/V;
-each layout's engine runs decode steps of all rows; the floor is (weights + sum of row lengths x
-bytes per token) / copy bandwidth. The slab holds what a full-context row per slot allows (at
-4,096 context on an H200, 53 rows of a 7B model); batches it cannot hold are reported as such.
+one engine of the layout runs decode steps of each batch of rows; the floor is (weights + sum of
+row lengths x bytes per token) / copy bandwidth. The slab holds what a full-context row per slot
+allows (at 4,096 context on an H200, 53 rows of a 7B model); batches a layout cannot hold are
+reported as such (`fits: false`).
 """
 from __future__ import annotations
 

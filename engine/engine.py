@@ -224,7 +224,7 @@ class LLMEngine:
             seconds_prefill=c.seconds_prefill, seconds_decode=c.seconds_decode,
             seconds_offload=c.seconds_offload, seconds_restore=c.seconds_restore,
             kv_relocations=self.slab.num_relocations,
-            kv_pages_used=getattr(self.slab, "num_pages_used", 0), kv_pages_free=getattr(self.slab, "num_pages_free", 0))
+            kv_pages_used=self.slab.num_pages_used, kv_pages_free=self.slab.num_pages_free)
 
     def close(self) -> None:
         """Release device memory now (slab, graphs), even if references to the engine linger."""

@@ -89,13 +89,13 @@ class PagedKV:
         self._table[self.num_rows, :len(pages)] = torch.tensor(pages, dtype=torch.long)
         self.row_ids.append(row_id)
         self.lengths.append(n)
-        self.data.index_copy_(3, self.slots(row_id, 0, n), kv.to(self.data.device, non_blocking=True))
+        self.data.index_copy_(3, self._row_slots(self.num_rows - 1, n), kv.to(self.data.device, non_blocking=True))
 
     def take_row(self, row_id: str, allocate) -> torch.Tensor:
         """Copy a row's K/V out to host memory ([L, 2, H, n, D], from `allocate(shape, dtype)`)
         and remove the row."""
-        n = self.lengths[self.row_ids.index(row_id)]
-        src = self.data.index_select(3, self.slots(row_id, 0, n))            # [L, 2, H, n, D]
+        index = self.row_ids.index(row_id)
+        src = self.data.index_select(3, self._row_slots(index, self.lengths[index]))   # [L, 2, H, n, D]
         host = allocate(src.shape, src.dtype)
         host.copy_(src, non_blocking=host.is_pinned())
         self.remove_row(row_id)
@@ -119,18 +119,11 @@ class PagedKV:
         for r, (row_id, n) in enumerate(zip(self.row_ids, self.lengths)):
             if n + 1 > self.max_len:
                 raise RuntimeError("row longer than the context limit")
-            if n % self.page_size == 0:          # the next token starts a page
-                (page,) = self.pages.grow(row_id, n + 1)    # the scheduler's budget keeps this from failing
-                self._table[r, n // self.page_size] = page
-            else:
-                self.pages.grow(row_id, n + 1)
-        return self.write_slots().to(self.data.device, non_blocking=True)
-
-    def write_slots(self) -> torch.Tensor:
-        """[n] long (host): each row's slot for its token at position lengths[r]."""
-        lengths = torch.tensor(self.lengths, dtype=torch.long)
-        page = self._table[torch.arange(len(self.lengths)), lengths // self.page_size]
-        return page * self.page_size + lengths % self.page_size
+            new = self.pages.grow(row_id, n + 1)    # the scheduler's budget keeps this from failing
+            if new:                                 # the next token starts a page
+                self._table[r, n // self.page_size] = new[0]
+        lengths = torch.tensor(self.lengths, dtype=torch.long)[:, None]            # [n, 1]
+        return self._slots(lengths)[:, 0].to(self.data.device, non_blocking=True)
 
     def advance(self) -> None:
         """After a decode step wrote every row's slot."""
@@ -143,20 +136,16 @@ class PagedKV:
         width = self.max_pages_per_row if width is None else width
         return self._table[:rows, :width].to(self.data.device, non_blocking=True)
 
-    def positions_to_slots(self, positions: torch.Tensor) -> torch.Tensor:
-        """positions [n, W] (host, long) of rows 0..n-1 -> slots [n, W] on the device."""
-        n, width = positions.shape
-        table = self.page_table(n, max(1, self.pages.pages_for(int(positions.max()) + 1)))   # [n, P]
-        positions = positions.to(table.device)
+    def _slots(self, positions: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+        """The one mapping from token positions to pool slots: positions [n, W] (host, long) of
+        rows first_row .. first_row + n - 1 -> slots [n, W] (host)."""
+        table = self._table[first_row:first_row + positions.shape[0]]               # [n, P]
         page = table.gather(1, positions // self.page_size)
         return page * self.page_size + positions % self.page_size
 
-    def slots(self, row_id: str, start: int, stop: int) -> torch.Tensor:
-        """Slots of a row's tokens [start, stop) [stop - start] long on the device."""
-        pages = torch.tensor(self.pages.pages(row_id), dtype=torch.long)
-        positions = torch.arange(start, stop)
-        slots = pages[positions // self.page_size] * self.page_size + positions % self.page_size
-        return slots.to(self.data.device, non_blocking=True)
+    def _row_slots(self, index: int, n: int) -> torch.Tensor:
+        """Slots of row `index`'s tokens 0..n-1, [n] long on the device."""
+        return self._slots(torch.arange(n)[None], first_row=index)[0].to(self.data.device, non_blocking=True)
 
     def gathered_window(self) -> tuple[torch.Tensor, torch.Tensor]:
         """For the eager decode: -> (gather [n, W] slots, mask [n, 1, 1, W] bool) with
@@ -166,7 +155,7 @@ class PagedKV:
         cols = torch.arange(int(lengths.max()) + 1)                               # [W]
         valid = cols[None, :] <= lengths[:, None]                                 # [n, W]
         positions = torch.where(valid, cols[None, :], 0)
-        gather = self.positions_to_slots(positions)
+        gather = self._slots(positions).to(self.data.device, non_blocking=True)
         return gather, valid.to(self.data.device)[:, None, None, :]
 
     @property

@@ -33,6 +33,7 @@ class KVSlab:
         self.num_slots = num_slots
         self.write_col = 0
         self.num_relocations = 0   # times the live window was moved (a copy of the whole window)
+        self.num_pages_used = self.num_pages_free = 0   # the slab has no pages (EngineStats reports 0)
         self.row_ids: list[str] = []
         self.lengths: list[int] = []
 
