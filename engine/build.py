@@ -60,6 +60,7 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
     bytes_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * dtype.itemsize
     monitor = MemoryMonitor(device, config.high_watermark, config.low_watermark)
     kv, num_slots = _kv_storage(config, spec, max_seq_len, bytes_per_token, monitor, dtype, device)
+    monitor.exclude(kv.total_bytes)
     kv_budget = config.kv_budget_bytes if config.kv_budget_bytes is not None else kv.total_bytes
     page_size = config.kv_page_size if config.kv_layout == "paged" else 1
     scheduler = Scheduler(SchedulerConfig(

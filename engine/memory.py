@@ -1,7 +1,11 @@
 """Device memory: sizing the K/V slab and the watermark signal for batch-size scaling.
 
 On CUDA the signal reads the device's free memory (`torch.cuda.mem_get_info`): above the high
-watermark of used memory the scheduler parks rows, below the low one it admits again. On CPU
+watermark of used memory the scheduler parks rows, below the low one it admits again. The K/V
+storage (slab or page pool) is allocated once at start and never returned, so the watermarks are
+fractions of the memory *outside* it (`exclude(pool_bytes)`): counted in, a pool sized at 85% of
+free memory alone sits above the low watermark, and one crossing of the high one (a long prefill's
+activations) would hold the signal on for good, admitting one row at a time. On CPU
 there is no device memory to watch: the K/V budget in EngineConfig (kv_budget_bytes) plays that
 role inside the scheduler, so the same logic is testable here.
 """
@@ -16,6 +20,11 @@ class MemoryMonitor:
         self.high = high_watermark
         self.low = low_watermark
         self._over = False
+        self._excluded = 0   # bytes of the K/V pool, held for the engine's life
+
+    def exclude(self, pool_bytes: int) -> None:
+        """Leave the preallocated K/V pool out of the watermark arithmetic."""
+        self._excluded = pool_bytes
 
     def used_fraction(self) -> float:
         """Share of device memory that is really taken: PyTorch's cached-but-free blocks are ours
@@ -24,7 +33,7 @@ class MemoryMonitor:
             return 0.0
         free, total = torch.cuda.mem_get_info(self.device)
         cached_free = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        return 1.0 - (free + cached_free) / total
+        return used_fraction_outside(total, free + cached_free, self._excluded)
 
     def pressure(self) -> bool:
         """True from crossing the high watermark until falling under the low one (hysteresis)."""
@@ -44,3 +53,10 @@ class MemoryMonitor:
         if fit < 1:
             raise RuntimeError(f"not enough device memory for one K/V row of {bytes_per_slot} bytes")
         return min(max_slots, fit)
+
+
+def used_fraction_outside(total: int, free: int, excluded: int) -> float:
+    """Share of the memory outside an `excluded` allocation (counted as used) that is taken."""
+    outside = total - excluded
+    return (outside - free) / outside if outside > 0 else 1.0
+

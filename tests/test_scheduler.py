@@ -780,3 +780,14 @@ def test_pressure_with_an_empty_batch_still_admits_one():
     assert [r.request_id for r in out.prefill] == ["w0"]
     out = s.schedule(0.0, pressure=True)
     assert out.prefill == () and out.restore == ()
+
+
+def test_memory_watermarks_leave_the_kv_pool_out():
+    """A pool taking 85% of free memory must not by itself read as pressure (the trap that held a
+    4,096-context slab to one row on an H200): 140 GB device, 14 GB weights, 106 GB pool, 2 GB of
+    activations in use -> 16/34 of the memory outside the pool is taken."""
+    from engine.memory import used_fraction_outside
+    GB = 1 << 30
+    assert used_fraction_outside(140 * GB, 18 * GB, 106 * GB) == pytest.approx(16 / 34)
+    assert used_fraction_outside(140 * GB, 18 * GB, 0) == pytest.approx(122 / 140)
+    assert used_fraction_outside(140 * GB, 0, 140 * GB) == 1.0
