@@ -101,16 +101,17 @@ def weights_bytes(model) -> int:
 def run_engine(model, tokenizer, spec, reqs: list[BenchRequest], *, cuda_graphs: bool, max_batch: int,
                max_seq_len: int, label: str, host_budget: int = 64 << 30,
                slo: tuple[float, float] | None = None, fused: bool | None = None, kv_layout: str = "slab",
-               bandwidth: float | None = None) -> dict:
+               bandwidth: float | None = None, **engine_kw) -> dict:
     """Run `reqs` (at their arrival times) through an engine built around `model`. With
     `bandwidth` (device copy bytes/s), each decode step is also compared with its own floor:
-    (weights + the K/V bytes its rows really hold) / bandwidth."""
+    (weights + the K/V bytes its rows really hold) / bandwidth. `engine_kw`: more EngineConfig
+    fields (they override the ones set here)."""
     from engine.build import assemble_engine
     from engine.config import EngineConfig
 
-    config = EngineConfig(max_batch_size=max_batch, max_seq_len=max_seq_len, warmup=False,
-                          cuda_graphs=cuda_graphs, max_prefill_tokens=32768, host_kv_budget_bytes=host_budget,
-                          aging_seconds=0, fused_decode=fused, kv_layout=kv_layout)
+    config = EngineConfig(**{**dict(max_batch_size=max_batch, max_seq_len=max_seq_len, warmup=False,
+                                    cuda_graphs=cuda_graphs, max_prefill_tokens=32768, host_kv_budget_bytes=host_budget,
+                                    aging_seconds=0, fused_decode=fused, kv_layout=kv_layout), **engine_kw})
     engine, info = assemble_engine(model, tokenizer, spec, config)
     device = model.device
     # warm-up (its step and copy counts are left out of the figures below)
@@ -242,7 +243,8 @@ def summarize(records: dict, wall: float, step_times: list[float], slo: tuple[fl
 
 # ---- the full gRPC path: the server here, clients streaming over loopback from another process ---
 def run_grpc(reqs: list[BenchRequest], *, load, transport: str, max_batch: int, max_seq_len: int,
-             fused: bool | None = None, slo: tuple[float, float] | None = None, kv_layout: str = "slab") -> dict:
+             fused: bool | None = None, slo: tuple[float, float] | None = None, kv_layout: str = "slab",
+             **engine_kw) -> dict:
     """`transport` "process": the engine loop in its own process, as `baton serve` runs it (`load`,
     a picklable () -> (model, tokenizer, spec), builds the model there); "thread": the engine loop
     as a thread of this process on `load()`'s model (`baton serve --engine-in-thread`). The client
@@ -258,9 +260,9 @@ def run_grpc(reqs: list[BenchRequest], *, load, transport: str, max_batch: int, 
     from engine.process import EngineProcess
     from service.server import BatonServer, ServerConfig
 
-    config = EngineConfig(max_batch_size=max_batch, max_seq_len=max_seq_len, warmup=True, max_prefill_tokens=32768,
-                          aging_seconds=0, max_new_tokens_limit=max_seq_len, fused_decode=fused,
-                          kv_layout=kv_layout)
+    config = EngineConfig(**{**dict(max_batch_size=max_batch, max_seq_len=max_seq_len, warmup=True,
+                                    max_prefill_tokens=32768, aging_seconds=0, max_new_tokens_limit=max_seq_len,
+                                    fused_decode=fused, kv_layout=kv_layout), **engine_kw})
     engine = None
     if transport == "thread":
         model, tokenizer, spec = load()
@@ -627,6 +629,22 @@ class Bench:
         _free(self.device)
         return link
 
+    @property
+    def layouts(self) -> list[str]:
+        return self.args.kv_layout.split(",")
+
+    def w4_variants(self, prefix: str, run_one: Callable[[float, dict], dict]) -> dict:
+        """W4 per rate x --kv-layout x --prefill-chunk-tokens, side by side in one run, saved as
+        they come: {f"{prefix}_{layout}_chunk{c}_rate{r}": ...}. Engines get the server's default
+        prefill bound (8,192 tokens a forward), not W1's."""
+        out = {}
+        for rate in self.rates:
+            for layout in self.layouts:
+                for chunk in (int(c) for c in self.args.prefill_chunk_tokens.split(",")):
+                    kw = dict(kv_layout=layout, prefill_chunk_tokens=chunk, max_prefill_tokens=8192)
+                    out.update(self.keep(f"{prefix}_{layout}_chunk{chunk}_rate{rate:g}", run_one(rate, kw)))
+        return out
+
     def per_rate(self, prefix: str, run_one: Callable[[float], dict]) -> dict:
         """One figure set per --rates rate, saved as it comes: {f"{prefix}_rate{r}": ...}."""
         out = {}
@@ -733,7 +751,7 @@ def stage_w3(b: Bench) -> dict:
     w3, max_seq = _w3(b)
     out["engine_w3"] = run_engine(b.model, b.tokenizer, b.spec, w3, cuda_graphs=True, label="w3",
                                   max_batch=b.args.max_batch_size, max_seq_len=max_seq, fused=b.fused,
-                                  kv_layout=b.args.kv_layout)
+                                  kv_layout=b.layouts[0], prefill_chunk_tokens=b.common["prefill_chunk_tokens"])
     return out
 
 
@@ -743,7 +761,8 @@ def stage_w3_low(b: Bench) -> dict:
     low_only = [r for r in w3 if r.priority == 0]
     return {"engine_w3_low_only": run_engine(b.model, b.tokenizer, b.spec, low_only, cuda_graphs=True, label="w3-low",
                                              max_batch=b.args.max_batch_size, max_seq_len=max_seq, fused=b.fused,
-                                  kv_layout=b.args.kv_layout)}
+                                             kv_layout=b.layouts[0],
+                                             prefill_chunk_tokens=b.common["prefill_chunk_tokens"])}
 
 
 def stage_grpc_w2(b: Bench) -> dict:
@@ -777,23 +796,22 @@ def stage_hf_cb(b: Bench) -> dict:
 def stage_w4(b: Bench) -> dict:
     """W4 (chat traffic) in process, one engine per rate, with --max-seq-len of context; each
     decode step against its floor from the K/V bytes its rows really hold (CUDA)."""
-    def one(rate: float) -> dict:
+    def one(rate: float, kw: dict) -> dict:
         reqs = b.w4(rate)
         bandwidth = b.copy_bandwidth if b.device.type == "cuda" else None
         return with_offered(run_engine(b.model, b.tokenizer, b.spec, reqs, cuda_graphs=True, label=f"w4@{rate:g}/s",
                                        max_batch=b.args.max_batch_size, max_seq_len=b.w4_context, fused=b.fused,
-                                       slo=b.slo, bandwidth=bandwidth, kv_layout=b.args.kv_layout), reqs)
-    return b.per_rate("engine_w4", one)
+                                       slo=b.slo, bandwidth=bandwidth, **kw), reqs)
+    return b.w4_variants("engine_w4", one)
 
 
 def stage_grpc_w4(b: Bench) -> dict:
     """W4 through the served path (engine process; client streams from their own process)."""
-    def one(rate: float) -> dict:
+    def one(rate: float, kw: dict) -> dict:
         reqs = b.w4(rate)
         return with_offered(run_grpc(reqs, load=b.load, transport="process", max_batch=b.args.max_batch_size,
-                                     max_seq_len=b.w4_context, fused=b.fused, slo=b.slo,
-                                     kv_layout=b.args.kv_layout), reqs)
-    return b.per_rate("grpc_w4", one)
+                                     max_seq_len=b.w4_context, fused=b.fused, slo=b.slo, **kw), reqs)
+    return b.w4_variants("grpc_w4", one)
 
 
 def stage_hf_cb_w4(b: Bench) -> dict:
@@ -815,7 +833,7 @@ def stage_decode_chat(b: Bench) -> dict:
         return {}
     from benchmarks.decode_chat import decode_chat
     out = {"copy_bandwidth_Bps": b.copy_bandwidth}
-    for layout in (b.args.kv_layout,):
+    for layout in b.layouts:
         for key, value in decode_chat(b.model, b.tokenizer, b.spec, layout, (48, 64, 128, 256), b.w4_context,
                                       b.copy_bandwidth).items():
             out.update(b.keep(key, value))
@@ -918,7 +936,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slo-tpot-s", type=float, default=0.05, help="W2/W4 goodput: time-per-output-token SLO, seconds")
     p.add_argument("--name", default=None, help="result file name (default: preset/model and device)")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--kv-layout", choices=("slab", "paged"), default="slab", help="the engine's K/V layout")
+    p.add_argument("--kv-layout", default="slab",
+                   help="the engine's K/V layout, slab or paged; W4 and decode-chat take a comma list and run each")
+    p.add_argument("--prefill-chunk-tokens", default="0",
+                   help="W4: comma list of --prefill-chunk-tokens values to run side by side (0 = whole prompts)")
     p.add_argument("--floor-variant", choices=FLOOR_VARIANTS, default=None,
                    help="floor stage: only this decode-step variant (on CUDA each runs in its own process)")
     p.add_argument("--decode", choices=("auto", "fused", "hf"), default="auto",
@@ -928,6 +949,8 @@ def main(argv: list[str] | None = None) -> int:
                         "so no stage inherits another's device memory)")
     args = p.parse_args(argv)
     argv = list(argv if argv is not None else sys.argv[1:])
+    if not set(args.kv_layout.split(",")) <= {"slab", "paged"}:
+        p.error(f"--kv-layout: slab or paged, got {args.kv_layout!r}")
     args.w1_max_output = args.max_output or 512
     args.w4_max_output = min(W4_OUTPUT[2], args.max_output or W4_OUTPUT[2])
     runs = list(dict.fromkeys(args.runs.split(",")))
@@ -967,7 +990,8 @@ def build_bench(args, argv: list[str], runs: list[str]) -> Bench:
     name = args.name or f"{args.preset or spec.name}-{device.type}"
     bench = Bench(args=args, device=device, model=model, tokenizer=tokenizer, spec=spec, load=load, reqs=reqs,
                   common=dict(max_batch=args.max_batch_size, max_seq_len=max_seq, fused=fused,
-                              kv_layout=args.kv_layout),
+                              kv_layout=args.kv_layout.split(",")[0],
+                              prefill_chunk_tokens=int(args.prefill_chunk_tokens.split(",")[0])),
                   out=Path(__file__).parent / "results" / f"{name}.json")
     bench.result.update({
         "command": "python -m benchmarks.bench " + " ".join(argv), "versions": versions(),

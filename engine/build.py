@@ -59,7 +59,8 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
     max_seq_len = min(config.max_seq_len or min(spec.max_context, 4096), spec.max_context)
     bytes_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * dtype.itemsize
     monitor = MemoryMonitor(device, config.high_watermark, config.low_watermark)
-    kv, num_slots = _kv_storage(config, spec, max_seq_len, bytes_per_token, monitor, dtype, device)
+    reserve = prefill_reserve_bytes(config, hf_model.config, max_seq_len, bytes_per_token, dtype.itemsize)
+    kv, num_slots = _kv_storage(config, spec, max_seq_len, bytes_per_token, monitor, dtype, device, reserve)
     monitor.exclude(kv.total_bytes)
     kv_budget = config.kv_budget_bytes if config.kv_budget_bytes is not None else kv.total_bytes
     page_size = config.kv_page_size if config.kv_layout == "paged" else 1
@@ -67,7 +68,8 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
         max_batch_size=num_slots, max_prefill_tokens=config.max_prefill_tokens,
         kv_budget_tokens=min(kv_budget, kv.total_bytes) // bytes_per_token, max_row_tokens=max_seq_len,
         kv_bytes_per_token=bytes_per_token, host_budget_bytes=config.host_kv_budget_bytes,
-        aging_seconds=config.aging_seconds, kv_page_size=page_size))
+        aging_seconds=config.aging_seconds, kv_page_size=page_size,
+        prefill_chunk_tokens=config.prefill_chunk_tokens))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     fused = config.fused_decode
     if fused is None:  # auto: on CUDA, for the model families it supports
@@ -88,21 +90,36 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
     return engine, info
 
 
+def prefill_reserve_bytes(config: EngineConfig, model_config, max_seq_len: int, bytes_per_token: int,
+                          itemsize: int) -> int:
+    """Device memory a prefill needs beside the K/V pool, left free when the pool is sized: the
+    forward's own K/V (a grouped forward's tokens; chunked, also the partial K/V of up to two
+    prompts in progress) and its activations (per token: the residual and q/k/v/o in hidden
+    size, gate/up/act in intermediate size; doubled for the allocator's slack)."""
+    tokens = config.prefill_chunk_tokens or config.max_prefill_tokens
+    kv_tokens = tokens + (2 * max_seq_len if config.prefill_chunk_tokens else 0)
+    hidden = getattr(model_config, "hidden_size", 0)
+    intermediate = getattr(model_config, "intermediate_size", None) or 4 * hidden
+    activations = 2 * tokens * (6 * hidden + 3 * intermediate) * itemsize
+    return kv_tokens * bytes_per_token + activations
+
+
 def _kv_storage(config: EngineConfig, spec: model_loader.ModelSpec, max_seq_len: int, bytes_per_token: int,
-                monitor: MemoryMonitor, dtype, device) -> tuple[KVSlab | PagedKV, int]:
+                monitor: MemoryMonitor, dtype, device, reserve: int) -> tuple[KVSlab | PagedKV, int]:
     """The batch's K/V storage and its number of rows. The slab reserves a full context per row,
     so memory bounds the rows; pages are spent only on tokens that exist, so memory bounds the
     tokens and `max_batch_size` alone bounds the rows."""
     dims = (spec.num_layers, spec.num_kv_heads, spec.head_dim)
     if config.kv_layout == "slab":
-        num_slots = monitor.slab_slots(config.max_batch_size, bytes_per_token * max_seq_len, config.kv_memory_fraction)
+        num_slots = monitor.slab_slots(config.max_batch_size, bytes_per_token * max_seq_len,
+                                       config.kv_memory_fraction, reserve)
         return KVSlab(*dims, num_slots, max_seq_len, dtype, device), num_slots
     page = config.kv_page_size
     # At most what a full slab of max_batch_size rows would hold; on CUDA, what free memory allows.
     wanted = -(-config.max_batch_size * max_seq_len // page)
     if config.kv_budget_bytes is not None:
         wanted = min(wanted, -(-config.kv_budget_bytes // (page * bytes_per_token)))
-    num_pages = monitor.slab_slots(wanted, page * bytes_per_token, config.kv_memory_fraction)
+    num_pages = monitor.slab_slots(wanted, page * bytes_per_token, config.kv_memory_fraction, reserve)
     if num_pages * page < max_seq_len:
         raise RuntimeError(f"K/V memory for {num_pages} pages cannot hold one row of {max_seq_len} tokens")
     return PagedKV(*dims, num_pages, page, max_seq_len, config.max_batch_size, dtype, device), config.max_batch_size

@@ -36,12 +36,15 @@ class EngineConfig:
     fused_decode: bool | None = None      # fused-kernel decode step (Llama/Mistral/Qwen2); None = on for CUDA
     kv_layout: str = "slab"               # slab: the paper's padded slab; paged: pages of kv_page_size tokens
     kv_page_size: int = 128               # tokens per K/V page (paged layout)
+    prefill_chunk_tokens: int = 0         # prompt tokens prefilled per step between decode steps (0 = whole prompts)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.kv_layout not in KV_LAYOUTS:
             raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {self.kv_layout!r}")
+        if self.prefill_chunk_tokens < 0:
+            raise ValueError(f"prefill_chunk_tokens must be >= 0, got {self.prefill_chunk_tokens}")
         if self.kv_page_size < 1:
             raise ValueError(f"kv_page_size must be >= 1, got {self.kv_page_size}")
         if self.dtype not in DTYPES:

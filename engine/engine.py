@@ -53,6 +53,8 @@ class _Counters:
     seconds_decode: float = 0.0
     seconds_offload: float = 0.0
     seconds_restore: float = 0.0
+    prefill_tokens: int = 0
+    prefill_chunks: int = 0
 
 
 def length_groups(requests, max_waste: float = 1.0) -> list[list[Request]]:
@@ -88,6 +90,7 @@ class LLMEngine:
         self._live: dict[str, _Live] = {}
         self._pressure = pressure
         self._counts = _Counters()
+        self._partial: dict[str, torch.Tensor] = {}   # chunked prefill: K/V of prompts not yet whole
         # Parked rows: a pinned arena on CUDA (blocks of 64 tokens), plain memory on CPU.
         on_cuda = runner.device.type == "cuda"
         self.parked = ParkedKV(HostPool(pinned_arena_bytes if on_cuda else 0, 64 * self.slab.bytes_per_token,
@@ -144,6 +147,8 @@ class LLMEngine:
         yield self._membership(sched)
         for group in length_groups(sched.prefill, self.prefill_max_waste):
             yield self._prefill(group)
+        for request, start, end in sched.chunks:
+            yield self._prefill_chunk(request, start, end)
         if self.slab.num_rows:
             yield self._decode(sched.decode)
         self._counts.steps += 1
@@ -165,6 +170,7 @@ class LLMEngine:
     def _prefill(self, group: list[Request]) -> Events:
         started = time.monotonic()
         result = self.runner.prefill([r.prompt_ids for r in group])
+        self._counts.prefill_tokens += sum(result.lengths)
         tokens = self._sample(group, result.logits)
         self._counts.seconds_prefill += time.monotonic() - started
         events = []
@@ -175,6 +181,30 @@ class LLMEngine:
                 self.slab.add_row(request.request_id, result.row_kv(i))
                 events.append(self._flush(request, state=RequestState.RUNNING))
         return tuple(events)
+
+    @torch.inference_mode()
+    def _prefill_chunk(self, request: Request, start: int, end: int) -> Events:
+        """Prompt tokens [start, end) into the request's partial K/V; after the last chunk, its
+        first token and, unless that ends it, its row (embedded like a whole prefill)."""
+        started = time.monotonic()
+        prompt = request.prompt_ids
+        kv = self._partial.get(request.request_id)
+        if kv is None:
+            kv = self._partial[request.request_id] = self.runner.new_partial_kv(len(prompt))
+        logits = self.runner.prefill_chunk(kv, prompt[start:end], start)
+        self._counts.prefill_chunks += 1
+        self._counts.prefill_tokens += end - start
+        if end < len(prompt):
+            self._counts.seconds_prefill += time.monotonic() - started
+            return ()
+        del self._partial[request.request_id]
+        token = self._sample([request], logits)[0]
+        self._counts.seconds_prefill += time.monotonic() - started
+        if self._append(request, token):
+            return (self._finish(request),)
+        self.slab.reserve(len(prompt))
+        self.slab.add_row(request.request_id, kv[:, :, 0, :, :len(prompt)])
+        return (self._flush(request, state=RequestState.RUNNING),)
 
     @torch.inference_mode()
     def _decode(self, scheduled: tuple[Request, ...]) -> Events:
@@ -210,6 +240,7 @@ class LLMEngine:
             self.scheduler.cancel(request.request_id, FinishReason.ERROR)
             events.append(self._final(request, out_of_memory=out_of_memory))
         self.scheduler.clear_pending()   # their rows are removed right here
+        self._partial.clear()
         for row_id in list(self.slab.row_ids):
             self.slab.remove_row(row_id)
         return tuple(events)
@@ -224,7 +255,8 @@ class LLMEngine:
             seconds_prefill=c.seconds_prefill, seconds_decode=c.seconds_decode,
             seconds_offload=c.seconds_offload, seconds_restore=c.seconds_restore,
             kv_relocations=self.slab.num_relocations,
-            kv_pages_used=self.slab.num_pages_used, kv_pages_free=self.slab.num_pages_free)
+            kv_pages_used=self.slab.num_pages_used, kv_pages_free=self.slab.num_pages_free,
+            prefill_tokens=c.prefill_tokens, prefill_chunks=c.prefill_chunks)
 
     def close(self) -> None:
         """Release device memory now (slab, graphs), even if references to the engine linger."""
@@ -276,6 +308,7 @@ class LLMEngine:
         return time.monotonic() - started
 
     def _drop_kv(self, request_id: str) -> None:
+        self._partial.pop(request_id, None)
         if request_id in self.slab.row_ids:
             self.slab.remove_row(request_id)
         self.parked.drop(request_id)

@@ -43,13 +43,14 @@ class MemoryMonitor:
         self._over = used > self.high or (self._over and used > self.low)
         return self._over
 
-    def slab_slots(self, max_slots: int, bytes_per_slot: int, fraction: float) -> int:
-        """How many rows of `bytes_per_slot` to preallocate: all asked for on CPU; on CUDA no more
-        than `fraction` of the free memory allows."""
+    def slab_slots(self, max_slots: int, bytes_per_slot: int, fraction: float, reserve: int = 0) -> int:
+        """How many rows (or pages) of `bytes_per_slot` to preallocate: all asked for on CPU; on
+        CUDA no more than `fraction` of the free memory allows, leaving at least `reserve` bytes
+        free (a prefill's temporaries)."""
         if self.device.type != "cuda":
             return max_slots
         free, _total = torch.cuda.mem_get_info(self.device)
-        fit = int(free * fraction) // bytes_per_slot
+        fit = min(int(free * fraction), free - reserve) // bytes_per_slot
         if fit < 1:
             raise RuntimeError(f"not enough device memory for one K/V row of {bytes_per_slot} bytes")
         return min(max_slots, fit)

@@ -113,6 +113,34 @@ class ModelRunner:
         )
         return PrefillResult(logits=out.logits[:, -1], kv=kv, lengths=lengths)
 
+    def new_partial_kv(self, prompt_len: int) -> torch.Tensor:
+        """K/V of one prompt prefilled in chunks: [L, 2, 1, H, P, D], P = prompt_len rounded up to
+        16 (as `prefill` rounds). Zeroed: columns past the written ones are masked, but a masked
+        NaN would still poison the weighted sum."""
+        L, H, D = self.slab.dims
+        P = -(-prompt_len // 16) * 16
+        return torch.zeros(L, 2, 1, H, P, D, dtype=self.slab.data.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def prefill_chunk(self, kv: torch.Tensor, ids: list[int], start: int) -> torch.Tensor:
+        """Prefill prompt tokens [start, start + len(ids)) of one request into its partial K/V
+        (`new_partial_kv`), attending the columns before them and causally among them.
+        -> logits [1, V] of the chunk's last token."""
+        c, end = len(ids), start + len(ids)
+        width = min(-(-end // 16) * 16, kv.shape[4])       # aligned mask width (see `prefill`)
+        cols = torch.arange(width)
+        mask = cols[None, :] <= torch.arange(start, end)[:, None]                    # [c, width]
+        out = self.model(
+            input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
+            attention_mask=mask[None, None].to(self.device),
+            position_ids=torch.arange(start, end, device=self.device)[None],
+            **{self.cache_arg: SlabCache(kv, num_rows=1, lo=0, hi=width,
+                                         write_index=torch.arange(start, end, device=self.device))},
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1]
+
     @torch.inference_mode()
     def decode(self, input_ids: list[int]) -> torch.Tensor:
         """One step for every live row of the slab; row r's input is input_ids[r]. -> logits [n, V]."""

@@ -30,6 +30,8 @@ class EngineStats(msgspec.Struct, frozen=True, array_like=True):
     kv_relocations: int = 0          # times the slab's live window was moved
     kv_pages_used: int = 0           # paged layout: pages held by rows (0 with the slab)
     kv_pages_free: int = 0           # paged layout: pages free
+    prefill_tokens: int = 0          # prompt tokens run through prefill forwards since start
+    prefill_chunks: int = 0          # chunk forwards of prompts prefilled in chunks
     seconds_idle: float = 0.0        # the engine loop waiting for work (finished waits, see `settled`)
     waiting_since: Optional[float] = None   # monotonic time the current wait began; None while busy
 

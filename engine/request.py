@@ -80,6 +80,9 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     error: str | None = None
+    # Chunked prefill: prompt tokens whose K/V are computed (set by the scheduler when it plans a
+    # chunk; the K/V wait beside the batch until the whole prompt is done, then are embedded).
+    prefilled: int = 0
     # Accounting (seconds are monotonic-clock differences).
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

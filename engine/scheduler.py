@@ -10,6 +10,13 @@ Invariants:
 - A request is in exactly one of `waiting` (QUEUED or PREEMPTED), `suspended`, `running`.
 - Preemption compares base priorities only (strictly higher evicts); aging only orders admission,
   so a long wait can never evict someone, and two requests cannot evict each other back and forth.
+- Chunked prefill (`prefill_chunk_tokens` > 0): an admitted request is in `running` (it holds
+  its place and its K/V budget) and in `prefilling` until its whole prompt is planned; each step
+  plans at most `prefill_chunk_tokens` prompt tokens, in admission order (priority first), so a
+  higher-priority arrival's prompt goes before the rest of a lower one's. A prompt that fits the
+  step's remaining budget whole is prefilled in the grouped forward (`prefill`), a longer one in
+  chunks. A row still prefilling is never parked: it is not a row yet; SUSPEND drops its partial
+  K/V and it is prefilled again on RESUME.
 - Parked K/V never exceed `host_budget_bytes`: when the host pool is full nobody is preempted (the
   newcomer waits its turn) and SUSPEND is refused.
 """
@@ -34,6 +41,8 @@ class SchedulerOutput:
     prefill: tuple[Request, ...]   # new requests: prefill, embed, then decode with the batch
     decode: tuple[Request, ...]    # every row of the batch after the changes above
     pressure: bool = False         # memory is above the high watermark
+    chunks: tuple[tuple[Request, int, int], ...] = ()   # (request, start, end): prompt tokens to prefill
+                                                        # into its partial K/V; embedded when end = prompt
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,7 @@ class SchedulerConfig:
     host_budget_bytes: int              # parked K/V bytes allowed in host memory
     aging_seconds: float = 0.0          # +1 effective priority per this many seconds waiting (0 = off)
     kv_page_size: int = 1               # device K/V is allocated in pages of this many tokens
+    prefill_chunk_tokens: int = 0       # prompt tokens planned per step (0 = whole prompts, no chunks)
 
     def __post_init__(self) -> None:
         # A row may grow to max_row_tokens; if that cannot fit alone, it would block the queue forever.
@@ -60,6 +70,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.waiting: list[Request] = []      # QUEUED or PREEMPTED, in arrival order
         self.suspended: list[Request] = []
+        self.prefilling: list[Request] = []   # admitted (in running), prompt not yet all planned
         self.by_id: dict[str, Request] = {}
         self.kv = KVLedger(config.kv_budget_tokens, config.max_row_tokens, config.kv_bytes_per_token,
                            config.host_budget_bytes, config.kv_page_size)
@@ -98,7 +109,14 @@ class Scheduler:
         request = self.get(request_id)
         if request.state == RequestState.SUSPENDED:
             return request
-        if request.state == RequestState.RUNNING:
+        if request in self.prefilling:
+            # Not a row yet: drop the partial K/V (via `free`) and prefill it again on RESUME.
+            self.running.remove(request)
+            self.prefilling.remove(request)
+            self._free.append(request)
+            request.prefilled = 0
+            request.parked_since = now
+        elif request.state == RequestState.RUNNING:
             if not self.kv.host_can_take(request):
                 raise HostPoolFull("host K/V pool is full; cannot suspend now")
             self.running.remove(request)
@@ -141,18 +159,22 @@ class Scheduler:
         # Rows grow by one token a step: park the lowest ones while the batch is over its budget.
         while not self.kv.fits(self.running, 0) and len(self.running) > 1:
             victim = self._victim(exclude=())
-            if not self.kv.host_can_take(victim):
+            if victim is None or not self.kv.host_can_take(victim):
                 break
             self._preempt(victim, now)
         restore: list[Request] = []
         prefill: list[Request] = []
         prefill_longest = 0  # the prefill forward is padded to its longest prompt
+        chunked = cfg.prefill_chunk_tokens > 0
+        pending = sum(len(r.prompt_ids) - r.prefilled for r in self.prefilling)
         for candidate in sorted(self.waiting, key=lambda r: self._admission_key(r, now)):
             if pressure and (self.running or prefill or restore):
                 break  # under memory pressure admit nobody, except one when the batch is empty (progress)
             is_new = candidate.state == RequestState.QUEUED
             need = tokens_needed(candidate)
-            if is_new and prefill and max(prefill_longest, len(candidate.prompt_ids)) * (len(prefill) + 1) > cfg.max_prefill_tokens:
+            if is_new and chunked and pending >= cfg.prefill_chunk_tokens and not self._outranks_prefilling(candidate):
+                break  # this step's prefill budget is spoken for; it waits (holding no K/V budget)
+            if is_new and not chunked and prefill and max(prefill_longest, len(candidate.prompt_ids)) * (len(prefill) + 1) > cfg.max_prefill_tokens:
                 break  # keep this prefill forward bounded; the rest go next step
             if not self._fits(need):
                 self._make_room_for(candidate, need, exclude=(*restore, *prefill), now=now)
@@ -160,18 +182,49 @@ class Scheduler:
                 break  # strict priority order: nobody behind it skips ahead
             self.waiting.remove(candidate)
             self._admit(candidate, now)
-            if is_new:
+            if is_new and chunked:
+                self.prefilling.append(candidate)
+                pending += len(candidate.prompt_ids)
+            elif is_new:
+                candidate.prefilled = len(candidate.prompt_ids)
                 prefill.append(candidate)
                 prefill_longest = max(prefill_longest, len(candidate.prompt_ids))
             else:
                 restore.append(candidate)
+        chunks: list[tuple[Request, int, int]] = []
+        if chunked:
+            prefill, chunks = self._plan_chunks(now)
         out = SchedulerOutput(
             free=tuple(self._free), park=tuple(self._park), restore=tuple(restore),
-            prefill=tuple(prefill), decode=tuple(self.running), pressure=pressure,
+            prefill=tuple(prefill), decode=tuple(self.running), pressure=pressure, chunks=tuple(chunks),
         )
         self._free.clear()
         self._park.clear()
         return out
+
+    def _plan_chunks(self, now: float) -> tuple[list[Request], list[tuple[Request, int, int]]]:
+        """This step's prompt tokens, at most `prefill_chunk_tokens`, in admission order. -> (whole
+        prompts for the grouped forward, chunks (request, start, end) of the others)."""
+        budget = self.config.prefill_chunk_tokens
+        whole: list[Request] = []
+        chunks: list[tuple[Request, int, int]] = []
+        for request in sorted(self.prefilling, key=lambda r: self._admission_key(r, now)):
+            if budget <= 0:
+                break
+            start = request.prefilled
+            end = min(len(request.prompt_ids), start + budget)
+            budget -= end - start
+            request.prefilled = end
+            if start == 0 and end == len(request.prompt_ids):
+                whole.append(request)
+            else:
+                chunks.append((request, start, end))
+        self.prefilling = [r for r in self.prefilling if r.prefilled < len(r.prompt_ids)]
+        return whole, chunks
+
+    def _outranks_prefilling(self, candidate: Request) -> bool:
+        """A newcomer of higher priority than a prompt being prefilled goes before its remaining chunks."""
+        return any(candidate.priority > r.priority for r in self.prefilling)
 
     def clear_pending(self) -> None:
         """Forget rows queued to be freed or parked (the engine reset the batch itself)."""
@@ -216,14 +269,15 @@ class Scheduler:
 
     def _victim(self, exclude: tuple[Request, ...]) -> Request | None:
         """The one place that picks whom to preempt: lowest priority, latest arrival on ties."""
-        pool = [r for r in self.running if r not in exclude]
+        pool = [r for r in self.running if r not in exclude and r not in self.prefilling]
         return max(pool, key=lambda r: (-r.priority, r.arrival_seq)) if pool else None
 
     def _make_room_for(self, candidate: Request, need: int, exclude: tuple[Request, ...], now: float) -> None:
         """Preempt strictly lower-priority rows, lowest first, but only if that makes `need` fit."""
         cfg = self.config
         victims, planned_host = [], 0
-        pool = sorted((r for r in self.running if r not in exclude and r.priority < candidate.priority),
+        pool = sorted((r for r in self.running if r not in exclude and r not in self.prefilling
+                       and r.priority < candidate.priority),
                       key=lambda r: (r.priority, -r.arrival_seq))
 
         def room() -> bool:
@@ -265,7 +319,7 @@ class Scheduler:
         self.running.append(request)
 
     def _detach(self, request: Request) -> None:
-        for pool in (self.running, self.waiting, self.suspended):
+        for pool in (self.running, self.waiting, self.suspended, self.prefilling):
             if request in pool:
                 pool.remove(request)
         if request in self._park:  # parked this step but not yet copied out: nothing to copy now

@@ -39,6 +39,8 @@ SERVE_FLAGS = [
                                "a row holds K/V only for the tokens it has)"),
     ("kv-page-size", int, 128, "tokens per K/V page with --kv-layout paged"),
     ("max-prefill-tokens", int, 8192, "padded prompt tokens per prefill forward"),
+    ("prefill-chunk-tokens", int, 0, "prompt tokens prefilled per step, interleaved with decode steps, so no "
+                                     "stream waits longer than one chunk between two tokens (0 = whole prompts)"),
     ("kv-budget-bytes", int, None, "K/V bytes the running batch may hold (default: the whole slab)"),
     ("host-kv-budget-bytes", int, 8 << 30, "K/V bytes that may be parked in host memory"),
     ("pinned-arena-bytes", int, 4 << 30, "of those, page-locked once at start on CUDA (fast offload)"),
@@ -84,7 +86,7 @@ def serve(args: argparse.Namespace) -> int:
             max_seq_len=args.max_seq_len, default_max_new_tokens=args.default_max_new_tokens,
             max_new_tokens_limit=args.max_new_tokens_limit, max_queue=args.max_queue,
             max_prefill_tokens=args.max_prefill_tokens, kv_budget_bytes=args.kv_budget_bytes,
-            kv_layout=args.kv_layout, kv_page_size=args.kv_page_size,
+            kv_layout=args.kv_layout, kv_page_size=args.kv_page_size, prefill_chunk_tokens=args.prefill_chunk_tokens,
             host_kv_budget_bytes=args.host_kv_budget_bytes, pinned_arena_bytes=args.pinned_arena_bytes,
             aging_seconds=args.aging_seconds, fused_decode={"auto": None, "fused": True, "hf": False}[args.decode],
             warmup=not args.no_warmup)

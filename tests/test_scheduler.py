@@ -36,12 +36,13 @@ def make_req(rid: str, plen: int = 4, prio: int = 0, max_new: int = 8, t: float 
 def execute(s: Scheduler, out: SchedulerOutput) -> list[Request]:
     """What the engine does with a schedule: tokens from the prefill, then one decode of every row."""
     finished: list[Request] = []
-    for r in out.prefill:
+    completed = [r for r, _start, end in out.chunks if end == len(r.prompt_ids)]
+    for r in (*out.prefill, *completed):
         r.output_ids.append(0)
         if len(r.output_ids) >= r.params.max_new_tokens:
             finished.append(r)
     for r in out.decode:
-        if r in finished:
+        if r in finished or r.prefilled < len(r.prompt_ids):   # still prefilling: not a row yet
             continue
         r.output_ids.append(0)
         if len(r.output_ids) >= r.params.max_new_tokens:
@@ -637,10 +638,15 @@ def test_no_preemption_when_it_cannot_make_room():
 
 
 # ---- randomized invariants --------------------------------------------------------------------
-def check_invariants(s: Scheduler, reqs: list[Request], out: SchedulerOutput | None) -> None:
+def check_invariants(s: Scheduler, reqs: list[Request], admitted: bool = False) -> None:
+    """`admitted`: the last schedule took someone into the batch."""
     cfg = s.config
-    for pool in (s.running, s.waiting, s.suspended):
+    for pool in (s.running, s.waiting, s.suspended, s.prefilling):
         assert len(pool) == len(set(map(id, pool)))
+    for r in s.prefilling:   # admitted, prompt not all planned yet
+        assert r in s.running and r.prefilled < len(r.prompt_ids)
+    for r in s.running:
+        assert r in s.prefilling or r.prefilled == len(r.prompt_ids)
     for r in reqs:
         where = [r in s.running, r in s.waiting, r in s.suspended]
         if r.state == RequestState.FINISHED:
@@ -660,7 +666,7 @@ def check_invariants(s: Scheduler, reqs: list[Request], out: SchedulerOutput | N
                 assert r.output_ids
     assert set(s.by_id) == {r.request_id for r in reqs if r.state != RequestState.FINISHED}
     assert len(s.running) <= cfg.max_batch_size
-    if out is not None and (out.prefill or out.restore):
+    if admitted:
         # admission never overshoots the budget (growing rows are parked at the next schedule)
         assert s.kv_tokens_running <= cfg.kv_budget_tokens
     parked_kv = [r for r in reqs
@@ -676,7 +682,8 @@ def _random_run(seed: int) -> None:
     # be restored and blocks the queue for good; see the report.)
     cfg = dict(max_batch_size=rng.randint(1, 5), max_prefill_tokens=rng.choice([8, 20, 60, 1000]),
                max_row_tokens=32, kv_budget_tokens=rng.choice([32, 45, 80, 10_000]),
-               kv_bytes_per_token=rng.choice([1, 7]), aging_seconds=rng.choice([0.0, 0.0, 5.0]))
+               kv_bytes_per_token=rng.choice([1, 7]), aging_seconds=rng.choice([0.0, 0.0, 5.0]),
+               prefill_chunk_tokens=rng.choice([0, 0, 3, 7, 50]))
     cfg["host_budget_bytes"] = rng.choice([0, 30, 100, 10**9]) * cfg["kv_bytes_per_token"]
     s = make_sched(**cfg)
     reqs: list[Request] = []
@@ -697,7 +704,12 @@ def _random_run(seed: int) -> None:
             s.add(r)
         elif op in ("schedule", "pressure"):
             budget_before_schedule = s.kv_tokens_running
+            prefilling_before = list(s.prefilling)
+            running_before = set(map(id, s.running))
             out = s.schedule(now, pressure=(op == "pressure"))
+            planned = s.config.prefill_chunk_tokens
+            if planned:   # at most the chunk budget of prompt tokens, in admission order
+                assert sum(len(r.prompt_ids) for r in out.prefill) + sum(e - b for _, b, e in out.chunks) <= planned
             assert set(map(id, out.free)) == set(map(id, cancelled_since))
             cancelled_since.clear()
             for v in out.park:
@@ -707,20 +719,23 @@ def _random_run(seed: int) -> None:
                 over_budget = budget_before_schedule > s.config.kv_budget_tokens
                 if v.state == RequestState.PREEMPTED and not out.pressure and v in s.waiting and not over_budget:
                     # only a strictly higher base priority may evict (or the batch outgrowing its budget)
-                    assert any(w.priority > v.priority for w in (*out.prefill, *out.restore, *s.waiting))
+                    evictors = (*out.prefill, *out.restore, *s.waiting, *s.prefilling, *(c[0] for c in out.chunks))
+                    assert any(w.priority > v.priority for w in evictors)
             for r in (*out.prefill, *out.restore):
                 assert r.state == RequestState.RUNNING
             assert list(out.decode) == s.running
             if out.pressure and out.decode != out.prefill + out.restore:
-                assert out.prefill == () and out.restore == ()  # (an empty batch may admit one)
+                # (an empty batch may admit one; prompts admitted before go on being prefilled)
+                assert out.restore == () and all(r in prefilling_before for r in out.prefill)
             suspended_since.clear()
-            check_invariants(s, reqs, out)
+            check_invariants(s, reqs, admitted=bool(set(map(id, s.running)) - running_before))
             execute(s, out)
             out = None
         else:
             r = rng.choice(live)
             if op == "suspend":
                 was = r.state
+                was_prefilling = r in s.prefilling
                 try:
                     s.suspend(r.request_id, now)
                 except HostPoolFull:
@@ -729,6 +744,9 @@ def _random_run(seed: int) -> None:
                 else:
                     assert r.state == RequestState.SUSPENDED
                     suspended_since.append(r)
+                    if was_prefilling:   # its partial K/V are dropped, not parked
+                        cancelled_since.append(r)
+                        assert r.prefilled == 0
             elif op == "resume":
                 was = r.state
                 s.resume(r.request_id)
@@ -742,7 +760,7 @@ def _random_run(seed: int) -> None:
                 assert r.finish_reason == FinishReason.CANCELLED
             else:
                 s.set_priority(r.request_id, rng.randint(0, 3))
-        check_invariants(s, reqs, out)
+        check_invariants(s, reqs)
     # drive to completion
     for r in list(s.suspended):
         s.resume(r.request_id)
@@ -750,10 +768,11 @@ def _random_run(seed: int) -> None:
         if not s.has_work():
             break
         now += 1.0
+        running_before = set(map(id, s.running))
         out = s.schedule(now)
-        check_invariants(s, reqs, out)
+        check_invariants(s, reqs, admitted=bool(set(map(id, s.running)) - running_before))
         execute(s, out)
-        check_invariants(s, reqs, None)
+        check_invariants(s, reqs)
     assert not s.by_id and not s.running and not s.waiting and not s.suspended
     assert all(r.state == RequestState.FINISHED for r in reqs)
     for r in reqs:
