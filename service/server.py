@@ -190,7 +190,7 @@ class BatonServer:
     async def _restart(self, failures: deque[float]) -> bool:
         """Start a new engine after a backoff, again while starts fail; give up (stop the server
         with EXIT_ENGINE_GAVE_UP) past the allowed failures. -> True once a new engine serves."""
-        while True:
+        while not self._stopped.is_set():
             now = time.monotonic()
             failures.append(now)
             while failures[0] < now - self.config.engine_restart_window_seconds:
@@ -216,6 +216,7 @@ class BatonServer:
             self.metrics.engine_restarted()
             await self._serve_engine(engine)
             return True
+        return False
 
     async def _engine_died(self) -> bool:
         """Wait until the engine is no longer alive (True) or the server stops (False)."""

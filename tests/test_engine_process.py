@@ -84,6 +84,10 @@ def test_engine_process_death_ends_open_streams_as_unavailable(tiny_server):
             client.preempt("parked-1", "resume")
         assert preempt.value.code() == grpc.StatusCode.UNAVAILABLE
     assert tiny_server.proc.poll() is None   # the server itself stays up, reporting NOT_SERVING until it restarts
+    # SIGTERM while the restart waits out its backoff: the server stops at once and exits 0
+    stopping = time.monotonic()
+    assert tiny_server.stop() == 0
+    assert time.monotonic() - stopping < 15
 
 
 def test_engine_process_exits_when_the_server_is_killed(tiny_server):
