@@ -30,6 +30,7 @@ SERVE_FLAGS = [
     ("max-batch-size", int, 16, "rows in the decode batch"),
     ("max-seq-len", int, None, "prompt + completion tokens per request (default: min(model context, 4096))"),
     ("metrics-port", int, None, "serve Prometheus metrics at http://HOST:PORT/metrics (off when unset)"),
+    ("metrics-host", str, None, "address /metrics binds, e.g. a private interface (default: --host)"),
     ("default-max-new-tokens", int, 256, "max_new_tokens when a request sends 0"),
     ("max-new-tokens-limit", int, 4096, "largest max_new_tokens accepted"),
     ("max-queue", int, 1024, "requests waiting beyond the batch before RESOURCE_EXHAUSTED"),
@@ -46,6 +47,11 @@ SERVE_FLAGS = [
     ("pinned-arena-bytes", int, 4 << 30, "of those, page-locked once at start on CUDA (fast offload)"),
     ("aging-seconds", float, 30.0, "a waiting request gains one priority level per this many seconds (0 = off)"),
     ("grace-seconds", float, 10.0, "on SIGTERM, how long in-flight streams may finish"),
+    ("engine-max-restarts", int, 5, "engine deaths or failed restarts tolerated within the window; one more "
+                                    "and the server exits 3 (0 = exit when the engine dies)"),
+    ("engine-restart-window-seconds", float, 600.0, "the window over which engine failures are counted"),
+    ("engine-restart-backoff-seconds", float, 1.0, "delay before restarting a dead engine; doubles with each "
+                                                   "failure in the window, up to 30 s (or this, if larger)"),
     ("max-message-bytes", int, 4 << 20, "largest request or response message; larger: RESOURCE_EXHAUSTED"),
     ("max-concurrent-streams", int, 0, "concurrent RPCs per client connection (0 = gRPC default, unlimited)"),
     ("tls-cert", str, None, "PEM certificate chain: serve TLS only (needs --tls-key)"),
@@ -91,11 +97,15 @@ def serve(args: argparse.Namespace) -> int:
             aging_seconds=args.aging_seconds, fused_decode={"auto": None, "fused": True, "hf": False}[args.decode],
             warmup=not args.no_warmup)
         server_config = ServerConfig(
-            host=args.host, port=args.port, metrics_port=args.metrics_port, grace_seconds=args.grace_seconds,
+            host=args.host, port=args.port, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+            grace_seconds=args.grace_seconds,
             log_prompts=args.log_prompts, max_message_bytes=args.max_message_bytes,
             max_concurrent_streams=args.max_concurrent_streams, tls_cert=args.tls_cert, tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca, auth_tokens_file=args.auth_tokens_file,
-            engine_in_thread=args.engine_in_thread, log_level=args.log_level)
+            engine_in_thread=args.engine_in_thread, log_level=args.log_level,
+            engine_max_restarts=args.engine_max_restarts,
+            engine_restart_window_seconds=args.engine_restart_window_seconds,
+            engine_restart_backoff_seconds=args.engine_restart_backoff_seconds)
         for path in (args.tls_cert, args.tls_key, args.tls_client_ca, args.auth_tokens_file):
             if path and not os.path.isfile(path):
                 raise ValueError(f"no such file: {path}")

@@ -57,7 +57,13 @@ class Metrics:
         self.queued = Histogram("baton_request_queue_seconds",
                                 "Per finished request: time spent waiting for its first admission to the batch",
                                 buckets=_DURATION_BUCKETS, registry=self.registry)
+        self.engine_restarts = Counter("baton_engine_restarts",
+                                       "Engines started after the previous one died (restarts that came up ready)",
+                                       registry=self.registry)
         self._engine = None
+
+    def engine_restarted(self) -> None:
+        self.engine_restarts.inc()
 
     # ---- request-level: called by the servicer ------------------------------------------------
     def request_done(self, status: str) -> None:

@@ -157,6 +157,7 @@ class RunningServer:
     port: int
     metrics_port: int
     log_path: Path
+    metrics_host: str = "127.0.0.1"   # where /metrics answers (`--metrics-host`)
 
     @property
     def target(self) -> str:
@@ -164,7 +165,8 @@ class RunningServer:
 
     def metric(self, name: str) -> float:
         import urllib.request
-        body = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        url = f"http://{self.metrics_host}:{self.metrics_port}/metrics"
+        body = urllib.request.urlopen(url, timeout=5).read().decode()
         for line in body.splitlines():
             if line.startswith(name + " ") or line.startswith(name + "{"):
                 return float(line.rsplit(" ", 1)[1])

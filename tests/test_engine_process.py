@@ -50,7 +50,9 @@ def _gone(pid: int, timeout: float) -> bool:
 
 @pytest.fixture
 def tiny_server(tmp_path, tiny_model_dir):
-    running = start_server(tmp_path, "--model", tiny_model_dir("llama"), "--max-seq-len", "256")
+    # a restart only after 10 minutes: these tests see the dead engine (test_engine_respawn.py the restart)
+    running = start_server(tmp_path, "--model", tiny_model_dir("llama"), "--max-seq-len", "256",
+                           "--engine-restart-backoff-seconds", "600")
     yield running
     running.stop()
 
@@ -81,7 +83,11 @@ def test_engine_process_death_ends_open_streams_as_unavailable(tiny_server):
         with pytest.raises(grpc.RpcError) as preempt:
             client.preempt("parked-1", "resume")
         assert preempt.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert tiny_server.proc.poll() is None   # the server itself stays up, reporting NOT_SERVING
+    assert tiny_server.proc.poll() is None   # the server itself stays up, reporting NOT_SERVING until it restarts
+    # SIGTERM while the restart waits out its backoff: the server stops at once and exits 0
+    stopping = time.monotonic()
+    assert tiny_server.stop() == 0
+    assert time.monotonic() - stopping < 15
 
 
 def test_engine_process_exits_when_the_server_is_killed(tiny_server):
