@@ -54,6 +54,23 @@ def test_cuda_fp32_matches_hf(tiny_cuda, graphs, fused, layout):
     assert engine.stats().kv_pages_used == 0
 
 
+@pytest.mark.parametrize("layout", [{}, dict(kv_layout="paged", kv_page_size=16)], ids=["slab", "paged"])
+def test_cuda_fp32_chunked_prefill_matches_hf(tiny_cuda, layout):
+    """Chunks of 5 tokens (mid-page, mid-16-column block) beside CUDA-graph fused decode steps."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    engine, limits = make_engine(tiny_cuda, max_batch_size=3, max_seq_len=128, cuda_graphs=True,
+                                 fused_decode=True, prefill_chunk_tokens=5, **layout)
+    arrivals = _arrivals()
+    outputs = drive(engine, limits, arrivals)
+    hf_model, tokenizer, _ = tiny_cuda
+    for inputs in arrivals.values():
+        for inp in inputs:
+            expected = hf_reference(hf_model.cpu(), tokenizer(inp.prompt)["input_ids"], inp.max_new_tokens, ())
+            hf_model.to(CUDA)
+            assert outputs[inp.request_id].token_ids == expected, inp.request_id
+    assert engine.stats().prefill_chunks > 0 and engine.stats().kv_pages_used == 0
+
+
 @pytest.mark.parametrize("fused, layout", [(False, {}), (True, {}), (True, dict(kv_layout="paged", kv_page_size=16))],
                          ids=["hf-forward", "fused-compiled", "paged-fused-compiled"])
 def test_bf16_graph_path_equals_eager_path(tiny_model_dir, fused, layout):
