@@ -120,3 +120,33 @@ def test_truncation_keeps_the_last_tokens_after_the_template(stub, smollm2):
     assert [t for m in messages for t in m.token_ids] == expected
     short = _run(stub, _req(prompt="Hi", truncate_prompt_tokens=100))[-1]   # shorter than N: nothing cut
     assert short.usage.truncated_prompt_tokens == 0 and short.usage.prompt_tokens == len(tokenizer("Hi")["input_ids"])
+
+
+def test_logprobs_stop_ids_and_stop_sequence_through_the_server(stub, smollm2):
+    hf_model, tokenizer, _spec = smollm2
+    prompt = "The three primary colors are"
+    messages = _run(stub, _req(prompt=prompt, max_new_tokens=10, ignore_eos=True, top_logprobs=3))
+    expected, reference = _greedy_hf(hf_model, tokenizer(prompt)["input_ids"], 10)
+    assert [t for m in messages for t in m.token_ids] == expected
+    for m in messages:
+        assert [lp.token_id for lp in m.logprobs] == list(m.token_ids)
+    logprobs = [lp for m in messages for lp in m.logprobs]
+    for pos, lp in enumerate(logprobs):
+        assert lp.logprob == pytest.approx(float(reference[pos, lp.token_id]), abs=1e-4)
+        assert [t.token_id for t in lp.top][0] == lp.token_id and len(lp.top) == 3
+        torch.testing.assert_close(torch.tensor([t.logprob for t in lp.top]), reference[pos].topk(3).values,
+                                   rtol=0, atol=1e-4)
+    # The third greedy token as a stop id ends the completion there, with EOS; min_new_tokens 4 moves it on.
+    stop_id = expected[2]
+    last = _run(stub, _req(prompt=prompt, max_new_tokens=10, stop_token_ids=[stop_id]))
+    assert [t for m in last for t in m.token_ids] == expected[:3] and last[-1].finish_reason == pb.EOS
+    later = _run(stub, _req(prompt=prompt, max_new_tokens=10, stop_token_ids=[stop_id], min_new_tokens=4))
+    assert len([t for m in later for t in m.token_ids]) > 3
+    text = tokenizer.decode(expected, skip_special_tokens=True)
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    for include in (False, True):
+        out = _run(stub, _req(prompt=prompt, max_new_tokens=10, ignore_eos=True, stop=[stop],
+                              include_stop_sequence=include))
+        assert out[-1].finish_reason == pb.STOP_SEQUENCE and out[-1].stop_sequence == stop
+        cut = text.index(stop) + (len(stop) if include else 0)
+        assert "".join(m.text for m in out) == text[:cut]
