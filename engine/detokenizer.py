@@ -1,7 +1,8 @@
 """Incremental detokenisation with stop-sequence matching.
 
 Invariant: the concatenation of everything `push` and `flush` return equals
-`tokenizer.decode(all_ids, skip_special_tokens=True)`, cut just before the first stop sequence.
+`tokenizer.decode(all_ids, skip_special_tokens=True)`, cut just before the first stop sequence
+(just after it with `include_stop`; `matched` names it).
 Text is only released once it cannot change: never half a UTF-8 character (a trailing U+FFFD
 means more bytes are coming), and never the beginning of what may yet become a stop sequence.
 
