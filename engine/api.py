@@ -49,7 +49,8 @@ class EngineHandle:
         self.config = config
         self.info = info
         self._tokenizer = tokenizer
-        self.limits = Limits(info.max_context_length, config.default_max_new_tokens, config.max_new_tokens_limit)
+        self.limits = Limits(info.max_context_length, config.default_max_new_tokens, config.max_new_tokens_limit,
+                             info.vocab_size)
         self._lock = threading.Lock()
         self._sinks: dict[str, OutputSink] = {}   # open streams, so a dying engine can end them all
         self._calls: dict[int, concurrent.futures.Future] = {}

@@ -1,7 +1,8 @@
 """Incremental detokenisation with stop-sequence matching.
 
 Invariant: the concatenation of everything `push` and `flush` return equals
-`tokenizer.decode(all_ids, skip_special_tokens=True)`, cut just before the first stop sequence.
+`tokenizer.decode(all_ids, skip_special_tokens=True)`, cut just before the first stop sequence
+(just after it with `include_stop`; `matched` names it).
 Text is only released once it cannot change: never half a UTF-8 character (a trailing U+FFFD
 means more bytes are coming), and never the beginning of what may yet become a stop sequence.
 
@@ -22,15 +23,18 @@ def fast_decoder(tokenizer):
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: tuple[str, ...] = (), decode=None) -> None:
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), decode=None, include_stop: bool = False) -> None:
         self._decode = decode or fast_decoder(tokenizer)
         self._stop = tuple(s for s in stop if s)
+        self._include_stop = include_stop   # release the matched stop sequence too
         self._max_stop = max((len(s) for s in self._stop), default=0)
         self._ids: list[int] = []
         self._prefix = 0          # start of the decode window
         self._read = 0            # ids before this are already turned into text
         self._pending = ""        # decoded, not yet released (possible stop-sequence start)
         self.stopped = False      # a stop sequence was matched; nothing more will be released
+        self.matched = ""         # the stop sequence that matched (the first in the text; the
+                                  # first listed among those starting at the same place)
 
     def push(self, token_ids: list[int]) -> str:
         """Add new ids; return the text that became final."""
@@ -58,9 +62,12 @@ class IncrementalDetokenizer:
         if not self._stop:
             out, self._pending = self._pending, ""
             return out
-        cut = min((i for i in (self._pending.find(s) for s in self._stop) if i >= 0), default=-1)
-        if cut >= 0:
-            out, self._pending = self._pending[:cut], ""
+        found = [(i, k) for k, i in enumerate(self._pending.find(s) for s in self._stop) if i >= 0]
+        if found:
+            cut, k = min(found)
+            self.matched = self._stop[k]
+            end = cut + len(self.matched) if self._include_stop else cut
+            out, self._pending = self._pending[:end], ""
             self.stopped = True
             return out
         hold = 0 if final else self._held_suffix()

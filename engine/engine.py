@@ -26,7 +26,8 @@ from engine.host_pool import HostPool, ParkedKV
 from engine.kv_slab import KVSlab
 from engine.model_runner import ModelRunner
 from engine.outputs import EngineStats, StepOutput
-from engine.request import FinishReason, PreemptAction, Request, RequestOutput, RequestState, stats_of
+from engine.request import (FinishReason, PreemptAction, Request, RequestOutput, RequestState, TokenLogprob,
+                            stats_of)
 from engine.sampler import Sampler, make_generator
 from engine.scheduler import Scheduler, SchedulerOutput
 
@@ -40,6 +41,7 @@ class _Live:
     generator: torch.Generator | None     # only for a sampled request with its own seed
     new_ids: list[int] = field(default_factory=list)
     new_text: str = ""
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)   # with params.logprobs: one per new id
 
 
 @dataclass
@@ -85,7 +87,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.prefill_max_waste = prefill_max_waste
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.sampler = Sampler(runner.device, seed)
+        self.sampler = Sampler(runner.device, seed, tuple(eos_token_ids))
         self._decode_text = fast_decoder(tokenizer)
         self._live: dict[str, _Live] = {}
         self._pressure = pressure
@@ -102,8 +104,8 @@ class LLMEngine:
         self.scheduler.add(request)
         p = request.params
         generator = make_generator(p.seed, self.runner.device) if not p.greedy and p.seed is not None else None
-        self._live[request.request_id] = _Live(IncrementalDetokenizer(self.tokenizer, p.stop, self._decode_text),
-                                               generator)
+        self._live[request.request_id] = _Live(IncrementalDetokenizer(self.tokenizer, p.stop, self._decode_text,
+                                                                      p.include_stop_sequence), generator)
         return RequestOutput(request.request_id, state=RequestState.QUEUED,
                              queue_position=self.scheduler.queue_position(request, time.monotonic()))
 
@@ -317,8 +319,13 @@ class LLMEngine:
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
         # Seen ids are only needed (and only built) for rows with a repetition penalty.
         seen = [r.all_ids if r.params.has_penalty else [] for r in requests]
-        generators = [self._live[r.request_id].generator for r in requests]
-        return self.sampler.sample(logits, [r.params for r in requests], seen, generators)
+        live = [self._live[r.request_id] for r in requests]
+        sampled = self.sampler.sample_logprobs(logits, [r.params for r in requests], seen,
+                                               [lv.generator for lv in live], [r.output_ids for r in requests])
+        for lv, logprob in zip(live, sampled.logprobs):
+            if logprob is not None:
+                lv.new_logprobs.append(logprob)
+        return sampled.tokens
 
     def _append(self, request: Request, token: int) -> bool:
         """Record one sampled token; return True when the request must stop."""
@@ -331,7 +338,8 @@ class LLMEngine:
         p = request.params
         if live.detok.stopped:
             request.finish_reason = FinishReason.STOP_SEQUENCE
-        elif token in self.eos_token_ids and not p.ignore_eos:
+        elif ((token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids) \
+                and len(request.output_ids) >= p.min_new_tokens:
             request.finish_reason = FinishReason.EOS
         elif len(request.output_ids) >= p.max_new_tokens or not self.scheduler.kv.can_grow(request):
             request.finish_reason = FinishReason.LENGTH
@@ -351,8 +359,9 @@ class LLMEngine:
         live = self._live[request.request_id]
         if not (live.new_ids or live.new_text or state is not None):
             return None
-        event = RequestOutput(request.request_id, text=live.new_text, token_ids=tuple(live.new_ids), state=state)
-        live.new_ids, live.new_text = [], ""
+        event = RequestOutput(request.request_id, text=live.new_text, token_ids=tuple(live.new_ids), state=state,
+                              logprobs=tuple(live.new_logprobs))
+        live.new_ids, live.new_text, live.new_logprobs = [], "", []
         return event
 
     def _final(self, request: Request, out_of_memory: bool = False) -> RequestOutput:
@@ -362,4 +371,5 @@ class LLMEngine:
             state=RequestState.FINISHED, finish_reason=request.finish_reason, error=request.error,
             out_of_memory=out_of_memory,
             prompt_tokens=len(request.prompt_ids), completion_tokens=len(request.output_ids),
-            stats=stats_of(request, time.monotonic()))
+            stats=stats_of(request, time.monotonic()), logprobs=tuple(live.new_logprobs),
+            stop_sequence=live.detok.matched, truncated_prompt_tokens=request.truncated_prompt_tokens)

@@ -6,6 +6,7 @@ any engine work is done.
 """
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from dataclasses import dataclass, field
@@ -17,12 +18,43 @@ MAX_REQUEST_ID_CHARS = 128
 MAX_STOP_SEQUENCES = 64
 MAX_STOP_CHARS = 256
 MAX_PROMPT_CHARS = 1 << 20
+MAX_TOP_LOGPROBS = 20
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 1024
+MAX_TOOLS = 128
+TOOL_CHOICES = ("auto", "none", "required")
 
 
 class InvalidInput(ValueError):
     def __init__(self, field_path: str, message: str) -> None:
         super().__init__(f"{field_path}: {message}")
         self.field = field_path
+
+
+class UnsupportedInput(InvalidInput):
+    """A valid field whose behaviour this server does not implement (UNIMPLEMENTED, never ignored)."""
+
+
+@dataclass(frozen=True)
+class ToolInput:
+    name: str
+    description: str = ""
+    parameters_json_schema: str = ""
+
+
+@dataclass(frozen=True)
+class MessageInput:
+    """The parts of a ChatMessage beyond (role, content), by message index; only set ones are listed."""
+    index: int
+    name: str = ""
+    tool_call_id: str = ""
+    tool_calls: int = 0               # how many tool calls it carries
+
+
+@dataclass(frozen=True)
+class ResponseFormatInput:
+    kind: str                         # "json_schema" | "json_object" | "regex" | "grammar"
+    value: str = ""
 
 
 @dataclass(frozen=True)
@@ -41,6 +73,21 @@ class GenerateInput:
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     owner: str = ""
+    min_new_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_p: float = 0.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+    truncate_prompt_tokens: int = 0
+    include_stop_sequence: bool = False
+    n: int = 0
+    response_format: ResponseFormatInput | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    tools: tuple[ToolInput, ...] = ()
+    tool_choice: str = ""
+    message_extras: tuple[MessageInput, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -48,6 +95,7 @@ class Limits:
     max_seq_len: int              # prompt + completion tokens per request
     default_max_new_tokens: int
     max_new_tokens_limit: int
+    vocab_size: int = 0           # width of the logits (token ids must be below it); 0 = unchecked
 
 
 def _check_finite(name: str, value: float) -> None:
@@ -75,14 +123,100 @@ def check_params(inp: GenerateInput, limits: Limits) -> SamplingParams:
     for i, s in enumerate(inp.stop):
         if not s or len(s) > MAX_STOP_CHARS:
             raise InvalidInput(f"params.stop[{i}]", f"must be 1..{MAX_STOP_CHARS} characters, got {len(s)}")
+    max_new_tokens = inp.max_new_tokens or limits.default_max_new_tokens
+    if inp.min_new_tokens > max_new_tokens:
+        raise InvalidInput("params.min_new_tokens",
+                           f"must be at most max_new_tokens ({max_new_tokens}), got {inp.min_new_tokens}")
+    if len(inp.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidInput("params.stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(inp.stop_token_ids)}")
+    for i, t in enumerate(inp.stop_token_ids):
+        _check_token_id(f"params.stop_token_ids[{i}]", t, limits)
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(inp, name)
+        _check_finite(f"params.{name}", value)
+        if not -2 <= value <= 2:
+            raise InvalidInput(f"params.{name}", f"must be in [-2, 2], got {value}")
+    _check_finite("params.min_p", inp.min_p)
+    if not 0 <= inp.min_p <= 1:
+        raise InvalidInput("params.min_p", f"must be in [0, 1], got {inp.min_p}")
+    if not 0 <= inp.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidInput("params.top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {inp.top_logprobs}")
+    if len(inp.logit_bias) > MAX_LOGIT_BIAS:
+        raise InvalidInput("params.logit_bias", f"at most {MAX_LOGIT_BIAS} entries, got {len(inp.logit_bias)}")
+    for token, bias in inp.logit_bias:
+        _check_token_id(f"params.logit_bias[{token}]", token, limits)
+        _check_finite(f"params.logit_bias[{token}]", bias)
+        if not -100 <= bias <= 100:
+            raise InvalidInput(f"params.logit_bias[{token}]", f"must be in [-100, 100], got {bias}")
+    if inp.truncate_prompt_tokens >= limits.max_seq_len:
+        raise InvalidInput("params.truncate_prompt_tokens",
+                           f"must leave room for output in the context limit of {limits.max_seq_len} tokens, "
+                           f"got {inp.truncate_prompt_tokens}")
     return SamplingParams(
-        max_new_tokens=inp.max_new_tokens or limits.default_max_new_tokens,
+        max_new_tokens=max_new_tokens,
         temperature=float(inp.temperature), top_p=float(inp.top_p), top_k=int(inp.top_k),
         repetition_penalty=float(inp.repetition_penalty), seed=inp.seed,
-        stop=tuple(inp.stop), ignore_eos=bool(inp.ignore_eos))
+        stop=tuple(inp.stop), ignore_eos=bool(inp.ignore_eos),
+        min_new_tokens=int(inp.min_new_tokens), stop_token_ids=tuple(int(t) for t in inp.stop_token_ids),
+        presence_penalty=float(inp.presence_penalty), frequency_penalty=float(inp.frequency_penalty),
+        min_p=float(inp.min_p), logit_bias=tuple(sorted((int(t), float(b)) for t, b in inp.logit_bias)),
+        logprobs=bool(inp.logprobs or inp.top_logprobs), top_logprobs=int(inp.top_logprobs),
+        include_stop_sequence=bool(inp.include_stop_sequence))
 
 
-def encode(tokenizer, prompt: str, messages: tuple[tuple[str, str], ...]) -> list[int]:
+def _check_token_id(name: str, token: int, limits: Limits) -> None:
+    if token < 0 or (limits.vocab_size and token >= limits.vocab_size):
+        raise InvalidInput(name, f"token id {token} is outside the vocabulary (0..{limits.vocab_size - 1})")
+
+
+def _check_json(name: str, text: str) -> None:
+    try:
+        json.loads(text)
+    except ValueError as exc:
+        raise InvalidInput(name, f"not valid JSON: {exc}") from None
+
+
+def check_unsupported(inp: GenerateInput) -> None:
+    """Fields that are validated but whose behaviour is not implemented yet: UNIMPLEMENTED,
+    never silently ignored. Malformed values are still INVALID_ARGUMENT (checked first)."""
+    if inp.n < 0:
+        raise InvalidInput("params.n", f"must be >= 0, got {inp.n}")
+    fmt = inp.response_format
+    if fmt is not None and fmt.kind == "json_schema":
+        _check_json("params.response_format.json_schema", fmt.value)
+    if fmt is not None and fmt.kind in ("regex", "grammar") and not fmt.value:
+        raise InvalidInput(f"params.response_format.{fmt.kind}", "must not be empty")
+    if len(inp.tools) > MAX_TOOLS:
+        raise InvalidInput("tools", f"at most {MAX_TOOLS} tools, got {len(inp.tools)}")
+    names = set()
+    for i, tool in enumerate(inp.tools):
+        if not tool.name:
+            raise InvalidInput(f"tools[{i}].name", "must be set")
+        if tool.name in names:
+            raise InvalidInput(f"tools[{i}].name", f"duplicate tool name {tool.name!r}")
+        names.add(tool.name)
+        if tool.parameters_json_schema:
+            _check_json(f"tools[{i}].parameters_json_schema", tool.parameters_json_schema)
+    if inp.tool_choice and inp.tool_choice not in TOOL_CHOICES and inp.tool_choice not in names:
+        raise InvalidInput("tool_choice", f"must be one of {TOOL_CHOICES} or the name of a tool, "
+                                          f"got {inp.tool_choice!r}")
+    if inp.tool_choice in ("required",) and not inp.tools:
+        raise InvalidInput("tool_choice", "'required' needs tools")
+    for extra in inp.message_extras:
+        if extra.tool_calls:
+            raise UnsupportedInput(f"messages[{extra.index}].tool_calls", "tool calls are not supported yet")
+        if extra.tool_call_id:
+            raise UnsupportedInput(f"messages[{extra.index}].tool_call_id", "tool calls are not supported yet")
+    if inp.n > 1:
+        raise UnsupportedInput("params.n", "more than one completion per request is not supported yet")
+    if fmt is not None:
+        raise UnsupportedInput(f"params.response_format.{fmt.kind}", "constrained decoding is not supported yet")
+    if inp.tools:
+        raise UnsupportedInput("tools", "tool definitions are not supported yet")
+
+
+def encode(tokenizer, prompt: str, messages: tuple[tuple[str, str], ...],
+           names: dict[int, str] | None = None) -> list[int]:
     """Token ids of a raw prompt (with the tokenizer's usual special tokens) or of chat messages
     (the model's chat template with a generation prompt). Assumes exactly one is set."""
     if prompt:
@@ -92,8 +226,10 @@ def encode(tokenizer, prompt: str, messages: tuple[tuple[str, str], ...]) -> lis
     for i, (role, _content) in enumerate(messages):
         if role not in CHAT_ROLES:
             raise InvalidInput(f"messages[{i}].role", f"unknown role {role!r}; expected one of {CHAT_ROLES}")
-    text = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages],
-                                         add_generation_prompt=True, tokenize=False)
+    chat = [{"role": r, "content": c} for r, c in messages]
+    for i, name in (names or {}).items():   # a participant's name, for templates that use it
+        chat[i]["name"] = name
+    text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -112,12 +248,22 @@ def build_request(inp: GenerateInput, tokenizer, limits: Limits) -> Request:
     """Validate everything and return a fresh Request; raises InvalidInput naming the field."""
     check_text(inp)
     params = check_params(inp, limits)
-    prompt_ids = encode(tokenizer, inp.prompt, inp.messages)
+    check_unsupported(inp)
+    names = {m.index: m.name for m in inp.message_extras if m.name}
+    for i in names:
+        if i >= len(inp.messages):
+            raise InvalidInput(f"messages[{i}].name", "no such message")
+    prompt_ids = encode(tokenizer, inp.prompt, inp.messages, names)
     where = "prompt" if inp.prompt else "messages"
     if not prompt_ids:
         raise InvalidInput(where, "tokenizes to no tokens")
+    truncated = 0
+    if inp.truncate_prompt_tokens and len(prompt_ids) > inp.truncate_prompt_tokens:
+        truncated = len(prompt_ids) - inp.truncate_prompt_tokens   # keep the last N, after the template
+        prompt_ids = prompt_ids[truncated:]
     if len(prompt_ids) + 1 > limits.max_seq_len:
         raise InvalidInput(where, f"{len(prompt_ids)} tokens leave no room for output in the context "
-                                  f"limit of {limits.max_seq_len} tokens")
+                                  f"limit of {limits.max_seq_len} tokens (params.truncate_prompt_tokens "
+                                  f"keeps only the last N)")
     return Request(request_id=inp.request_id or uuid.uuid4().hex, prompt_ids=prompt_ids,
-                   params=params, priority=inp.priority, owner=inp.owner)
+                   params=params, priority=inp.priority, owner=inp.owner, truncated_prompt_tokens=truncated)

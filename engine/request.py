@@ -53,6 +53,15 @@ class SamplingParams:
     seed: int | None = None           # None: a random seed is drawn at admission
     stop: tuple[str, ...] = ()        # stop sequences, matched on text
     ignore_eos: bool = False
+    min_new_tokens: int = 0           # EOS and stop_token_ids are masked out before this many
+    stop_token_ids: tuple[int, ...] = ()   # end the completion (finish reason EOS), even with ignore_eos
+    presence_penalty: float = 0.0     # OpenAI: minus this once for every id already generated
+    frequency_penalty: float = 0.0    # OpenAI: minus this times the count of every generated id
+    min_p: float = 0.0                # 0 = off
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (id, bias) added to the raw logits
+    logprobs: bool = False            # report the chosen tokens' log-probabilities
+    top_logprobs: int = 0             # and this many alternatives (0..20)
+    include_stop_sequence: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -61,6 +70,11 @@ class SamplingParams:
     @property
     def has_penalty(self) -> bool:
         return self.repetition_penalty not in (0.0, 1.0)
+
+    @property
+    def has_count_penalty(self) -> bool:
+        """A presence or frequency penalty (over the generated tokens)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 _arrival_counter = itertools.count()
@@ -76,6 +90,7 @@ class Request:
     # Ties on priority are broken by this strictly increasing number (FIFO).
     arrival_seq: int = field(default_factory=lambda: next(_arrival_counter))
     owner: str = ""                   # who may Preempt it (empty: anyone)
+    truncated_prompt_tokens: int = 0  # prompt tokens cut by truncate_prompt_tokens
     state: RequestState = RequestState.QUEUED
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
@@ -112,6 +127,14 @@ class RequestStats(msgspec.Struct, frozen=True, array_like=True):
     time_to_first_token_seconds: float
 
 
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """Log-probability of one generated token under the model's raw distribution, and the `top`
+    most likely (id, logprob) pairs, most likely first."""
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 class RequestOutput(msgspec.Struct, frozen=True, array_like=True):
     """One event on a request's stream."""
     request_id: str
@@ -126,6 +149,9 @@ class RequestOutput(msgspec.Struct, frozen=True, array_like=True):
     prompt_tokens: int = 0                  # on the last event
     completion_tokens: int = 0              # on the last event
     stats: Optional[RequestStats] = None    # on the last event
+    logprobs: tuple[TokenLogprob, ...] = () # with params.logprobs: one per entry of token_ids
+    stop_sequence: str = ""                 # on the last event, when a stop sequence matched
+    truncated_prompt_tokens: int = 0        # on the last event
 
     @property
     def finished(self) -> bool:

@@ -1,11 +1,16 @@
 """Batched sampling: one token per row of a step's logits, the rows sampled together as tensor ops.
 
 Job: logits [n, V] + each row's SamplingParams -> n token ids, in Hugging Face `generate` order:
-repetition penalty (RepetitionPenaltyLogitsProcessor), then temperature, top-k, top-p (the
-Temperature/TopK/TopPLogitsWarper). Greedy rows take the argmax of their penalised logits.
+logit bias (SequenceBiasLogitsProcessor), repetition penalty (RepetitionPenaltyLogitsProcessor),
+the OpenAI presence/frequency penalties, the min_new_tokens mask (MinNewTokensLengthLogitsProcessor),
+then temperature, top-k, top-p, min-p (the Temperature/TopK/TopP/MinPLogitsWarper). Greedy rows take
+the argmax of their processed logits. Rows that ask for log-probabilities get those of the raw
+logits (before any processor), for all of them in one log-softmax.
 
 Invariants:
-- Whole-batch ops, not per-row loops: the penalty is one gather/scatter over every penalised row,
+- Whole-batch ops, not per-row loops: the bias is one index_add over every biased row, the
+  repetition penalty one gather/scatter over every penalised row, presence/frequency one count
+  scatter_add, the min-tokens mask one index_fill,
   temperature/top-k/top-p run on the [m, V] sub-batch of sampled rows with per-row parameter
   tensors, greedy rows share one argmax, and the draw is one "exponential race" (argmax of p / E,
   E ~ Exponential(1), picks token i with probability p_i, as gpt-fast's
@@ -22,12 +27,13 @@ Invariants:
 """
 from __future__ import annotations
 
+import math
 from array import array
 from dataclasses import dataclass
 
 import torch
 
-from engine.request import SamplingParams
+from engine.request import SamplingParams, TokenLogprob
 
 _NEG_INF = float("-inf")
 # Candidate columns first tried on CPU for a top-p row without top-k (x4 per retry, up to V/4).
@@ -49,22 +55,57 @@ def _to_device(data: list | array, dtype: torch.dtype, device: torch.device) -> 
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def _penalised(logits: torch.Tensor, params: list[SamplingParams], seen_ids: list[list[int]]) -> torch.Tensor:
-    """[n, V] float32 logits with the repetition penalty applied to every penalised row at once
-    (HF RepetitionPenaltyLogitsProcessor: seen scores < 0 are multiplied by the penalty, the others
-    divided). Returns a new tensor when anything is penalised; never edits `logits`."""
-    rows = [i for i, p in enumerate(params) if p.has_penalty and seen_ids[i]]
-    vocab = logits.shape[1]
+def _processed(logits: torch.Tensor, params: list[SamplingParams], seen_ids: list[list[int]],
+               outputs: list[list[int]] | None, eos_token_ids: tuple[int, ...]) -> torch.Tensor:
+    """[n, V] float32 logits through the processors that apply to every row (greedy or not), in
+    Hugging Face `generate` order: logit bias (SequenceBiasLogitsProcessor), repetition penalty,
+    then the OpenAI presence/frequency penalties over the generated tokens, then the min-tokens
+    mask (EOS, unless ignored, and stop token ids at -inf below min_new_tokens, as
+    MinNewTokensLengthLogitsProcessor). Each is one batched op over the rows that use it.
+    Returns a new tensor when anything applies; never edits `logits`."""
+    n, vocab = logits.shape
+    outputs = outputs if outputs is not None else [[]] * n
+    biased = [i for i, p in enumerate(params) if p.logit_bias]
+    penalised = _repetition_rows(params, seen_ids, vocab)
+    counted = [i for i, p in enumerate(params) if p.has_count_penalty and outputs[i]]
+    masked = _masked_ids(params, outputs, eos_token_ids, vocab)
+    if not (biased or penalised or counted or masked):
+        return logits.float()
+    out = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)   # [n, V]
+    flat = out.view(-1)                                                               # [n*V]
+    if biased:
+        index, bias = array("q"), array("f")
+        for i in biased:
+            for token, value in params[i].logit_bias:
+                index.append(i * vocab + token)
+                bias.append(value)
+        flat.index_add_(0, _to_device(index, torch.long, out.device), _to_device(bias, torch.float32, out.device))
+    if penalised:
+        _apply_repetition(flat, vocab, params, penalised)
+    if counted:
+        _apply_counts(out, params, outputs, counted)
+    if masked:
+        flat.index_fill_(0, _to_device(masked, torch.long, out.device), _NEG_INF)
+    return out
+
+
+def _repetition_rows(params: list[SamplingParams], seen_ids: list[list[int]], vocab: int) -> dict[int, list[int]]:
+    """Row -> the ids its repetition penalty applies to (as HF: ids past the logits' width dropped)."""
     seen: dict[int, list[int]] = {}
-    for i in rows:
-        ids = seen_ids[i]
-        if min(ids) < 0 or max(ids) >= vocab:            # as HF: drop ids past the logits' width
+    for i, p in enumerate(params):
+        ids = seen_ids[i] if p.has_penalty else None
+        if not ids:
+            continue
+        if min(ids) < 0 or max(ids) >= vocab:
             ids = [t for t in ids if 0 <= t < vocab]
         if ids:
             seen[i] = ids
-    if not seen:
-        return logits.float()
-    out = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)   # [n, V]
+    return seen
+
+
+def _apply_repetition(flat: torch.Tensor, vocab: int, params: list[SamplingParams], seen: dict[int, list[int]]) -> None:
+    """The repetition penalty on every penalised row at once, in place on flat [n*V] (HF
+    RepetitionPenaltyLogitsProcessor: seen scores < 0 are multiplied by the penalty, the others divided)."""
     width = max(map(len, seen.values()))
     table = array("q")                               # per penalised row: its row index, then its ids
     for row, ids in seen.items():
@@ -73,15 +114,42 @@ def _penalised(logits: torch.Tensor, params: list[SamplingParams], seen_ids: lis
         table.append(row)
         table.extend(ids)
         table.extend([ids[0]] * (width - len(ids)))
-    table_t = _to_device(table, torch.long, out.device).view(len(seen), 1 + width)   # [n_pen, 1+W]
-    index = (table_t[:, 1:] + table_t[:, :1] * vocab).view(-1)   # [n_pen*W] positions in out.view(-1)
-    penalty = _to_device([params[i].repetition_penalty for i in seen], torch.float32, out.device)
+    table_t = _to_device(table, torch.long, flat.device).view(len(seen), 1 + width)   # [n_pen, 1+W]
+    index = (table_t[:, 1:] + table_t[:, :1] * vocab).view(-1)   # [n_pen*W] positions in flat
+    penalty = _to_device([params[i].repetition_penalty for i in seen], torch.float32, flat.device)
     penalty = penalty[:, None]                                    # [n_pen, 1]
-    flat = out.view(-1)                                           # [n*V]
     score = flat.gather(0, index).view(len(seen), width)         # [n_pen, W]
     score = torch.where(score < 0, score * penalty, score / penalty)
     flat.scatter_(0, index, score.view(-1))
-    return out
+
+
+def _apply_counts(out: torch.Tensor, params: list[SamplingParams], outputs: list[list[int]], rows: list[int]) -> None:
+    """OpenAI presence/frequency penalties, in place on out [n, V]: logit[j] -= count[j] *
+    frequency_penalty + (count[j] > 0) * presence_penalty, count over the row's generated ids."""
+    vocab = out.shape[1]
+    width = max(len(outputs[i]) for i in rows)
+    table = array("q")
+    for i in rows:                                   # padded with V: a column dropped below
+        table.extend(outputs[i])
+        table.extend([vocab] * (width - len(outputs[i])))
+    ids = _to_device(table, torch.long, out.device).view(len(rows), width)              # [n_c, W]
+    counts = out.new_zeros(len(rows), vocab + 1).scatter_add_(1, ids, out.new_ones(len(rows), width))
+    counts = counts[:, :vocab]                                                        # [n_c, V]
+    coef = _to_device([[params[i].frequency_penalty for i in rows], [params[i].presence_penalty for i in rows]],
+                      torch.float32, out.device)                                       # [2, n_c]
+    delta = counts * coef[0, :, None] + (counts > 0) * coef[1, :, None]
+    out.index_add_(0, _to_device(rows, torch.long, out.device), delta, alpha=-1)
+
+
+def _masked_ids(params: list[SamplingParams], outputs: list[list[int]], eos_token_ids: tuple[int, ...],
+                vocab: int) -> array:
+    """Flat positions (row * V + id) of the ids that may not end a row yet (min_new_tokens)."""
+    masked = array("q")
+    for i, p in enumerate(params):
+        if p.min_new_tokens and len(outputs[i]) < p.min_new_tokens:
+            ids = set(p.stop_token_ids) if p.ignore_eos else set(eos_token_ids) | set(p.stop_token_ids)
+            masked.extend(i * vocab + t for t in ids if 0 <= t < vocab)
+    return masked
 
 
 @dataclass
@@ -90,17 +158,21 @@ class _RowParams:
     temperature: torch.Tensor        # [m, 1]
     top_k: torch.Tensor              # [m] long; V where top-k is off
     threshold: torch.Tensor          # [m, 1] 1 - top_p; -1 where top-p is off (no cumulative is <= -1)
+    log_min_p: torch.Tensor          # [m, 1] log(min_p); -inf where min-p is off
     k_host: list[int]                # top_k as above
     p_host: list[bool]               # top-p on
+    min_p_host: bool                 # some row has min-p
 
     @classmethod
     def of(cls, params: list[SamplingParams], vocab: int, device: torch.device) -> _RowParams:
         k_host = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         p_host = [0.0 < p.top_p < 1.0 for p in params]
         table = _to_device([[p.temperature for p in params], k_host,
-                            [1.0 - p.top_p if on else -1.0 for p, on in zip(params, p_host)]],
-                           torch.float32, device)                              # [3, m], one copy
-        return cls(table[0, :, None], table[1].long(), table[2, :, None], k_host, p_host)
+                            [1.0 - p.top_p if on else -1.0 for p, on in zip(params, p_host)],
+                            [math.log(p.min_p) if p.min_p > 0 else _NEG_INF for p in params]],
+                           torch.float32, device)                              # [4, m], one copy
+        return cls(table[0, :, None], table[1].long(), table[2, :, None], table[3, :, None], k_host, p_host,
+                   any(p.min_p > 0 for p in params))
 
     def k_widest(self, vocab: int) -> int:
         """The largest top-k in use (0: none)."""
@@ -177,10 +249,19 @@ def _filter_width(x: torch.Tensor, rows: _RowParams, width: int) -> _Kept | None
 
 
 def _filtered(x: torch.Tensor, params: list[SamplingParams], candidates: bool) -> _Kept:
-    """Temperature, top-k and top-p on the sampled rows x [m, V], HF order and semantics.
+    """Temperature, top-k, top-p and min-p on the sampled rows x [m, V], HF order and semantics.
     `candidates`: try `_filter_width` first (it reads the data; free on CPU only)."""
+    rows = _RowParams.of(params, x.shape[1], x.device)
+    kept = _filtered_top(x, rows, candidates)
+    if rows.min_p_host:
+        # HF MinPLogitsWarper: remove p < min_p * p_max. The kept logits have row max 0, so
+        # p / p_max = exp(logit): remove logit < log(min_p) (the top token always stays).
+        kept = _Kept(kept.logits.masked_fill(kept.logits < rows.log_min_p, _NEG_INF), kept.ids)
+    return kept
+
+
+def _filtered_top(x: torch.Tensor, rows: _RowParams, candidates: bool) -> _Kept:
     vocab = x.shape[1]
-    rows = _RowParams.of(params, vocab, x.device)
     # Shift by the max first: a tiny temperature (or an extreme penalty) must not overflow to inf/NaN
     # and fail the whole batch's step; for normal temperatures the draw is unchanged.
     finite = torch.finfo(x.dtype)
@@ -201,11 +282,12 @@ def _sampled_rows(params: list[SamplingParams]) -> list[int]:
 
 
 def processed_logits(logits: torch.Tensor, params: list[SamplingParams], seen_ids: list[list[int]],
-                     *, candidates: bool | None = None) -> torch.Tensor:
-    """[n, V] float32: every row penalised; sampled rows also tempered (max-shifted, so equal to HF
-    up to a per-row constant) and top-k/top-p filtered, -inf where removed. `candidates` picks the
-    filter path (None: as `Sampler` does on this device)."""
-    out = _penalised(logits, params, seen_ids)
+                     *, candidates: bool | None = None, outputs: list[list[int]] | None = None,
+                     eos_token_ids: tuple[int, ...] = ()) -> torch.Tensor:
+    """[n, V] float32: every row biased, penalised and min-tokens masked; sampled rows also tempered
+    (max-shifted, so equal to HF up to a per-row constant) and top-k/top-p/min-p filtered, -inf
+    where removed. `candidates` picks the filter path (None: as `Sampler` does on this device)."""
+    out = _processed(logits, params, seen_ids, outputs, eos_token_ids)
     rows = _sampled_rows(params)
     if not rows:
         return out
@@ -215,37 +297,84 @@ def processed_logits(logits: torch.Tensor, params: list[SamplingParams], seen_id
     return out.index_copy(0, index, kept.dense(out.shape[1]))
 
 
-class Sampler:
-    """Samples every row of a step at once; owns the generator of the unseeded sampled rows."""
+@dataclass
+class Sampled:
+    """One step's draw: a token per row, and its log-probabilities where the row asked for them."""
+    tokens: list[int]
+    logprobs: list[TokenLogprob | None]
 
-    def __init__(self, device: torch.device, seed: int = 0) -> None:
+
+class Sampler:
+    """Samples every row of a step at once; owns the generator of the unseeded sampled rows.
+    `eos_token_ids`: what min_new_tokens masks besides a row's stop token ids."""
+
+    def __init__(self, device: torch.device, seed: int = 0, eos_token_ids: tuple[int, ...] = ()) -> None:
         self.device = torch.device(device)
         self.generator = make_generator(seed, self.device)
         self.candidates = self.device.type == "cpu"      # see the module docstring
+        self.eos_token_ids = tuple(eos_token_ids)
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, params: list[SamplingParams], seen_ids: list[list[int]],
-               generators: list[torch.Generator | None]) -> list[int]:
+               generators: list[torch.Generator | None], outputs: list[list[int]] | None = None) -> list[int]:
         """logits [n, V] (any float dtype) -> one token id per row. `generators[i]`: the row's own
         generator when it has a seed, else None; `seen_ids[i]`: prompt + output ids of a row with
-        a repetition penalty, else []."""
-        chosen = self._choose(logits, params, seen_ids, generators)         # [n] long
+        a repetition penalty, else []; `outputs[i]`: the row's generated ids so far (presence and
+        frequency penalties, min_new_tokens; None: none yet)."""
+        return self.sample_logprobs(logits, params, seen_ids, generators, outputs).tokens
+
+    @torch.inference_mode()
+    def sample_logprobs(self, logits: torch.Tensor, params: list[SamplingParams], seen_ids: list[list[int]],
+                        generators: list[torch.Generator | None],
+                        outputs: list[list[int]] | None = None) -> Sampled:
+        """As `sample`, with the log-probabilities of the rows whose params ask for them: the
+        log-softmax of the raw `logits` (before any processor) at the chosen id, and the row's
+        top_logprobs best (id, logprob), computed for those rows in one pass on the device."""
+        chosen = self._choose(logits, params, seen_ids, generators, outputs)       # [n] long
+        rows = [i for i, p in enumerate(params) if p.logprobs]
+        device_lp = self._logprobs(logits, params, chosen, rows) if rows else None
         if chosen.is_cuda:
             # Wait for the step in a call that releases the GIL for the whole wait, so other threads
             # of this process (the in-thread transport's event loop) run meanwhile; tolist() holds
             # it for part of its wait (docs/benchmarks.md, note 12).
             torch.cuda.current_stream(chosen.device).synchronize()
-        return chosen.tolist()
+        tokens = chosen.tolist()
+        logprobs: list[TokenLogprob | None] = [None] * len(params)
+        if device_lp is not None:
+            lp_chosen, top_values, top_ids = (t.tolist() for t in device_lp)
+            for j, i in enumerate(rows):
+                k = params[i].top_logprobs
+                logprobs[i] = TokenLogprob(tokens[i], lp_chosen[j], tuple(zip(top_ids[j][:k], top_values[j][:k])))
+        return Sampled(tokens, logprobs)
 
     @torch.inference_mode()
     def choose(self, logits: torch.Tensor, params: list[SamplingParams], seen_ids: list[list[int]],
-               generators: list[torch.Generator | None]) -> torch.Tensor:
+               generators: list[torch.Generator | None], outputs: list[list[int]] | None = None) -> torch.Tensor:
         """As `sample`, but the ids stay on the device ([n] long), not waited for."""
-        return self._choose(logits, params, seen_ids, generators)
+        return self._choose(logits, params, seen_ids, generators, outputs)
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, params: list[SamplingParams], chosen: torch.Tensor,
+                  rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For `rows`: log-softmax of the raw logits at the chosen ids [l], and the best `k` values
+        and ids [l, k], k the widest top_logprobs among them (each row keeps its own k later)."""
+        if len(rows) == len(params):
+            raw, picked = logits, chosen
+        else:
+            index = _to_device(rows, torch.long, logits.device)                        # [l]
+            raw, picked = logits.index_select(0, index), chosen.index_select(0, index)
+        logp = raw.float().log_softmax(dim=-1)                                         # [l, V]
+        lp_chosen = logp.gather(1, picked[:, None]).squeeze(1)                          # [l]
+        k = max(params[i].top_logprobs for i in rows)
+        if not k:
+            empty = logp.new_empty(len(rows), 0)
+            return lp_chosen, empty, empty.long()
+        top = logp.topk(k, dim=-1)                                                     # [l, k] each
+        return lp_chosen, top.values, top.indices
 
     def _choose(self, logits: torch.Tensor, params: list[SamplingParams], seen_ids: list[list[int]],
-                generators: list[torch.Generator | None]) -> torch.Tensor:
-        logits = _penalised(logits, params, seen_ids)                       # [n, V] float32
+                generators: list[torch.Generator | None], outputs: list[list[int]] | None) -> torch.Tensor:
+        logits = _processed(logits, params, seen_ids, outputs, self.eos_token_ids)     # [n, V] float32
         rows = _sampled_rows(params)
         if not rows:
             return logits.argmax(dim=-1)

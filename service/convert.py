@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from baton.v1 import baton_pb2 as pb
 from engine.build import ModelInfo
-from engine.inputs import GenerateInput
+from engine.inputs import GenerateInput, MessageInput, ResponseFormatInput, ToolInput
 from engine.request import FinishReason, PreemptAction, RequestOutput, RequestState
 
 _STATE = {
@@ -25,13 +25,24 @@ _ACTION = {
 
 def generate_input(req: pb.GenerateRequest, owner: str = "") -> GenerateInput:
     p = req.params
+    kind = p.response_format.WhichOneof("format") if p.HasField("response_format") else None
     return GenerateInput(
         request_id=req.request_id, prompt=req.prompt,
         messages=tuple((m.role, m.content) for m in req.messages),
         priority=req.priority, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
         top_p=p.top_p, top_k=p.top_k, repetition_penalty=p.repetition_penalty,
         seed=p.seed if p.HasField("seed") else None, stop=tuple(p.stop), ignore_eos=p.ignore_eos,
-        owner=owner)
+        owner=owner, min_new_tokens=p.min_new_tokens, stop_token_ids=tuple(p.stop_token_ids),
+        presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty, min_p=p.min_p,
+        logprobs=p.logprobs, top_logprobs=p.top_logprobs, truncate_prompt_tokens=p.truncate_prompt_tokens,
+        include_stop_sequence=p.include_stop_sequence, n=p.n,
+        response_format=None if kind is None else ResponseFormatInput(
+            kind, "" if kind == "json_object" else getattr(p.response_format, kind)),
+        logit_bias=tuple(p.logit_bias.items()),
+        tools=tuple(ToolInput(t.name, t.description, t.parameters_json_schema) for t in req.tools),
+        tool_choice=req.tool_choice,
+        message_extras=tuple(MessageInput(i, m.name, m.tool_call_id, len(m.tool_calls))
+                             for i, m in enumerate(req.messages) if m.name or m.tool_call_id or m.tool_calls))
 
 
 def state_to_pb(state: RequestState) -> int:
@@ -44,6 +55,10 @@ def preempt_action(action: int) -> PreemptAction | None:
 
 def response(out: RequestOutput) -> pb.GenerateResponse:
     msg = pb.GenerateResponse(request_id=out.request_id, text=out.text, token_ids=out.token_ids)
+    if out.logprobs:
+        msg.logprobs.extend(pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                                            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+                            for lp in out.logprobs)
     if out.state is not None:
         msg.state = _STATE[out.state]
         if out.state == RequestState.QUEUED:
@@ -52,6 +67,8 @@ def response(out: RequestOutput) -> pb.GenerateResponse:
         msg.finish_reason = _REASON[out.finish_reason]
         msg.usage.prompt_tokens = out.prompt_tokens
         msg.usage.completion_tokens = out.completion_tokens
+        msg.usage.truncated_prompt_tokens = out.truncated_prompt_tokens
+        msg.stop_sequence = out.stop_sequence
         if out.stats is not None:
             s = out.stats
             msg.stats.CopyFrom(pb.RequestStats(
@@ -69,6 +86,8 @@ def merge(outs: list[RequestOutput]) -> RequestOutput:
     return RequestOutput(
         request_id=last.request_id, text="".join(o.text for o in outs),
         token_ids=tuple(t for o in outs for t in o.token_ids), state=last.state,
+        logprobs=tuple(lp for o in outs for lp in o.logprobs), stop_sequence=last.stop_sequence,
+        truncated_prompt_tokens=last.truncated_prompt_tokens,
         queue_position=last.queue_position, finish_reason=last.finish_reason, error=last.error, retryable=last.retryable, out_of_memory=last.out_of_memory,
         prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens, stats=last.stats)
 

@@ -27,7 +27,7 @@ _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 
 # Statuses exported from start (at 0) so that rate()/increase() see the first request of each.
 # Final engine events use FinishReason names in lower case; the rest are set by the servicer.
 REQUEST_STATUSES = ("length", "eos", "stop_sequence", "cancelled", "error",
-                    "invalid_argument", "resource_exhausted", "already_exists", "unavailable")
+                    "invalid_argument", "unimplemented", "resource_exhausted", "already_exists", "unavailable")
 
 
 class Metrics:

@@ -20,7 +20,7 @@ from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc as pb_grpc
 from engine import errors
 from engine.api import EngineHandle
-from engine.inputs import InvalidInput
+from engine.inputs import InvalidInput, UnsupportedInput
 from engine.request import FinishReason, RequestOutput
 from service import auth, convert
 from service.mailbox import Inbox, Mailbox
@@ -30,6 +30,7 @@ log = structlog.get_logger("baton.service")
 
 # The one place where engine errors become status codes (and the label of the requests counter).
 _STATUS: dict[type[Exception], tuple[grpc.StatusCode, str]] = {
+    UnsupportedInput: (grpc.StatusCode.UNIMPLEMENTED, "unimplemented"),
     InvalidInput: (grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument"),
     errors.QueueFull: (grpc.StatusCode.RESOURCE_EXHAUSTED, "resource_exhausted"),
     errors.HostPoolFull: (grpc.StatusCode.RESOURCE_EXHAUSTED, "resource_exhausted"),

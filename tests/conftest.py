@@ -77,7 +77,8 @@ def make_engine(loaded, **overrides):
     hf_model, tokenizer, spec = loaded
     config = EngineConfig(**{"max_batch_size": 4, "max_seq_len": 256, "warmup": False, **overrides})
     engine, info = assemble_engine(hf_model, tokenizer, spec, config)
-    limits = Limits(info.max_context_length, config.default_max_new_tokens, config.max_new_tokens_limit)
+    limits = Limits(info.max_context_length, config.default_max_new_tokens, config.max_new_tokens_limit,
+                    info.vocab_size)
     return engine, limits
 
 

@@ -252,3 +252,124 @@ def test_cuda_sampling_queues_without_waiting():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert chosen.shape == (len(params),)
+
+
+# ---- the v1 additions: logit bias, presence/frequency, min_new_tokens, min-p, log-probabilities ----
+def _v1(temperature=0.0, top_k=0, top_p=0.0, penalty=0.0, **extra) -> SamplingParams:
+    return SamplingParams(max_new_tokens=8, temperature=temperature, top_k=top_k, top_p=top_p,
+                          repetition_penalty=penalty, **extra)
+
+
+def _openai_counts(row: torch.Tensor, p: SamplingParams, generated: list[int]) -> torch.Tensor:
+    """The OpenAI formula, by hand: mu[j] - c[j] * frequency_penalty - (c[j] > 0) * presence_penalty."""
+    out = row.clone()
+    for token in set(generated):
+        count = generated.count(token)
+        out[token] -= count * p.frequency_penalty + (1.0 if count else 0.0) * p.presence_penalty
+    return out
+
+
+def _hf_v1(row: torch.Tensor, p: SamplingParams, seen: list[int], generated: list[int], eos: tuple[int, ...]):
+    """One row through HF's processors (and the hand-computed OpenAI penalties) in our order."""
+    from transformers import MinNewTokensLengthLogitsProcessor, MinPLogitsWarper, SequenceBiasLogitsProcessor
+    prompt = [0] * 3
+    ids = torch.tensor([prompt + generated])
+    scores = row[None].float().clone()
+    if p.logit_bias:
+        scores = SequenceBiasLogitsProcessor({(t,): b for t, b in p.logit_bias})(ids, scores)
+    if p.has_penalty:
+        scores = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(torch.tensor([seen or [0]]), scores)
+    if p.has_count_penalty:
+        scores = _openai_counts(scores[0], p, generated)[None]
+    if p.min_new_tokens:
+        stop = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos))
+        scores = MinNewTokensLengthLogitsProcessor(len(prompt), p.min_new_tokens, stop)(ids, scores)
+    if not p.greedy:
+        scores = TemperatureLogitsWarper(p.temperature)(ids, scores)
+        if p.top_k > 0:
+            scores = TopKLogitsWarper(p.top_k)(ids, scores)
+        if 0.0 < p.top_p < 1.0:
+            scores = TopPLogitsWarper(p.top_p)(ids, scores)
+        if p.min_p > 0:
+            scores = MinPLogitsWarper(p.min_p)(ids, scores)
+    return scores[0]
+
+
+V1_ROWS = [
+    _v1(logit_bias=((3, 5.0), (7, -100.0), (999, 2.5))),
+    _v1(0.8, top_k=50, logit_bias=((1, 100.0),), penalty=1.2),
+    _v1(presence_penalty=0.7, frequency_penalty=0.4),
+    _v1(1.2, presence_penalty=-1.5, frequency_penalty=2.0, penalty=1.3),
+    _v1(min_new_tokens=5, stop_token_ids=(11, 12)),                       # 3 generated: masked
+    _v1(0.9, min_new_tokens=2, stop_token_ids=(11,)),                     # 3 generated: not masked
+    _v1(1.0, min_new_tokens=8, ignore_eos=True, stop_token_ids=(13,)),    # EOS not masked
+    _v1(1.0, min_p=0.1), _v1(0.7, top_k=40, min_p=0.3), _v1(1.5, top_p=0.9, min_p=0.05),
+    _v1(1.0, min_p=1.0), _v1(0.8, min_p=0.2, logit_bias=((5, 3.0),), frequency_penalty=1.0),
+    _v1(), _v1(1.0, top_k=10),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+@pytest.mark.parametrize("candidates", [False, True])
+def test_v1_processors_match_hf(device, candidates):
+    gen = torch.Generator().manual_seed(21)
+    vocab, eos = 1000, (2, 4)
+    logits = (3 * torch.randn(len(V1_ROWS), vocab, generator=gen)).to(device)
+    logits[:, [2, 4, 11, 12, 13]] += 6                      # stop ids likely: the mask must matter
+    seen = _seen(V1_ROWS, vocab, gen)
+    generated = [[5, 9, 5], [1], [3, 3, 3, 8, 8, 42], [7, 7, 100], [1, 2, 3], [1, 2, 3], [9, 9, 9],
+                 [], [1], [2, 2], [], [5, 5, 5, 5], [], [6]]
+    before = logits.clone()
+    ours = processed_logits(logits, V1_ROWS, seen, candidates=candidates, outputs=generated, eos_token_ids=eos)
+    assert torch.equal(logits, before)
+    for i, p in enumerate(V1_ROWS):
+        expected = _hf_v1(logits[i].cpu(), p, seen[i], generated[i], eos)
+        got = ours[i].cpu()
+        # Masked ids are -inf in HF; ours -inf, or about the smallest float once tempered (probability 0).
+        kept = expected.isfinite()
+        assert torch.equal(got > -1e30, kept), f"row {i}: kept set differs"
+        if not p.greedy:
+            expected = expected - expected.max()
+        torch.testing.assert_close(got[kept], expected[kept], rtol=1e-5, atol=1e-4)
+    assert (ours[4, [2, 4, 11, 12]] < -1e30).all() and ours[5, 11] > -1e30 and ours[6, 2] > -1e30
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_v1_greedy_and_sampled_draws_respect_the_processors(device):
+    gen = torch.Generator().manual_seed(22)
+    logits = torch.randn(4, 300, generator=gen).to(device)
+    params = [_v1(logit_bias=((17, 100.0),)), _v1(min_new_tokens=3, stop_token_ids=(int(logits[1].argmax()),)),
+              _v1(1.0, min_p=1.0), _v1(1.0, top_k=5, logit_bias=((250, 100.0),))]
+    sampler = Sampler(device, seed=3)
+    for _ in range(5):
+        got = sampler.sample(logits, params, [[]] * 4, [None] * 4, outputs=[[], [1], [], []])
+        assert got[0] == 17
+        assert got[1] == int(logits[1].topk(2).indices[1])     # the best is a stop id, masked
+        assert got[2] == int(logits[2].argmax())               # min_p 1 keeps only the top token
+        assert got[3] == 250
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_logprobs_are_the_raw_log_softmax_for_rows_that_asked(device):
+    gen = torch.Generator().manual_seed(23)
+    logits = (4 * torch.randn(5, 2000, generator=gen)).to(device).bfloat16()
+    params = [_v1(logprobs=True, top_logprobs=5), _v1(0.9, top_k=20), _v1(logprobs=True),
+              _v1(1.0, penalty=1.5, logit_bias=((3, 50.0),), logprobs=True, top_logprobs=20),
+              _v1(0.7, min_p=0.1, logprobs=True, top_logprobs=1)]
+    seen = [[], [], [], [3, 4, 5], []]
+    out = Sampler(device, seed=1).sample_logprobs(logits, params, seen, [None] * 5)
+    reference = logits.float().log_softmax(-1).cpu()         # the raw distribution, no processor
+    assert out.logprobs[1] is None
+    for i in (0, 2, 3, 4):
+        lp = out.logprobs[i]
+        assert lp.token_id == out.tokens[i]
+        assert abs(lp.logprob - float(reference[i, lp.token_id])) < 1e-5
+        k = params[i].top_logprobs
+        assert len(lp.top) == k
+        if k:
+            values, ids = reference[i].topk(k)
+            torch.testing.assert_close(torch.tensor([v for _, v in lp.top]), values, rtol=0, atol=1e-5)
+            assert all(float(reference[i, t]) == pytest.approx(v, abs=1e-5) for t, v in lp.top)
+            assert [t for t, _ in lp.top][:1] == ids[:1].tolist()
+    assert out.tokens[3] == 3                                 # the bias moved the draw, not the logprob
+    assert out.logprobs[3].logprob < -1
