@@ -23,7 +23,7 @@ from baton.v1 import baton_pb2, baton_pb2_grpc
 from engine.api import EngineClient, EngineHandle
 from engine.config import EngineConfig
 from engine.process import EngineProcess
-from service import auth, logs
+from service import auth, logs, tracing
 from service.metrics import Metrics
 from service.servicer import GenerationServicer
 
@@ -66,7 +66,9 @@ class BatonServer:
         self.config = config
         self.engine_config = engine_config
         self.metrics = Metrics()
-        self.servicer = GenerationServicer(self.metrics, log_prompts=config.log_prompts)
+        self.tracer_provider = tracing.setup()   # None unless OTEL_TRACES_EXPORTER is set
+        tracer = self.tracer_provider.get_tracer("baton.service") if self.tracer_provider is not None else None
+        self.servicer = GenerationServicer(self.metrics, log_prompts=config.log_prompts, tracer=tracer)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -83,6 +85,9 @@ class BatonServer:
             if not config.tls_cert and config.host not in ("127.0.0.1", "::1", "localhost"):
                 log.warning("tokens_without_tls", host=config.host,
                             hint="bearer tokens cross the network in clear text; set --tls-cert/--tls-key")
+        if self.tracer_provider is not None:   # outermost: refused calls are traced too
+            interceptors.insert(0, tracing.server_interceptor(self.tracer_provider))
+            log.info("tracing_enabled", exporters=tracing.exporter_names())
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         baton_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -146,6 +151,8 @@ class BatonServer:
         await self.server.stop(self.config.grace_seconds)
         if self.engine is not None:
             await asyncio.to_thread(self.engine.stop)
+        if self.tracer_provider is not None:   # export the spans still batched
+            await asyncio.to_thread(self.tracer_provider.shutdown)
         log.info("stopped")
 
     async def wait(self) -> None:

@@ -22,7 +22,7 @@ from engine import errors
 from engine.api import EngineHandle
 from engine.inputs import InvalidInput
 from engine.request import FinishReason, RequestOutput
-from service import auth, convert
+from service import auth, convert, tracing
 from service.mailbox import Inbox, Mailbox
 from service.metrics import Metrics
 
@@ -79,6 +79,7 @@ class _StreamTimes:
     last_token_at: float | None = None
     tokens: int = 0
     final: RequestOutput | None = None
+    trace: tracing.RequestTrace | None = None   # set when tracing is on and the call is sampled
 
     def record(self, out: RequestOutput, metrics: Metrics) -> None:
         if out.token_ids:
@@ -91,13 +92,16 @@ class _StreamTimes:
             self.tokens += len(out.token_ids)
         if out.finished:
             self.final = out
+        if self.trace is not None:
+            self.trace.record(out)
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
-    def __init__(self, metrics: Metrics, log_prompts: bool = False) -> None:
+    def __init__(self, metrics: Metrics, log_prompts: bool = False, tracer=None) -> None:
         self.engine: EngineHandle | None = None   # set once the model is loaded
         self.metrics = metrics
         self.log_prompts = log_prompts
+        self.tracer = tracer                       # an OpenTelemetry tracer when tracing is on (service/tracing.py)
         self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = weakref.WeakKeyDictionary()
 
     def _mailbox(self, loop: asyncio.AbstractEventLoop) -> Mailbox:
@@ -117,8 +121,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         engine = await self._engine(context)
         inp = convert.generate_input(request, owner=auth.request_owner())
         stream = _StreamTimes(started=time.monotonic())
+        started_ns = time.time_ns()
         inbox = Inbox()
         request_id = await self._submit(engine, inp, inbox, context)
+        if self.tracer is not None:
+            stream.trace = tracing.RequestTrace.start(self.tracer, request_id, inp.priority, started_ns)
         rlog = log.bind(request_id=request_id)
         rlog.info("request_started", priority=inp.priority, **({"caller": inp.owner} if inp.owner else {}),
                   **({"prompt": inp.prompt, "messages": inp.messages} if self.log_prompts else {}))
@@ -130,6 +137,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 engine.abort(request_id)
                 self.metrics.request_done("cancelled")
                 rlog.info("request_aborted", reason="client cancelled or deadline exceeded")
+            if stream.trace is not None:
+                stream.trace.end(stream.final)
         await self._finish(stream, rlog, context)
 
     async def _submit(self, engine: EngineHandle, inp, inbox: Inbox, context: grpc.aio.ServicerContext) -> str:
@@ -184,12 +193,18 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         priority = request.priority if request.HasField("priority") else None
         if request.action == pb.PreemptRequest.ACTION_UNSPECIFIED and priority is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "priority: must be set when action is ACTION_UNSPECIFIED")
+        if self.tracer is not None:
+            tracing.current_span().set_attributes({"baton.request_id": request.request_id,
+                                                   "baton.preempt.action": action.name.lower(),
+                                                   **({"baton.priority": priority} if priority is not None else {})})
         try:
             state = await asyncio.wrap_future(engine.preempt(request.request_id, action, priority,
                                                              owner=auth.preempt_owner()))
         except errors.EngineError as exc:
             await context.abort(status_of(exc)[0], _details(exc))
         log.info("preempt", request_id=request.request_id, action=action.name, priority=priority, state=state.name)
+        if self.tracer is not None:
+            tracing.current_span().set_attribute("baton.state", state.name.lower())
         return pb.PreemptResponse(request_id=request.request_id, state=convert.state_to_pb(state))
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
