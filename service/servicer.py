@@ -20,7 +20,7 @@ from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc as pb_grpc
 from engine import errors
 from engine.api import EngineHandle
-from engine.inputs import InvalidInput
+from engine.inputs import InvalidInput, public_id, request_key
 from engine.request import FinishReason, RequestOutput
 from service import auth, convert, tracing
 from service.mailbox import Inbox, Mailbox
@@ -53,8 +53,11 @@ _MAX_DETAILS = 512   # status details echo client text; grpc drops trailers over
                      # client would see RESOURCE_EXHAUSTED instead of the real code)
 
 
-def _details(exc: Exception) -> str:
+def _details(exc: Exception, key: str = "", request_id: str = "") -> str:
+    """The error's message for the client; it names the caller's own id, not the engine's key."""
     text = str(exc)
+    if key != request_id:
+        text = text.replace(repr(key), repr(request_id))
     return text if len(text) <= _MAX_DETAILS else text[:_MAX_DETAILS - 3] + "..."
 
 
@@ -123,7 +126,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         stream = _StreamTimes(started=time.monotonic())
         started_ns = time.time_ns()
         inbox = Inbox()
-        request_id = await self._submit(engine, inp, inbox, context)
+        key = await self._submit(engine, inp, inbox, context)   # the engine's id: the caller's namespace + id
+        request_id = public_id(key)
         if self.tracer is not None:
             stream.trace = tracing.RequestTrace.start(self.tracer, request_id, inp.priority, started_ns)
         rlog = log.bind(request_id=request_id)
@@ -131,10 +135,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                   **({"prompt": inp.prompt, "messages": inp.messages} if self.log_prompts else {}))
         try:
             async for out in self._relay(inbox, stream):
-                yield convert.response(out)
+                yield convert.response(out, request_id)
         finally:
             if stream.final is None:  # cancelled, disconnected or past its deadline
-                engine.abort(request_id)
+                engine.abort(key)
                 self.metrics.request_done("cancelled")
                 rlog.info("request_aborted", reason="client cancelled or deadline exceeded")
             if stream.trace is not None:
@@ -157,7 +161,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             self.metrics.request_done(label)
             if isinstance(exc, errors.QueueFull):
                 context.set_trailing_metadata((("retry-after-ms", "1000"),))
-            await context.abort(code, _details(exc))
+            await context.abort(code, _details(exc, request_key(inp.owner, inp.request_id), inp.request_id))
 
     async def _relay(self, inbox: Inbox, stream: _StreamTimes):
         """The request's events as they come (a backlog merged), until its final one."""
@@ -193,16 +197,23 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         priority = request.priority if request.HasField("priority") else None
         if request.action == pb.PreemptRequest.ACTION_UNSPECIFIED and priority is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "priority: must be set when action is ACTION_UNSPECIFIED")
+        try:
+            namespace = auth.preempt_namespace(request.caller)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except auth.NotAdmin as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        key = request_key(namespace, request.request_id)
         if self.tracer is not None:
             tracing.current_span().set_attributes({"baton.request_id": request.request_id,
                                                    "baton.preempt.action": action.name.lower(),
                                                    **({"baton.priority": priority} if priority is not None else {})})
         try:
-            state = await asyncio.wrap_future(engine.preempt(request.request_id, action, priority,
-                                                             owner=auth.preempt_owner()))
+            state = await asyncio.wrap_future(engine.preempt(key, action, priority, owner=auth.preempt_owner()))
         except errors.EngineError as exc:
-            await context.abort(status_of(exc)[0], _details(exc))
-        log.info("preempt", request_id=request.request_id, action=action.name, priority=priority, state=state.name)
+            await context.abort(status_of(exc)[0], _details(exc, key, request.request_id))
+        log.info("preempt", request_id=request.request_id, action=action.name, priority=priority, state=state.name,
+                 **({"caller": namespace} if namespace else {}))
         if self.tracer is not None:
             tracing.current_span().set_attribute("baton.state", state.name.lower())
         return pb.PreemptResponse(request_id=request.request_id, state=convert.state_to_pb(state))

@@ -102,8 +102,9 @@ _ACTIONS = {"suspend": pb.PreemptRequest.SUSPEND, "resume": pb.PreemptRequest.RE
             "cancel": pb.PreemptRequest.CANCEL, "priority": pb.PreemptRequest.ACTION_UNSPECIFIED}
 
 
-def build_preempt(request_id: str, action: str, priority: int | None) -> pb.PreemptRequest:
-    msg = pb.PreemptRequest(request_id=request_id, action=_ACTIONS[action])
+def build_preempt(request_id: str, action: str, priority: int | None, caller: str = "") -> pb.PreemptRequest:
+    """`caller` (admins, with auth on): whose request_id it is; empty = the caller's own."""
+    msg = pb.PreemptRequest(request_id=request_id, action=_ACTIONS[action], caller=caller)
     if priority is not None:
         msg.priority = priority
     return msg
@@ -130,8 +131,8 @@ class BatonClient:
             completion.add(msg)
         return completion
 
-    def preempt(self, request_id: str, action: str, priority: int | None = None) -> str:
-        resp = self.stub.Preempt(build_preempt(request_id, action, priority),
+    def preempt(self, request_id: str, action: str, priority: int | None = None, caller: str = "") -> str:
+        resp = self.stub.Preempt(build_preempt(request_id, action, priority, caller),
                                  metadata=_traced(_routed(self.metadata, request_id)))
         return pb.RequestState.Name(resp.state)
 
@@ -190,8 +191,8 @@ class AsyncBatonClient:
             completion.add(msg)
         return completion
 
-    async def preempt(self, request_id: str, action: str, priority: int | None = None) -> str:
-        resp = await self.stub.Preempt(build_preempt(request_id, action, priority),
+    async def preempt(self, request_id: str, action: str, priority: int | None = None, caller: str = "") -> str:
+        resp = await self.stub.Preempt(build_preempt(request_id, action, priority, caller),
                                        metadata=_traced(_routed(self.metadata, request_id)))
         return pb.RequestState.Name(resp.state)
 

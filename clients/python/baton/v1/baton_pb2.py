@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x62\x61ton/v1/baton.proto\x12\x08\x62\x61ton.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb7\x01\n\x10GenerationParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x07\n\x05_seed\"\x9c\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\'\n\x08messages\x18\x03 \x03(\x0b\x32\x15.baton.v1.ChatMessage\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12*\n\x06params\x18\x05 \x01(\x0b\x32\x1a.baton.v1.GenerationParams\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xad\x01\n\x0cRequestStats\x12\x16\n\x0equeued_seconds\x18\x01 \x01(\x01\x12\x16\n\x0eparked_seconds\x18\x02 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x03 \x01(\r\x12\x17\n\x0f\x62ytes_offloaded\x18\x04 \x01(\x04\x12\x16\n\x0e\x62ytes_restored\x18\x05 \x01(\x04\x12#\n\x1btime_to_first_token_seconds\x18\x06 \x01(\x01\"\xfc\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.baton.v1.RequestState\x12-\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.baton.v1.Usage\x12\x16\n\x0equeue_position\x18\x07 \x01(\r\x12%\n\x05stats\x18\x08 \x01(\x0b\x32\x16.baton.v1.RequestStats\"\xc0\x01\n\x0ePreemptRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x1f.baton.v1.PreemptRequest.Action\x12\x15\n\x08priority\x18\x03 \x01(\x05H\x00\x88\x01\x01\"E\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0b\n\x07SUSPEND\x10\x01\x12\n\n\x06RESUME\x10\x02\x12\n\n\x06\x43\x41NCEL\x10\x03\x42\x0b\n\t_priority\"L\n\x0fPreemptResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.baton.v1.RequestState\"\x15\n\x13GetModelInfoRequest\"\xf6\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x1a\n\x12max_context_length\x18\x02 \x01(\r\x12\x15\n\reos_token_ids\x18\x03 \x03(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x04 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x05 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x12\n\nvocab_size\x18\t \x01(\r\x12\x19\n\x11has_chat_template\x18\n \x01(\x08\"J\n\x0fTokenizeRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\'\n\x08messages\x18\x02 \x03(\x0b\x32\x15.baton.v1.ChatMessage\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t*r\n\x0cRequestState\x12\x1d\n\x19REQUEST_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tPREEMPTED\x10\x03\x12\r\n\tSUSPENDED\x10\x04\x12\x0c\n\x08\x46INISHED\x10\x05*o\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\n\n\x06LENGTH\x10\x01\x12\x07\n\x03\x45OS\x10\x02\x12\x11\n\rSTOP_SEQUENCE\x10\x03\x12\r\n\tCANCELLED\x10\x04\x12\t\n\x05\x45RROR\x10\x05\x32\x9f\x02\n\x11GenerationService\x12\x43\n\x08Generate\x12\x19.baton.v1.GenerateRequest\x1a\x1a.baton.v1.GenerateResponse0\x01\x12>\n\x07Preempt\x12\x18.baton.v1.PreemptRequest\x1a\x19.baton.v1.PreemptResponse\x12\x42\n\x0cGetModelInfo\x12\x1d.baton.v1.GetModelInfoRequest\x1a\x13.baton.v1.ModelInfo\x12\x41\n\x08Tokenize\x12\x19.baton.v1.TokenizeRequest\x1a\x1a.baton.v1.TokenizeResponseB\"\n\x0c\x64\x65v.baton.v1P\x01Z\x10\x62\x61ton/v1;batonv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x62\x61ton/v1/baton.proto\x12\x08\x62\x61ton.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb7\x01\n\x10GenerationParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x07\n\x05_seed\"\x9c\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\'\n\x08messages\x18\x03 \x03(\x0b\x32\x15.baton.v1.ChatMessage\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12*\n\x06params\x18\x05 \x01(\x0b\x32\x1a.baton.v1.GenerationParams\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xad\x01\n\x0cRequestStats\x12\x16\n\x0equeued_seconds\x18\x01 \x01(\x01\x12\x16\n\x0eparked_seconds\x18\x02 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x03 \x01(\r\x12\x17\n\x0f\x62ytes_offloaded\x18\x04 \x01(\x04\x12\x16\n\x0e\x62ytes_restored\x18\x05 \x01(\x04\x12#\n\x1btime_to_first_token_seconds\x18\x06 \x01(\x01\"\xfc\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.baton.v1.RequestState\x12-\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.baton.v1.Usage\x12\x16\n\x0equeue_position\x18\x07 \x01(\r\x12%\n\x05stats\x18\x08 \x01(\x0b\x32\x16.baton.v1.RequestStats\"\xd0\x01\n\x0ePreemptRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x1f.baton.v1.PreemptRequest.Action\x12\x15\n\x08priority\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06\x63\x61ller\x18\x04 \x01(\t\"E\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0b\n\x07SUSPEND\x10\x01\x12\n\n\x06RESUME\x10\x02\x12\n\n\x06\x43\x41NCEL\x10\x03\x42\x0b\n\t_priority\"L\n\x0fPreemptResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.baton.v1.RequestState\"\x15\n\x13GetModelInfoRequest\"\xf6\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x1a\n\x12max_context_length\x18\x02 \x01(\r\x12\x15\n\reos_token_ids\x18\x03 \x03(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x04 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x05 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x12\n\nvocab_size\x18\t \x01(\r\x12\x19\n\x11has_chat_template\x18\n \x01(\x08\"J\n\x0fTokenizeRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\'\n\x08messages\x18\x02 \x03(\x0b\x32\x15.baton.v1.ChatMessage\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t*r\n\x0cRequestState\x12\x1d\n\x19REQUEST_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tPREEMPTED\x10\x03\x12\r\n\tSUSPENDED\x10\x04\x12\x0c\n\x08\x46INISHED\x10\x05*o\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\n\n\x06LENGTH\x10\x01\x12\x07\n\x03\x45OS\x10\x02\x12\x11\n\rSTOP_SEQUENCE\x10\x03\x12\r\n\tCANCELLED\x10\x04\x12\t\n\x05\x45RROR\x10\x05\x32\x9f\x02\n\x11GenerationService\x12\x43\n\x08Generate\x12\x19.baton.v1.GenerateRequest\x1a\x1a.baton.v1.GenerateResponse0\x01\x12>\n\x07Preempt\x12\x18.baton.v1.PreemptRequest\x1a\x19.baton.v1.PreemptResponse\x12\x42\n\x0cGetModelInfo\x12\x1d.baton.v1.GetModelInfoRequest\x1a\x13.baton.v1.ModelInfo\x12\x41\n\x08Tokenize\x12\x19.baton.v1.TokenizeRequest\x1a\x1a.baton.v1.TokenizeResponseB\"\n\x0c\x64\x65v.baton.v1P\x01Z\x10\x62\x61ton/v1;batonv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,10 +32,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'baton.v1.baton_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\014dev.baton.v1P\001Z\020baton/v1;batonv1'
-  _globals['_REQUESTSTATE']._serialized_start=1591
-  _globals['_REQUESTSTATE']._serialized_end=1705
-  _globals['_FINISHREASON']._serialized_start=1707
-  _globals['_FINISHREASON']._serialized_end=1818
+  _globals['_REQUESTSTATE']._serialized_start=1607
+  _globals['_REQUESTSTATE']._serialized_end=1721
+  _globals['_FINISHREASON']._serialized_start=1723
+  _globals['_FINISHREASON']._serialized_end=1834
   _globals['_CHATMESSAGE']._serialized_start=34
   _globals['_CHATMESSAGE']._serialized_end=78
   _globals['_GENERATIONPARAMS']._serialized_start=81
@@ -49,19 +49,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATERESPONSE']._serialized_start=661
   _globals['_GENERATERESPONSE']._serialized_end=913
   _globals['_PREEMPTREQUEST']._serialized_start=916
-  _globals['_PREEMPTREQUEST']._serialized_end=1108
-  _globals['_PREEMPTREQUEST_ACTION']._serialized_start=1026
-  _globals['_PREEMPTREQUEST_ACTION']._serialized_end=1095
-  _globals['_PREEMPTRESPONSE']._serialized_start=1110
-  _globals['_PREEMPTRESPONSE']._serialized_end=1186
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1188
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1209
-  _globals['_MODELINFO']._serialized_start=1212
-  _globals['_MODELINFO']._serialized_end=1458
-  _globals['_TOKENIZEREQUEST']._serialized_start=1460
-  _globals['_TOKENIZEREQUEST']._serialized_end=1534
-  _globals['_TOKENIZERESPONSE']._serialized_start=1536
-  _globals['_TOKENIZERESPONSE']._serialized_end=1589
-  _globals['_GENERATIONSERVICE']._serialized_start=1821
-  _globals['_GENERATIONSERVICE']._serialized_end=2108
+  _globals['_PREEMPTREQUEST']._serialized_end=1124
+  _globals['_PREEMPTREQUEST_ACTION']._serialized_start=1042
+  _globals['_PREEMPTREQUEST_ACTION']._serialized_end=1111
+  _globals['_PREEMPTRESPONSE']._serialized_start=1126
+  _globals['_PREEMPTRESPONSE']._serialized_end=1202
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1204
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1225
+  _globals['_MODELINFO']._serialized_start=1228
+  _globals['_MODELINFO']._serialized_end=1474
+  _globals['_TOKENIZEREQUEST']._serialized_start=1476
+  _globals['_TOKENIZEREQUEST']._serialized_end=1550
+  _globals['_TOKENIZERESPONSE']._serialized_start=1552
+  _globals['_TOKENIZERESPONSE']._serialized_end=1605
+  _globals['_GENERATIONSERVICE']._serialized_start=1837
+  _globals['_GENERATIONSERVICE']._serialized_end=2124
 # @@protoc_insertion_point(module_scope)
