@@ -57,6 +57,22 @@ class ResponseFormatInput:
     value: str = ""
 
 
+# Between an owner and its request id in the engine's key. A whitespace character: never part of
+# an owner name (one word of the tokens file) nor of a request id (printable only).
+OWNER_SEPARATOR = "\x1f"
+
+
+def request_key(owner: str, request_id: str) -> str:
+    """The engine's id for `owner`'s request `request_id`: ids live in their owner's namespace,
+    so two callers' "x" are two requests. No owner (auth off): the id itself."""
+    return f"{owner}{OWNER_SEPARATOR}{request_id}" if owner else request_id
+
+
+def public_id(key: str) -> str:
+    """The id its owner knows a request by (the inverse of request_key)."""
+    return key.rpartition(OWNER_SEPARATOR)[2]
+
+
 @dataclass(frozen=True)
 class GenerateInput:
     """A generation request as the API states it, before validation."""
@@ -72,7 +88,7 @@ class GenerateInput:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
-    owner: str = ""
+    owner: str = ""                # the caller (auth on): the namespace of its request_id
     min_new_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()
     presence_penalty: float = 0.0
@@ -265,5 +281,6 @@ def build_request(inp: GenerateInput, tokenizer, limits: Limits) -> Request:
         raise InvalidInput(where, f"{len(prompt_ids)} tokens leave no room for output in the context "
                                   f"limit of {limits.max_seq_len} tokens (params.truncate_prompt_tokens "
                                   f"keeps only the last N)")
-    return Request(request_id=inp.request_id or uuid.uuid4().hex, prompt_ids=prompt_ids,
+    request_id = inp.request_id or uuid.uuid4().hex
+    return Request(request_id=request_key(inp.owner, request_id), prompt_ids=prompt_ids,
                    params=params, priority=inp.priority, owner=inp.owner, truncated_prompt_tokens=truncated)

@@ -4,12 +4,14 @@ Token auth is a grpc.aio server interceptor. With a tokens file set, every RPC e
 `grpc.health.v1.Health` must carry the metadata `authorization: Bearer <token>`; anything else
 ends with UNAUTHENTICATED before the request message is even parsed. The interceptor resolves the
 token to an `Identity` and runs the handler with that identity in the `CALLER` context variable;
-the servicer reads it through `request_owner()` / `preempt_owner()`. No client-supplied identity header is ever read:
+the servicer reads it through `request_owner()` / `preempt_namespace()`. No client-supplied identity header is ever read:
 the only input is the token, compared against the file's tokens in constant time.
 
 Tokens file: one caller per line, `token caller_name [admin]`; blank lines and lines starting
-with `#` are ignored. A request records its caller as owner; only that caller or an admin may
-Preempt it.
+with `#` are ignored. A request records its caller as owner, and its id lives in that caller's
+namespace (engine.inputs.request_key): callers A and B may both use id "x", and to A an id of B's
+is simply unknown (NOT_FOUND, as for an id nobody uses), never PERMISSION_DENIED. An admin acts
+on its own ids, or on another caller's by naming it in `PreemptRequest.caller`.
 """
 from __future__ import annotations
 
@@ -51,6 +53,26 @@ def preempt_owner() -> str | None:
     """`owner` for EngineHandle.preempt: None (no check) for admins and when auth is off."""
     caller = CALLER.get()
     return None if caller is None or caller.admin else caller.name
+
+
+class NotAdmin(Exception):
+    """A non-admin named another caller's namespace."""
+
+
+def preempt_namespace(named_caller: str) -> str:
+    """Whose namespace a Preempt's request_id is in: the caller's own, or (admins only) the one
+    `named_caller` names. '' when auth is off. Raises ValueError (a caller named with auth off)
+    or NotAdmin, whether or not that caller has such a request (nothing is learnt either way)."""
+    caller = CALLER.get()
+    if caller is None:
+        if named_caller:
+            raise ValueError("caller: only used when auth is on; leave it empty")
+        return ""
+    if not named_caller or named_caller == caller.name:
+        return caller.name
+    if not caller.admin:
+        raise NotAdmin("caller: only an admin may act on another caller's requests")
+    return named_caller
 
 
 # ---- tokens file ----------------------------------------------------------------------------

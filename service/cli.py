@@ -112,6 +112,8 @@ def serve(args: argparse.Namespace) -> int:
         if args.auth_tokens_file:
             from service.auth import TokenTable
             TokenTable.load(args.auth_tokens_file)   # a malformed file stops here, before the model loads
+        from service import tracing
+        tracing.exporter_names()   # a bad OTEL_TRACES_EXPORTER / protocol stops here too
     except ValueError as exc:
         print(f"baton serve: error: {exc}", file=sys.stderr)
         return 2

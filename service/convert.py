@@ -53,8 +53,9 @@ def preempt_action(action: int) -> PreemptAction | None:
     return _ACTION.get(action)
 
 
-def response(out: RequestOutput) -> pb.GenerateResponse:
-    msg = pb.GenerateResponse(request_id=out.request_id, text=out.text, token_ids=out.token_ids)
+def response(out: RequestOutput, request_id: str) -> pb.GenerateResponse:
+    """`request_id`: the id the caller knows (out.request_id is the engine's key)."""
+    msg = pb.GenerateResponse(request_id=request_id, text=out.text, token_ids=out.token_ids)
     if out.logprobs:
         msg.logprobs.extend(pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
                                             top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])

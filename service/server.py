@@ -30,7 +30,7 @@ from baton.v1 import baton_pb2, baton_pb2_grpc
 from engine.api import EngineClient, EngineHandle
 from engine.config import EngineConfig
 from engine.process import EngineProcess
-from service import auth, logs
+from service import auth, logs, tracing
 from service.metrics import Metrics
 from service.servicer import GenerationServicer
 
@@ -92,7 +92,9 @@ class BatonServer:
         self.config = config
         self.engine_config = engine_config
         self.metrics = Metrics()
-        self.servicer = GenerationServicer(self.metrics, log_prompts=config.log_prompts)
+        self.tracer_provider = tracing.setup()   # None unless OTEL_TRACES_EXPORTER is set
+        tracer = self.tracer_provider.get_tracer("baton.service") if self.tracer_provider is not None else None
+        self.servicer = GenerationServicer(self.metrics, log_prompts=config.log_prompts, tracer=tracer)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -109,6 +111,9 @@ class BatonServer:
             if not config.tls_cert and config.host not in ("127.0.0.1", "::1", "localhost"):
                 log.warning("tokens_without_tls", host=config.host,
                             hint="bearer tokens cross the network in clear text; set --tls-cert/--tls-key")
+        if self.tracer_provider is not None:   # outermost: refused calls are traced too
+            interceptors.insert(0, tracing.server_interceptor(self.tracer_provider))
+            log.info("tracing_enabled", exporters=tracing.exporter_names())
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         baton_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -243,6 +248,8 @@ class BatonServer:
             await asyncio.to_thread(self.engine.stop)
         if self._supervisor is not None and self._supervisor is not asyncio.current_task():
             await self._supervisor   # a restart under way finishes loading, then stops its engine
+        if self.tracer_provider is not None:   # export the spans still batched
+            await asyncio.to_thread(self.tracer_provider.shutdown)
         log.info("stopped", exit_code=self.exit_code)
 
     async def wait(self) -> None:

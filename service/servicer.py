@@ -20,9 +20,9 @@ from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc as pb_grpc
 from engine import errors
 from engine.api import EngineHandle
-from engine.inputs import InvalidInput, UnsupportedInput
+from engine.inputs import InvalidInput, UnsupportedInput, public_id, request_key
 from engine.request import FinishReason, RequestOutput
-from service import auth, convert
+from service import auth, convert, tracing
 from service.mailbox import Inbox, Mailbox
 from service.metrics import Metrics
 
@@ -54,8 +54,11 @@ _MAX_DETAILS = 512   # status details echo client text; grpc drops trailers over
                      # client would see RESOURCE_EXHAUSTED instead of the real code)
 
 
-def _details(exc: Exception) -> str:
+def _details(exc: Exception, key: str = "", request_id: str = "") -> str:
+    """The error's message for the client; it names the caller's own id, not the engine's key."""
     text = str(exc)
+    if key != request_id:
+        text = text.replace(repr(key), repr(request_id))
     return text if len(text) <= _MAX_DETAILS else text[:_MAX_DETAILS - 3] + "..."
 
 
@@ -80,6 +83,7 @@ class _StreamTimes:
     last_token_at: float | None = None
     tokens: int = 0
     final: RequestOutput | None = None
+    trace: tracing.RequestTrace | None = None   # set when tracing is on and the call is sampled
 
     def record(self, out: RequestOutput, metrics: Metrics) -> None:
         if out.token_ids:
@@ -92,13 +96,16 @@ class _StreamTimes:
             self.tokens += len(out.token_ids)
         if out.finished:
             self.final = out
+        if self.trace is not None:
+            self.trace.record(out)
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
-    def __init__(self, metrics: Metrics, log_prompts: bool = False) -> None:
+    def __init__(self, metrics: Metrics, log_prompts: bool = False, tracer=None) -> None:
         self.engine: EngineHandle | None = None   # set once the model is loaded
         self.metrics = metrics
         self.log_prompts = log_prompts
+        self.tracer = tracer                       # an OpenTelemetry tracer when tracing is on (service/tracing.py)
         self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = weakref.WeakKeyDictionary()
 
     def _mailbox(self, loop: asyncio.AbstractEventLoop) -> Mailbox:
@@ -118,19 +125,25 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         engine = await self._engine(context)
         inp = convert.generate_input(request, owner=auth.request_owner())
         stream = _StreamTimes(started=time.monotonic())
+        started_ns = time.time_ns()
         inbox = Inbox()
-        request_id = await self._submit(engine, inp, inbox, context)
+        key = await self._submit(engine, inp, inbox, context)   # the engine's id: the caller's namespace + id
+        request_id = public_id(key)
+        if self.tracer is not None:
+            stream.trace = tracing.RequestTrace.start(self.tracer, request_id, inp.priority, started_ns)
         rlog = log.bind(request_id=request_id)
         rlog.info("request_started", priority=inp.priority, **({"caller": inp.owner} if inp.owner else {}),
                   **({"prompt": inp.prompt, "messages": inp.messages} if self.log_prompts else {}))
         try:
             async for out in self._relay(inbox, stream):
-                yield convert.response(out)
+                yield convert.response(out, request_id)
         finally:
             if stream.final is None:  # cancelled, disconnected or past its deadline
-                engine.abort(request_id)
+                engine.abort(key)
                 self.metrics.request_done("cancelled")
                 rlog.info("request_aborted", reason="client cancelled or deadline exceeded")
+            if stream.trace is not None:
+                stream.trace.end(stream.final)
         await self._finish(stream, rlog, context)
 
     async def _submit(self, engine: EngineHandle, inp, inbox: Inbox, context: grpc.aio.ServicerContext) -> str:
@@ -149,7 +162,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             self.metrics.request_done(label)
             if isinstance(exc, errors.QueueFull):
                 context.set_trailing_metadata((("retry-after-ms", "1000"),))
-            await context.abort(code, _details(exc))
+            await context.abort(code, _details(exc, request_key(inp.owner, inp.request_id), inp.request_id))
 
     async def _relay(self, inbox: Inbox, stream: _StreamTimes):
         """The request's events as they come (a backlog merged), until its final one."""
@@ -186,11 +199,24 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         if request.action == pb.PreemptRequest.ACTION_UNSPECIFIED and priority is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "priority: must be set when action is ACTION_UNSPECIFIED")
         try:
-            state = await asyncio.wrap_future(engine.preempt(request.request_id, action, priority,
-                                                             owner=auth.preempt_owner()))
+            namespace = auth.preempt_namespace(request.caller)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except auth.NotAdmin as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        key = request_key(namespace, request.request_id)
+        if self.tracer is not None:
+            tracing.current_span().set_attributes({"baton.request_id": request.request_id,
+                                                   "baton.preempt.action": action.name.lower(),
+                                                   **({"baton.priority": priority} if priority is not None else {})})
+        try:
+            state = await asyncio.wrap_future(engine.preempt(key, action, priority, owner=auth.preempt_owner()))
         except errors.EngineError as exc:
-            await context.abort(status_of(exc)[0], _details(exc))
-        log.info("preempt", request_id=request.request_id, action=action.name, priority=priority, state=state.name)
+            await context.abort(status_of(exc)[0], _details(exc, key, request.request_id))
+        log.info("preempt", request_id=request.request_id, action=action.name, priority=priority, state=state.name,
+                 **({"caller": namespace} if namespace else {}))
+        if self.tracer is not None:
+            tracing.current_span().set_attribute("baton.state", state.name.lower())
         return pb.PreemptResponse(request_id=request.request_id, state=convert.state_to_pb(state))
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:

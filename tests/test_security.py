@@ -262,27 +262,31 @@ def test_valid_tokens_work_for_every_rpc(stub, secure, pki):
 
 
 def test_preempt_is_limited_to_the_owner_or_an_admin(stub, secure):
+    """Ids live in their caller's namespace (tests/test_caller_ids.py has every path): to bob,
+    alice's id is unknown; an admin names alice to act on it."""
     call = stub.Generate(small_request("Count to a thousand:", 200, request_id="alice-job"), metadata=bearer("alice"))
     first = next(call)
     assert first.state == pb.QUEUED
     cancel = pb.PreemptRequest(request_id="alice-job", action=pb.PreemptRequest.CANCEL)
     for request in (cancel, pb.PreemptRequest(request_id="alice-job", action=pb.PreemptRequest.SUSPEND),
                     pb.PreemptRequest(request_id="alice-job", priority=100)):
-        assert code_of(lambda: stub.Preempt(request, metadata=bearer("bob"))) == grpc.StatusCode.PERMISSION_DENIED
+        assert code_of(lambda: stub.Preempt(request, metadata=bearer("bob"))) == grpc.StatusCode.NOT_FOUND
         # a client-supplied identity header changes nothing: identity comes from the token only
         spoofed = bearer("bob") + (("x-baton-caller", "alice"), ("caller", "alice"), ("x-user", "alice"))
-        assert code_of(lambda: stub.Preempt(request, metadata=spoofed)) == grpc.StatusCode.PERMISSION_DENIED
+        assert code_of(lambda: stub.Preempt(request, metadata=spoofed)) == grpc.StatusCode.NOT_FOUND
     # the owner may
     suspend = pb.PreemptRequest(request_id="alice-job", action=pb.PreemptRequest.SUSPEND)
     assert stub.Preempt(suspend, metadata=bearer("alice")).state == pb.SUSPENDED
     resume = pb.PreemptRequest(request_id="alice-job", action=pb.PreemptRequest.RESUME)
     assert stub.Preempt(resume, metadata=bearer("alice")).state in (pb.PREEMPTED, pb.QUEUED, pb.RUNNING)
-    # an admin may act on anyone's request
-    assert stub.Preempt(cancel, metadata=bearer("root")).state == pb.FINISHED
+    # an admin may act on anyone's request, naming its caller
+    assert code_of(lambda: stub.Preempt(cancel, metadata=bearer("root"))) == grpc.StatusCode.NOT_FOUND
+    admin_cancel = pb.PreemptRequest(request_id="alice-job", action=pb.PreemptRequest.CANCEL, caller="alice")
+    assert stub.Preempt(admin_cancel, metadata=bearer("root")).state == pb.FINISHED
     rest = list(call)
     assert rest[-1].finish_reason == pb.CANCELLED
-    assert code_of(lambda: stub.Preempt(cancel, metadata=bearer("bob"))) in (
-        grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED)
+    assert code_of(lambda: stub.Preempt(cancel, metadata=bearer("bob"))) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: stub.Preempt(cancel, metadata=bearer("alice"))) == grpc.StatusCode.FAILED_PRECONDITION
     assert secure.wait_metric("baton_running_rows", 0) == 0
 
 

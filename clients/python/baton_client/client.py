@@ -79,12 +79,32 @@ def _routed(metadata: tuple[tuple[str, str], ...], request_id: str) -> tuple[tup
     return metadata
 
 
+try:   # optional: with opentelemetry installed, calls carry the caller's current trace context
+    from opentelemetry import propagate as _otel_propagate
+    from opentelemetry import trace as _otel_trace
+except ImportError:
+    _otel_propagate = None
+
+
+def _traced(metadata: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """Add the current OpenTelemetry context (W3C `traceparent`, and whatever else the configured
+    propagators write) when opentelemetry is importable, a span is current and the caller's own
+    metadata has no traceparent."""
+    if (_otel_propagate is None or not _otel_trace.get_current_span().get_span_context().is_valid
+            or any(key == "traceparent" for key, _ in metadata)):
+        return metadata
+    carrier: dict[str, str] = {}
+    _otel_propagate.inject(carrier)
+    return metadata + tuple(carrier.items())
+
+
 _ACTIONS = {"suspend": pb.PreemptRequest.SUSPEND, "resume": pb.PreemptRequest.RESUME,
             "cancel": pb.PreemptRequest.CANCEL, "priority": pb.PreemptRequest.ACTION_UNSPECIFIED}
 
 
-def build_preempt(request_id: str, action: str, priority: int | None) -> pb.PreemptRequest:
-    msg = pb.PreemptRequest(request_id=request_id, action=_ACTIONS[action])
+def build_preempt(request_id: str, action: str, priority: int | None, caller: str = "") -> pb.PreemptRequest:
+    """`caller` (admins, with auth on): whose request_id it is; empty = the caller's own."""
+    msg = pb.PreemptRequest(request_id=request_id, action=_ACTIONS[action], caller=caller)
     if priority is not None:
         msg.priority = priority
     return msg
@@ -103,7 +123,7 @@ class BatonClient:
                  timeout: float | None = None, **kwargs) -> Iterator[pb.GenerateResponse]:
         """Returns the call: iterate it for messages, `.cancel()` it to stop the request."""
         request = build_request(prompt, messages, **kwargs)
-        return self.stub.Generate(request, timeout=timeout, metadata=_routed(self.metadata, request.request_id))
+        return self.stub.Generate(request, timeout=timeout, metadata=_traced(_routed(self.metadata, request.request_id)))
 
     def complete(self, prompt: str | None = None, messages: Messages | None = None, **kwargs) -> Completion:
         completion = Completion()
@@ -111,16 +131,16 @@ class BatonClient:
             completion.add(msg)
         return completion
 
-    def preempt(self, request_id: str, action: str, priority: int | None = None) -> str:
-        resp = self.stub.Preempt(build_preempt(request_id, action, priority),
-                                 metadata=_routed(self.metadata, request_id))
+    def preempt(self, request_id: str, action: str, priority: int | None = None, caller: str = "") -> str:
+        resp = self.stub.Preempt(build_preempt(request_id, action, priority, caller),
+                                 metadata=_traced(_routed(self.metadata, request_id)))
         return pb.RequestState.Name(resp.state)
 
     def model_info(self) -> pb.ModelInfo:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata)
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=_traced(self.metadata))
 
     def tokenize(self, prompt: str) -> list[int]:
-        return list(self.stub.Tokenize(pb.TokenizeRequest(prompt=prompt), metadata=self.metadata).token_ids)
+        return list(self.stub.Tokenize(pb.TokenizeRequest(prompt=prompt), metadata=_traced(self.metadata)).token_ids)
 
     def health(self, service: str = "") -> str:
         stub = health_pb2_grpc.HealthStub(self.channel)
@@ -163,7 +183,7 @@ class AsyncBatonClient:
     def generate(self, prompt: str | None = None, messages: Messages | None = None, *,
                  timeout: float | None = None, **kwargs) -> AsyncIterator[pb.GenerateResponse]:
         request = build_request(prompt, messages, **kwargs)
-        return self.stub.Generate(request, timeout=timeout, metadata=_routed(self.metadata, request.request_id))
+        return self.stub.Generate(request, timeout=timeout, metadata=_traced(_routed(self.metadata, request.request_id)))
 
     async def complete(self, prompt: str | None = None, messages: Messages | None = None, **kwargs) -> Completion:
         completion = Completion()
@@ -171,13 +191,13 @@ class AsyncBatonClient:
             completion.add(msg)
         return completion
 
-    async def preempt(self, request_id: str, action: str, priority: int | None = None) -> str:
-        resp = await self.stub.Preempt(build_preempt(request_id, action, priority),
-                                       metadata=_routed(self.metadata, request_id))
+    async def preempt(self, request_id: str, action: str, priority: int | None = None, caller: str = "") -> str:
+        resp = await self.stub.Preempt(build_preempt(request_id, action, priority, caller),
+                                       metadata=_traced(_routed(self.metadata, request_id)))
         return pb.RequestState.Name(resp.state)
 
     async def model_info(self) -> pb.ModelInfo:
-        return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata)
+        return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=_traced(self.metadata))
 
     async def close(self) -> None:
         await self.channel.close()

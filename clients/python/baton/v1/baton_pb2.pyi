@@ -229,7 +229,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., state: _Optional[_Union[RequestState, str]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., queue_position: _Optional[int] = ..., stats: _Optional[_Union[RequestStats, _Mapping]] = ..., index: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., stop_sequence: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ...) -> None: ...
 
 class PreemptRequest(_message.Message):
-    __slots__ = ("request_id", "action", "priority")
+    __slots__ = ("request_id", "action", "priority", "caller")
     class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ACTION_UNSPECIFIED: _ClassVar[PreemptRequest.Action]
@@ -243,10 +243,12 @@ class PreemptRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    CALLER_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     action: PreemptRequest.Action
     priority: int
-    def __init__(self, request_id: _Optional[str] = ..., action: _Optional[_Union[PreemptRequest.Action, str]] = ..., priority: _Optional[int] = ...) -> None: ...
+    caller: str
+    def __init__(self, request_id: _Optional[str] = ..., action: _Optional[_Union[PreemptRequest.Action, str]] = ..., priority: _Optional[int] = ..., caller: _Optional[str] = ...) -> None: ...
 
 class PreemptResponse(_message.Message):
     __slots__ = ("request_id", "state")
