@@ -15,6 +15,7 @@ from engine.engine import LLMEngine
 from engine.kv_paged import PagedKV
 from engine.kv_slab import KVSlab
 from engine.memory import MemoryMonitor
+from engine.prefix_cache import PrefixCache
 from engine.model_runner import ModelRunner
 from engine.scheduler import Scheduler, SchedulerConfig
 
@@ -60,6 +61,8 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
     bytes_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * dtype.itemsize
     monitor = MemoryMonitor(device, config.high_watermark, config.low_watermark)
     reserve = prefill_reserve_bytes(config, hf_model.config, max_seq_len, bytes_per_token, dtype.itemsize)
+    if config.prefix_cache != "off":
+        reserve += config.prefix_cache_device_bytes
     kv, num_slots = _kv_storage(config, spec, max_seq_len, bytes_per_token, monitor, dtype, device, reserve)
     monitor.exclude(kv.total_bytes)
     kv_budget = config.kv_budget_bytes if config.kv_budget_bytes is not None else kv.total_bytes
@@ -77,7 +80,11 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
         fused = device.type == "cuda" and unsupported_reason(hf_model) is None
     runner = ModelRunner(hf_model, kv, device, pad_token_id=pad, cuda_graphs=config.cuda_graphs,
                          fused_decode=fused)
-    engine = LLMEngine(runner, scheduler, tokenizer, spec.eos_token_ids, seed=config.seed,
+    prefix_cache = None
+    if config.prefix_cache != "off":
+        prefix_cache = PrefixCache(config.prefix_cache, config.kv_page_size, kv.dims, dtype, device,
+                                   config.prefix_cache_device_bytes, config.prefix_cache_host_bytes)
+    engine = LLMEngine(runner, scheduler, tokenizer, spec.eos_token_ids, seed=config.seed, prefix_cache=prefix_cache,
                        pressure=monitor.pressure,
                        pinned_arena_bytes=min(config.pinned_arena_bytes, config.host_kv_budget_bytes),
                        prefill_max_waste=1.0 if device.type == "cuda" else 0.1)

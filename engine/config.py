@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 DEVICES = ("auto", "cpu", "cuda")
 KV_LAYOUTS = ("slab", "paged")
+PREFIX_CACHE_MODES = ("off", "device", "device+host")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -37,12 +38,17 @@ class EngineConfig:
     kv_layout: str = "slab"               # slab: the paper's padded slab; paged: pages of kv_page_size tokens
     kv_page_size: int = 128               # tokens per K/V page (paged layout)
     prefill_chunk_tokens: int = 0         # prompt tokens prefilled per step between decode steps (0 = whole prompts)
+    prefix_cache: str = "off"             # off | device | device+host: K/V of prefixes kept across requests
+    prefix_cache_device_bytes: int = 1 << 30   # its device tier (taken before the K/V pool is sized)
+    prefix_cache_host_bytes: int = 4 << 30     # its host tier (device+host)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.kv_layout not in KV_LAYOUTS:
             raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {self.kv_layout!r}")
+        if self.prefix_cache not in PREFIX_CACHE_MODES:
+            raise ValueError(f"prefix_cache must be one of {PREFIX_CACHE_MODES}, got {self.prefix_cache!r}")
         if self.prefill_chunk_tokens < 0:
             raise ValueError(f"prefill_chunk_tokens must be >= 0, got {self.prefill_chunk_tokens}")
         if self.kv_page_size < 1:

@@ -25,6 +25,7 @@ from engine.errors import NotOwner
 from engine.host_pool import HostPool, ParkedKV
 from engine.kv_slab import KVSlab
 from engine.model_runner import ModelRunner
+from engine.prefix_cache import PrefixCache
 from engine.outputs import EngineStats, StepOutput
 from engine.request import (FinishReason, PreemptAction, Request, RequestOutput, RequestState, TokenLogprob,
                             stats_of)
@@ -80,7 +81,8 @@ def length_groups(requests, max_waste: float = 1.0) -> list[list[Request]]:
 class LLMEngine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer,
                  eos_token_ids: tuple[int, ...], seed: int = 0, pressure: Callable[[], bool] = lambda: False,
-                 pinned_arena_bytes: int = 0, prefill_max_waste: float = 1.0) -> None:
+                 pinned_arena_bytes: int = 0, prefill_max_waste: float = 1.0,
+                 prefix_cache: PrefixCache | None = None) -> None:
         self.runner = runner
         self.slab: KVSlab = runner.slab
         self.scheduler = scheduler
@@ -93,6 +95,7 @@ class LLMEngine:
         self._pressure = pressure
         self._counts = _Counters()
         self._partial: dict[str, torch.Tensor] = {}   # chunked prefill: K/V of prompts not yet whole
+        self.prefix_cache = prefix_cache
         # Parked rows: a pinned arena on CUDA (blocks of 64 tokens), plain memory on CPU.
         on_cuda = runner.device.type == "cuda"
         self.parked = ParkedKV(HostPool(pinned_arena_bytes if on_cuda else 0, 64 * self.slab.bytes_per_token,
@@ -147,7 +150,13 @@ class LLMEngine:
         iterator to its end before the next command (a step is never interleaved with commands)."""
         sched = self.scheduler.schedule(time.monotonic(), pressure=self._pressure())
         yield self._membership(sched)
-        for group in length_groups(sched.prefill, self.prefill_max_waste):
+        whole = list(sched.prefill)
+        if self.prefix_cache is not None:   # a cached prefix: embed it, prefill only the rest
+            hits = [r for r in whole if self.prefix_cache.match(r.prompt_ids)[0]]
+            whole = [r for r in whole if r not in hits]
+            for request in hits:
+                yield self._prefill_chunk(request, 0, len(request.prompt_ids))
+        for group in length_groups(whole, self.prefill_max_waste):
             yield self._prefill(group)
         for request, start, end in sched.chunks:
             yield self._prefill_chunk(request, start, end)
@@ -177,6 +186,8 @@ class LLMEngine:
         self._counts.seconds_prefill += time.monotonic() - started
         events = []
         for i, (request, token) in enumerate(zip(group, tokens)):
+            if self.prefix_cache is not None:
+                self.prefix_cache.insert(request.prompt_ids, result.row_kv(i))
             if self._append(request, token):
                 events.append(self._finish(request))
             else:
@@ -193,19 +204,29 @@ class LLMEngine:
         kv = self._partial.get(request.request_id)
         if kv is None:
             kv = self._partial[request.request_id] = self.runner.new_partial_kv(len(prompt))
+            if self.prefix_cache is not None:   # copy the cached prefix in; never the last token
+                hit = self.prefix_cache.load(prompt, kv[:, :, 0])
+                request.cached_prompt_tokens = hit.tokens
+                request.cached_prompt_tokens_host = hit.host_tokens
+        start = max(start, request.cached_prompt_tokens)
+        if start >= end:   # this chunk's tokens all came from the cache
+            return ()
         logits = self.runner.prefill_chunk(kv, prompt[start:end], start)
-        self._counts.prefill_chunks += 1
+        self._counts.prefill_chunks += end - start < len(prompt)
         self._counts.prefill_tokens += end - start
         if end < len(prompt):
             self._counts.seconds_prefill += time.monotonic() - started
             return ()
         del self._partial[request.request_id]
+        prompt_kv = kv[:, :, 0, :, :len(prompt)]
+        if self.prefix_cache is not None:
+            self.prefix_cache.insert(prompt, prompt_kv)
         token = self._sample([request], logits)[0]
         self._counts.seconds_prefill += time.monotonic() - started
         if self._append(request, token):
             return (self._finish(request),)
         self.slab.reserve(len(prompt))
-        self.slab.add_row(request.request_id, kv[:, :, 0, :, :len(prompt)])
+        self.slab.add_row(request.request_id, prompt_kv)
         return (self._flush(request, state=RequestState.RUNNING),)
 
     @torch.inference_mode()
@@ -258,7 +279,16 @@ class LLMEngine:
             seconds_offload=c.seconds_offload, seconds_restore=c.seconds_restore,
             kv_relocations=self.slab.num_relocations,
             kv_pages_used=self.slab.num_pages_used, kv_pages_free=self.slab.num_pages_free,
-            prefill_tokens=c.prefill_tokens, prefill_chunks=c.prefill_chunks)
+            prefill_tokens=c.prefill_tokens, prefill_chunks=c.prefill_chunks, **self._prefix_stats())
+
+    def _prefix_stats(self) -> dict:
+        cache = self.prefix_cache
+        if cache is None:
+            return {}
+        used = cache.bytes_used()
+        return dict(prefix_lookup_tokens=cache.lookup_tokens, prefix_hit_tokens_device=cache.hit_tokens["device"],
+                    prefix_hit_tokens_host=cache.hit_tokens["host"], prefix_bytes_device=used["device"],
+                    prefix_bytes_host=used["host"])
 
     def close(self) -> None:
         """Release device memory now (slab, graphs), even if references to the engine linger."""
@@ -347,6 +377,9 @@ class LLMEngine:
 
     def _finish(self, request: Request) -> RequestOutput:
         """A row met a stopping rule: it leaves the batch now. -> its final event."""
+        if self.prefix_cache is not None and request.request_id in self.slab.row_ids:
+            # its whole history (prompt and output so far) for the next turn of a conversation
+            self.prefix_cache.insert(request.all_ids[:request.num_tokens], self.slab.row_kv(request.request_id))
         self._drop_kv(request.request_id)
         self.scheduler.finish(request, request.finish_reason)
         live = self._live[request.request_id]
@@ -372,4 +405,6 @@ class LLMEngine:
             out_of_memory=out_of_memory,
             prompt_tokens=len(request.prompt_ids), completion_tokens=len(request.output_ids),
             stats=stats_of(request, time.monotonic()), logprobs=tuple(live.new_logprobs),
-            stop_sequence=live.detok.matched, truncated_prompt_tokens=request.truncated_prompt_tokens)
+            stop_sequence=live.detok.matched, truncated_prompt_tokens=request.truncated_prompt_tokens,
+            cached_prompt_tokens=request.cached_prompt_tokens,
+            cached_prompt_tokens_host=request.cached_prompt_tokens_host)

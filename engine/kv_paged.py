@@ -91,6 +91,11 @@ class PagedKV:
         self.lengths.append(n)
         self.data.index_copy_(3, self._row_slots(self.num_rows - 1, n), kv.to(self.data.device, non_blocking=True))
 
+    def row_kv(self, row_id: str) -> torch.Tensor:
+        """[L, 2, H, n, D] copy of a row's K/V (gathered from its pages)."""
+        index = self.row_ids.index(row_id)
+        return self.data.index_select(3, self._row_slots(index, self.lengths[index]))
+
     def take_row(self, row_id: str, allocate) -> torch.Tensor:
         """Copy a row's K/V out to host memory ([L, 2, H, n, D], from `allocate(shape, dtype)`)
         and remove the row."""

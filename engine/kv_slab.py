@@ -76,6 +76,11 @@ class KVSlab:
         self.row_ids.append(row_id)
         self.lengths.append(n)
 
+    def row_kv(self, row_id: str) -> torch.Tensor:
+        """[L, 2, H, n, D] view of a row's K/V."""
+        slot = self.row_ids.index(row_id)
+        return self.data[:, :, slot, :, self.write_col - self.lengths[slot]:self.write_col]
+
     def take_row(self, row_id: str, allocate) -> torch.Tensor:
         """Copy a row's K/V out to host memory ([L, 2, H, n, D], from `allocate(shape, dtype)`)
         and remove the row."""

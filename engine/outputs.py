@@ -31,7 +31,12 @@ class EngineStats(msgspec.Struct, frozen=True, array_like=True):
     kv_pages_used: int = 0           # paged layout: pages held by rows (0 with the slab)
     kv_pages_free: int = 0           # paged layout: pages free
     prefill_tokens: int = 0          # prompt tokens run through prefill forwards since start
-    prefill_chunks: int = 0          # chunk forwards of prompts prefilled in chunks
+    prefill_chunks: int = 0          # forwards over part of a prompt (a chunk, or the rest after a cached prefix)
+    prefix_lookup_tokens: int = 0    # prompt tokens looked up in the prefix cache
+    prefix_hit_tokens_device: int = 0   # of those, found in its device tier
+    prefix_hit_tokens_host: int = 0     # of those, found in its host tier
+    prefix_bytes_device: int = 0     # K/V bytes the prefix cache holds on the device
+    prefix_bytes_host: int = 0       # K/V bytes the prefix cache holds in host memory
     seconds_idle: float = 0.0        # the engine loop waiting for work (finished waits, see `settled`)
     waiting_since: Optional[float] = None   # monotonic time the current wait began; None while busy
 

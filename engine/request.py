@@ -91,6 +91,8 @@ class Request:
     arrival_seq: int = field(default_factory=lambda: next(_arrival_counter))
     owner: str = ""                   # who may Preempt it (empty: anyone)
     truncated_prompt_tokens: int = 0  # prompt tokens cut by truncate_prompt_tokens
+    cached_prompt_tokens: int = 0     # prompt tokens whose K/V came from the prefix cache
+    cached_prompt_tokens_host: int = 0   # of those, from its host tier
     state: RequestState = RequestState.QUEUED
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
@@ -152,6 +154,8 @@ class RequestOutput(msgspec.Struct, frozen=True, array_like=True):
     logprobs: tuple[TokenLogprob, ...] = () # with params.logprobs: one per entry of token_ids
     stop_sequence: str = ""                 # on the last event, when a stop sequence matched
     truncated_prompt_tokens: int = 0        # on the last event
+    cached_prompt_tokens: int = 0           # on the last event: prompt tokens from the prefix cache
+    cached_prompt_tokens_host: int = 0      # on the last event: of those, from its host tier
 
     @property
     def finished(self) -> bool:

@@ -42,6 +42,11 @@ SERVE_FLAGS = [
     ("max-prefill-tokens", int, 8192, "padded prompt tokens per prefill forward"),
     ("prefill-chunk-tokens", int, 0, "prompt tokens prefilled per step, interleaved with decode steps, so no "
                                      "stream waits longer than one chunk between two tokens (0 = whole prompts)"),
+    ("prefix-cache", str, "off", "off | device | device+host: keep prompts' and finished requests' K/V by "
+                                 "token prefix (blocks of --kv-page-size tokens); a request starting with a "
+                                 "cached prefix prefills only the rest"),
+    ("prefix-cache-device-bytes", int, 1 << 30, "the prefix cache's device tier"),
+    ("prefix-cache-host-bytes", int, 4 << 30, "the prefix cache's host tier (device+host)"),
     ("kv-budget-bytes", int, None, "K/V bytes the running batch may hold (default: the whole slab)"),
     ("host-kv-budget-bytes", int, 8 << 30, "K/V bytes that may be parked in host memory"),
     ("pinned-arena-bytes", int, 4 << 30, "of those, page-locked once at start on CUDA (fast offload)"),
@@ -93,6 +98,8 @@ def serve(args: argparse.Namespace) -> int:
             max_new_tokens_limit=args.max_new_tokens_limit, max_queue=args.max_queue,
             max_prefill_tokens=args.max_prefill_tokens, kv_budget_bytes=args.kv_budget_bytes,
             kv_layout=args.kv_layout, kv_page_size=args.kv_page_size, prefill_chunk_tokens=args.prefill_chunk_tokens,
+            prefix_cache=args.prefix_cache, prefix_cache_device_bytes=args.prefix_cache_device_bytes,
+            prefix_cache_host_bytes=args.prefix_cache_host_bytes,
             host_kv_budget_bytes=args.host_kv_budget_bytes, pinned_arena_bytes=args.pinned_arena_bytes,
             aging_seconds=args.aging_seconds, fused_decode={"auto": None, "fused": True, "hf": False}[args.decode],
             warmup=not args.no_warmup)

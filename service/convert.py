@@ -69,6 +69,8 @@ def response(out: RequestOutput, request_id: str) -> pb.GenerateResponse:
         msg.usage.prompt_tokens = out.prompt_tokens
         msg.usage.completion_tokens = out.completion_tokens
         msg.usage.truncated_prompt_tokens = out.truncated_prompt_tokens
+        msg.usage.cached_prompt_tokens = out.cached_prompt_tokens
+        msg.usage.cached_prompt_tokens_host = out.cached_prompt_tokens_host
         msg.stop_sequence = out.stop_sequence
         if out.stats is not None:
             s = out.stats
@@ -88,7 +90,8 @@ def merge(outs: list[RequestOutput]) -> RequestOutput:
         request_id=last.request_id, text="".join(o.text for o in outs),
         token_ids=tuple(t for o in outs for t in o.token_ids), state=last.state,
         logprobs=tuple(lp for o in outs for lp in o.logprobs), stop_sequence=last.stop_sequence,
-        truncated_prompt_tokens=last.truncated_prompt_tokens,
+        truncated_prompt_tokens=last.truncated_prompt_tokens, cached_prompt_tokens=last.cached_prompt_tokens,
+        cached_prompt_tokens_host=last.cached_prompt_tokens_host,
         queue_position=last.queue_position, finish_reason=last.finish_reason, error=last.error, retryable=last.retryable, out_of_memory=last.out_of_memory,
         prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens, stats=last.stats)
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x62\x61ton/v1/baton.proto\x12\x08\x62\x61ton.v1\"x\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12&\n\ntool_calls\x18\x05 \x03(\x0b\x32\x12.baton.v1.ToolCall\"I\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1e\n\x16parameters_json_schema\x18\x03 \x01(\t\"<\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"l\n\x0eResponseFormat\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x42\x08\n\x06\x66ormat\"\xc1\x04\n\x10GenerationParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x16\n\x0emin_new_tokens\x18\t \x01(\r\x12\x16\n\x0estop_token_ids\x18\n \x03(\r\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x12\r\n\x05min_p\x18\r \x01(\x02\x12\x10\n\x08logprobs\x18\x0e \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0f \x01(\r\x12\x1e\n\x16truncate_prompt_tokens\x18\x10 \x01(\r\x12\x1d\n\x15include_stop_sequence\x18\x11 \x01(\x08\x12\t\n\x01n\x18\x12 \x01(\r\x12\x31\n\x0fresponse_format\x18\x13 \x01(\x0b\x32\x18.baton.v1.ResponseFormat\x12=\n\nlogit_bias\x18\x14 \x03(\x0b\x32).baton.v1.GenerationParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seed\"\xd0\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\'\n\x08messages\x18\x03 \x03(\x0b\x32\x15.baton.v1.ChatMessage\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12*\n\x06params\x18\x05 \x01(\x0b\x32\x1a.baton.v1.GenerationParams\x12\x1d\n\x05tools\x18\x06 \x03(\x0b\x32\x0e.baton.v1.Tool\x12\x13\n\x0btool_choice\x18\x07 \x01(\t\"x\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\x12\x1f\n\x17truncated_prompt_tokens\x18\x04 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"T\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12!\n\x03top\x18\x03 \x03(\x0b\x32\x14.baton.v1.TopLogprob\"\xad\x01\n\x0cRequestStats\x12\x16\n\x0equeued_seconds\x18\x01 \x01(\x01\x12\x16\n\x0eparked_seconds\x18\x02 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x03 \x01(\r\x12\x17\n\x0f\x62ytes_offloaded\x18\x04 \x01(\x04\x12\x16\n\x0e\x62ytes_restored\x18\x05 \x01(\x04\x12#\n\x1btime_to_first_token_seconds\x18\x06 \x01(\x01\"\xf4\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.baton.v1.RequestState\x12-\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.baton.v1.Usage\x12\x16\n\x0equeue_position\x18\x07 \x01(\r\x12%\n\x05stats\x18\x08 \x01(\x0b\x32\x16.baton.v1.RequestStats\x12\r\n\x05index\x18\t \x01(\r\x12(\n\x08logprobs\x18\n \x03(\x0b\x32\x16.baton.v1.TokenLogprob\x12\x15\n\rstop_sequence\x18\x0b \x01(\t\x12&\n\ntool_calls\x18\x0c \x03(\x0b\x32\x12.baton.v1.ToolCall\"\xd0\x01\n\x0ePreemptRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x1f.baton.v1.PreemptRequest.Action\x12\x15\n\x08priority\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06\x63\x61ller\x18\x04 \x01(\t\"E\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0b\n\x07SUSPEND\x10\x01\x12\n\n\x06RESUME\x10\x02\x12\n\n\x06\x43\x41NCEL\x10\x03\x42\x0b\n\t_priority\"L\n\x0fPreemptResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.baton.v1.RequestState\"\x15\n\x13GetModelInfoRequest\"\xf6\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x1a\n\x12max_context_length\x18\x02 \x01(\r\x12\x15\n\reos_token_ids\x18\x03 \x03(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x04 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x05 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x12\n\nvocab_size\x18\t \x01(\r\x12\x19\n\x11has_chat_template\x18\n \x01(\x08\"J\n\x0fTokenizeRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\'\n\x08messages\x18\x02 \x03(\x0b\x32\x15.baton.v1.ChatMessage\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t*r\n\x0cRequestState\x12\x1d\n\x19REQUEST_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tPREEMPTED\x10\x03\x12\r\n\tSUSPENDED\x10\x04\x12\x0c\n\x08\x46INISHED\x10\x05*\x7f\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\n\n\x06LENGTH\x10\x01\x12\x07\n\x03\x45OS\x10\x02\x12\x11\n\rSTOP_SEQUENCE\x10\x03\x12\r\n\tCANCELLED\x10\x04\x12\t\n\x05\x45RROR\x10\x05\x12\x0e\n\nTOOL_CALLS\x10\x06\x32\x9f\x02\n\x11GenerationService\x12\x43\n\x08Generate\x12\x19.baton.v1.GenerateRequest\x1a\x1a.baton.v1.GenerateResponse0\x01\x12>\n\x07Preempt\x12\x18.baton.v1.PreemptRequest\x1a\x19.baton.v1.PreemptResponse\x12\x42\n\x0cGetModelInfo\x12\x1d.baton.v1.GetModelInfoRequest\x1a\x13.baton.v1.ModelInfo\x12\x41\n\x08Tokenize\x12\x19.baton.v1.TokenizeRequest\x1a\x1a.baton.v1.TokenizeResponseB\"\n\x0c\x64\x65v.baton.v1P\x01Z\x10\x62\x61ton/v1;batonv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x62\x61ton/v1/baton.proto\x12\x08\x62\x61ton.v1\"x\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12&\n\ntool_calls\x18\x05 \x03(\x0b\x32\x12.baton.v1.ToolCall\"I\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1e\n\x16parameters_json_schema\x18\x03 \x01(\t\"<\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"l\n\x0eResponseFormat\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x42\x08\n\x06\x66ormat\"\xc1\x04\n\x10GenerationParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x16\n\x0emin_new_tokens\x18\t \x01(\r\x12\x16\n\x0estop_token_ids\x18\n \x03(\r\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x12\r\n\x05min_p\x18\r \x01(\x02\x12\x10\n\x08logprobs\x18\x0e \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0f \x01(\r\x12\x1e\n\x16truncate_prompt_tokens\x18\x10 \x01(\r\x12\x1d\n\x15include_stop_sequence\x18\x11 \x01(\x08\x12\t\n\x01n\x18\x12 \x01(\r\x12\x31\n\x0fresponse_format\x18\x13 \x01(\x0b\x32\x18.baton.v1.ResponseFormat\x12=\n\nlogit_bias\x18\x14 \x03(\x0b\x32).baton.v1.GenerationParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seed\"\xd0\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\'\n\x08messages\x18\x03 \x03(\x0b\x32\x15.baton.v1.ChatMessage\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12*\n\x06params\x18\x05 \x01(\x0b\x32\x1a.baton.v1.GenerationParams\x12\x1d\n\x05tools\x18\x06 \x03(\x0b\x32\x0e.baton.v1.Tool\x12\x13\n\x0btool_choice\x18\x07 \x01(\t\"\x9b\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\x12\x1f\n\x17truncated_prompt_tokens\x18\x04 \x01(\r\x12!\n\x19\x63\x61\x63hed_prompt_tokens_host\x18\x05 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"T\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12!\n\x03top\x18\x03 \x03(\x0b\x32\x14.baton.v1.TopLogprob\"\xad\x01\n\x0cRequestStats\x12\x16\n\x0equeued_seconds\x18\x01 \x01(\x01\x12\x16\n\x0eparked_seconds\x18\x02 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x03 \x01(\r\x12\x17\n\x0f\x62ytes_offloaded\x18\x04 \x01(\x04\x12\x16\n\x0e\x62ytes_restored\x18\x05 \x01(\x04\x12#\n\x1btime_to_first_token_seconds\x18\x06 \x01(\x01\"\xf4\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.baton.v1.RequestState\x12-\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.baton.v1.Usage\x12\x16\n\x0equeue_position\x18\x07 \x01(\r\x12%\n\x05stats\x18\x08 \x01(\x0b\x32\x16.baton.v1.RequestStats\x12\r\n\x05index\x18\t \x01(\r\x12(\n\x08logprobs\x18\n \x03(\x0b\x32\x16.baton.v1.TokenLogprob\x12\x15\n\rstop_sequence\x18\x0b \x01(\t\x12&\n\ntool_calls\x18\x0c \x03(\x0b\x32\x12.baton.v1.ToolCall\"\xd0\x01\n\x0ePreemptRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x1f.baton.v1.PreemptRequest.Action\x12\x15\n\x08priority\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06\x63\x61ller\x18\x04 \x01(\t\"E\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0b\n\x07SUSPEND\x10\x01\x12\n\n\x06RESUME\x10\x02\x12\n\n\x06\x43\x41NCEL\x10\x03\x42\x0b\n\t_priority\"L\n\x0fPreemptResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.baton.v1.RequestState\"\x15\n\x13GetModelInfoRequest\"\xf6\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x1a\n\x12max_context_length\x18\x02 \x01(\r\x12\x15\n\reos_token_ids\x18\x03 \x03(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x04 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\x05 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x12\n\nvocab_size\x18\t \x01(\r\x12\x19\n\x11has_chat_template\x18\n \x01(\x08\"J\n\x0fTokenizeRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\'\n\x08messages\x18\x02 \x03(\x0b\x32\x15.baton.v1.ChatMessage\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t*r\n\x0cRequestState\x12\x1d\n\x19REQUEST_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tPREEMPTED\x10\x03\x12\r\n\tSUSPENDED\x10\x04\x12\x0c\n\x08\x46INISHED\x10\x05*\x7f\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\n\n\x06LENGTH\x10\x01\x12\x07\n\x03\x45OS\x10\x02\x12\x11\n\rSTOP_SEQUENCE\x10\x03\x12\r\n\tCANCELLED\x10\x04\x12\t\n\x05\x45RROR\x10\x05\x12\x0e\n\nTOOL_CALLS\x10\x06\x32\x9f\x02\n\x11GenerationService\x12\x43\n\x08Generate\x12\x19.baton.v1.GenerateRequest\x1a\x1a.baton.v1.GenerateResponse0\x01\x12>\n\x07Preempt\x12\x18.baton.v1.PreemptRequest\x1a\x19.baton.v1.PreemptResponse\x12\x42\n\x0cGetModelInfo\x12\x1d.baton.v1.GetModelInfoRequest\x1a\x13.baton.v1.ModelInfo\x12\x41\n\x08Tokenize\x12\x19.baton.v1.TokenizeRequest\x1a\x1a.baton.v1.TokenizeResponseB\"\n\x0c\x64\x65v.baton.v1P\x01Z\x10\x62\x61ton/v1;batonv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\014dev.baton.v1P\001Z\020baton/v1;batonv1'
   _globals['_GENERATIONPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATIONPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_REQUESTSTATE']._serialized_start=2694
-  _globals['_REQUESTSTATE']._serialized_end=2808
-  _globals['_FINISHREASON']._serialized_start=2810
-  _globals['_FINISHREASON']._serialized_end=2937
+  _globals['_REQUESTSTATE']._serialized_start=2730
+  _globals['_REQUESTSTATE']._serialized_end=2844
+  _globals['_FINISHREASON']._serialized_start=2846
+  _globals['_FINISHREASON']._serialized_end=2973
   _globals['_CHATMESSAGE']._serialized_start=34
   _globals['_CHATMESSAGE']._serialized_end=154
   _globals['_TOOL']._serialized_start=156
@@ -52,30 +52,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATIONPARAMS_LOGITBIASENTRY']._serialized_end=972
   _globals['_GENERATEREQUEST']._serialized_start=984
   _globals['_GENERATEREQUEST']._serialized_end=1192
-  _globals['_USAGE']._serialized_start=1194
-  _globals['_USAGE']._serialized_end=1314
-  _globals['_TOPLOGPROB']._serialized_start=1316
-  _globals['_TOPLOGPROB']._serialized_end=1363
-  _globals['_TOKENLOGPROB']._serialized_start=1365
-  _globals['_TOKENLOGPROB']._serialized_end=1449
-  _globals['_REQUESTSTATS']._serialized_start=1452
-  _globals['_REQUESTSTATS']._serialized_end=1625
-  _globals['_GENERATERESPONSE']._serialized_start=1628
-  _globals['_GENERATERESPONSE']._serialized_end=2000
-  _globals['_PREEMPTREQUEST']._serialized_start=2003
-  _globals['_PREEMPTREQUEST']._serialized_end=2211
-  _globals['_PREEMPTREQUEST_ACTION']._serialized_start=2129
-  _globals['_PREEMPTREQUEST_ACTION']._serialized_end=2198
-  _globals['_PREEMPTRESPONSE']._serialized_start=2213
-  _globals['_PREEMPTRESPONSE']._serialized_end=2289
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2291
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2312
-  _globals['_MODELINFO']._serialized_start=2315
-  _globals['_MODELINFO']._serialized_end=2561
-  _globals['_TOKENIZEREQUEST']._serialized_start=2563
-  _globals['_TOKENIZEREQUEST']._serialized_end=2637
-  _globals['_TOKENIZERESPONSE']._serialized_start=2639
-  _globals['_TOKENIZERESPONSE']._serialized_end=2692
-  _globals['_GENERATIONSERVICE']._serialized_start=2940
-  _globals['_GENERATIONSERVICE']._serialized_end=3227
+  _globals['_USAGE']._serialized_start=1195
+  _globals['_USAGE']._serialized_end=1350
+  _globals['_TOPLOGPROB']._serialized_start=1352
+  _globals['_TOPLOGPROB']._serialized_end=1399
+  _globals['_TOKENLOGPROB']._serialized_start=1401
+  _globals['_TOKENLOGPROB']._serialized_end=1485
+  _globals['_REQUESTSTATS']._serialized_start=1488
+  _globals['_REQUESTSTATS']._serialized_end=1661
+  _globals['_GENERATERESPONSE']._serialized_start=1664
+  _globals['_GENERATERESPONSE']._serialized_end=2036
+  _globals['_PREEMPTREQUEST']._serialized_start=2039
+  _globals['_PREEMPTREQUEST']._serialized_end=2247
+  _globals['_PREEMPTREQUEST_ACTION']._serialized_start=2165
+  _globals['_PREEMPTREQUEST_ACTION']._serialized_end=2234
+  _globals['_PREEMPTRESPONSE']._serialized_start=2249
+  _globals['_PREEMPTRESPONSE']._serialized_end=2325
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2327
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2348
+  _globals['_MODELINFO']._serialized_start=2351
+  _globals['_MODELINFO']._serialized_end=2597
+  _globals['_TOKENIZEREQUEST']._serialized_start=2599
+  _globals['_TOKENIZEREQUEST']._serialized_end=2673
+  _globals['_TOKENIZERESPONSE']._serialized_start=2675
+  _globals['_TOKENIZERESPONSE']._serialized_end=2728
+  _globals['_GENERATIONSERVICE']._serialized_start=2976
+  _globals['_GENERATIONSERVICE']._serialized_end=3263
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,191 @@
+"""Prefix cache: K/V of token prefixes kept across requests, in two tiers (device, then host).
+
+Requests that start with the same tokens (a shared system prompt; a chat history resent every
+turn) have the same K/V for those tokens. The cache keeps them by *blocks* of `block_size` tokens,
+each named by a hash chained over every token before it (so a block is found only after the very
+same prefix; vLLM's scheme, written here). A request whose prompt starts with cached blocks gets
+their K/V copied into its prefill K/V and prefills only the rest (engine/engine.py), and at least
+its last prompt token is always computed (its logits give the first output token).
+
+Tiers: a block store in device memory (`device_bytes`, preallocated beside the K/V pool) and,
+with "device+host", one in host memory (`host_bytes`; pinned on CUDA). New blocks go to the device
+tier; the least recently used device block moves down to the host tier when the device tier is
+full, and the least recently used host block is dropped when that is full. A hit from the host
+tier copies the block back up (so a second hit is a device hit). Blocks are copies, not shared
+pages: a cached prefix is never written, so preempting, suspending or cancelling the request it
+came from cannot change it.
+
+Invariants: every indexed hash has exactly one slot in exactly one tier; a slot is free or holds
+exactly one indexed hash; a block is indexed only after its predecessor (a chain has no holes).
+"""
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+MODES = ("off", "device", "device+host")
+
+
+def block_hashes(token_ids: list[int], block_size: int, limit: int | None = None) -> list[bytes]:
+    """The chained hash of each full block of `token_ids` (at most `limit` blocks)."""
+    count = len(token_ids) // block_size if limit is None else min(limit, len(token_ids) // block_size)
+    out, prev = [], b""
+    for b in range(count):
+        block = array("q", token_ids[b * block_size:(b + 1) * block_size]).tobytes()
+        prev = hashlib.blake2b(prev + block, digest_size=16).digest()
+        out.append(prev)
+    return out
+
+
+class _Tier:
+    """Fixed slots of one block each: data [N, L, 2, H, B, D]."""
+
+    def __init__(self, name: str, num_slots: int, block_shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device, pin: bool) -> None:
+        self.name = name
+        self.data = torch.empty((num_slots, *block_shape), dtype=dtype, device=device, pin_memory=pin)
+        self.free = list(range(num_slots - 1, -1, -1))
+        self.lru: OrderedDict[bytes, int] = OrderedDict()   # hash -> slot, least recent first
+
+    @property
+    def capacity(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def bytes_used(self) -> int:
+        return len(self.lru) * self.data[0].numel() * self.data.element_size() if self.capacity else 0
+
+
+@dataclass
+class PrefixHit:
+    tokens: int          # prompt tokens whose K/V come from the cache
+    device_tokens: int   # of those, found in the device tier
+    host_tokens: int     # of those, found in the host tier
+
+
+class PrefixCache:
+    def __init__(self, mode: str, block_size: int, dims: tuple[int, int, int], dtype: torch.dtype,
+                 device: torch.device, device_bytes: int, host_bytes: int) -> None:
+        if mode not in MODES:
+            raise ValueError(f"prefix_cache must be one of {MODES}, got {mode!r}")
+        L, H, D = dims
+        self.block_size = block_size
+        shape = (L, 2, H, block_size, D)
+        block_bytes = L * 2 * H * block_size * D * dtype.itemsize
+        self.device_tier = _Tier("device", device_bytes // block_bytes, shape, dtype, device, pin=False)
+        host_slots = host_bytes // block_bytes if mode == "device+host" else 0
+        self.host_tier = _Tier("host", host_slots, shape, dtype, torch.device("cpu"),
+                               pin=device.type == "cuda" and host_slots > 0)
+        self.lookup_tokens = 0                        # prompt tokens looked up
+        self.hit_tokens = {"device": 0, "host": 0}    # of those, found in each tier
+
+    # ---- lookups ---------------------------------------------------------------------------
+    def match(self, prompt_ids: list[int]) -> tuple[list[bytes], list[str]]:
+        """The longest chain of cached blocks at the start of the prompt, leaving at least its last
+        token to compute. -> (hashes, tier name of each)."""
+        limit = (len(prompt_ids) - 1) // self.block_size
+        hashes, tiers = [], []
+        for h in block_hashes(prompt_ids, self.block_size, limit):
+            tier = "device" if h in self.device_tier.lru else "host" if h in self.host_tier.lru else None
+            if tier is None:
+                break
+            hashes.append(h)
+            tiers.append(tier)
+        return hashes, tiers
+
+    def load(self, prompt_ids: list[int], out: torch.Tensor) -> PrefixHit:
+        """Copy the cached prefix of `prompt_ids` into out[..., :n, :] (out: [L, 2, H, >= n, D], on
+        the device) and count the lookup. -> what was found."""
+        hashes, tiers = self.match(prompt_ids)
+        self.lookup_tokens += len(prompt_ids)
+        if not hashes:
+            return PrefixHit(0, 0, 0)
+        B = self.block_size
+        if "host" not in tiers:   # one gather: [n_blocks, L, 2, H, B, D] -> [L, 2, H, n_blocks * B, D]
+            data = self.device_tier.data
+            slots = torch.tensor([self.device_tier.lru[h] for h in hashes], device=data.device)
+            n = len(hashes) * B
+            blocks = data.index_select(0, slots).permute(1, 2, 3, 0, 4, 5)
+            out[..., :n, :].copy_(blocks.reshape(*out.shape[:3], n, out.shape[-1]))
+        else:
+            for i, (h, name) in enumerate(zip(hashes, tiers)):
+                tier = self.device_tier if name == "device" else self.host_tier
+                out[..., i * B:(i + 1) * B, :].copy_(tier.data[tier.lru[h]], non_blocking=True)
+        # Only now (the copies are queued) move blocks: promoting one may push another down.
+        for h, name in zip(hashes, tiers):
+            if name == "device":
+                self.device_tier.lru.move_to_end(h)
+        for h, name in zip(hashes, tiers):
+            if name == "host" and h in self.host_tier.lru:
+                self._promote(h)
+        hit = PrefixHit(len(hashes) * B, tiers.count("device") * B, tiers.count("host") * B)
+        self.hit_tokens["device"] += hit.device_tokens
+        self.hit_tokens["host"] += hit.host_tokens
+        return hit
+
+    # ---- inserts ---------------------------------------------------------------------------
+    def insert(self, token_ids: list[int], kv: torch.Tensor) -> None:
+        """Keep the K/V ([L, 2, H, >= n, D]) of every full block of `token_ids` not cached yet."""
+        B = self.block_size
+        for i, h in enumerate(block_hashes(token_ids, B)):
+            if h in self.device_tier.lru:
+                self.device_tier.lru.move_to_end(h)
+                continue
+            if h in self.host_tier.lru:
+                self.host_tier.lru.move_to_end(h)
+                continue
+            slot = self._device_slot()
+            if slot is None:
+                return
+            self.device_tier.data[slot].copy_(kv[..., i * B:(i + 1) * B, :])
+            self.device_tier.lru[h] = slot
+
+    def _device_slot(self) -> int | None:
+        """A free device slot, moving the least recently used block down a tier if need be."""
+        tier = self.device_tier
+        if tier.free:
+            return tier.free.pop()
+        if not tier.lru:
+            return None
+        h, slot = tier.lru.popitem(last=False)
+        host_slot = self._host_slot()
+        if host_slot is not None:
+            self.host_tier.data[host_slot].copy_(tier.data[slot])
+            self.host_tier.lru[h] = host_slot
+        return slot
+
+    def _host_slot(self) -> int | None:
+        tier = self.host_tier
+        if tier.free:
+            return tier.free.pop()
+        if not tier.lru:
+            return None
+        _h, slot = tier.lru.popitem(last=False)   # dropped from the cache
+        return slot
+
+    def _promote(self, h: bytes) -> None:
+        """Move a host block up to the device tier (its host slot is freed)."""
+        host_slot = self.host_tier.lru.pop(h)
+        slot = self._device_slot()
+        if slot is None:   # no device tier at all: stay in host memory
+            self.host_tier.lru[h] = host_slot
+            return
+        self.device_tier.data[slot].copy_(self.host_tier.data[host_slot])
+        self.device_tier.lru[h] = slot
+        self.host_tier.free.append(host_slot)
+
+    # ---- figures ---------------------------------------------------------------------------
+    def bytes_used(self) -> dict[str, int]:
+        return {"device": self.device_tier.bytes_used, "host": self.host_tier.bytes_used}
+
+    def check(self) -> None:
+        """The invariants (tests)."""
+        for tier in (self.device_tier, self.host_tier):
+            slots = list(tier.lru.values())
+            assert len(slots) == len(set(slots)) and not set(slots) & set(tier.free)
+            assert len(slots) + len(tier.free) == tier.capacity
+        assert not set(self.device_tier.lru) & set(self.host_tier.lru)

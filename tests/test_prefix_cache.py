@@ -1,0 +1,153 @@
+"""Prefix cache (--prefix-cache device|device+host): output with a cache hit equals output without
+(HF `generate` alone, fp32 CPU, greedy), including after the cached K/V went to the host tier and
+came back, with chunked prefill, and while the request the prefix came from is preempted or
+cancelled; the block store keeps its invariants under random use.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine import model_loader
+from engine.inputs import GenerateInput
+from engine.prefix_cache import PrefixCache, block_hashes
+from engine.request import PreemptAction
+from tests.conftest import CPU, drive, hf_reference, make_engine
+
+SYSTEM = ("You are a helpful assistant. Answer briefly, politely and accurately; when unsure, say so. "
+          "Never invent facts. ") * 2
+
+
+# ---- the block store (no model) ----------------------------------------------------------------
+def _kv(tokens: list[int], block: int = 4) -> torch.Tensor:
+    """K/V whose every value names its token (so a wrong block shows), [L=1, 2, H=1, n, D=2]."""
+    t = torch.tensor(tokens, dtype=torch.float32)
+    return t[None, None, None, :, None].expand(1, 2, 1, len(tokens), 2).clone()
+
+
+def _cache(mode: str, device_blocks: int, host_blocks: int, block: int = 4) -> PrefixCache:
+    block_bytes = 1 * 2 * 1 * block * 2 * 4
+    return PrefixCache(mode, block, (1, 1, 2), torch.float32, CPU, device_blocks * block_bytes,
+                       host_blocks * block_bytes)
+
+
+def test_hashes_chain_over_the_whole_prefix():
+    a = block_hashes([1, 2, 3, 4, 5, 6, 7, 8], 4)
+    b = block_hashes([9, 2, 3, 4, 5, 6, 7, 8], 4)
+    assert len(a) == 2 and a[0] != b[0] and a[1] != b[1]     # same second block, different history
+    assert block_hashes([1, 2, 3, 4, 5, 6, 7], 4) == a[:1]     # only full blocks
+
+
+def test_lookup_leaves_the_last_token_and_loads_the_right_values():
+    cache = _cache("device", 8, 0)
+    tokens = list(range(100, 112))                 # 3 blocks
+    cache.insert(tokens, _kv(tokens))
+    out = torch.zeros(1, 2, 1, 12, 2)
+    hit = cache.load(tokens, out)                  # the whole prompt is cached: the last block is left
+    assert (hit.tokens, hit.device_tokens, hit.host_tokens) == (8, 8, 0)
+    assert torch.equal(out[..., :8, :], _kv(tokens)[..., :8, :]) and not out[..., 8:, :].any()
+    assert cache.load(list(range(100, 106)) + [0] * 6, torch.zeros(1, 2, 1, 12, 2)).tokens == 4
+
+
+def test_device_blocks_move_to_host_and_come_back():
+    cache = _cache("device+host", 2, 4)
+    first, second = list(range(10, 18)), list(range(50, 58))
+    cache.insert(first, _kv(first))
+    cache.insert(second, _kv(second))              # the device tier holds 2 blocks: `first` goes down
+    assert cache.bytes_used()["host"] > 0
+    out = torch.zeros(1, 2, 1, 9, 2)
+    hit = cache.load(first + [1], out)
+    assert (hit.tokens, hit.host_tokens) == (8, 8)
+    assert torch.equal(out[..., :8, :], _kv(first))
+    assert cache.load(first + [1], torch.zeros(1, 2, 1, 9, 2)).device_tokens == 8   # promoted
+    cache.check()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_use_keeps_invariants_and_returns_what_was_inserted(seed):
+    rng = random.Random(seed)
+    cache = _cache(rng.choice(["device", "device+host"]), rng.randint(0, 5), rng.randint(0, 6))
+    prefixes = [[rng.randint(1, 5) for _ in range(rng.randint(1, 20))] for _ in range(6)]
+    for _ in range(200):
+        tokens = rng.choice(prefixes) + [rng.randint(1, 5) for _ in range(rng.randint(0, 8))]
+        if rng.random() < 0.5:
+            cache.insert(tokens, _kv(tokens))
+        else:
+            out = torch.full((1, 2, 1, len(tokens), 2), -1.0)
+            hit = cache.load(tokens, out)
+            assert hit.tokens <= len(tokens) - 1 and hit.tokens % 4 == 0
+            assert torch.equal(out[..., :hit.tokens, :], _kv(tokens)[..., :hit.tokens, :])
+        cache.check()
+
+
+# ---- exactness (model) --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return model_loader.load(tiny_model_dir("llama"), CPU, torch.float32)
+
+
+def _expect(loaded, prompt: str, n: int) -> list[int]:
+    hf_model, tokenizer, _ = loaded
+    return hf_reference(hf_model, tokenizer(prompt)["input_ids"], n, ())
+
+
+LAYOUTS = {"slab": dict(kv_layout="slab", kv_page_size=16), "paged": dict(kv_layout="paged", kv_page_size=16)}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("mode, device_blocks, chunk", [("device", 1000, 0), ("device+host", 3, 0),
+                                                       ("device+host", 3, 12)],
+                         ids=["device", "host-tier", "host-tier-chunked"])
+def test_cache_hits_give_the_same_tokens(tiny, layout, mode, device_blocks, chunk):
+    """Three conversations sharing a system prompt, then the first one's second turn (its history
+    with the model's own answer). With a device tier of 3 blocks, blocks go to host and back."""
+    hf_model, tokenizer, spec = tiny
+    device_bytes = device_blocks * spec.num_layers * 2 * spec.num_kv_heads * 16 * spec.head_dim * 4
+    engine, limits = make_engine(tiny, max_batch_size=3, max_seq_len=256, prefix_cache=mode,
+                                 prefix_cache_device_bytes=device_bytes, prefix_cache_host_bytes=1 << 24,
+                                 prefill_chunk_tokens=chunk, **LAYOUTS[layout])
+    prompts = [SYSTEM + "What is the capital of France?", SYSTEM + "Name a prime number.",
+               SYSTEM + "Why is the sky blue?"]
+    arrivals = {0: [GenerateInput(request_id="a", prompt=prompts[0], max_new_tokens=20, ignore_eos=True)],
+                3: [GenerateInput(request_id="b", prompt=prompts[1], max_new_tokens=12, ignore_eos=True)],
+                30: [GenerateInput(request_id="c", prompt=prompts[2], max_new_tokens=12, ignore_eos=True)]}
+    first = drive(engine, limits, arrivals)
+    answer = tokenizer.decode(first["a"].token_ids)
+    turn2 = prompts[0] + answer + " And of Italy?"
+    second = drive(engine, limits, {0: [GenerateInput(request_id="a2", prompt=turn2, max_new_tokens=10,
+                                                      ignore_eos=True)]})
+    for rid, prompt, n in (("a", prompts[0], 20), ("b", prompts[1], 12), ("c", prompts[2], 12)):
+        assert first[rid].token_ids == _expect(tiny, prompt, n), rid
+    assert second["a2"].token_ids == _expect(tiny, turn2, 10)
+    usage_b, usage_a2 = first["b"].final, second["a2"].final
+    system_blocks = len(tokenizer(SYSTEM)["input_ids"]) // 16 * 16
+    assert usage_b.cached_prompt_tokens >= system_blocks - 16      # the shared system prompt
+    assert usage_a2.cached_prompt_tokens > len(tokenizer(prompts[0])["input_ids"]) // 16 * 16 - 16  # + turn 1
+    stats = engine.stats()
+    assert stats.prefix_hit_tokens_device + stats.prefix_hit_tokens_host >= usage_b.cached_prompt_tokens
+    if mode == "device+host":
+        assert stats.prefix_hit_tokens_host > 0 and stats.prefix_bytes_host > 0
+    engine.prefix_cache.check()
+    assert engine.stats().kv_pages_used == 0 and engine._partial == {}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_hit_while_the_prefix_owner_is_suspended_then_cancelled(tiny, layout):
+    engine, limits = make_engine(tiny, max_batch_size=3, max_seq_len=256, prefix_cache="device+host",
+                                 prefix_cache_device_bytes=1 << 24, **LAYOUTS[layout])
+    p_owner, p_other = SYSTEM + "Tell me a long story.", SYSTEM + "Count to ten."
+    arrivals = {0: [GenerateInput(request_id="owner", prompt=p_owner, max_new_tokens=60, ignore_eos=True)],
+                4: [GenerateInput(request_id="other", prompt=p_other, max_new_tokens=15, ignore_eos=True)]}
+
+    def commands(step, eng, out):
+        if step == 3:
+            return eng.preempt("owner", PreemptAction.SUSPEND)[1]
+        if step == 6:
+            return (eng.abort("owner"),)
+
+    outputs = drive(engine, limits, arrivals, on_step=commands)
+    assert outputs["owner"].final.finish_reason.name == "CANCELLED"
+    assert outputs["other"].final.cached_prompt_tokens > 0
+    assert outputs["other"].token_ids == _expect(tiny, p_other, 15)
