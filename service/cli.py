@@ -1,4 +1,5 @@
-"""The `baton` command: `serve` runs the server; `generate` and `chat` are clients.
+"""The `baton` command: `serve` runs the server; `generate`, `chat`, `info`, `tokenize` and `preempt`
+are clients (baton_client/cli.py).
 
 Every `serve` flag also reads BATON_<FLAG> from the environment (flag wins).
 """
@@ -128,7 +129,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from baton_client.cli import add_client_args
+    from baton_client.cli import add_client_args, add_command_parsers, add_generate_args
 
     parser = argparse.ArgumentParser(prog="baton", description="Baton LLM text-generation service")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,12 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="send the prompt as a user chat message (the default when the model has a chat template)")
     mode.add_argument("--raw", action="store_true", help="send the prompt as raw text, no chat template")
     add_client_args(g)
+    add_generate_args(g)
     b = sub.add_parser("bench", help="benchmark the engine, the gRPC path and Hugging Face peers "
                        "(all arguments go to benchmarks/bench.py; try `baton bench --help`)", add_help=False)
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
     c = sub.add_parser("chat", help="interactive chat with a running server")
     c.add_argument("--system", default="", help="system message")
     add_client_args(c)
+    add_command_parsers(sub)
     return parser
 
 
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return serve(args)
     from baton_client import cli as client_cli
-    return {"generate": client_cli.generate, "chat": client_cli.chat}[args.command](args)
+    return client_cli.COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":

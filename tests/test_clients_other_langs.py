@@ -2,7 +2,9 @@
 
 One `baton serve` subprocess on a free port (fixture `baton_server`) serves the whole module. It
 is started as soon as a test that can run needs it, so the C++ build (and `npm ci`) overlap the
-model load, and it is killed at the end. Missing toolchains skip their tests with the reason:
+model load, and it is killed at the end. A recording pass-through proxy (`RecordingProxy`) in front
+of it shows the `x-baton-request-id` routing header each client sends. Missing toolchains skip
+their tests with the reason:
 
   Node:  node + npm on PATH; `npm ci` runs in clients/node when package-lock.json changed
          (stamp in node_modules/), and a failing `npm ci` (no registry) skips.
@@ -137,8 +139,67 @@ class Server:
         self._log.close()
 
 
+class RecordingProxy:
+    """A pass-through gRPC proxy in front of the real server that records each call's method and
+    metadata: what a load balancer routing on `x-baton-request-id` would see. Messages pass as bytes."""
+
+    FORWARDED = ("x-baton-request-id",)
+
+    def __init__(self, upstream: str) -> None:
+        import grpc
+        from concurrent.futures import ThreadPoolExecutor
+        self.grpc = grpc
+        self.calls: list[tuple[str, dict[str, str]]] = []
+        self.channel = grpc.insecure_channel(upstream)
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=8))
+        self.server.add_generic_rpc_handlers((self,))
+        self.target = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+    def headers(self, method_suffix: str) -> list[dict[str, str]]:
+        return [md for method, md in self.calls if method.endswith(method_suffix)]
+
+    def service(self, details):   # grpc.GenericRpcHandler
+        grpc = self.grpc
+        metadata = dict(details.invocation_metadata)
+        self.calls.append((details.method, metadata))
+        forwarded = tuple((k, v) for k, v in metadata.items() if k in self.FORWARDED)
+
+        def aborting(context, exc):
+            context.abort(exc.code(), exc.details())
+
+        if details.method.endswith("/Generate"):
+            upstream = self.channel.unary_stream(details.method)
+
+            def stream(request: bytes, context):
+                try:
+                    yield from upstream(request, metadata=forwarded)
+                except grpc.RpcError as exc:
+                    aborting(context, exc)
+            return grpc.unary_stream_rpc_method_handler(stream)
+        upstream = self.channel.unary_unary(details.method)
+
+        def unary(request: bytes, context):
+            try:
+                return upstream(request, metadata=forwarded)
+            except grpc.RpcError as exc:
+                aborting(context, exc)
+        return grpc.unary_unary_rpc_method_handler(unary)
+
+    def stop(self) -> None:
+        self.server.stop(0)
+        self.channel.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # fixtures
+
+@pytest.fixture(scope="module")
+def proxy(baton_server):
+    recorder = RecordingProxy(baton_server.ready())
+    yield recorder
+    recorder.stop()
+
 
 @pytest.fixture(scope="module")
 def baton_server(tmp_path_factory):
@@ -215,6 +276,33 @@ def test_cpp_client_streams_a_completion(cpp_client, baton_server):
     assert re.search(r"completion_tokens=8\b", res.stderr), res.stderr
 
 
+def test_cpp_client_sends_the_routing_header_and_prints_logprobs(cpp_client, proxy):
+    res = _run([str(cpp_client), "--request-id", "cpp-route-1", "--logprobs", "2", proxy.target,
+                "The capital of France is", "5"], timeout=60)
+    assert res.returncode == 0, f"exit {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}"
+    assert {"x-baton-request-id": "cpp-route-1"}.items() <= proxy.headers("/Generate")[-1].items()
+    assert "request_id=cpp-route-1 " in res.stderr, res.stderr
+    _assert_logprob_table(res.stdout, 5, 2)
+    # Without --request-id the client picks one, and the header carries it too.
+    res = _run([str(cpp_client), proxy.target, "Hello", "2"], timeout=60)
+    assert res.returncode == 0, res.stderr
+    chosen = re.search(r"request_id=(\S+)", res.stderr).group(1)
+    assert proxy.headers("/Generate")[-1]["x-baton-request-id"] == chosen
+
+
+def _assert_logprob_table(stdout: str, num_tokens: int, num_top: int) -> None:
+    """The examples' table: one row per token, `text id logprob  id:logprob ...` (num_top of them)."""
+    header = "[log-probabilities: text, token id, logprob, top alternatives id:logprob]\n"
+    assert header in stdout, stdout
+    rows = stdout.split(header)[1].splitlines()
+    assert len(rows) == num_tokens, rows
+    for row in rows:
+        match = re.fullmatch(r'\s*(".*")? +(\d+) +(-\d+\.\d{4}|0\.0000)((?:  \d+:-?\d+\.\d{4})*)', row)
+        assert match, row
+        top = [item.split(":") for item in match.group(4).split()]
+        assert len(top) == num_top and top[0][0] == match.group(2), row   # greedy: chosen = most likely
+
+
 def test_cpp_client_reports_invalid_argument_for_an_empty_prompt(cpp_client, baton_server):
     target = baton_server.ready()
     res = _run([str(cpp_client), target, "", "8"], timeout=60)
@@ -247,3 +335,19 @@ def test_node_example_streams_to_stdout(node_dir, baton_server):
     assert res.returncode == 0, f"exit {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}"
     assert res.stdout.strip(), f"no text on stdout; stderr: {res.stderr}"
     assert "finish_reason=LENGTH" in res.stderr, res.stderr
+
+
+def test_node_client_sends_the_routing_header_and_example_prints_logprobs(node_dir, proxy):
+    env = {**os.environ, "BATON_TARGET": proxy.target}
+    res = _run(["node", "example.js", "--request-id", "node-route-1", "--logprobs", "3", "--max-new-tokens", "4",
+                "The capital of France is"], cwd=node_dir, env=env, timeout=60)
+    assert res.returncode == 0, f"exit {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}"
+    assert proxy.headers("/Generate")[-1].get("x-baton-request-id") == "node-route-1"
+    _assert_logprob_table(res.stdout, 4, 3)
+    script = ("const { BatonClient, statusName } = require('./client');"
+              "const c = new BatonClient(process.env.BATON_TARGET);"
+              "c.preempt('node-route-2', 'cancel').then(() => process.exit(3),"
+              " (e) => { console.log(statusName(e.code)); c.close(); });")
+    res = _run(["node", "-e", script], cwd=node_dir, env=env, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "NOT_FOUND", res.stdout + res.stderr
+    assert proxy.headers("/Preempt")[-1].get("x-baton-request-id") == "node-route-2"

@@ -57,6 +57,15 @@ function statusName(code) {
 
 const ACTIONS = new Set(['ACTION_UNSPECIFIED', 'SUSPEND', 'RESUME', 'CANCEL']);
 
+// Metadata header that lets a load balancer send a request's Generate and Preempt to one replica
+// (docs/deployment.md). Sent whenever the request id can be a header value: printable ASCII, at
+// most 128 characters (the server's own limit); other ids go without it and the server reports them.
+const ROUTING_HEADER = 'x-baton-request-id';
+function routable(requestId) {
+  return typeof requestId === 'string' && requestId.length > 0 && requestId.length <= 128
+    && /^[\x20-\x7e]+$/.test(requestId);
+}
+
 // Build a GenerateRequest. `input` is a prompt string or an object
 // { prompt, messages: [{role, content}], request_id, priority, params: {max_new_tokens, ...} }.
 // Params may also be given at the top level (max_new_tokens, temperature, ...).
@@ -84,6 +93,14 @@ class BatonClient {
     for (const [k, v] of Object.entries(opts.metadata || {})) this.metadata.set(k, v);
   }
 
+  // The client's metadata, plus the routing header for `requestId` when it can be one.
+  _metadataFor(requestId) {
+    if (!routable(requestId)) return this.metadata;
+    const md = this.metadata.clone();
+    md.set(ROUTING_HEADER, requestId);
+    return md;
+  }
+
   _callOptions(timeoutMs) {
     return timeoutMs ? { deadline: new Date(Date.now() + timeoutMs) } : {};
   }
@@ -92,30 +109,37 @@ class BatonClient {
    * Start a Generate stream. Returns the grpc-js ClientReadableStream: iterate it with
    * `for await (const msg of call)` (or listen to 'data' / 'end' / 'error' / 'status'),
    * and call `call.cancel()` to stop it; the stream then fails with status CANCELLED and the
-   * server aborts the request.
+   * server aborts the request. A request_id set by the caller also goes as the
+   * `x-baton-request-id` header (routing: a Preempt for it reaches the same replica).
+   * Log-probabilities: params { logprobs: true } or { top_logprobs: N } (0..20); each message
+   * then has `logprobs: [{ token_id, logprob, top: [{ token_id, logprob }] }]`, one per token id.
    * @param {string|object} input see buildGenerateRequest
    * @param {object} [opts] { timeoutMs }
    */
   generate(input, opts = {}) {
-    return this.stub.Generate(buildGenerateRequest(input), this.metadata, this._callOptions(opts.timeoutMs));
+    const req = buildGenerateRequest(input);
+    return this.stub.Generate(req, this._metadataFor(req.request_id), this._callOptions(opts.timeoutMs));
   }
 
   /**
    * Run a Generate stream to its end and fold it. `opts.onMessage(msg, call)` sees each message.
-   * Resolves { request_id, text, token_ids, states, finish_reason, usage, stats, messages }.
+   * Resolves { request_id, text, token_ids, logprobs, states, finish_reason, stop_sequence, usage, stats, messages }.
    */
   async complete(input, opts = {}) {
     const call = this.generate(input, opts);
-    const out = { request_id: '', text: '', token_ids: [], states: [], finish_reason: '', usage: null, stats: null, messages: [] };
+    const out = { request_id: '', text: '', token_ids: [], logprobs: [], states: [], finish_reason: '',
+      stop_sequence: '', usage: null, stats: null, messages: [] };
     for await (const msg of call) {
       out.messages.push(msg);
       out.request_id = msg.request_id || out.request_id;
       out.text += msg.text;
       out.token_ids.push(...msg.token_ids);
+      out.logprobs.push(...msg.logprobs);
       if (msg.state && msg.state !== 'REQUEST_STATE_UNSPECIFIED') out.states.push(msg.state);
       if (msg.finish_reason && msg.finish_reason !== 'FINISH_REASON_UNSPECIFIED') {
         out.finish_reason = msg.finish_reason;
         out.usage = msg.usage;
+        out.stop_sequence = msg.stop_sequence;
         out.stats = msg.stats;
       }
       if (opts.onMessage) opts.onMessage(msg, call);
@@ -123,24 +147,25 @@ class BatonClient {
     return out;
   }
 
-  _unary(method, request, timeoutMs) {
+  _unary(method, request, timeoutMs, metadata = this.metadata) {
     return new Promise((resolve, reject) => {
-      this.stub[method](request, this.metadata, this._callOptions(timeoutMs), (err, resp) => (err ? reject(err) : resolve(resp)));
+      this.stub[method](request, metadata, this._callOptions(timeoutMs), (err, resp) => (err ? reject(err) : resolve(resp)));
     });
   }
 
   /**
    * Preempt(request_id, action): action is 'suspend' | 'resume' | 'cancel' (any case), or
    * 'ACTION_UNSPECIFIED' / 'priority' with `priority` set to change the priority only.
-   * Resolves the PreemptResponse { request_id, state }.
+   * Resolves the PreemptResponse { request_id, state }. Sends the `x-baton-request-id` header.
+   * opts: { timeoutMs, caller } (caller: with auth on, admins only, whose request id it is).
    */
   preempt(requestId, action, priority = undefined, opts = {}) {
     let name = String(action).toUpperCase();
     if (name === 'PRIORITY') name = 'ACTION_UNSPECIFIED';
     if (!ACTIONS.has(name)) throw new Error(`unknown preempt action: ${action}`);
-    const req = { request_id: requestId, action: name };
+    const req = { request_id: requestId, action: name, caller: opts.caller || '' };
     if (priority !== undefined && priority !== null) req.priority = priority;
-    return this._unary('Preempt', req, opts.timeoutMs);
+    return this._unary('Preempt', req, opts.timeoutMs, this._metadataFor(requestId));
   }
 
   /** GetModelInfo: resolves the ModelInfo message. */
@@ -183,4 +208,4 @@ class BatonClient {
   }
 }
 
-module.exports = { BatonClient, buildGenerateRequest, statusName, grpc, DEFAULT_TARGET };
+module.exports = { BatonClient, buildGenerateRequest, statusName, grpc, DEFAULT_TARGET, ROUTING_HEADER };

@@ -123,3 +123,23 @@ test('an empty prompt gives INVALID_ARGUMENT', { skip, timeout: TIMEOUT }, async
   assert.equal(statusName(err.code), 'INVALID_ARGUMENT');
   assert.equal(seen.length, 0);
 });
+
+test('top_logprobs: one TokenLogprob per token id, N alternatives, most likely first', { skip, timeout: TIMEOUT }, async () => {
+  const out = await client.complete({ prompt: 'The capital of France is', params: { max_new_tokens: 6, ignore_eos: true, top_logprobs: 3 } });
+  assert.equal(out.logprobs.length, out.token_ids.length);
+  out.logprobs.forEach((lp, i) => {
+    assert.equal(lp.token_id, out.token_ids[i]);
+    assert.ok(lp.logprob <= 0, `logprob ${lp.logprob} > 0`);
+    assert.equal(lp.top.length, 3);
+    assert.equal(lp.top[0].token_id, lp.token_id); // greedy: the chosen token is the most likely
+    for (let k = 1; k < lp.top.length; k++) assert.ok(lp.top[k].logprob <= lp.top[k - 1].logprob);
+  });
+});
+
+test('Preempt sends caller: with auth off a named caller is INVALID_ARGUMENT', { skip, timeout: TIMEOUT }, async () => {
+  await assert.rejects(client.preempt(`node-missing-${randomUUID()}`, 'cancel', undefined, { caller: 'bob' }), (err) => {
+    assert.equal(statusName(err.code), 'INVALID_ARGUMENT');
+    assert.match(err.details, /caller/);
+    return true;
+  });
+});

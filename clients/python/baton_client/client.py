@@ -1,8 +1,10 @@
 """BatonClient (blocking) and AsyncBatonClient (asyncio) over the generated gRPC stubs."""
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterator, Sequence
+from typing import AsyncIterator, Iterator, Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -11,10 +13,12 @@ from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc as pb_grpc
 
 Messages = Sequence[tuple[str, str]]
+READY_POLL_SECONDS = 0.2
 
 
 @dataclass(frozen=True)
 class GenerationOptions:
+    """GenerationParams without building protobuf messages. Zero / empty means off (server default)."""
     max_new_tokens: int = 0          # 0 = server default
     temperature: float = 0.0         # 0 = greedy
     top_p: float = 0.0
@@ -23,14 +27,36 @@ class GenerationOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    min_new_tokens: int = 0          # EOS and stop_token_ids cannot end the completion before this many tokens
+    stop_token_ids: tuple[int, ...] = ()   # extra ids that end the completion (finish EOS)
+    presence_penalty: float = 0.0    # OpenAI semantics over the generated tokens, in [-2, 2]
+    frequency_penalty: float = 0.0
+    min_p: float = 0.0
+    logprobs: bool = False           # each response carries the chosen tokens' log-probabilities
+    top_logprobs: int = 0            # 0..20 alternatives per position (implies logprobs)
+    truncate_prompt_tokens: int = 0  # keep only the last N prompt tokens (after the chat template)
+    include_stop_sequence: bool = False  # the matched stop sequence is part of the output
+    logit_bias: Mapping[int, float] = field(default_factory=dict)   # token id -> added to its logit
+    # Constrained decoding: exactly one of {"json_schema": str, "json_object": True, "regex": str,
+    # "grammar": str} (ResponseFormat's oneof); None = unconstrained.
+    response_format: Mapping[str, str | bool] | None = None
 
     def to_pb(self) -> pb.GenerationParams:
         params = pb.GenerationParams(
             max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
             top_k=self.top_k, repetition_penalty=self.repetition_penalty, stop=list(self.stop),
-            ignore_eos=self.ignore_eos)
+            ignore_eos=self.ignore_eos, min_new_tokens=self.min_new_tokens,
+            stop_token_ids=list(self.stop_token_ids), presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, min_p=self.min_p, logprobs=self.logprobs,
+            top_logprobs=self.top_logprobs, truncate_prompt_tokens=self.truncate_prompt_tokens,
+            include_stop_sequence=self.include_stop_sequence, logit_bias=dict(self.logit_bias))
         if self.seed is not None:
             params.seed = self.seed
+        if self.response_format is not None:
+            if len(self.response_format) != 1:
+                raise ValueError("response_format: give exactly one of json_schema, json_object, regex, grammar; "
+                                 f"got {sorted(self.response_format)}")
+            params.response_format.CopyFrom(pb.ResponseFormat(**self.response_format))
         return params
 
 
@@ -44,28 +70,43 @@ class Completion:
     finish_reason: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    truncated_prompt_tokens: int = 0
+    logprobs: list[pb.TokenLogprob] = field(default_factory=list)   # with options.logprobs: one per token id
+    stop_sequence: str = ""          # the stop sequence that matched, if one did
     stats: pb.RequestStats | None = None
 
     def add(self, msg: pb.GenerateResponse) -> None:
         self.request_id = msg.request_id
         self.text += msg.text
         self.token_ids.extend(msg.token_ids)
+        self.logprobs.extend(msg.logprobs)
         if msg.state:
             self.states.append(pb.RequestState.Name(msg.state))
         if msg.finish_reason:
             self.finish_reason = pb.FinishReason.Name(msg.finish_reason)
             self.prompt_tokens = msg.usage.prompt_tokens
             self.completion_tokens = msg.usage.completion_tokens
+            self.cached_prompt_tokens = msg.usage.cached_prompt_tokens
+            self.truncated_prompt_tokens = msg.usage.truncated_prompt_tokens
+            self.stop_sequence = msg.stop_sequence
             self.stats = msg.stats
+
+
+def _chat(messages: Messages | None) -> list[pb.ChatMessage]:
+    return [pb.ChatMessage(role=r, content=c) for r, c in (messages or ())]
 
 
 def build_request(prompt: str | None = None, messages: Messages | None = None, *,
                   options: GenerationOptions | None = None, request_id: str = "",
                   priority: int = 0) -> pb.GenerateRequest:
-    return pb.GenerateRequest(
-        request_id=request_id, prompt=prompt or "",
-        messages=[pb.ChatMessage(role=r, content=c) for r, c in (messages or ())],
-        priority=priority, params=(options or GenerationOptions()).to_pb())
+    return pb.GenerateRequest(request_id=request_id, prompt=prompt or "", messages=_chat(messages),
+                              priority=priority, params=(options or GenerationOptions()).to_pb())
+
+
+def build_tokenize(prompt: str | None = None, messages: Messages | None = None) -> pb.TokenizeRequest:
+    """A prompt as raw text, or chat messages with the model's chat template and a generation prompt."""
+    return pb.TokenizeRequest(prompt=prompt or "", messages=_chat(messages))
 
 
 ROUTING_HEADER = "x-baton-request-id"  # lets a load balancer send Generate and Preempt of one id to one replica
@@ -139,8 +180,14 @@ class BatonClient:
     def model_info(self) -> pb.ModelInfo:
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=_traced(self.metadata))
 
-    def tokenize(self, prompt: str) -> list[int]:
-        return list(self.stub.Tokenize(pb.TokenizeRequest(prompt=prompt), metadata=_traced(self.metadata)).token_ids)
+    def tokenize(self, prompt: str | None = None, messages: Messages | None = None) -> list[int]:
+        """Token ids of a raw prompt, or of chat messages after the chat template (exactly one)."""
+        return [token_id for token_id, _ in self.tokenize_pieces(prompt, messages)]
+
+    def tokenize_pieces(self, prompt: str | None = None, messages: Messages | None = None) -> list[tuple[int, str]]:
+        """(token id, the tokenizer's piece for it) for each token, as `tokenize`."""
+        resp = self.stub.Tokenize(build_tokenize(prompt, messages), metadata=_traced(self.metadata))
+        return list(zip(resp.token_ids, resp.tokens))
 
     def health(self, service: str = "") -> str:
         stub = health_pb2_grpc.HealthStub(self.channel)
@@ -149,7 +196,6 @@ class BatonClient:
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Block until health reports SERVING."""
-        import time
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -159,7 +205,7 @@ class BatonClient:
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError("server did not become SERVING in time")
-            time.sleep(0.2)
+            time.sleep(READY_POLL_SECONDS)
 
     def close(self) -> None:
         self.channel.close()
@@ -172,7 +218,7 @@ class BatonClient:
 
 
 class AsyncBatonClient:
-    """asyncio client with the same surface as BatonClient."""
+    """asyncio client with the same surface as BatonClient (every call but `generate` is awaited)."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *, channel: grpc.aio.Channel | None = None,
                  metadata: Sequence[tuple[str, str]] = ()) -> None:
@@ -198,6 +244,32 @@ class AsyncBatonClient:
 
     async def model_info(self) -> pb.ModelInfo:
         return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=_traced(self.metadata))
+
+    async def tokenize(self, prompt: str | None = None, messages: Messages | None = None) -> list[int]:
+        return [token_id for token_id, _ in await self.tokenize_pieces(prompt, messages)]
+
+    async def tokenize_pieces(self, prompt: str | None = None,
+                              messages: Messages | None = None) -> list[tuple[int, str]]:
+        resp = await self.stub.Tokenize(build_tokenize(prompt, messages), metadata=_traced(self.metadata))
+        return list(zip(resp.token_ids, resp.tokens))
+
+    async def health(self, service: str = "") -> str:
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        resp = await stub.Check(health_pb2.HealthCheckRequest(service=service), metadata=self.metadata)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    async def wait_ready(self, timeout: float = 120.0) -> None:
+        """Wait (without blocking the event loop) until health reports SERVING."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if await self.health() == "SERVING":
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("server did not become SERVING in time")
+            await asyncio.sleep(READY_POLL_SECONDS)
 
     async def close(self) -> None:
         await self.channel.close()
