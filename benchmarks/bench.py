@@ -826,6 +826,27 @@ def stage_hf_cb_w4(b: Bench) -> dict:
     return b.per_rate("hf_cb_w4", one)
 
 
+def stage_w5(b: Bench) -> dict:
+    """W5 (multi-turn chat, closed loop) with the prefix cache off, device, device+host; the device
+    tier squeezed to a quarter of the conversations' K/V so the host tier matters."""
+    from benchmarks.w5 import ANSWER_TOKENS, SYSTEM_TOKENS, USER_TOKENS, run_w5
+    count, turns = b.args.w5_conversations, b.args.w5_turns
+    itemsize = torch.empty((), dtype=b.model.dtype).element_size()
+    per_token = 2 * b.spec.num_layers * b.spec.num_kv_heads * b.spec.head_dim * itemsize
+    working_set = count * (SYSTEM_TOKENS + turns * (USER_TOKENS + ANSWER_TOKENS)) * per_token
+    out = {}
+    for layout in b.layouts:
+        for mode in ("off", "device", "device+host"):
+            kw = dict(max_seq_len=b.w4_context, kv_layout=layout, prefix_cache=mode, fused_decode=b.fused,
+                      prefix_cache_device_bytes=working_set // 4, prefix_cache_host_bytes=2 * working_set,
+                      prefill_chunk_tokens=b.common["prefill_chunk_tokens"])
+            out.update(b.keep(f"w5_{layout}_{mode.replace('+', '_')}",
+                              run_w5(b.model, b.tokenizer, b.spec, count=count, turns=turns, config_kw=kw,
+                                     vocab=b.vocab, device=b.device)))
+            _free(b.device)
+    return out
+
+
 # `--runs` names stages from this table; they run in the order given
 def stage_decode_chat(b: Bench) -> dict:
     """Decode step with chat-like lengths at --max-seq-len context (--kv-layout), vs the real-token floor."""
@@ -856,6 +877,7 @@ STAGES: dict[str, Callable[[Bench], dict]] = {
     "hf-static": stage_hf_static,
     "hf-cb": stage_hf_cb,
     "hf-cb-w4": stage_hf_cb_w4,
+    "w5": stage_w5,
 }
 RUNS = frozenset(STAGES)
 PER_RATE = {"w2", "grpc-w2", "w4", "grpc-w4", "hf-cb-w4"}   # on CUDA: one child process per rate
@@ -924,8 +946,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default="engine,hf-static", help="comma list of stages, run in the order given: engine, "
                    "engine-eager, grpc (engine process, as served), grpc-thread (engine thread in the server), "
                    "grpc-w2 (W2 through gRPC), hf-static, hf-cb, floor, w2, w3, w3-low, w4 (chat traffic), "
-                   "grpc-w4 (W4 through gRPC), hf-cb-w4 (W4 on HF continuous batching)")
+                   "grpc-w4 (W4 through gRPC), hf-cb-w4 (W4 on HF continuous batching), "
+                   "w5 (multi-turn chat, prefix cache off / device / device+host)")
     p.add_argument("--requests", type=int, default=128, help="requests of W1, W2 and W4")
+    p.add_argument("--w5-conversations", type=int, default=32, help="W5: conversations at once")
+    p.add_argument("--w5-turns", type=int, default=8, help="W5: turns per conversation")
     p.add_argument("--max-output", type=int, default=None,
                    help="output length cap: W1/W2 outputs are uniform 16..this (default 512); W4's lognormal "
                         "outputs are capped at this (default 1,000)")

@@ -121,12 +121,21 @@ _ENGINE_GAUGES = (
     ("baton_kv_host_bytes", "K/V bytes parked in host memory", "kv_bytes_on_host"),
     ("baton_kv_pages_used", "K/V pages held by batch rows (--kv-layout paged; 0 with the slab)", "kv_pages_used"),
     ("baton_kv_pages_free", "K/V pages free (--kv-layout paged; 0 with the slab)", "kv_pages_free"),
+    ("baton_prefix_cache_device_bytes", "K/V bytes the prefix cache holds in its device tier", "prefix_bytes_device"),
+    ("baton_prefix_cache_host_bytes", "K/V bytes the prefix cache holds in its host tier", "prefix_bytes_host"),
 )
 _ENGINE_COUNTERS = (
     ("baton_preemptions", "Rows parked in host memory by the scheduler or by SUSPEND", "preemptions"),
     ("baton_kv_offload_bytes", "K/V bytes copied device to host", "bytes_offloaded"),
     ("baton_kv_restore_bytes", "K/V bytes copied host to device", "bytes_restored"),
     ("baton_engine_steps", "Engine steps run", "steps"),
+    ("baton_prefill_tokens", "Prompt tokens computed by prefill forwards (cache hits not counted)", "prefill_tokens"),
+    ("baton_prefix_cache_lookup_tokens", "Prompt tokens looked up in the prefix cache (hit rate: "
+                                         "rate of the hit counters over rate of this)", "prefix_lookup_tokens"),
+    ("baton_prefix_cache_hit_tokens_device", "Prompt tokens whose K/V came from the prefix cache's device tier",
+     "prefix_hit_tokens_device"),
+    ("baton_prefix_cache_hit_tokens_host", "Prompt tokens whose K/V came from the prefix cache's host tier",
+     "prefix_hit_tokens_host"),
     ("baton_engine_step_errors", "Engine steps that raised", "step_errors"),
     ("baton_engine_idle_seconds", "Time the engine loop waited with nothing to run (busy share: "
                                   "1 - rate of this)", "seconds_idle"),

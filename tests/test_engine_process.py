@@ -164,16 +164,20 @@ def test_process_transport_outputs_equal_the_thread_transport(tiny_model_dir):
 
 
 def test_served_paged_layout_matches_hf_generate(tmp_path, tiny_model_dir):
-    """`baton serve --kv-layout paged` (env BATON_KV_LAYOUT): the real server, through gRPC, gives
-    HF generate's tokens for concurrent requests, reports pages in Prometheus, and returns them."""
+    """`baton serve --kv-layout paged` (env BATON_KV_LAYOUT), with chunked prefill and the prefix
+    cache on (env BATON_PREFILL_CHUNK_TOKENS, BATON_PREFIX_CACHE): the real server, through gRPC,
+    gives HF generate's tokens for concurrent requests, reports pages in Prometheus and returns
+    them; a repeated long prompt is served from the cache (usage and metrics say so), same tokens."""
     import torch
 
     from engine import model_loader
     from tests.conftest import hf_reference
     folder = tiny_model_dir("llama")
     server = start_server(tmp_path, "--model", folder, "--max-seq-len", "256", "--kv-page-size", "16",
-                          env={"BATON_KV_LAYOUT": "paged"})
+                          env={"BATON_KV_LAYOUT": "paged", "BATON_PREFILL_CHUNK_TOKENS": "8",
+                               "BATON_PREFIX_CACHE": "device+host"})
     prompts = ["Once upon a time", "The capital of France is", "1, 2, 3,"]
+    long_prompt = "Once upon a time, in a land far away, there lived a king. " * 4
     try:
         with BatonClient(server.target) as client:
             results: dict[str, list[int]] = {}
@@ -188,10 +192,17 @@ def test_served_paged_layout_matches_hf_generate(tmp_path, tiny_model_dir):
                 t.start()
             for t in threads:
                 t.join(120)
+            repeated = [client.complete(long_prompt, options=GenerationOptions(max_new_tokens=12, ignore_eos=True))
+                        for _ in range(2)]
         assert server.wait_metric("baton_kv_pages_used", 0) == 0
         assert server.metric("baton_kv_pages_free") == 4 * 256 // 16   # max_batch_size 4 x 256 tokens, pages of 16
+        assert repeated[0].cached_prompt_tokens == 0 and repeated[1].cached_prompt_tokens >= 16
+        assert server.metric("baton_prefix_cache_hit_tokens_device_total") == repeated[1].cached_prompt_tokens
+        assert server.metric("baton_prefix_cache_device_bytes") > 0
     finally:
         server.stop()
     hf_model, tokenizer, _ = model_loader.load(folder, torch.device("cpu"), torch.float32)
     for prompt in prompts:
         assert results[prompt] == hf_reference(hf_model, tokenizer(prompt)["input_ids"], 20, ()), prompt
+    expected = hf_reference(hf_model, tokenizer(long_prompt)["input_ids"], 12, ())
+    assert [list(c.token_ids) for c in repeated] == [expected, expected]

@@ -71,6 +71,32 @@ def test_cuda_fp32_chunked_prefill_matches_hf(tiny_cuda, layout):
     assert engine.stats().prefill_chunks > 0 and engine.stats().kv_pages_used == 0
 
 
+@pytest.mark.parametrize("layout", [{}, dict(kv_layout="paged")], ids=["slab", "paged"])
+def test_cuda_fp32_prefix_cache_hits_match_hf(tiny_cuda, layout):
+    """The prefix cache on CUDA (device tier of 2 blocks, host tier pinned): requests sharing a
+    long prefix, hits from both tiers, the same tokens as HF generate alone."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    hf_model, tokenizer, spec = tiny_cuda
+    block_bytes = spec.num_layers * 2 * spec.num_kv_heads * 16 * spec.head_dim * 4
+    engine, limits = make_engine(tiny_cuda, max_batch_size=3, max_seq_len=256, cuda_graphs=True, fused_decode=True,
+                                 kv_page_size=16, prefix_cache="device+host", prefix_cache_device_bytes=2 * block_bytes,
+                                 prefix_cache_host_bytes=1 << 24, **layout)
+    shared = "Once upon a time, in a land far away, there lived a king who had three daughters. " * 2
+    arrivals = {0: [GenerateInput(request_id="a", prompt=shared + "The eldest", max_new_tokens=12, ignore_eos=True)],
+                4: [GenerateInput(request_id="b", prompt=shared + "The youngest", max_new_tokens=12, ignore_eos=True)],
+                20: [GenerateInput(request_id="c", prompt=shared + "The middle one", max_new_tokens=12,
+                                   ignore_eos=True)]}
+    outputs = drive(engine, limits, arrivals)
+    for inputs in arrivals.values():
+        for inp in inputs:
+            expected = hf_reference(hf_model.cpu(), tokenizer(inp.prompt)["input_ids"], inp.max_new_tokens, ())
+            hf_model.to(CUDA)
+            assert outputs[inp.request_id].token_ids == expected, inp.request_id
+    stats = engine.stats()
+    assert outputs["b"].final.cached_prompt_tokens > 0 and stats.prefix_hit_tokens_host > 0
+    engine.prefix_cache.check()
+
+
 @pytest.mark.parametrize("fused, layout", [(False, {}), (True, {}), (True, dict(kv_layout="paged", kv_page_size=16))],
                          ids=["hf-forward", "fused-compiled", "paged-fused-compiled"])
 def test_bf16_graph_path_equals_eager_path(tiny_model_dir, fused, layout):
