@@ -838,7 +838,8 @@ def stage_w5(b: Bench) -> dict:
     for layout in b.layouts:
         for mode in ("off", "device", "device+host"):
             kw = dict(max_seq_len=b.w4_context, kv_layout=layout, prefix_cache=mode, fused_decode=b.fused,
-                      prefix_cache_device_bytes=working_set // 4, prefix_cache_host_bytes=2 * working_set,
+                      prefix_cache_device_bytes=working_set // 4,
+                      prefix_cache_host_bytes=min(2 * working_set, 24 << 30),
                       prefill_chunk_tokens=b.common["prefill_chunk_tokens"])
             out.update(b.keep(f"w5_{layout}_{mode.replace('+', '_')}",
                               run_w5(b.model, b.tokenizer, b.spec, count=count, turns=turns, config_kw=kw,
