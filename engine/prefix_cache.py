@@ -119,9 +119,9 @@ class PrefixCache:
         for h, name in zip(hashes, tiers):
             if name == "device":
                 self.device_tier.lru.move_to_end(h)
-        for h, name in zip(hashes, tiers):
+        for i, (h, name) in enumerate(zip(hashes, tiers)):
             if name == "host" and h in self.host_tier.lru:
-                self._promote(h)
+                self._promote(h, out[..., i * B:(i + 1) * B, :])
         hit = PrefixHit(len(hashes) * B, tiers.count("device") * B, tiers.count("host") * B)
         self.hit_tokens["device"] += hit.device_tokens
         self.hit_tokens["host"] += hit.host_tokens
@@ -154,7 +154,8 @@ class PrefixCache:
         h, slot = tier.lru.popitem(last=False)
         host_slot = self._host_slot()
         if host_slot is not None:
-            self.host_tier.data[host_slot].copy_(tier.data[slot])
+            # pinned on CUDA: asynchronous, ordered on the stream before any later use of either slot
+            self.host_tier.data[host_slot].copy_(tier.data[slot], non_blocking=True)
             self.host_tier.lru[h] = host_slot
         return slot
 
@@ -167,14 +168,15 @@ class PrefixCache:
         _h, slot = tier.lru.popitem(last=False)   # dropped from the cache
         return slot
 
-    def _promote(self, h: bytes) -> None:
-        """Move a host block up to the device tier (its host slot is freed)."""
+    def _promote(self, h: bytes, on_device: torch.Tensor) -> None:
+        """Move a host block up to the device tier (its host slot is freed), from `on_device`, the
+        copy of it the load just made (so it crosses the host link once)."""
         host_slot = self.host_tier.lru.pop(h)
         slot = self._device_slot()
         if slot is None:   # no device tier at all: stay in host memory
             self.host_tier.lru[h] = host_slot
             return
-        self.device_tier.data[slot].copy_(self.host_tier.data[host_slot])
+        self.device_tier.data[slot].copy_(on_device)
         self.device_tier.lru[h] = slot
         self.host_tier.free.append(host_slot)
 
