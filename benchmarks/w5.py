@@ -32,6 +32,11 @@ def run_w5(model, tokenizer, spec, *, count: int, turns: int, config_kw: dict, v
 
     config = EngineConfig(**{**dict(warmup=False, aging_seconds=0, max_batch_size=max(count, 1)), **config_kw})
     engine, _info = assemble_engine(model, tokenizer, spec, config)
+    warm = random.Random(1)   # one prefill and a few steps first (first-use costs), then the figures
+    engine.add_request(Request("warm", [warm.randrange(10, vocab) for _ in range(SYSTEM_TOKENS + USER_TOKENS)],
+                               SamplingParams(max_new_tokens=4, ignore_eos=True)))
+    while engine.has_work():
+        engine.step()
     system, users = conversations(count, vocab)
     history = [list(system) for _ in range(count)]
     turn_of = [0] * count

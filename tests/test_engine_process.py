@@ -167,7 +167,8 @@ def test_served_paged_layout_matches_hf_generate(tmp_path, tiny_model_dir):
     """`baton serve --kv-layout paged` (env BATON_KV_LAYOUT), with chunked prefill and the prefix
     cache on (env BATON_PREFILL_CHUNK_TOKENS, BATON_PREFIX_CACHE): the real server, through gRPC,
     gives HF generate's tokens for concurrent requests, reports pages in Prometheus and returns
-    them; a repeated long prompt is served from the cache (usage and metrics say so), same tokens."""
+    them; a three-turn conversation (each turn resends the history with the model's answer) is
+    served from the cache on turns 2 and 3 (usage and metrics say so), with HF's tokens."""
     import torch
 
     from engine import model_loader
@@ -192,17 +193,22 @@ def test_served_paged_layout_matches_hf_generate(tmp_path, tiny_model_dir):
                 t.start()
             for t in threads:
                 t.join(120)
-            repeated = [client.complete(long_prompt, options=GenerationOptions(max_new_tokens=12, ignore_eos=True))
-                        for _ in range(2)]
+            turns, history = [], long_prompt
+            for user in ("", " And then?", " How did it end?"):
+                history += user
+                turns.append((history, client.complete(history, options=GenerationOptions(max_new_tokens=12,
+                                                                                            ignore_eos=True))))
+                history += turns[-1][1].text
         assert server.wait_metric("baton_kv_pages_used", 0) == 0
         assert server.metric("baton_kv_pages_free") == 4 * 256 // 16   # max_batch_size 4 x 256 tokens, pages of 16
-        assert repeated[0].cached_prompt_tokens == 0 and repeated[1].cached_prompt_tokens >= 16
-        assert server.metric("baton_prefix_cache_hit_tokens_device_total") == repeated[1].cached_prompt_tokens
+        cached = [done.cached_prompt_tokens for _, done in turns]
+        assert cached[0] == 0 and cached[1] >= 32 and cached[2] > cached[1]
+        assert server.metric("baton_prefix_cache_hit_tokens_device_total") == sum(cached)
         assert server.metric("baton_prefix_cache_device_bytes") > 0
     finally:
         server.stop()
     hf_model, tokenizer, _ = model_loader.load(folder, torch.device("cpu"), torch.float32)
     for prompt in prompts:
         assert results[prompt] == hf_reference(hf_model, tokenizer(prompt)["input_ids"], 20, ()), prompt
-    expected = hf_reference(hf_model, tokenizer(long_prompt)["input_ids"], 12, ())
-    assert [list(c.token_ids) for c in repeated] == [expected, expected]
+    for prompt, done in turns:
+        assert list(done.token_ids) == hf_reference(hf_model, tokenizer(prompt)["input_ids"], 12, ()), prompt
