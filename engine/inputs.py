@@ -54,7 +54,7 @@ class MessageInput:
 @dataclass(frozen=True)
 class ResponseFormatInput:
     kind: str                         # "json_schema" | "json_object" | "regex" | "grammar"
-    value: str = ""
+    value: str = ""                   # json_object: "" (set to true); anything else is refused
 
 
 # Between an owner and its request id in the engine's key. A whitespace character: never part of
@@ -177,7 +177,8 @@ def check_params(inp: GenerateInput, limits: Limits) -> SamplingParams:
         presence_penalty=float(inp.presence_penalty), frequency_penalty=float(inp.frequency_penalty),
         min_p=float(inp.min_p), logit_bias=tuple(sorted((int(t), float(b)) for t, b in inp.logit_bias)),
         logprobs=bool(inp.logprobs or inp.top_logprobs), top_logprobs=int(inp.top_logprobs),
-        include_stop_sequence=bool(inp.include_stop_sequence))
+        include_stop_sequence=bool(inp.include_stop_sequence),
+        response_format=None if inp.response_format is None else (inp.response_format.kind, inp.response_format.value))
 
 
 def _check_token_id(name: str, token: int, limits: Limits) -> None:
@@ -202,6 +203,14 @@ def check_unsupported(inp: GenerateInput) -> None:
         _check_json("params.response_format.json_schema", fmt.value)
     if fmt is not None and fmt.kind in ("regex", "grammar") and not fmt.value:
         raise InvalidInput(f"params.response_format.{fmt.kind}", "must not be empty")
+    if fmt is not None and fmt.kind == "json_object" and fmt.value:
+        raise InvalidInput("params.response_format.json_object", "must be true when set")
+    if fmt is not None and inp.ignore_eos:
+        raise InvalidInput("params.ignore_eos", "cannot be combined with params.response_format "
+                                                "(the grammar decides where the output ends)")
+    if fmt is not None and inp.min_new_tokens:
+        raise InvalidInput("params.min_new_tokens", "cannot be combined with params.response_format "
+                                                     "(the grammar decides where the output ends)")
     if len(inp.tools) > MAX_TOOLS:
         raise InvalidInput("tools", f"at most {MAX_TOOLS} tools, got {len(inp.tools)}")
     names = set()
@@ -225,8 +234,6 @@ def check_unsupported(inp: GenerateInput) -> None:
             raise UnsupportedInput(f"messages[{extra.index}].tool_call_id", "tool calls are not supported yet")
     if inp.n > 1:
         raise UnsupportedInput("params.n", "more than one completion per request is not supported yet")
-    if fmt is not None:
-        raise UnsupportedInput(f"params.response_format.{fmt.kind}", "constrained decoding is not supported yet")
     if inp.tools:
         raise UnsupportedInput("tools", "tool definitions are not supported yet")
 
@@ -260,11 +267,15 @@ def check_text(inp: GenerateInput) -> None:
         raise InvalidInput("prompt", f"longer than {MAX_PROMPT_CHARS} characters")
 
 
-def build_request(inp: GenerateInput, tokenizer, limits: Limits) -> Request:
-    """Validate everything and return a fresh Request; raises InvalidInput naming the field."""
+def build_request(inp: GenerateInput, tokenizer, limits: Limits, grammars=None) -> Request:
+    """Validate everything and return a fresh Request; raises InvalidInput naming the field.
+    `grammars` (engine.grammar.Grammars): compiles a response_format here, so that a bad schema,
+    regex or grammar is refused before the request is queued (None: the engine finds out)."""
     check_text(inp)
     params = check_params(inp, limits)
     check_unsupported(inp)
+    if params.response_format is not None and grammars is not None:
+        grammars.compile(*params.response_format)
     names = {m.index: m.name for m in inp.message_extras if m.name}
     for i in names:
         if i >= len(inp.messages):

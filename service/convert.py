@@ -37,12 +37,18 @@ def generate_input(req: pb.GenerateRequest, owner: str = "") -> GenerateInput:
         logprobs=p.logprobs, top_logprobs=p.top_logprobs, truncate_prompt_tokens=p.truncate_prompt_tokens,
         include_stop_sequence=p.include_stop_sequence, n=p.n,
         response_format=None if kind is None else ResponseFormatInput(
-            kind, "" if kind == "json_object" else getattr(p.response_format, kind)),
+            kind, _format_value(p.response_format, kind)),
         logit_bias=tuple(p.logit_bias.items()),
         tools=tuple(ToolInput(t.name, t.description, t.parameters_json_schema) for t in req.tools),
         tool_choice=req.tool_choice,
         message_extras=tuple(MessageInput(i, m.name, m.tool_call_id, len(m.tool_calls))
                              for i, m in enumerate(req.messages) if m.name or m.tool_call_id or m.tool_calls))
+
+
+def _format_value(fmt: pb.ResponseFormat, kind: str) -> str:
+    if kind == "json_object":   # a bool: true is the only meaningful value
+        return "" if fmt.json_object else "false"
+    return getattr(fmt, kind)
 
 
 def state_to_pb(state: RequestState) -> int:
