@@ -2,7 +2,7 @@
 and one token bitmask per step for all the constrained rows.
 
 Job: a request's `response_format` (kind, value) -> a compiled grammar (JSON schema, any JSON,
-regex or EBNF) for this model's tokenizer; per step, the allowed next tokens of every constrained
+regex or EBNF, or one forced tool call) for this model's tokenizer; per step, the allowed next tokens of every constrained
 row as one int32 bitmask [n, ceil(V/32)], applied to the logits on the device for the whole batch
 (`TokenMask.apply`); after sampling, each matcher accepts its row's token.
 
@@ -30,8 +30,9 @@ import torch
 import xgrammar as xgr
 
 from engine.inputs import InvalidInput
+from engine.tools import CLOSE, OPEN
 
-KINDS = ("json_schema", "json_object", "regex", "grammar")
+KINDS = ("json_schema", "json_object", "regex", "grammar", "tool_call")   # tool_call: engine/tools.py
 MAX_CACHED = 256            # compiled grammars kept (least recently used dropped first)
 
 
@@ -84,8 +85,13 @@ class Grammars:
                 return compiler.compile_regex(value)
             if kind == "grammar":
                 return compiler.compile_grammar(value)
+            if kind == "tool_call":   # engine/tools.py: value is the JSON Schema of the call object
+                return compiler.compile_grammar(xgr.Grammar.concat(
+                    xgr.Grammar.from_ebnf(f"root ::= {json.dumps(OPEN)}"),
+                    xgr.Grammar.from_json_schema(value, any_whitespace=False, strict_mode=True),
+                    xgr.Grammar.from_ebnf(f"root ::= {json.dumps(CLOSE)}")))
         except RuntimeError as exc:   # xgrammar reports every parse/convert error as RuntimeError
-            raise InvalidInput(field_path, _short(str(exc))) from None
+            raise InvalidInput("tools" if kind == "tool_call" else field_path, _short(str(exc))) from None
         raise InvalidInput("params.response_format", f"unknown kind {kind!r}; expected one of {KINDS}")
 
     def _compiler_once(self) -> xgr.GrammarCompiler:

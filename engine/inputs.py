@@ -6,12 +6,14 @@ any engine work is done.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import uuid
 from dataclasses import dataclass, field
 
 from engine.request import Request, SamplingParams
+from engine.tools import call_format, chat_with_tools, template_takes_tools, tool_dicts
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_REQUEST_ID_CHARS = 128
@@ -43,12 +45,19 @@ class ToolInput:
 
 
 @dataclass(frozen=True)
+class ToolCallInput:
+    id: str
+    name: str
+    arguments_json: str = ""
+
+
+@dataclass(frozen=True)
 class MessageInput:
     """The parts of a ChatMessage beyond (role, content), by message index; only set ones are listed."""
     index: int
     name: str = ""
-    tool_call_id: str = ""
-    tool_calls: int = 0               # how many tool calls it carries
+    tool_call_id: str = ""            # role "tool": the call it answers
+    tool_calls: tuple[ToolCallInput, ...] = ()   # role "assistant": the calls it made
 
 
 @dataclass(frozen=True)
@@ -117,6 +126,11 @@ class Limits:
 def _check_finite(name: str, value: float) -> None:
     if math.isnan(value) or math.isinf(value):
         raise InvalidInput(name, f"must be a finite number, got {value}")
+
+
+def tool_call_format(tools: tuple[ToolInput, ...], tool_choice: str) -> tuple[str, str] | None:
+    """The response format that forces one tool call (tool_choice `required` or a tool's name)."""
+    return call_format(tools, tool_choice) if tools else None
 
 
 def check_params(inp: GenerateInput, limits: Limits) -> SamplingParams:
@@ -227,21 +241,39 @@ def check_unsupported(inp: GenerateInput) -> None:
                                           f"got {inp.tool_choice!r}")
     if inp.tool_choice in ("required",) and not inp.tools:
         raise InvalidInput("tool_choice", "'required' needs tools")
+    if fmt is not None and tool_call_format(inp.tools, inp.tool_choice) is not None:
+        raise InvalidInput("tool_choice", f"{inp.tool_choice!r} constrains the output itself; "
+                                          "it cannot be combined with params.response_format")
     for extra in inp.message_extras:
-        if extra.tool_calls:
-            raise UnsupportedInput(f"messages[{extra.index}].tool_calls", "tool calls are not supported yet")
-        if extra.tool_call_id:
-            raise UnsupportedInput(f"messages[{extra.index}].tool_call_id", "tool calls are not supported yet")
+        _check_message_extra(inp, extra)
     if inp.n > 1:
         raise UnsupportedInput("params.n", "more than one completion per request is not supported yet")
-    if inp.tools:
-        raise UnsupportedInput("tools", "tool definitions are not supported yet")
+
+
+def _check_message_extra(inp: GenerateInput, extra: MessageInput) -> None:
+    where = f"messages[{extra.index}]"
+    if extra.index >= len(inp.messages):
+        raise InvalidInput(where, "no such message")
+    role = inp.messages[extra.index][0]
+    if extra.tool_calls and role != "assistant":
+        raise InvalidInput(f"{where}.tool_calls", f"only assistant messages make tool calls, not {role!r}")
+    if extra.tool_call_id and role != "tool":
+        raise InvalidInput(f"{where}.tool_call_id", f"only tool messages answer a tool call, not {role!r}")
+    for j, call in enumerate(extra.tool_calls):
+        if not call.name:
+            raise InvalidInput(f"{where}.tool_calls[{j}].name", "must be set")
+        if call.arguments_json:
+            _check_json(f"{where}.tool_calls[{j}].arguments_json", call.arguments_json)
+            if not isinstance(json.loads(call.arguments_json), dict):
+                raise InvalidInput(f"{where}.tool_calls[{j}].arguments_json", "must be a JSON object")
 
 
 def encode(tokenizer, prompt: str, messages: tuple[tuple[str, str], ...],
-           names: dict[int, str] | None = None) -> list[int]:
+           names: dict[int, str] | None = None, tools: tuple[ToolInput, ...] = (),
+           extras: tuple[MessageInput, ...] = ()) -> list[int]:
     """Token ids of a raw prompt (with the tokenizer's usual special tokens) or of chat messages
-    (the model's chat template with a generation prompt). Assumes exactly one is set."""
+    (the model's chat template with a generation prompt; `tools` and the messages' tool calls and
+    tool call ids rendered as engine/tools.py says). Assumes exactly one is set."""
     if prompt:
         return list(tokenizer(prompt)["input_ids"])
     if not getattr(tokenizer, "chat_template", None):
@@ -252,7 +284,13 @@ def encode(tokenizer, prompt: str, messages: tuple[tuple[str, str], ...],
     chat = [{"role": r, "content": c} for r, c in messages]
     for i, name in (names or {}).items():   # a participant's name, for templates that use it
         chat[i]["name"] = name
-    text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    calls = {m.index: m.tool_calls for m in extras if m.tool_calls}
+    call_ids = {m.index: m.tool_call_id for m in extras if m.tool_call_id}
+    native = template_takes_tools(tokenizer)
+    if tools or calls or call_ids:
+        chat = chat_with_tools(chat, tools, calls, call_ids, native)
+    kwargs = {"tools": tool_dicts(tools)} if tools and native else {}
+    text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False, **kwargs)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -274,13 +312,19 @@ def build_request(inp: GenerateInput, tokenizer, limits: Limits, grammars=None) 
     check_text(inp)
     params = check_params(inp, limits)
     check_unsupported(inp)
+    forced_call = tool_call_format(inp.tools, inp.tool_choice)
+    if forced_call is not None:
+        params = dataclasses.replace(params, response_format=forced_call)
     if params.response_format is not None and grammars is not None:
         grammars.compile(*params.response_format)
     names = {m.index: m.name for m in inp.message_extras if m.name}
     for i in names:
         if i >= len(inp.messages):
             raise InvalidInput(f"messages[{i}].name", "no such message")
-    prompt_ids = encode(tokenizer, inp.prompt, inp.messages, names)
+    if inp.tools and inp.prompt:
+        raise InvalidInput("tools", "tools need messages (the chat template renders them), not a raw prompt")
+    shown = inp.tools if inp.tool_choice != "none" else ()   # "none": the model is not shown the tools
+    prompt_ids = encode(tokenizer, inp.prompt, inp.messages, names, shown, inp.message_extras)
     where = "prompt" if inp.prompt else "messages"
     if not prompt_ids:
         raise InvalidInput(where, "tokenizes to no tokens")

@@ -59,6 +59,13 @@ INVALID = [
     (dict(tool_choice="required"), "tool_choice"),
     (dict(tools=[pb.Tool(name="")]), "tools[0].name"),
     (dict(tools=[pb.Tool(name="f", parameters_json_schema="{")]), "tools[0].parameters_json_schema"),
+    (dict(tools=[pb.Tool(name="f")]), "tools"),                                   # a raw prompt: no template
+    (dict(messages=[pb.ChatMessage(role="user", content="", tool_calls=[pb.ToolCall(name="f")])]),
+     "messages[0].tool_calls"),
+    (dict(messages=[pb.ChatMessage(role="assistant", content="", tool_calls=[pb.ToolCall(name="f", arguments_json="[1]")])]),
+     "messages[0].tool_calls[0].arguments_json"),
+    (dict(tools=[pb.Tool(name="f")], tool_choice="f", messages=[pb.ChatMessage(role="user", content="hi")],
+          response_format=pb.ResponseFormat(regex="a")), "tool_choice"),
 ]
 
 
@@ -71,12 +78,6 @@ def test_bad_values_are_invalid_argument_naming_the_field(stub, fields, name):
 
 UNIMPLEMENTED = [
     (dict(n=2), "params.n"),
-    (dict(tools=[pb.Tool(name="f", parameters_json_schema='{"type": "object"}')], tool_choice="f"), "tools"),
-    (dict(messages=[pb.ChatMessage(role="assistant", content="",
-                                   tool_calls=[pb.ToolCall(id="1", name="f", arguments_json="{}")])]),
-     "messages[0].tool_calls"),
-    (dict(messages=[pb.ChatMessage(role="user", content="hi"),
-                    pb.ChatMessage(role="tool", content="42", tool_call_id="1")]), "messages[1].tool_call_id"),
 ]
 
 
