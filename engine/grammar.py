@@ -15,7 +15,7 @@ Invariants:
 - The grammar's stop tokens are the engine's EOS ids: a constrained row can end only where the
   grammar is complete, and once complete it can only end (the mask then allows EOS only).
 - The bitmask is filled by xgrammar's batch matcher (its own threads, no per-row Python) into one
-  host tensor, copied to the device once, and applied by xgrammar's kernel to the rows that have a
+  host buffer kept across steps, copied to the device once per step, and applied by xgrammar's kernel to the rows that have a
   grammar (`indices`); other rows' logits are untouched.
 """
 from __future__ import annotations
@@ -49,6 +49,7 @@ class Grammars:
         self._cache: OrderedDict[tuple[str, str], concurrent.futures.Future] = OrderedDict()
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="baton-grammar")
         self._batch: xgr.BatchGrammarMatcher | None = None
+        self._host: torch.Tensor | None = None        # the step's bitmask buffer (_host_bitmask)
 
     def compile(self, kind: str, value: str) -> xgr.CompiledGrammar:
         """The compiled grammar (waits for it); raises InvalidInput naming
@@ -111,13 +112,24 @@ class Grammars:
         if not rows:
             return None
         if self._batch is None:
-            self._batch = xgr.BatchGrammarMatcher(max_threads=1)
+            self._batch = xgr.BatchGrammarMatcher(max_threads="auto")   # half the cores, for big batches
         matchers = [grammars[i].matcher for i in rows]
-        bitmask = xgr.allocate_token_bitmask(len(grammars), self.vocab_size)        # [n, W] int32, host
+        bitmask = self._host_bitmask(len(grammars), device)                        # [n, W] int32, host
         self._batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)
         if device.type == "cuda":
-            bitmask = bitmask.pin_memory().to(device, non_blocking=True)
+            bitmask = bitmask.to(device, non_blocking=True)
         return StepGrammar(TokenMask(bitmask, rows, self.vocab_size), [grammars[i] for i in rows])
+
+    def _host_bitmask(self, num_rows: int, device: torch.device) -> torch.Tensor:
+        """[num_rows, W] of one host buffer kept across steps (pinned for a CUDA engine, so the copy
+        is asynchronous), reset to all allowed. Reuse is safe: a step waits for its device work
+        (Sampler.sample_logprobs synchronizes) before the next step refills the buffer."""
+        if self._host is None or self._host.shape[0] < num_rows:
+            shape = xgr.get_bitmask_shape(max(num_rows, 8), self.vocab_size)
+            self._host = torch.empty(shape, dtype=torch.int32, pin_memory=device.type == "cuda")
+        bitmask = self._host[:num_rows]
+        xgr.reset_token_bitmask(bitmask)
+        return bitmask
 
 
 class RowGrammar:

@@ -208,8 +208,9 @@ def _check_json(name: str, text: str) -> None:
 
 
 def check_unsupported(inp: GenerateInput) -> None:
-    """Fields that are validated but whose behaviour is not implemented yet: UNIMPLEMENTED,
-    never silently ignored. Malformed values are still INVALID_ARGUMENT (checked first)."""
+    """The v1 fields beyond sampling: response_format, tools, tool_choice, the messages' tool
+    calls; and those whose behaviour is not implemented yet (n > 1): UNIMPLEMENTED, never silently
+    ignored. Malformed values are INVALID_ARGUMENT (checked first)."""
     if inp.n < 0:
         raise InvalidInput("params.n", f"must be >= 0, got {inp.n}")
     fmt = inp.response_format

@@ -108,6 +108,19 @@ def test_conflicting_params_are_refused(engine, extra, field):
     assert err.value.field == field
 
 
+def test_a_grammar_the_engine_cannot_compile_ends_only_its_request(engine):
+    """Unvalidated input straight to the engine (the server always validates first): the request
+    ends with ERROR naming the format; its batch-mate runs as if alone."""
+    engine_, limits = engine
+    free = GenerateInput(request_id="free", prompt="Other traffic", max_new_tokens=12, ignore_eos=True)
+    alone = drive(engine_, limits, {0: [free]})["free"].token_ids
+    bad = GenerateInput(**{**_fmt("regex", "[a-").__dict__, "request_id": "bad"})
+    outputs = drive(engine_, limits, {0: [bad, free]})
+    assert outputs["bad"].final.finish_reason == FinishReason.ERROR
+    assert "response_format" in outputs["bad"].final.error and "Unclosed" in outputs["bad"].final.error
+    assert outputs["free"].token_ids == alone
+
+
 def test_compiles_once_per_format(tiny_llama):
     _, tokenizer, spec = tiny_llama
     grammars = Grammars(tokenizer, spec.vocab_size, spec.eos_token_ids)
@@ -134,7 +147,7 @@ def _schemas(draw) -> dict:
     return {"type": "object", "properties": properties, "required": required}
 
 
-@settings(max_examples=6, deadline=None, derandomize=True,
+@settings(max_examples=10, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(schema=_schemas(), seed=st.integers(0, 2**31))
 def test_generated_schemas_always_validate(engine, schema, seed):
