@@ -30,6 +30,7 @@ from engine.build import Loader, ModelInfo, assemble_engine, build_engine  # noq
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.errors import DuplicateRequest, EngineUnavailable, QueueFull
+from engine.grammar import Grammars
 from engine.inputs import GenerateInput, Limits, build_request, encode
 from engine.loop import Abort, Add, Command, EngineLoop, Event, Outputs, Preempt, QueueSource, StatsQuery, Stop
 from engine.outputs import EngineStats
@@ -45,10 +46,13 @@ class EngineHandle:
     Every public method is safe to call from any thread. Transports implement start, stop,
     alive and `_send`, and call `_dispatch` with each event and `_closed` when the loop is gone."""
 
-    def __init__(self, config: EngineConfig, info: ModelInfo, tokenizer) -> None:
+    def __init__(self, config: EngineConfig, info: ModelInfo, tokenizer, grammars: Grammars | None = None) -> None:
         self.config = config
         self.info = info
         self._tokenizer = tokenizer
+        # Compiles response formats while validating (a bad schema is INVALID_ARGUMENT, and the
+        # engine's own compile of it is a cache hit when the engine shares this object).
+        self.grammars = grammars or Grammars(tokenizer, info.vocab_size, info.eos_token_ids)
         self.limits = Limits(info.max_context_length, config.default_max_new_tokens, config.max_new_tokens_limit,
                              info.vocab_size)
         self._lock = threading.Lock()
@@ -77,7 +81,7 @@ class EngineHandle:
         EngineUnavailable). Returns the request id."""
         if not self.alive:
             raise EngineUnavailable("engine is not running")
-        request = build_request(inp, self._tokenizer, self.limits)
+        request = build_request(inp, self._tokenizer, self.limits, self.grammars)
         rid = request.request_id
 
         def counted_sink(out: RequestOutput) -> None:
@@ -177,7 +181,7 @@ class EngineClient(EngineHandle):
         """Loads the model named by `config`, or wraps `prebuilt` (engine, info, tokenizer),
         e.g. a benchmark's in-process model."""
         self.engine, info, tokenizer = prebuilt or build_engine(config)
-        super().__init__(config, info, tokenizer)
+        super().__init__(config, info, tokenizer, self.engine.grammars)
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="baton-engine", daemon=True)
 

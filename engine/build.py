@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from engine import model_loader
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
+from engine.grammar import Grammars
 from engine.kv_paged import PagedKV
 from engine.kv_slab import KVSlab
 from engine.memory import MemoryMonitor
@@ -87,7 +88,8 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
     engine = LLMEngine(runner, scheduler, tokenizer, spec.eos_token_ids, seed=config.seed, prefix_cache=prefix_cache,
                        pressure=monitor.pressure,
                        pinned_arena_bytes=min(config.pinned_arena_bytes, config.host_kv_budget_bytes),
-                       prefill_max_waste=1.0 if device.type == "cuda" else 0.1)
+                       prefill_max_waste=1.0 if device.type == "cuda" else 0.1,
+                       grammars=Grammars(tokenizer, spec.vocab_size, spec.eos_token_ids))
     info = ModelInfo(
         model_name=spec.name, max_context_length=max_seq_len, eos_token_ids=spec.eos_token_ids,
         max_new_tokens_limit=config.max_new_tokens_limit, default_max_new_tokens=config.default_max_new_tokens,

@@ -22,6 +22,7 @@ import torch
 
 from engine.detokenizer import IncrementalDetokenizer, fast_decoder
 from engine.errors import NotOwner
+from engine.grammar import Grammars, RowGrammar
 from engine.host_pool import HostPool, ParkedKV
 from engine.kv_slab import KVSlab
 from engine.model_runner import ModelRunner
@@ -43,6 +44,7 @@ class _Live:
     new_ids: list[int] = field(default_factory=list)
     new_text: str = ""
     new_logprobs: list[TokenLogprob] = field(default_factory=list)   # with params.logprobs: one per new id
+    grammar: RowGrammar | None = None     # with params.response_format
 
 
 @dataclass
@@ -82,7 +84,8 @@ class LLMEngine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer,
                  eos_token_ids: tuple[int, ...], seed: int = 0, pressure: Callable[[], bool] = lambda: False,
                  pinned_arena_bytes: int = 0, prefill_max_waste: float = 1.0,
-                 prefix_cache: PrefixCache | None = None) -> None:
+                 prefix_cache: PrefixCache | None = None, grammars: Grammars | None = None) -> None:
+        """`grammars`: compiles structured-output requests' grammars (None: none may come)."""
         self.runner = runner
         self.slab: KVSlab = runner.slab
         self.scheduler = scheduler
@@ -90,6 +93,7 @@ class LLMEngine:
         self.prefill_max_waste = prefill_max_waste
         self.eos_token_ids = frozenset(eos_token_ids)
         self.sampler = Sampler(runner.device, seed, tuple(eos_token_ids))
+        self.grammars = grammars
         self._decode_text = fast_decoder(tokenizer)
         self._live: dict[str, _Live] = {}
         self._pressure = pressure
@@ -107,8 +111,9 @@ class LLMEngine:
         self.scheduler.add(request)
         p = request.params
         generator = make_generator(p.seed, self.runner.device) if not p.greedy and p.seed is not None else None
+        grammar = self.grammars.for_request(*p.response_format) if p.response_format else None   # compiles off-step
         self._live[request.request_id] = _Live(IncrementalDetokenizer(self.tokenizer, p.stop, self._decode_text,
-                                                                      p.include_stop_sequence), generator)
+                                                                      p.include_stop_sequence), generator, grammar=grammar)
         return RequestOutput(request.request_id, state=RequestState.QUEUED,
                              queue_position=self.scheduler.queue_position(request, time.monotonic()))
 
@@ -350,8 +355,13 @@ class LLMEngine:
         # Seen ids are only needed (and only built) for rows with a repetition penalty.
         seen = [r.all_ids if r.params.has_penalty else [] for r in requests]
         live = [self._live[r.request_id] for r in requests]
+        grammars = [lv.grammar for lv in live]
+        constrained = self.grammars.constrain(grammars, logits.device) if any(grammars) else None
         sampled = self.sampler.sample_logprobs(logits, [r.params for r in requests], seen,
-                                               [lv.generator for lv in live], [r.output_ids for r in requests])
+                                               [lv.generator for lv in live], [r.output_ids for r in requests],
+                                               None if constrained is None else constrained.mask)
+        if constrained is not None:
+            constrained.accept(sampled.tokens)
         for lv, logprob in zip(live, sampled.logprobs):
             if logprob is not None:
                 lv.new_logprobs.append(logprob)
@@ -366,7 +376,9 @@ class LLMEngine:
         live.new_ids.append(token)
         live.new_text += live.detok.push([token])
         p = request.params
-        if live.detok.stopped:
+        if live.grammar is not None and live.grammar.error is not None:
+            request.error, request.finish_reason = live.grammar.error, FinishReason.ERROR
+        elif live.detok.stopped:
             request.finish_reason = FinishReason.STOP_SEQUENCE
         elif ((token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids) \
                 and len(request.output_ids) >= p.min_new_tokens:

@@ -6,12 +6,14 @@ any engine work is done.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import uuid
 from dataclasses import dataclass, field
 
 from engine.request import Request, SamplingParams
+from engine.tools import call_format, chat_with_tools, template_takes_tools, tool_dicts
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_REQUEST_ID_CHARS = 128
@@ -43,18 +45,25 @@ class ToolInput:
 
 
 @dataclass(frozen=True)
+class ToolCallInput:
+    id: str
+    name: str
+    arguments_json: str = ""
+
+
+@dataclass(frozen=True)
 class MessageInput:
     """The parts of a ChatMessage beyond (role, content), by message index; only set ones are listed."""
     index: int
     name: str = ""
-    tool_call_id: str = ""
-    tool_calls: int = 0               # how many tool calls it carries
+    tool_call_id: str = ""            # role "tool": the call it answers
+    tool_calls: tuple[ToolCallInput, ...] = ()   # role "assistant": the calls it made
 
 
 @dataclass(frozen=True)
 class ResponseFormatInput:
     kind: str                         # "json_schema" | "json_object" | "regex" | "grammar"
-    value: str = ""
+    value: str = ""                   # json_object: "" (set to true); anything else is refused
 
 
 # Between an owner and its request id in the engine's key. A whitespace character: never part of
@@ -119,6 +128,11 @@ def _check_finite(name: str, value: float) -> None:
         raise InvalidInput(name, f"must be a finite number, got {value}")
 
 
+def tool_call_format(tools: tuple[ToolInput, ...], tool_choice: str) -> tuple[str, str] | None:
+    """The response format that forces one tool call (tool_choice `required` or a tool's name)."""
+    return call_format(tools, tool_choice) if tools else None
+
+
 def check_params(inp: GenerateInput, limits: Limits) -> SamplingParams:
     _check_finite("params.temperature", inp.temperature)
     if inp.temperature < 0:
@@ -177,7 +191,8 @@ def check_params(inp: GenerateInput, limits: Limits) -> SamplingParams:
         presence_penalty=float(inp.presence_penalty), frequency_penalty=float(inp.frequency_penalty),
         min_p=float(inp.min_p), logit_bias=tuple(sorted((int(t), float(b)) for t, b in inp.logit_bias)),
         logprobs=bool(inp.logprobs or inp.top_logprobs), top_logprobs=int(inp.top_logprobs),
-        include_stop_sequence=bool(inp.include_stop_sequence))
+        include_stop_sequence=bool(inp.include_stop_sequence),
+        response_format=None if inp.response_format is None else (inp.response_format.kind, inp.response_format.value))
 
 
 def _check_token_id(name: str, token: int, limits: Limits) -> None:
@@ -193,8 +208,9 @@ def _check_json(name: str, text: str) -> None:
 
 
 def check_unsupported(inp: GenerateInput) -> None:
-    """Fields that are validated but whose behaviour is not implemented yet: UNIMPLEMENTED,
-    never silently ignored. Malformed values are still INVALID_ARGUMENT (checked first)."""
+    """The v1 fields beyond sampling: response_format, tools, tool_choice, the messages' tool
+    calls; and those whose behaviour is not implemented yet (n > 1): UNIMPLEMENTED, never silently
+    ignored. Malformed values are INVALID_ARGUMENT (checked first)."""
     if inp.n < 0:
         raise InvalidInput("params.n", f"must be >= 0, got {inp.n}")
     fmt = inp.response_format
@@ -202,6 +218,14 @@ def check_unsupported(inp: GenerateInput) -> None:
         _check_json("params.response_format.json_schema", fmt.value)
     if fmt is not None and fmt.kind in ("regex", "grammar") and not fmt.value:
         raise InvalidInput(f"params.response_format.{fmt.kind}", "must not be empty")
+    if fmt is not None and fmt.kind == "json_object" and fmt.value:
+        raise InvalidInput("params.response_format.json_object", "must be true when set")
+    if fmt is not None and inp.ignore_eos:
+        raise InvalidInput("params.ignore_eos", "cannot be combined with params.response_format "
+                                                "(the grammar decides where the output ends)")
+    if fmt is not None and inp.min_new_tokens:
+        raise InvalidInput("params.min_new_tokens", "cannot be combined with params.response_format "
+                                                     "(the grammar decides where the output ends)")
     if len(inp.tools) > MAX_TOOLS:
         raise InvalidInput("tools", f"at most {MAX_TOOLS} tools, got {len(inp.tools)}")
     names = set()
@@ -218,23 +242,39 @@ def check_unsupported(inp: GenerateInput) -> None:
                                           f"got {inp.tool_choice!r}")
     if inp.tool_choice in ("required",) and not inp.tools:
         raise InvalidInput("tool_choice", "'required' needs tools")
+    if fmt is not None and tool_call_format(inp.tools, inp.tool_choice) is not None:
+        raise InvalidInput("tool_choice", f"{inp.tool_choice!r} constrains the output itself; "
+                                          "it cannot be combined with params.response_format")
     for extra in inp.message_extras:
-        if extra.tool_calls:
-            raise UnsupportedInput(f"messages[{extra.index}].tool_calls", "tool calls are not supported yet")
-        if extra.tool_call_id:
-            raise UnsupportedInput(f"messages[{extra.index}].tool_call_id", "tool calls are not supported yet")
+        _check_message_extra(inp, extra)
     if inp.n > 1:
         raise UnsupportedInput("params.n", "more than one completion per request is not supported yet")
-    if fmt is not None:
-        raise UnsupportedInput(f"params.response_format.{fmt.kind}", "constrained decoding is not supported yet")
-    if inp.tools:
-        raise UnsupportedInput("tools", "tool definitions are not supported yet")
+
+
+def _check_message_extra(inp: GenerateInput, extra: MessageInput) -> None:
+    where = f"messages[{extra.index}]"
+    if extra.index >= len(inp.messages):
+        raise InvalidInput(where, "no such message")
+    role = inp.messages[extra.index][0]
+    if extra.tool_calls and role != "assistant":
+        raise InvalidInput(f"{where}.tool_calls", f"only assistant messages make tool calls, not {role!r}")
+    if extra.tool_call_id and role != "tool":
+        raise InvalidInput(f"{where}.tool_call_id", f"only tool messages answer a tool call, not {role!r}")
+    for j, call in enumerate(extra.tool_calls):
+        if not call.name:
+            raise InvalidInput(f"{where}.tool_calls[{j}].name", "must be set")
+        if call.arguments_json:
+            _check_json(f"{where}.tool_calls[{j}].arguments_json", call.arguments_json)
+            if not isinstance(json.loads(call.arguments_json), dict):
+                raise InvalidInput(f"{where}.tool_calls[{j}].arguments_json", "must be a JSON object")
 
 
 def encode(tokenizer, prompt: str, messages: tuple[tuple[str, str], ...],
-           names: dict[int, str] | None = None) -> list[int]:
+           names: dict[int, str] | None = None, tools: tuple[ToolInput, ...] = (),
+           extras: tuple[MessageInput, ...] = ()) -> list[int]:
     """Token ids of a raw prompt (with the tokenizer's usual special tokens) or of chat messages
-    (the model's chat template with a generation prompt). Assumes exactly one is set."""
+    (the model's chat template with a generation prompt; `tools` and the messages' tool calls and
+    tool call ids rendered as engine/tools.py says). Assumes exactly one is set."""
     if prompt:
         return list(tokenizer(prompt)["input_ids"])
     if not getattr(tokenizer, "chat_template", None):
@@ -245,7 +285,13 @@ def encode(tokenizer, prompt: str, messages: tuple[tuple[str, str], ...],
     chat = [{"role": r, "content": c} for r, c in messages]
     for i, name in (names or {}).items():   # a participant's name, for templates that use it
         chat[i]["name"] = name
-    text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    calls = {m.index: m.tool_calls for m in extras if m.tool_calls}
+    call_ids = {m.index: m.tool_call_id for m in extras if m.tool_call_id}
+    native = template_takes_tools(tokenizer)
+    if tools or calls or call_ids:
+        chat = chat_with_tools(chat, tools, calls, call_ids, native)
+    kwargs = {"tools": tool_dicts(tools)} if tools and native else {}
+    text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False, **kwargs)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -260,16 +306,26 @@ def check_text(inp: GenerateInput) -> None:
         raise InvalidInput("prompt", f"longer than {MAX_PROMPT_CHARS} characters")
 
 
-def build_request(inp: GenerateInput, tokenizer, limits: Limits) -> Request:
-    """Validate everything and return a fresh Request; raises InvalidInput naming the field."""
+def build_request(inp: GenerateInput, tokenizer, limits: Limits, grammars=None) -> Request:
+    """Validate everything and return a fresh Request; raises InvalidInput naming the field.
+    `grammars` (engine.grammar.Grammars): compiles a response_format here, so that a bad schema,
+    regex or grammar is refused before the request is queued (None: the engine finds out)."""
     check_text(inp)
     params = check_params(inp, limits)
     check_unsupported(inp)
+    forced_call = tool_call_format(inp.tools, inp.tool_choice)
+    if forced_call is not None:
+        params = dataclasses.replace(params, response_format=forced_call)
+    if params.response_format is not None and grammars is not None:
+        grammars.compile(*params.response_format)
     names = {m.index: m.name for m in inp.message_extras if m.name}
     for i in names:
         if i >= len(inp.messages):
             raise InvalidInput(f"messages[{i}].name", "no such message")
-    prompt_ids = encode(tokenizer, inp.prompt, inp.messages, names)
+    if inp.tools and inp.prompt:
+        raise InvalidInput("tools", "tools need messages (the chat template renders them), not a raw prompt")
+    shown = inp.tools if inp.tool_choice != "none" else ()   # "none": the model is not shown the tools
+    prompt_ids = encode(tokenizer, inp.prompt, inp.messages, names, shown, inp.message_extras)
     where = "prompt" if inp.prompt else "messages"
     if not prompt_ids:
         raise InvalidInput(where, "tokenizes to no tokens")

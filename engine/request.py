@@ -62,6 +62,7 @@ class SamplingParams:
     logprobs: bool = False            # report the chosen tokens' log-probabilities
     top_logprobs: int = 0             # and this many alternatives (0..20)
     include_stop_sequence: bool = False
+    response_format: tuple[str, str] | None = None   # (kind, value): the output follows this grammar (engine/grammar.py)
 
     @property
     def greedy(self) -> bool:

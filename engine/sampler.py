@@ -1,7 +1,8 @@
 """Batched sampling: one token per row of a step's logits, the rows sampled together as tensor ops.
 
-Job: logits [n, V] + each row's SamplingParams -> n token ids, in Hugging Face `generate` order:
-logit bias (SequenceBiasLogitsProcessor), repetition penalty (RepetitionPenaltyLogitsProcessor),
+Job: logits [n, V] + each row's SamplingParams -> n token ids. First the grammar mask of the
+structured-output rows (one bitmask for the batch, engine/grammar.py), then in Hugging Face
+`generate` order: logit bias (SequenceBiasLogitsProcessor), repetition penalty (RepetitionPenaltyLogitsProcessor),
 the OpenAI presence/frequency penalties, the min_new_tokens mask (MinNewTokensLengthLogitsProcessor),
 then temperature, top-k, top-p, min-p (the Temperature/TopK/TopP/MinPLogitsWarper). Greedy rows take
 the argmax of their processed logits. Rows that ask for log-probabilities get those of the raw
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.grammar import TokenMask
 from engine.request import SamplingParams, TokenLogprob
 
 _NEG_INF = float("-inf")
@@ -56,8 +58,10 @@ def _to_device(data: list | array, dtype: torch.dtype, device: torch.device) -> 
 
 
 def _processed(logits: torch.Tensor, params: list[SamplingParams], seen_ids: list[list[int]],
-               outputs: list[list[int]] | None, eos_token_ids: tuple[int, ...]) -> torch.Tensor:
-    """[n, V] float32 logits through the processors that apply to every row (greedy or not), in
+               outputs: list[list[int]] | None, eos_token_ids: tuple[int, ...],
+               mask: TokenMask | None = None) -> torch.Tensor:
+    """[n, V] float32 logits through the processors that apply to every row (greedy or not): first
+    the grammar mask (-inf where a constrained row's grammar forbids the token, as vLLM), then in
     Hugging Face `generate` order: logit bias (SequenceBiasLogitsProcessor), repetition penalty,
     then the OpenAI presence/frequency penalties over the generated tokens, then the min-tokens
     mask (EOS, unless ignored, and stop token ids at -inf below min_new_tokens, as
@@ -69,10 +73,12 @@ def _processed(logits: torch.Tensor, params: list[SamplingParams], seen_ids: lis
     penalised = _repetition_rows(params, seen_ids, vocab)
     counted = [i for i, p in enumerate(params) if p.has_count_penalty and outputs[i]]
     masked = _masked_ids(params, outputs, eos_token_ids, vocab)
-    if not (biased or penalised or counted or masked):
+    if not (biased or penalised or counted or masked or mask is not None):
         return logits.float()
     out = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)   # [n, V]
     flat = out.view(-1)                                                               # [n*V]
+    if mask is not None:
+        mask.apply(out)
     if biased:
         index, bias = array("q"), array("f")
         for i in biased:
@@ -283,11 +289,11 @@ def _sampled_rows(params: list[SamplingParams]) -> list[int]:
 
 def processed_logits(logits: torch.Tensor, params: list[SamplingParams], seen_ids: list[list[int]],
                      *, candidates: bool | None = None, outputs: list[list[int]] | None = None,
-                     eos_token_ids: tuple[int, ...] = ()) -> torch.Tensor:
+                     eos_token_ids: tuple[int, ...] = (), mask: TokenMask | None = None) -> torch.Tensor:
     """[n, V] float32: every row biased, penalised and min-tokens masked; sampled rows also tempered
     (max-shifted, so equal to HF up to a per-row constant) and top-k/top-p/min-p filtered, -inf
     where removed. `candidates` picks the filter path (None: as `Sampler` does on this device)."""
-    out = _processed(logits, params, seen_ids, outputs, eos_token_ids)
+    out = _processed(logits, params, seen_ids, outputs, eos_token_ids, mask)
     rows = _sampled_rows(params)
     if not rows:
         return out
@@ -316,21 +322,23 @@ class Sampler:
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, params: list[SamplingParams], seen_ids: list[list[int]],
-               generators: list[torch.Generator | None], outputs: list[list[int]] | None = None) -> list[int]:
+               generators: list[torch.Generator | None], outputs: list[list[int]] | None = None,
+               mask: TokenMask | None = None) -> list[int]:
         """logits [n, V] (any float dtype) -> one token id per row. `generators[i]`: the row's own
         generator when it has a seed, else None; `seen_ids[i]`: prompt + output ids of a row with
         a repetition penalty, else []; `outputs[i]`: the row's generated ids so far (presence and
-        frequency penalties, min_new_tokens; None: none yet)."""
-        return self.sample_logprobs(logits, params, seen_ids, generators, outputs).tokens
+        frequency penalties, min_new_tokens; None: none yet); `mask`: the grammar constraint of
+        the structured-output rows, if any."""
+        return self.sample_logprobs(logits, params, seen_ids, generators, outputs, mask).tokens
 
     @torch.inference_mode()
     def sample_logprobs(self, logits: torch.Tensor, params: list[SamplingParams], seen_ids: list[list[int]],
                         generators: list[torch.Generator | None],
-                        outputs: list[list[int]] | None = None) -> Sampled:
+                        outputs: list[list[int]] | None = None, mask: TokenMask | None = None) -> Sampled:
         """As `sample`, with the log-probabilities of the rows whose params ask for them: the
         log-softmax of the raw `logits` (before any processor) at the chosen id, and the row's
         top_logprobs best (id, logprob), computed for those rows in one pass on the device."""
-        chosen = self._choose(logits, params, seen_ids, generators, outputs)       # [n] long
+        chosen = self._choose(logits, params, seen_ids, generators, outputs, mask)  # [n] long
         rows = [i for i, p in enumerate(params) if p.logprobs]
         device_lp = self._logprobs(logits, params, chosen, rows) if rows else None
         if chosen.is_cuda:
@@ -349,9 +357,10 @@ class Sampler:
 
     @torch.inference_mode()
     def choose(self, logits: torch.Tensor, params: list[SamplingParams], seen_ids: list[list[int]],
-               generators: list[torch.Generator | None], outputs: list[list[int]] | None = None) -> torch.Tensor:
+               generators: list[torch.Generator | None], outputs: list[list[int]] | None = None,
+               mask: TokenMask | None = None) -> torch.Tensor:
         """As `sample`, but the ids stay on the device ([n] long), not waited for."""
-        return self._choose(logits, params, seen_ids, generators, outputs)
+        return self._choose(logits, params, seen_ids, generators, outputs, mask)
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, params: list[SamplingParams], chosen: torch.Tensor,
@@ -373,8 +382,9 @@ class Sampler:
         return lp_chosen, top.values, top.indices
 
     def _choose(self, logits: torch.Tensor, params: list[SamplingParams], seen_ids: list[list[int]],
-                generators: list[torch.Generator | None], outputs: list[list[int]] | None) -> torch.Tensor:
-        logits = _processed(logits, params, seen_ids, outputs, self.eos_token_ids)     # [n, V] float32
+                generators: list[torch.Generator | None], outputs: list[list[int]] | None,
+                mask: TokenMask | None = None) -> torch.Tensor:
+        logits = _processed(logits, params, seen_ids, outputs, self.eos_token_ids, mask)   # [n, V] float32
         rows = _sampled_rows(params)
         if not rows:
             return logits.argmax(dim=-1)

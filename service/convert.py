@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from baton.v1 import baton_pb2 as pb
 from engine.build import ModelInfo
-from engine.inputs import GenerateInput, MessageInput, ResponseFormatInput, ToolInput
+from engine.inputs import GenerateInput, MessageInput, ResponseFormatInput, ToolCallInput, ToolInput
 from engine.request import FinishReason, PreemptAction, RequestOutput, RequestState
+from engine.tools import ToolCall
 
 _STATE = {
     RequestState.QUEUED: pb.QUEUED, RequestState.RUNNING: pb.RUNNING,
@@ -37,12 +38,19 @@ def generate_input(req: pb.GenerateRequest, owner: str = "") -> GenerateInput:
         logprobs=p.logprobs, top_logprobs=p.top_logprobs, truncate_prompt_tokens=p.truncate_prompt_tokens,
         include_stop_sequence=p.include_stop_sequence, n=p.n,
         response_format=None if kind is None else ResponseFormatInput(
-            kind, "" if kind == "json_object" else getattr(p.response_format, kind)),
+            kind, _format_value(p.response_format, kind)),
         logit_bias=tuple(p.logit_bias.items()),
         tools=tuple(ToolInput(t.name, t.description, t.parameters_json_schema) for t in req.tools),
         tool_choice=req.tool_choice,
-        message_extras=tuple(MessageInput(i, m.name, m.tool_call_id, len(m.tool_calls))
+        message_extras=tuple(MessageInput(i, m.name, m.tool_call_id,
+                                          tuple(ToolCallInput(c.id, c.name, c.arguments_json) for c in m.tool_calls))
                              for i, m in enumerate(req.messages) if m.name or m.tool_call_id or m.tool_calls))
+
+
+def _format_value(fmt: pb.ResponseFormat, kind: str) -> str:
+    if kind == "json_object":   # a bool: true is the only meaningful value
+        return "" if fmt.json_object else "false"
+    return getattr(fmt, kind)
 
 
 def state_to_pb(state: RequestState) -> int:
@@ -79,6 +87,12 @@ def response(out: RequestOutput, request_id: str) -> pb.GenerateResponse:
                 num_preemptions=s.num_preemptions, bytes_offloaded=s.bytes_offloaded,
                 bytes_restored=s.bytes_restored, time_to_first_token_seconds=s.time_to_first_token_seconds))
     return msg
+
+
+def add_tool_calls(msg: pb.GenerateResponse, calls: list[ToolCall]) -> None:
+    """The last message of a completion that made tool calls: them, and finish reason TOOL_CALLS."""
+    msg.tool_calls.extend(pb.ToolCall(id=c.id, name=c.name, arguments_json=c.arguments_json) for c in calls)
+    msg.finish_reason = pb.TOOL_CALLS
 
 
 def merge(outs: list[RequestOutput]) -> RequestOutput:

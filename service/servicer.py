@@ -18,7 +18,7 @@ import structlog
 
 from baton.v1 import baton_pb2 as pb
 from baton.v1 import baton_pb2_grpc as pb_grpc
-from engine import errors
+from engine import errors, tools
 from engine.api import EngineHandle
 from engine.inputs import InvalidInput, UnsupportedInput, public_id, request_key
 from engine.request import FinishReason, RequestOutput
@@ -83,6 +83,7 @@ class _StreamTimes:
     last_token_at: float | None = None
     tokens: int = 0
     final: RequestOutput | None = None
+    text: list[str] | None = None                  # the completion's text, kept when tool calls are parsed
     trace: tracing.RequestTrace | None = None   # set when tracing is on and the call is sampled
 
     def record(self, out: RequestOutput, metrics: Metrics) -> None:
@@ -94,6 +95,8 @@ class _StreamTimes:
                 self.first_token_at = now
             self.last_token_at = now
             self.tokens += len(out.token_ids)
+        if self.text is not None:
+            self.text.append(out.text)
         if out.finished:
             self.final = out
         if self.trace is not None:
@@ -125,6 +128,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         engine = await self._engine(context)
         inp = convert.generate_input(request, owner=auth.request_owner())
         stream = _StreamTimes(started=time.monotonic())
+        tool_names = {t.name for t in inp.tools} if inp.tools and inp.tool_choice != "none" else None
+        if tool_names:
+            stream.text = []
         started_ns = time.time_ns()
         inbox = Inbox()
         key = await self._submit(engine, inp, inbox, context)   # the engine's id: the caller's namespace + id
@@ -136,7 +142,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                   **({"prompt": inp.prompt, "messages": inp.messages} if self.log_prompts else {}))
         try:
             async for out in self._relay(inbox, stream):
-                yield convert.response(out, request_id)
+                msg = convert.response(out, request_id)
+                if tool_names and out.finish_reason == FinishReason.EOS:   # a whole completion
+                    calls = tools.parse_tool_calls("".join(stream.text), tool_names)
+                    if calls:
+                        convert.add_tool_calls(msg, calls)
+                yield msg
         finally:
             if stream.final is None:  # cancelled, disconnected or past its deadline
                 engine.abort(key)

@@ -50,10 +50,22 @@ INVALID = [
     (dict(min_new_tokens=10, max_new_tokens=5), "params.min_new_tokens"),
     (dict(truncate_prompt_tokens=512), "params.truncate_prompt_tokens"),   # the context is 512
     (dict(response_format=pb.ResponseFormat(json_schema="{not json")), "params.response_format.json_schema"),
+    (dict(response_format=pb.ResponseFormat(json_schema='{"type": "foo"}')), "params.response_format.json_schema"),
+    (dict(response_format=pb.ResponseFormat(json_object=False)), "params.response_format.json_object"),
+    (dict(response_format=pb.ResponseFormat(regex="[a-")), "params.response_format.regex"),
+    (dict(response_format=pb.ResponseFormat(grammar="root ::= ")), "params.response_format.grammar"),
+    (dict(response_format=pb.ResponseFormat(regex="a"), ignore_eos=True), "params.ignore_eos"),
     (dict(tool_choice="some_tool"), "tool_choice"),
     (dict(tool_choice="required"), "tool_choice"),
     (dict(tools=[pb.Tool(name="")]), "tools[0].name"),
     (dict(tools=[pb.Tool(name="f", parameters_json_schema="{")]), "tools[0].parameters_json_schema"),
+    (dict(tools=[pb.Tool(name="f")]), "tools"),                                   # a raw prompt: no template
+    (dict(messages=[pb.ChatMessage(role="user", content="", tool_calls=[pb.ToolCall(name="f")])]),
+     "messages[0].tool_calls"),
+    (dict(messages=[pb.ChatMessage(role="assistant", content="", tool_calls=[pb.ToolCall(name="f", arguments_json="[1]")])]),
+     "messages[0].tool_calls[0].arguments_json"),
+    (dict(tools=[pb.Tool(name="f")], tool_choice="f", messages=[pb.ChatMessage(role="user", content="hi")],
+          response_format=pb.ResponseFormat(regex="a")), "tool_choice"),
 ]
 
 
@@ -66,16 +78,6 @@ def test_bad_values_are_invalid_argument_naming_the_field(stub, fields, name):
 
 UNIMPLEMENTED = [
     (dict(n=2), "params.n"),
-    (dict(response_format=pb.ResponseFormat(json_object=True)), "params.response_format.json_object"),
-    (dict(response_format=pb.ResponseFormat(json_schema='{"type": "object"}')), "params.response_format.json_schema"),
-    (dict(response_format=pb.ResponseFormat(regex="[a-z]+")), "params.response_format.regex"),
-    (dict(response_format=pb.ResponseFormat(grammar='root ::= "a"')), "params.response_format.grammar"),
-    (dict(tools=[pb.Tool(name="f", parameters_json_schema='{"type": "object"}')], tool_choice="f"), "tools"),
-    (dict(messages=[pb.ChatMessage(role="assistant", content="",
-                                   tool_calls=[pb.ToolCall(id="1", name="f", arguments_json="{}")])]),
-     "messages[0].tool_calls"),
-    (dict(messages=[pb.ChatMessage(role="user", content="hi"),
-                    pb.ChatMessage(role="tool", content="42", tool_call_id="1")]), "messages[1].tool_call_id"),
 ]
 
 
