@@ -7,7 +7,7 @@ the engine process otherwise); `assemble_engine` does the wiring around an alrea
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine import model_loader
 from engine.config import EngineConfig
@@ -58,6 +58,8 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
                     config: EngineConfig) -> tuple[LLMEngine, ModelInfo]:
     """Slab, scheduler, runner and engine around an already loaded model."""
     device, dtype = hf_model.device, hf_model.dtype
+    if config.kv_layout == "auto":   # what the benchmarks favour on each device (README, K/V layouts)
+        config = replace(config, kv_layout="paged" if device.type == "cuda" else "slab")
     max_seq_len = min(config.max_seq_len or min(spec.max_context, 4096), spec.max_context)
     bytes_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * dtype.itemsize
     monitor = MemoryMonitor(device, config.high_watermark, config.low_watermark)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEVICES = ("auto", "cpu", "cuda")
-KV_LAYOUTS = ("slab", "paged")
+KV_LAYOUTS = ("auto", "slab", "paged")
 PREFIX_CACHE_MODES = ("off", "device", "device+host")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -35,7 +35,8 @@ class EngineConfig:
     warmup: bool = True                   # run one short generation before reporting SERVING
     cuda_graphs: bool = True              # replay decode steps as CUDA graphs (CUDA only)
     fused_decode: bool | None = None      # fused-kernel decode step (Llama/Mistral/Qwen2); None = on for CUDA
-    kv_layout: str = "slab"               # slab: the paper's padded slab; paged: pages of kv_page_size tokens
+    kv_layout: str = "auto"               # slab: the paper's padded slab; paged: pages of kv_page_size tokens;
+                                          # auto: paged on CUDA, slab on CPU (docs/benchmarks.md note 21)
     kv_page_size: int = 128               # tokens per K/V page (paged layout)
     prefill_chunk_tokens: int = 0         # prompt tokens prefilled per step between decode steps (0 = whole prompts)
     prefix_cache: str = "off"             # off | device | device+host: K/V of prefixes kept across requests

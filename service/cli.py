@@ -37,8 +37,8 @@ SERVE_FLAGS = [
     ("max-queue", int, 1024, "requests waiting beyond the batch before RESOURCE_EXHAUSTED"),
     ("decode", str, "auto", "decode step: fused (Llama/Mistral/Qwen2: fused q/k/v, gate/up and compiled "
                             "element-wise kernels) | hf (the model's own forward) | auto (fused on CUDA where supported)"),
-    ("kv-layout", str, "slab", "slab (the paper's padded K/V slab) | paged (pages of --kv-page-size tokens: "
-                               "a row holds K/V only for the tokens it has)"),
+    ("kv-layout", str, "auto", "slab (the paper's padded K/V slab) | paged (pages of --kv-page-size tokens: "
+                               "a row holds K/V only for the tokens it has) | auto (paged on CUDA, slab on CPU)"),
     ("kv-page-size", int, 128, "tokens per K/V page with --kv-layout paged"),
     ("max-prefill-tokens", int, 8192, "padded prompt tokens per prefill forward"),
     ("prefill-chunk-tokens", int, 0, "prompt tokens prefilled per step, interleaved with decode steps, so no "

@@ -33,7 +33,10 @@ def tiny_cuda(tiny_model_dir):
     return model_loader.load(tiny_model_dir("llama"), CUDA, torch.float32)
 
 
-@pytest.mark.parametrize("layout", [{}, dict(kv_layout="paged", kv_page_size=16)], ids=["slab", "paged"])
+LAYOUTS = [dict(kv_layout="slab"), dict(kv_layout="paged", kv_page_size=16)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["slab", "paged"])
 @pytest.mark.parametrize("fused", [False, True], ids=["hf-forward", "fused-compiled"])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 def test_cuda_fp32_matches_hf(tiny_cuda, graphs, fused, layout):
@@ -54,7 +57,7 @@ def test_cuda_fp32_matches_hf(tiny_cuda, graphs, fused, layout):
     assert engine.stats().kv_pages_used == 0
 
 
-@pytest.mark.parametrize("layout", [{}, dict(kv_layout="paged", kv_page_size=16)], ids=["slab", "paged"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["slab", "paged"])
 def test_cuda_fp32_chunked_prefill_matches_hf(tiny_cuda, layout):
     """Chunks of 5 tokens (mid-page, mid-16-column block) beside CUDA-graph fused decode steps."""
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -71,7 +74,7 @@ def test_cuda_fp32_chunked_prefill_matches_hf(tiny_cuda, layout):
     assert engine.stats().prefill_chunks > 0 and engine.stats().kv_pages_used == 0
 
 
-@pytest.mark.parametrize("layout", [{}, dict(kv_layout="paged")], ids=["slab", "paged"])
+@pytest.mark.parametrize("layout", [dict(kv_layout="slab"), dict(kv_layout="paged")], ids=["slab", "paged"])
 def test_cuda_fp32_prefix_cache_hits_match_hf(tiny_cuda, layout):
     """The prefix cache on CUDA (device tier of 2 blocks, host tier pinned): requests sharing a
     long prefix, hits from both tiers, the same tokens as HF generate alone."""
@@ -97,7 +100,7 @@ def test_cuda_fp32_prefix_cache_hits_match_hf(tiny_cuda, layout):
     engine.prefix_cache.check()
 
 
-@pytest.mark.parametrize("fused, layout", [(False, {}), (True, {}), (True, dict(kv_layout="paged", kv_page_size=16))],
+@pytest.mark.parametrize("fused, layout", [(False, LAYOUTS[0]), (True, LAYOUTS[0]), (True, LAYOUTS[1])],
                          ids=["hf-forward", "fused-compiled", "paged-fused-compiled"])
 def test_bf16_graph_path_equals_eager_path(tiny_model_dir, fused, layout):
     loaded = model_loader.load(tiny_model_dir("llama"), CUDA, torch.bfloat16)
