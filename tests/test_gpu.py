@@ -36,6 +36,16 @@ def tiny_cuda(tiny_model_dir):
 LAYOUTS = [dict(kv_layout="slab"), dict(kv_layout="paged", kv_page_size=16)]
 
 
+def _check_against_hf(loaded, arrivals, outputs) -> None:
+    """Each request's tokens equal HF generate on it alone (the reference runs on the CPU)."""
+    hf_model, tokenizer, _ = loaded
+    for inputs in arrivals.values():
+        for inp in inputs:
+            expected = hf_reference(hf_model.cpu(), tokenizer(inp.prompt)["input_ids"], inp.max_new_tokens, ())
+            hf_model.to(CUDA)
+            assert outputs[inp.request_id].token_ids == expected, inp.request_id
+
+
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["slab", "paged"])
 @pytest.mark.parametrize("fused", [False, True], ids=["hf-forward", "fused-compiled"])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
@@ -48,12 +58,7 @@ def test_cuda_fp32_matches_hf(tiny_cuda, graphs, fused, layout):
     assert (engine.runner.fused is not None) == fused and (not fused or engine.runner.fused.compiled)
     arrivals = _arrivals()
     outputs = drive(engine, limits, arrivals)
-    hf_model, tokenizer, _ = tiny_cuda
-    for inputs in arrivals.values():
-        for inp in inputs:
-            expected = hf_reference(hf_model.cpu(), tokenizer(inp.prompt)["input_ids"], inp.max_new_tokens, ())
-            hf_model.to(CUDA)
-            assert outputs[inp.request_id].token_ids == expected, inp.request_id
+    _check_against_hf(tiny_cuda, arrivals, outputs)
     assert engine.stats().kv_pages_used == 0
 
 
@@ -65,12 +70,7 @@ def test_cuda_fp32_chunked_prefill_matches_hf(tiny_cuda, layout):
                                  fused_decode=True, prefill_chunk_tokens=5, **layout)
     arrivals = _arrivals()
     outputs = drive(engine, limits, arrivals)
-    hf_model, tokenizer, _ = tiny_cuda
-    for inputs in arrivals.values():
-        for inp in inputs:
-            expected = hf_reference(hf_model.cpu(), tokenizer(inp.prompt)["input_ids"], inp.max_new_tokens, ())
-            hf_model.to(CUDA)
-            assert outputs[inp.request_id].token_ids == expected, inp.request_id
+    _check_against_hf(tiny_cuda, arrivals, outputs)
     assert engine.stats().prefill_chunks > 0 and engine.stats().kv_pages_used == 0
 
 
@@ -79,7 +79,7 @@ def test_cuda_fp32_prefix_cache_hits_match_hf(tiny_cuda, layout):
     """The prefix cache on CUDA (device tier of 2 blocks, host tier pinned): requests sharing a
     long prefix, hits from both tiers, the same tokens as HF generate alone."""
     torch.backends.cuda.matmul.allow_tf32 = False
-    hf_model, tokenizer, spec = tiny_cuda
+    spec = tiny_cuda[2]
     block_bytes = spec.num_layers * 2 * spec.num_kv_heads * 16 * spec.head_dim * 4
     engine, limits = make_engine(tiny_cuda, max_batch_size=3, max_seq_len=256, cuda_graphs=True, fused_decode=True,
                                  kv_page_size=16, prefix_cache="device+host", prefix_cache_device_bytes=2 * block_bytes,
@@ -90,11 +90,7 @@ def test_cuda_fp32_prefix_cache_hits_match_hf(tiny_cuda, layout):
                 20: [GenerateInput(request_id="c", prompt=shared + "The middle one", max_new_tokens=12,
                                    ignore_eos=True)]}
     outputs = drive(engine, limits, arrivals)
-    for inputs in arrivals.values():
-        for inp in inputs:
-            expected = hf_reference(hf_model.cpu(), tokenizer(inp.prompt)["input_ids"], inp.max_new_tokens, ())
-            hf_model.to(CUDA)
-            assert outputs[inp.request_id].token_ids == expected, inp.request_id
+    _check_against_hf(tiny_cuda, arrivals, outputs)
     stats = engine.stats()
     assert outputs["b"].final.cached_prompt_tokens > 0 and stats.prefix_hit_tokens_host > 0
     engine.prefix_cache.check()
