@@ -168,3 +168,49 @@ def test_suspend_and_resume_act_on_every_completion(tiny_llama):
     completions = _by_index(out)
     assert _tokens(completions[0]) == _tokens(completions[1]) == expected   # restored, not recomputed
     assert engine.stats().prefill_tokens == _prompt_len(engine)
+
+
+# ---- through the real server -------------------------------------------------------------------
+@pytest.mark.slow
+def test_served_n2_streams_both_completions_with_usage(server, smollm2):
+    import grpc
+
+    from baton.v1 import baton_pb2 as pb
+    from baton_client import BatonClient, GenerationOptions
+
+    prompt_len = len(smollm2[1]("Count: 1, 2, 3,")["input_ids"])
+    with BatonClient(server.target) as client:
+        messages = list(client.generate("Count: 1, 2, 3,", options=GenerationOptions(
+            max_new_tokens=6, ignore_eos=True, n=2), timeout=120))
+        assert {m.index for m in messages} == {0, 1}
+        finals = [m for m in messages if m.finish_reason]
+        assert sorted(m.index for m in finals) == [0, 1] and finals[-1] is messages[-1]
+        assert [m.state for m in messages if m.state == pb.FINISHED] == [pb.FINISHED]   # once, at the end
+        for m in finals:
+            assert (m.usage.prompt_tokens, m.usage.completion_tokens) == (prompt_len, 6)
+        tokens = {i: [t for m in messages if m.index == i for t in m.token_ids] for i in (0, 1)}
+        assert tokens[0] == tokens[1] and len(tokens[0]) == 6           # greedy: the same completion twice
+
+        sampled = GenerationOptions(max_new_tokens=8, temperature=0.9, top_k=50, seed=11, ignore_eos=True)
+        done = client.complete("Once upon a time", options=replace(sampled, n=3))
+        assert [c.index for c in done.choices] == [0, 1, 2]
+        assert done.prompt_tokens == len(smollm2[1]("Once upon a time")["input_ids"])   # once, not 3 times
+        assert done.completion_tokens == 24 and all(c.completion_tokens == 8 for c in done.choices)
+        assert (done.text, done.token_ids, done.finish_reason) == (
+            done.choices[0].text, done.choices[0].token_ids, done.choices[0].finish_reason)
+        for i, choice in enumerate(done.choices):
+            alone = client.complete("Once upon a time", options=replace(sampled, seed=11 + i))
+            assert (choice.token_ids, choice.text, choice.finish_reason) == (
+                alone.token_ids, alone.text, alone.finish_reason)
+
+        call = client.generate("Count: 1, 2, 3,", request_id="n-cancel", timeout=120,
+                               options=GenerationOptions(max_new_tokens=400, ignore_eos=True, n=2))
+        first = next(call)                                              # QUEUED: the request exists
+        assert first.state == pb.QUEUED
+        assert client.preempt("n-cancel", "cancel") == "FINISHED"
+        rest = list(call)
+        cancelled = [m for m in rest if m.finish_reason == pb.CANCELLED]
+        assert sorted(m.index for m in cancelled) == [0, 1] and rest[-1] is cancelled[-1]
+        with pytest.raises(grpc.RpcError) as info:
+            client.preempt("n-cancel", "cancel")
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
