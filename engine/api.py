@@ -54,7 +54,7 @@ class EngineHandle:
         # engine's own compile of it is a cache hit when the engine shares this object).
         self.grammars = grammars or Grammars(tokenizer, info.vocab_size, info.eos_token_ids)
         self.limits = Limits(info.max_context_length, config.default_max_new_tokens, config.max_new_tokens_limit,
-                             info.vocab_size)
+                             info.vocab_size, info.max_batch_size)
         self._lock = threading.Lock()
         self._sinks: dict[str, OutputSink] = {}   # open streams, so a dying engine can end them all
         self._calls: dict[int, concurrent.futures.Future] = {}

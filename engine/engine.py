@@ -11,6 +11,13 @@ a prefill group's first tokens can reach their streams before the batch's decode
   2. one phase per prefill group: newcomers of similar length are prefilled together, on their
      own, and their K/V embedded into the batch (Baton's prefill/decode separation);
   3. decode: one token for every row of the batch; finished rows leave at once.
+
+n completions (params.n > 1): the prompt is prefilled once, in its prefill group like any other;
+then the request is forked into n completion rows (Scheduler.fork), the prompt's K/V embedded
+into each row (a copy per row, in both layouts: rows never share K/V, so each is parked, restored
+and freed on its own), and the first token of each row sampled from the same logits with the
+row's own sampling state. Each row then decodes, stops and finishes on its own; its events go out
+under the request's id with its `index`, and the request's stream ends with its last completion.
 """
 from __future__ import annotations
 
@@ -109,38 +116,46 @@ class LLMEngine:
     def add_request(self, request: Request) -> RequestOutput:
         """Queue a request; raises DuplicateRequest. -> its QUEUED event."""
         self.scheduler.add(request)
-        p = request.params
-        generator = make_generator(p.seed, self.runner.device) if not p.greedy and p.seed is not None else None
-        grammar = self.grammars.for_request(*p.response_format) if p.response_format else None   # compiles off-step
-        self._live[request.request_id] = _Live(IncrementalDetokenizer(self.tokenizer, p.stop, self._decode_text,
-                                                                      p.include_stop_sequence), generator, grammar=grammar)
+        self._live[request.request_id] = self._new_live(request)
         return RequestOutput(request.request_id, state=RequestState.QUEUED,
                              queue_position=self.scheduler.queue_position(request, time.monotonic()))
 
-    def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> RequestOutput:
-        """End a request now (its row or parked K/V are freed at the next step). -> its final event.
-        Raises UnknownRequest / RequestFinished."""
-        return self._final(self.scheduler.cancel(request_id, reason))
+    def _new_live(self, request: Request) -> _Live:
+        p = request.params
+        generator = (make_generator(p.seed, self.runner.device)
+                     if not p.greedy and p.seed is not None and request.n == 1 else None)
+        grammar = self.grammars.for_request(*p.response_format) if p.response_format else None   # compiles off-step
+        return _Live(IncrementalDetokenizer(self.tokenizer, p.stop, self._decode_text, p.include_stop_sequence),
+                     generator, grammar=grammar)
+
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> Events:
+        """End a request now, all its completions (rows or parked K/V are freed at the next step).
+        -> their final events (the last one ends the stream). Raises UnknownRequest / RequestFinished."""
+        return tuple(self._final(self.scheduler.cancel(r.request_id, reason))
+                     for r in self.scheduler.members(request_id))
 
     def preempt(self, request_id: str, action: PreemptAction, priority: int | None = None,
                 owner: str | None = None) -> tuple[RequestState, Events]:
         """One Preempt call: -> (the request's state after it, the events it caused). Raises
-        UnknownRequest, RequestFinished, NotOwner or HostPoolFull; on a raise nothing changed."""
-        request = self.scheduler.get(request_id)
-        if owner is not None and request.owner != owner:
+        UnknownRequest, RequestFinished, NotOwner or HostPoolFull; on a raise nothing changed.
+        A request of n completions: the call acts on all its unfinished completions (one state
+        event each, with its index); the state returned is the first one's."""
+        rows = self.scheduler.members(request_id)
+        if owner is not None and rows[0].owner != owner:
             raise NotOwner(f"request_id {request_id!r} belongs to another caller")
         if action == PreemptAction.SUSPEND:   # first: a refused SUSPEND must leave the priority alone
-            request = self.scheduler.suspend(request_id, time.monotonic())
+            rows = self.scheduler.suspend_members(request_id, time.monotonic())
         if priority is not None:
-            self.scheduler.set_priority(request_id, priority)
+            for row in rows:
+                self.scheduler.set_priority(row.request_id, priority)
         if action == PreemptAction.SUSPEND:
-            return request.state, (RequestOutput(request_id, state=RequestState.SUSPENDED),)
+            return rows[0].state, tuple(self._event(r, state=RequestState.SUSPENDED) for r in rows)
         if action == PreemptAction.RESUME:
-            request = self.scheduler.resume(request_id)
-            return request.state, (RequestOutput(request_id, state=request.state),)
+            rows = [self.scheduler.resume(r.request_id) for r in rows]
+            return rows[0].state, tuple(self._event(r, state=r.state) for r in rows)
         if action == PreemptAction.CANCEL:
-            return RequestState.FINISHED, (self.abort(request_id),)
-        return request.state, ()
+            return RequestState.FINISHED, self.abort(request_id)
+        return rows[0].state, ()
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -179,26 +194,46 @@ class LLMEngine:
             self.slab.reserve(max(incoming))
         self._restore(sched.restore)
         # SUSPENDED rows were reported by the SUSPEND command itself.
-        parked = [RequestOutput(r.request_id, state=r.state) for r in sched.park if r.state == RequestState.PREEMPTED]
-        return (*parked, *(RequestOutput(r.request_id, state=RequestState.RUNNING) for r in sched.restore))
+        parked = [self._event(r, state=r.state) for r in sched.park if r.state == RequestState.PREEMPTED]
+        return (*parked, *(self._event(r, state=RequestState.RUNNING) for r in sched.restore))
 
     @torch.inference_mode()
     def _prefill(self, group: list[Request]) -> Events:
         started = time.monotonic()
         result = self.runner.prefill([r.prompt_ids for r in group])
         self._counts.prefill_tokens += sum(result.lengths)
-        tokens = self._sample(group, result.logits)
+        rows, source = [], []   # the batch rows these prompts become, and the prompt of each
+        for i, request in enumerate(group):
+            forked = self._fork(request)
+            rows.extend(forked)
+            source.extend([i] * len(forked))
+        logits = result.logits
+        if len(rows) > len(group):   # n completions: each row samples from its prompt's logits
+            logits = logits.index_select(0, torch.tensor(source, device=logits.device))
+        tokens = self._sample(rows, logits)
         self._counts.seconds_prefill += time.monotonic() - started
-        events = []
-        for i, (request, token) in enumerate(zip(group, tokens)):
-            if self.prefix_cache is not None:
+        if self.prefix_cache is not None:
+            for i, request in enumerate(group):
                 self.prefix_cache.insert(request.prompt_ids, result.row_kv(i))
-            if self._append(request, token):
-                events.append(self._finish(request))
+        events = []
+        for row, i, token in zip(rows, source, tokens):
+            if self._append(row, token):
+                events.append(self._finish(row))
             else:
-                self.slab.add_row(request.request_id, result.row_kv(i))
-                events.append(self._flush(request, state=RequestState.RUNNING))
+                self.slab.add_row(row.request_id, result.row_kv(i))   # n completions: a copy per row
+                events.append(self._flush(row, state=RequestState.RUNNING))
         return tuple(events)
+
+    def _fork(self, request: Request) -> list[Request]:
+        """A prefilled request's batch rows: itself, or its n completion rows (each with its own
+        detokenizer, stop matching, generator from its derived seed, and grammar state)."""
+        if request.n == 1:
+            return [request]
+        rows = self.scheduler.fork(request)
+        del self._live[request.request_id]
+        for row in rows:
+            self._live[row.request_id] = self._new_live(row)
+        return rows
 
     @torch.inference_mode()
     def _prefill_chunk(self, request: Request, start: int, end: int) -> Events:
@@ -226,17 +261,24 @@ class LLMEngine:
         prompt_kv = kv[:, :, 0, :, :len(prompt)]
         if self.prefix_cache is not None:
             self.prefix_cache.insert(prompt, prompt_kv)
-        token = self._sample([request], logits)[0]
+        rows = self._fork(request)
+        if len(rows) > 1:
+            logits = logits.index_select(0, torch.zeros(len(rows), dtype=torch.long, device=logits.device))
+        tokens = self._sample(rows, logits)
         self._counts.seconds_prefill += time.monotonic() - started
-        if self._append(request, token):
-            return (self._finish(request),)
-        self.slab.reserve(len(prompt))
-        self.slab.add_row(request.request_id, prompt_kv)
-        return (self._flush(request, state=RequestState.RUNNING),)
+        events = []
+        for row, token in zip(rows, tokens):
+            if self._append(row, token):
+                events.append(self._finish(row))
+            else:
+                self.slab.reserve(len(prompt))
+                self.slab.add_row(row.request_id, prompt_kv)   # n completions: a copy per row
+                events.append(self._flush(row, state=RequestState.RUNNING))
+        return tuple(events)
 
     @torch.inference_mode()
     def _decode(self, scheduled: tuple[Request, ...]) -> Events:
-        by_id = {r.request_id: r for r in scheduled}
+        by_id = self.scheduler.by_id   # not `scheduled` alone: it predates the completion rows forked this step
         rows = [by_id[row_id] for row_id in self.slab.row_ids]
         started = time.monotonic()
         logits = self.runner.decode([r.output_ids[-1] for r in rows])
@@ -404,16 +446,25 @@ class LLMEngine:
         live = self._live[request.request_id]
         if not (live.new_ids or live.new_text or state is not None):
             return None
-        event = RequestOutput(request.request_id, text=live.new_text, token_ids=tuple(live.new_ids), state=state,
-                              logprobs=tuple(live.new_logprobs))
+        event = RequestOutput(request.stream_id, text=live.new_text, token_ids=tuple(live.new_ids), state=state,
+                              logprobs=tuple(live.new_logprobs), index=request.index)
         live.new_ids, live.new_text, live.new_logprobs = [], "", []
         return event
 
+    def _event(self, request: Request, state: RequestState) -> RequestOutput:
+        """A state change of a request (a completion row: of that completion, with its index)."""
+        return RequestOutput(request.stream_id, state=state, index=request.index)
+
     def _final(self, request: Request, out_of_memory: bool = False) -> RequestOutput:
+        """A completion's last event; the request's stream ends with the last completion's (state
+        FINISHED). Usage: the prompt's tokens (prefilled once, shared by all completions) and
+        this completion's own tokens."""
         live = self._live.pop(request.request_id)
+        stream_open = bool(request.group) and request.group in self.scheduler.groups
         return RequestOutput(
-            request.request_id, text=live.new_text, token_ids=tuple(live.new_ids),
-            state=RequestState.FINISHED, finish_reason=request.finish_reason, error=request.error,
+            request.stream_id, text=live.new_text, token_ids=tuple(live.new_ids), index=request.index,
+            stream_open=stream_open, state=None if stream_open else RequestState.FINISHED,
+            finish_reason=request.finish_reason, error=request.error,
             out_of_memory=out_of_memory,
             prompt_tokens=len(request.prompt_ids), completion_tokens=len(request.output_ids),
             stats=stats_of(request, time.monotonic()), logprobs=tuple(live.new_logprobs),

@@ -31,6 +31,10 @@ class HostPoolFull(EngineError):
     """Host memory for parked K/V is full: the row cannot be parked now."""
 
 
+class TooLarge(EngineError):
+    """The request can never be admitted: its n rows exceed the batch or their K/V the device budget."""
+
+
 class QueueFull(EngineError):
     """Too many unfinished requests; retry later."""
 
@@ -45,4 +49,4 @@ class EngineInternalError(EngineError):
 
 BY_NAME: dict[str, type[EngineError]] = {
     cls.__name__: cls for cls in (EngineError, UnknownRequest, RequestFinished, NotOwner, DuplicateRequest,
-                                  HostPoolFull, QueueFull, EngineUnavailable, EngineInternalError)}
+                                  HostPoolFull, TooLarge, QueueFull, EngineUnavailable, EngineInternalError)}

@@ -121,6 +121,7 @@ class Limits:
     default_max_new_tokens: int
     max_new_tokens_limit: int
     vocab_size: int = 0           # width of the logits (token ids must be below it); 0 = unchecked
+    max_batch_size: int = 0       # rows of the decode batch: the most completions (params.n) of one request; 0 = unchecked
 
 
 def _check_finite(name: str, value: float) -> None:
@@ -209,8 +210,7 @@ def _check_json(name: str, text: str) -> None:
 
 def check_unsupported(inp: GenerateInput) -> None:
     """The v1 fields beyond sampling: response_format, tools, tool_choice, the messages' tool
-    calls; and those whose behaviour is not implemented yet (n > 1): UNIMPLEMENTED, never silently
-    ignored. Malformed values are INVALID_ARGUMENT (checked first)."""
+    calls; and n. Malformed values are INVALID_ARGUMENT."""
     if inp.n < 0:
         raise InvalidInput("params.n", f"must be >= 0, got {inp.n}")
     fmt = inp.response_format
@@ -247,8 +247,6 @@ def check_unsupported(inp: GenerateInput) -> None:
                                           "it cannot be combined with params.response_format")
     for extra in inp.message_extras:
         _check_message_extra(inp, extra)
-    if inp.n > 1:
-        raise UnsupportedInput("params.n", "more than one completion per request is not supported yet")
 
 
 def _check_message_extra(inp: GenerateInput, extra: MessageInput) -> None:
@@ -306,6 +304,13 @@ def check_text(inp: GenerateInput) -> None:
         raise InvalidInput("prompt", f"longer than {MAX_PROMPT_CHARS} characters")
 
 
+def check_n(inp: GenerateInput, limits: Limits) -> int:
+    """Completions of the request: params.n, 0 meaning 1; each is a row of the decode batch."""
+    if limits.max_batch_size and inp.n > limits.max_batch_size:
+        raise InvalidInput("params.n", f"must be at most the batch size ({limits.max_batch_size} rows), got {inp.n}")
+    return max(inp.n, 1)
+
+
 def build_request(inp: GenerateInput, tokenizer, limits: Limits, grammars=None) -> Request:
     """Validate everything and return a fresh Request; raises InvalidInput naming the field.
     `grammars` (engine.grammar.Grammars): compiles a response_format here, so that a bad schema,
@@ -313,6 +318,7 @@ def build_request(inp: GenerateInput, tokenizer, limits: Limits, grammars=None) 
     check_text(inp)
     params = check_params(inp, limits)
     check_unsupported(inp)
+    n = check_n(inp, limits)
     forced_call = tool_call_format(inp.tools, inp.tool_choice)
     if forced_call is not None:
         params = dataclasses.replace(params, response_format=forced_call)
@@ -339,4 +345,4 @@ def build_request(inp: GenerateInput, tokenizer, limits: Limits, grammars=None) 
                                   f"keeps only the last N)")
     request_id = inp.request_id or uuid.uuid4().hex
     return Request(request_id=request_key(inp.owner, request_id), prompt_ids=prompt_ids,
-                   params=params, priority=inp.priority, owner=inp.owner, truncated_prompt_tokens=truncated)
+                   params=params, priority=inp.priority, owner=inp.owner, truncated_prompt_tokens=truncated, n=n)

@@ -42,12 +42,14 @@ class KVLedger:
         return -(-num_tokens // self.page_size)
 
     def device_pages(self, running: Iterable[Request]) -> int:
-        """Pages the running rows hold once each has the column of its next write."""
-        return sum(self.pages_for(tokens_needed(r)) for r in running)
+        """Pages the running rows hold once each has the column of its next write (a request of
+        `n` completions not yet forked into its rows: n rows of its prompt)."""
+        return sum(r.n * self.pages_for(tokens_needed(r)) for r in running)
 
-    def fits(self, running: Iterable[Request], extra_tokens: int) -> bool:
-        """Would the running rows plus a newcomer needing `extra_tokens` fit the device budget?"""
-        return self.device_pages(running) + self.pages_for(extra_tokens) <= self.device_budget_pages
+    def fits(self, running: Iterable[Request], extra_tokens: int, rows: int = 1) -> bool:
+        """Would the running rows plus a newcomer of `rows` rows needing `extra_tokens` each fit
+        the device budget?"""
+        return self.device_pages(running) + rows * self.pages_for(extra_tokens) <= self.device_budget_pages
 
     def can_grow(self, request: Request) -> bool:
         """After its next decode write, does the row still have its spare column in context?"""

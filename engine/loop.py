@@ -27,7 +27,7 @@ import msgspec
 import structlog
 
 from engine.engine import LLMEngine
-from engine.errors import EngineError, EngineInternalError
+from engine.errors import EngineError, EngineInternalError, TooLarge
 from engine.outputs import EngineStats
 from engine.request import FinishReason, PreemptAction, Request, RequestOutput, RequestState
 
@@ -172,7 +172,7 @@ class EngineLoop:
             self._add(command.request)
         elif kind is Abort:
             try:
-                self._outbox.append(self.engine.abort(command.request_id))
+                self._outbox.extend(self.engine.abort(command.request_id))
             except EngineError:
                 pass    # already finished or never known: nothing to abort
         elif kind is Preempt:
@@ -188,7 +188,8 @@ class EngineLoop:
         except Exception as exc:  # noqa: BLE001 - the stream must end, not hang
             log.error("engine_add_failed", request_id=request.request_id, error=repr(exc))
             self._outbox.append(RequestOutput(request.request_id, state=RequestState.FINISHED,
-                                              finish_reason=FinishReason.ERROR, error=str(exc)))
+                                              finish_reason=FinishReason.ERROR, error=str(exc),
+                                              out_of_memory=isinstance(exc, TooLarge)))
 
     def _preempt(self, command: Preempt) -> None:
         state, error = None, None

@@ -91,6 +91,12 @@ class Request:
     # Ties on priority are broken by this strictly increasing number (FIFO).
     arrival_seq: int = field(default_factory=lambda: next(_arrival_counter))
     owner: str = ""                   # who may Preempt it (empty: anyone)
+    # n completions (params.n): the request is prefilled once as one request of width n (n rows of
+    # the batch, n times the K/V); then the scheduler forks it into n completion rows (`fork`),
+    # each a Request of width 1 with `group` = this request's id and its own `index`.
+    n: int = 1
+    index: int = 0                    # a completion row: which completion (0..n-1)
+    group: str = ""                   # a completion row: the id of the request it belongs to
     truncated_prompt_tokens: int = 0  # prompt tokens cut by truncate_prompt_tokens
     cached_prompt_tokens: int = 0     # prompt tokens whose K/V came from the prefix cache
     cached_prompt_tokens_host: int = 0   # of those, from its host tier
@@ -119,6 +125,24 @@ class Request:
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def stream_id(self) -> str:
+        """The id its events go out under: the request's own (a completion row: its group's)."""
+        return self.group or self.request_id
+
+
+ROW_SEPARATOR = "\x1e"   # between a request's id and a completion's index: never part of a request id (printable only)
+
+
+def completion_row_id(request_id: str, index: int) -> str:
+    return f"{request_id}{ROW_SEPARATOR}{index}"
+
+
+def completion_seed(seed: int | None, index: int) -> int | None:
+    """The seed of completion `index` of a request with `seed`: seed + index (mod 2**64), so that
+    completion i equals a separate request with that seed. No seed: none (the shared generator)."""
+    return None if seed is None else (seed + index) % (1 << 64)
 
 
 class RequestStats(msgspec.Struct, frozen=True, array_like=True):
@@ -157,9 +181,17 @@ class RequestOutput(msgspec.Struct, frozen=True, array_like=True):
     truncated_prompt_tokens: int = 0        # on the last event
     cached_prompt_tokens: int = 0           # on the last event: prompt tokens from the prefix cache
     cached_prompt_tokens_host: int = 0      # on the last event: of those, from its host tier
+    index: int = 0                          # which of the request's n completions this event belongs to
+    stream_open: bool = False               # with finish_reason: other completions are still running
 
     @property
     def finished(self) -> bool:
+        """The request's stream ends here (its last completion ended)."""
+        return self.finish_reason is not None and not self.stream_open
+
+    @property
+    def completion_finished(self) -> bool:
+        """This event's completion ended (the stream may go on with other completions)."""
         return self.finish_reason is not None
 
 

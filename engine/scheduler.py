@@ -5,7 +5,7 @@ engine step: which rows leave the batch (to host memory or for good), which requ
 (by prefill or by restoring parked K/V), and which rows decode.
 
 Invariants:
-- `running` never holds more than `max_batch_size` requests, nor more K/V tokens than the budget
+- `running` never holds more than `max_batch_size` rows, nor more K/V tokens than the budget
   (counted by the ledger, engine/kv_ledger.py, the one place that knows what a row needs).
 - A request is in exactly one of `waiting` (QUEUED or PREEMPTED), `suspended`, `running`.
 - Preemption compares base priorities only (strictly higher evicts); aging only orders admission,
@@ -17,17 +17,24 @@ Invariants:
   step's remaining budget whole is prefilled in the grouped forward (`prefill`), a longer one in
   chunks. A row still prefilling is never parked: it is not a row yet; SUSPEND drops its partial
   K/V and it is prefilled again on RESUME.
+- n completions (`Request.n` > 1): until its prompt is prefilled a request counts as n rows of
+  the batch and n times its K/V (it is admitted whole or not at all); after the prefill the engine
+  calls `fork`, which replaces it by n completion rows (`groups`). From then on each completion is
+  a row of its own: preempted, parked, restored and finished on its own. Commands name the
+  request: `members` turns its id into its unfinished rows (cancel, SUSPEND, RESUME and priority
+  act on all of them; a SUSPEND parks all or, when the host pool cannot take them all, none).
 - Parked K/V never exceed `host_budget_bytes`: when the host pool is full nobody is preempted (the
   newcomer waits its turn) and SUSPEND is refused.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from engine.errors import DuplicateRequest, HostPoolFull, RequestFinished, UnknownRequest
+from engine.errors import DuplicateRequest, HostPoolFull, RequestFinished, TooLarge, UnknownRequest
 from engine.kv_ledger import KVLedger, tokens_needed
-from engine.request import FinishReason, Request, RequestState
+from engine.request import FinishReason, Request, RequestState, completion_row_id, completion_seed
 
 
 FINISHED_IDS_KEPT = 10_000
@@ -72,6 +79,7 @@ class Scheduler:
         self.suspended: list[Request] = []
         self.prefilling: list[Request] = []   # admitted (in running), prompt not yet all planned
         self.by_id: dict[str, Request] = {}
+        self.groups: dict[str, list[Request]] = {}   # a forked request's id -> its completion rows
         self.kv = KVLedger(config.kv_budget_tokens, config.max_row_tokens, config.kv_bytes_per_token,
                            config.host_budget_bytes, config.kv_page_size)
         self._free: list[Request] = []
@@ -81,8 +89,13 @@ class Scheduler:
 
     # ---- commands (between steps) ----------------------------------------------------------
     def add(self, request: Request) -> None:
-        if request.request_id in self.by_id:
+        if request.request_id in self.by_id or request.request_id in self.groups:
             raise DuplicateRequest(f"request_id {request.request_id!r} is already in use")
+        if request.n > 1 and (request.n > self.config.max_batch_size
+                              or not self.kv.fits((), tokens_needed(request), request.n)):
+            raise TooLarge(f"params.n: {request.n} completions of a {len(request.prompt_ids)}-token prompt "
+                           f"cannot fit the batch ({self.config.max_batch_size} rows, "
+                           f"{self.config.kv_budget_tokens} K/V tokens)")
         request.state = RequestState.QUEUED
         self._finished.pop(request.request_id, None)
         self.by_id[request.request_id] = request
@@ -97,6 +110,40 @@ class Scheduler:
         if request.state.is_finished:
             raise RequestFinished(f"request_id {request_id!r} has already finished")
         return request
+
+    def members(self, request_id: str) -> list[Request]:
+        """The rows a command on `request_id` acts on: a forked request's unfinished completion
+        rows, else the request itself. Raises UnknownRequest / RequestFinished."""
+        rows = self.groups.get(request_id)
+        if rows is None:
+            return [self.get(request_id)]
+        return [r for r in rows if not r.state.is_finished]   # never empty: a group leaves when all finish
+
+    def fork(self, request: Request) -> list[Request]:
+        """A request of n completions whose prompt was just prefilled (RUNNING, counted as n rows)
+        becomes n completion rows, each RUNNING with its own id, index and derived seed."""
+        rows = [dataclasses.replace(request, request_id=completion_row_id(request.request_id, i), n=1, index=i,
+                                    group=request.request_id, output_ids=[],
+                                    params=dataclasses.replace(request.params,
+                                                               seed=completion_seed(request.params.seed, i)))
+                for i in range(request.n)]
+        self.running.remove(request)
+        self.running.extend(rows)
+        del self.by_id[request.request_id]
+        self.by_id.update((r.request_id, r) for r in rows)
+        self.groups[request.request_id] = rows
+        return rows
+
+    def suspend_members(self, request_id: str, now: float) -> list[Request]:
+        """SUSPEND a request: all its unfinished rows, or (host pool full) none of them."""
+        rows = self.members(request_id)
+        planned = 0
+        for r in rows:
+            if r.state == RequestState.RUNNING and r not in self.prefilling:
+                if not self.kv.host_can_take(r, already=planned):
+                    raise HostPoolFull("host K/V pool is full; cannot suspend now")
+                planned += self.kv.parked_bytes(r)
+        return [self.suspend(r.request_id, now) for r in rows]
 
     def cancel(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> Request:
         request = self.get(request_id)
@@ -176,9 +223,9 @@ class Scheduler:
                 break  # this step's prefill budget is spoken for; it waits (holding no K/V budget)
             if is_new and not chunked and prefill and max(prefill_longest, len(candidate.prompt_ids)) * (len(prefill) + 1) > cfg.max_prefill_tokens:
                 break  # keep this prefill forward bounded; the rest go next step
-            if not self._fits(need):
+            if not self._fits(need, candidate.n):
                 self._make_room_for(candidate, need, exclude=(*restore, *prefill), now=now)
-            if not self._fits(need):
+            if not self._fits(need, candidate.n):
                 break  # strict priority order: nobody behind it skips ahead
             self.waiting.remove(candidate)
             self._admit(candidate, now)
@@ -264,8 +311,14 @@ class Scheduler:
             effective += (now - since) / self.config.aging_seconds
         return (-effective, request.arrival_seq)
 
-    def _fits(self, need_tokens: int) -> bool:
-        return len(self.running) < self.config.max_batch_size and self.kv.fits(self.running, need_tokens)
+    def _fits(self, need_tokens: int, rows: int = 1) -> bool:
+        return (self.num_rows(self.running) + rows <= self.config.max_batch_size
+                and self.kv.fits(self.running, need_tokens, rows))
+
+    @staticmethod
+    def num_rows(requests) -> int:
+        """Rows of the batch these requests take (a request of n completions not yet forked: n)."""
+        return sum(r.n for r in requests)
 
     def _victim(self, exclude: tuple[Request, ...]) -> Request | None:
         """The one place that picks whom to preempt: lowest priority, latest arrival on ties."""
@@ -282,7 +335,8 @@ class Scheduler:
 
         def room() -> bool:
             staying = [r for r in self.running if r not in victims]
-            return len(staying) < cfg.max_batch_size and self.kv.fits(staying, need)
+            return (self.num_rows(staying) + candidate.n <= cfg.max_batch_size
+                    and self.kv.fits(staying, need, candidate.n))
 
         for victim in pool:
             if room():
@@ -331,5 +385,9 @@ class Scheduler:
         request.finish_reason = reason
         self.by_id.pop(request.request_id, None)
         self._finished[request.request_id] = None
+        rows = self.groups.get(request.group) if request.group else None
+        if rows is not None and all(r.state.is_finished for r in rows):
+            del self.groups[request.group]   # its last completion: the request itself is finished
+            self._finished[request.group] = None
         if len(self._finished) > FINISHED_IDS_KEPT:
             self._finished.popitem(last=False)

@@ -63,7 +63,7 @@ def preempt_action(action: int) -> PreemptAction | None:
 
 def response(out: RequestOutput, request_id: str) -> pb.GenerateResponse:
     """`request_id`: the id the caller knows (out.request_id is the engine's key)."""
-    msg = pb.GenerateResponse(request_id=request_id, text=out.text, token_ids=out.token_ids)
+    msg = pb.GenerateResponse(request_id=request_id, text=out.text, token_ids=out.token_ids, index=out.index)
     if out.logprobs:
         msg.logprobs.extend(pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
                                             top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
@@ -96,7 +96,7 @@ def add_tool_calls(msg: pb.GenerateResponse, calls: list[ToolCall]) -> None:
 
 
 def merge(outs: list[RequestOutput]) -> RequestOutput:
-    """Coalesce a backlog of plain token events (no state change) into one message."""
+    """Coalesce a backlog of plain token events (no state change) of one completion into one message."""
     if len(outs) == 1:
         return outs[0]
     last = outs[-1]
@@ -107,7 +107,8 @@ def merge(outs: list[RequestOutput]) -> RequestOutput:
         truncated_prompt_tokens=last.truncated_prompt_tokens, cached_prompt_tokens=last.cached_prompt_tokens,
         cached_prompt_tokens_host=last.cached_prompt_tokens_host,
         queue_position=last.queue_position, finish_reason=last.finish_reason, error=last.error, retryable=last.retryable, out_of_memory=last.out_of_memory,
-        prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens, stats=last.stats)
+        prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens, stats=last.stats,
+        index=last.index, stream_open=last.stream_open)
 
 
 def model_info(info: ModelInfo) -> pb.ModelInfo:

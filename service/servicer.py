@@ -63,11 +63,15 @@ def _details(exc: Exception, key: str = "", request_id: str = "") -> str:
 
 
 def _batches(outs: list[RequestOutput]) -> list[RequestOutput]:
-    """Group a backlog: runs of plain token events end at (and include) one state event."""
+    """Group a backlog: runs of plain token events of one completion end at (and include) one
+    state event or that completion's last event; a run never mixes completions (index)."""
     groups, run = [], []
     for out in outs:
+        if run and run[-1].index != out.index:
+            groups.append(convert.merge(run))
+            run = []
         run.append(out)
-        if out.state is not None or out.finished:
+        if out.state is not None or out.completion_finished:
             groups.append(convert.merge(run))
             run = []
     if run:
@@ -83,7 +87,7 @@ class _StreamTimes:
     last_token_at: float | None = None
     tokens: int = 0
     final: RequestOutput | None = None
-    text: list[str] | None = None                  # the completion's text, kept when tool calls are parsed
+    text: dict[int, list[str]] | None = None       # each completion's text, kept when tool calls are parsed
     trace: tracing.RequestTrace | None = None   # set when tracing is on and the call is sampled
 
     def record(self, out: RequestOutput, metrics: Metrics) -> None:
@@ -96,7 +100,7 @@ class _StreamTimes:
             self.last_token_at = now
             self.tokens += len(out.token_ids)
         if self.text is not None:
-            self.text.append(out.text)
+            self.text.setdefault(out.index, []).append(out.text)
         if out.finished:
             self.final = out
         if self.trace is not None:
@@ -130,7 +134,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         stream = _StreamTimes(started=time.monotonic())
         tool_names = {t.name for t in inp.tools} if inp.tools and inp.tool_choice != "none" else None
         if tool_names:
-            stream.text = []
+            stream.text = {}
         started_ns = time.time_ns()
         inbox = Inbox()
         key = await self._submit(engine, inp, inbox, context)   # the engine's id: the caller's namespace + id
@@ -144,7 +148,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             async for out in self._relay(inbox, stream):
                 msg = convert.response(out, request_id)
                 if tool_names and out.finish_reason == FinishReason.EOS:   # a whole completion
-                    calls = tools.parse_tool_calls("".join(stream.text), tool_names)
+                    calls = tools.parse_tool_calls("".join(stream.text[out.index]), tool_names)
                     if calls:
                         convert.add_tool_calls(msg, calls)
                 yield msg

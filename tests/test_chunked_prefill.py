@@ -151,7 +151,7 @@ def test_suspend_and_cancel_while_prefilling(family_case, layout):
         if step == 2:
             seen["partial_before"] = set(eng._partial)
             eng.preempt("r0", PreemptAction.SUSPEND)
-            return (eng.abort("r4"),)
+            return eng.abort("r4")
         if step == 4:
             seen["partial_after"] = set(eng._partial)
             return eng.preempt("r0", PreemptAction.RESUME)[1]

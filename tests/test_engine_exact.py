@@ -109,7 +109,7 @@ def test_cancel_frees_row_without_changing_others(tiny_model_dir, layout):
         if step == 6:
             rows_after_cancel.append(eng.slab.num_rows)
         if step == 5:
-            return (eng.abort("r1"),)
+            return eng.abort("r1")
 
     outputs = drive(engine, limits, arrivals, on_step=cancel_at_5)
     assert outputs["r1"].final.finish_reason.name == "CANCELLED"

@@ -145,7 +145,7 @@ def test_hit_while_the_prefix_owner_is_suspended_then_cancelled(tiny, layout):
         if step == 3:
             return eng.preempt("owner", PreemptAction.SUSPEND)[1]
         if step == 6:
-            return (eng.abort("owner"),)
+            return eng.abort("owner")
 
     outputs = drive(engine, limits, arrivals, on_step=commands)
     assert outputs["owner"].final.finish_reason.name == "CANCELLED"

@@ -40,6 +40,7 @@ class GenerationOptions:
     # Constrained decoding: exactly one of {"json_schema": str, "json_object": True, "regex": str,
     # "grammar": str} (ResponseFormat's oneof); None = unconstrained.
     response_format: Mapping[str, str | bool] | None = None
+    n: int = 0                       # completions of the prompt (0 or 1 = one); prefilled once
 
     def to_pb(self) -> pb.GenerationParams:
         params = pb.GenerationParams(
@@ -49,7 +50,7 @@ class GenerationOptions:
             stop_token_ids=list(self.stop_token_ids), presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, min_p=self.min_p, logprobs=self.logprobs,
             top_logprobs=self.top_logprobs, truncate_prompt_tokens=self.truncate_prompt_tokens,
-            include_stop_sequence=self.include_stop_sequence, logit_bias=dict(self.logit_bias))
+            include_stop_sequence=self.include_stop_sequence, logit_bias=dict(self.logit_bias), n=self.n)
         if self.seed is not None:
             params.seed = self.seed
         if self.response_format is not None:
@@ -61,8 +62,33 @@ class GenerationOptions:
 
 
 @dataclass
+class Choice:
+    """One of the n completions of a request (GenerateResponse.index), folded."""
+    index: int = 0
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    completion_tokens: int = 0
+    logprobs: list[pb.TokenLogprob] = field(default_factory=list)
+    stop_sequence: str = ""
+    tool_calls: list[pb.ToolCall] = field(default_factory=list)
+
+    def add(self, msg: pb.GenerateResponse) -> None:
+        self.text += msg.text
+        self.token_ids.extend(msg.token_ids)
+        self.logprobs.extend(msg.logprobs)
+        if msg.finish_reason:
+            self.finish_reason = pb.FinishReason.Name(msg.finish_reason)
+            self.completion_tokens = msg.usage.completion_tokens
+            self.stop_sequence = msg.stop_sequence
+            self.tool_calls = list(msg.tool_calls)
+
+
+@dataclass
 class Completion:
-    """A whole stream, folded."""
+    """A whole stream, folded. With options.n > 1, `choices` holds each completion (by index) and
+    the fields text, token_ids, finish_reason, logprobs and stop_sequence are completion 0's;
+    prompt_tokens counts the shared prompt once, completion_tokens all completions together."""
     request_id: str = ""
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
@@ -75,21 +101,28 @@ class Completion:
     logprobs: list[pb.TokenLogprob] = field(default_factory=list)   # with options.logprobs: one per token id
     stop_sequence: str = ""          # the stop sequence that matched, if one did
     stats: pb.RequestStats | None = None
+    choices: list[Choice] = field(default_factory=list)   # one per completion, in index order
 
     def add(self, msg: pb.GenerateResponse) -> None:
         self.request_id = msg.request_id
-        self.text += msg.text
-        self.token_ids.extend(msg.token_ids)
-        self.logprobs.extend(msg.logprobs)
+        while len(self.choices) <= msg.index:
+            self.choices.append(Choice(index=len(self.choices)))
+        choice = self.choices[msg.index]
+        choice.add(msg)
+        if msg.index == 0:
+            self.text += msg.text
+            self.token_ids.extend(msg.token_ids)
+            self.logprobs.extend(msg.logprobs)
         if msg.state:
             self.states.append(pb.RequestState.Name(msg.state))
         if msg.finish_reason:
-            self.finish_reason = pb.FinishReason.Name(msg.finish_reason)
+            if msg.index == 0:
+                self.finish_reason = choice.finish_reason
+                self.stop_sequence = msg.stop_sequence
             self.prompt_tokens = msg.usage.prompt_tokens
-            self.completion_tokens = msg.usage.completion_tokens
+            self.completion_tokens = sum(c.completion_tokens for c in self.choices)
             self.cached_prompt_tokens = msg.usage.cached_prompt_tokens
             self.truncated_prompt_tokens = msg.usage.truncated_prompt_tokens
-            self.stop_sequence = msg.stop_sequence
             self.stats = msg.stats
 
 
