@@ -92,3 +92,85 @@ def test_config_refuses_what_tp_does_not_support(tiny_model_dir):
         EngineConfig(tensor_parallel=0)
     with pytest.raises(ValueError, match="prefix_cache"):
         EngineConfig(tensor_parallel=2, prefix_cache="device")
+
+
+# ---- the real server: `baton serve --tensor-parallel 2` on CPU ------------------------------------
+@pytest.fixture(scope="module")
+def tp_server(tmp_path_factory, tiny_model_dir):
+    from tests.conftest import start_server
+    running = start_server(tmp_path_factory.mktemp("tp-server"), "--model", tiny_model_dir("llama"),
+                           "--device", "cpu", "--tensor-parallel", "2", "--max-seq-len", "128",
+                           "--engine-restart-backoff-seconds", "0.2")
+    yield running
+    running.stop()
+
+
+def _follower_pids(server) -> list[int]:
+    import json
+    return [json.loads(line)["pid"] for line in server.log_path.read_text().splitlines()
+            if '"tp_follower_started"' in line]
+
+
+def test_served_with_tp2_equals_hf(tp_server, tiny_model_dir):
+    """Concurrent streams through gRPC on a TP 2 server: each gets what HF generate gives alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from baton_client import BatonClient, GenerationOptions
+    hf_model, tokenizer, _ = model_loader.load(tiny_model_dir("llama"), CPU, torch.float32)
+    jobs = [(prompt, n) for prompt, n in zip(PROMPTS, (12, 20, 7, 16, 9))]
+    with BatonClient(tp_server.target) as client, ThreadPoolExecutor(len(jobs)) as pool:
+        done = list(pool.map(lambda job: client.complete(
+            job[0], options=GenerationOptions(max_new_tokens=job[1], ignore_eos=True)), jobs))
+    import json
+    [ready] = [json.loads(line) for line in tp_server.log_path.read_text().splitlines() if '"engine_ready"' in line]
+    assert ready["decode"].endswith("tensor parallel 2")
+    for (prompt, n), completion in zip(jobs, done):
+        assert completion.token_ids == hf_reference(hf_model, tokenizer(prompt)["input_ids"], n, ()), prompt
+        assert completion.finish_reason == "LENGTH"
+
+
+def test_a_dead_rank_ends_every_stream_unavailable(tp_server):
+    """SIGKILL rank 1 while streams run: every open stream ends UNAVAILABLE (none hangs), then
+    the server restarts the engine with a new follower and serves again."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import grpc
+    from baton_client import BatonClient, GenerationOptions
+    [follower] = _follower_pids(tp_server)
+    results, first_token = {}, threading.Event()
+
+    def stream(i: int) -> None:
+        with BatonClient(tp_server.target) as client:
+            try:
+                for msg in client.generate(f"{i}: count to a thousand:", options=GenerationOptions(
+                        max_new_tokens=100, ignore_eos=True)):
+                    if msg.token_ids:
+                        first_token.set()
+                results[i] = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                results[i] = exc.code()
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    assert first_token.wait(60)
+    os.kill(follower, signal.SIGKILL)
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "a stream hangs after a rank died"
+    assert results == {i: grpc.StatusCode.UNAVAILABLE for i in range(3)}
+    deadline = time.monotonic() + 120
+    while tp_server.log_path.read_text().count('"engine_ready"') < 2:
+        assert time.monotonic() < deadline and tp_server.proc.poll() is None, "the engine was not restarted"
+        time.sleep(0.2)
+    with BatonClient(tp_server.target) as client:
+        while client.health() != "SERVING":
+            assert time.monotonic() < deadline, "not SERVING again after the restart"
+            time.sleep(0.2)
+        again = client.complete("Hi", options=GenerationOptions(max_new_tokens=3, ignore_eos=True))
+    assert again.finish_reason == "LENGTH" and len(again.token_ids) == 3
+    pids = _follower_pids(tp_server)
+    assert len(pids) == 2 and pids[1] != follower
