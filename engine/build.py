@@ -41,14 +41,16 @@ class ModelInfo:
 Loader = Callable[[], tuple]   # () -> (hf_model, tokenizer, ModelSpec); picklable for EngineProcess
 
 
-def build_engine(config: EngineConfig, loader: Loader | None = None) -> tuple[LLMEngine, ModelInfo, object]:
+def build_engine(config: EngineConfig, loader: Loader | None = None,
+                 setup: Callable[[], None] | None = None) -> tuple[LLMEngine, ModelInfo, object]:
     """Load the model named by `config` (or whatever `loader` builds, e.g. a benchmark preset)
-    and assemble an engine around it."""
+    and assemble an engine around it. `setup` (picklable): runs first in each tensor-parallel
+    follower process, e.g. the server's log configuration."""
     shards = None
     device = model_loader.resolve_device(config.device)
     if config.tensor_parallel > 1:   # followers start and load while this process loads too
         from engine.tensor_parallel import Shards
-        shards = Shards(config, loader, device)
+        shards = Shards(config, loader, device, setup)
         device = shards.device
     try:
         if loader is None:

@@ -157,7 +157,7 @@ def _join_group(rank: int, world: int, port: int, device: torch.device, store=No
 class Shards:
     """Rank 0's side: starts the followers, joins the process group, sends them each operation."""
 
-    def __init__(self, config, loader, device: torch.device) -> None:
+    def __init__(self, config, loader, device: torch.device, setup=None) -> None:
         import torch.distributed as dist
         for key, value in SAFE_ENV.items():
             os.environ.setdefault(key, value)
@@ -172,7 +172,7 @@ class Shards:
             ours, theirs = ctx.Pipe(duplex=False)
             # Daemonic: if rank 0 exits, multiprocessing ends them rather than waiting on them.
             process = ctx.Process(target=follow, name=f"baton-tp-rank{rank}", daemon=True,
-                                  args=(ours, rank, self.world, store.port, config, loader))
+                                  args=(ours, rank, self.world, store.port, config, loader, setup))
             process.start()
             ours.close()
             self._pipes.append(theirs)
@@ -276,10 +276,12 @@ def _host_empty(shape, dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype)
 
 
-def follow(conn, rank: int, world: int, port: int, config, loader) -> None:
+def follow(conn, rank: int, world: int, port: int, config, loader, setup=None) -> None:
     """Entry point of follower `rank`: join the group, load and shard the model, build the K/V
     storage rank 0 describes, then run rank 0's operations until Stop or its pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # rank 0's process decides when we stop
+    if setup is not None:
+        setup()
     from tqdm import tqdm
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()

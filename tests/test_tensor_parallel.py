@@ -174,3 +174,20 @@ def test_a_dead_rank_ends_every_stream_unavailable(tp_server):
     assert again.finish_reason == "LENGTH" and len(again.token_ids) == 3
     pids = _follower_pids(tp_server)
     assert len(pids) == 2 and pids[1] != follower
+
+
+def test_heads_that_do_not_divide_are_refused_naming_the_flag(smollm2):
+    """The built-in SmolLM2 has 9 attention heads and 3 kv heads: TP 2 cannot split them."""
+    from types import SimpleNamespace
+
+    from engine.tensor_parallel import shard_model
+    with pytest.raises(ValueError, match=r"tensor_parallel: 2 does not divide the model's 9 attention heads"):
+        shard_model(smollm2[0], SimpleNamespace(size=lambda: 2))   # refused before any collective
+
+
+def test_flag_and_env(monkeypatch):
+    from service.cli import build_parser
+    assert build_parser().parse_args(["serve"]).tensor_parallel == 1
+    assert build_parser().parse_args(["serve", "--tensor-parallel", "4"]).tensor_parallel == 4
+    monkeypatch.setenv("BATON_TENSOR_PARALLEL", "2")
+    assert build_parser().parse_args(["serve"]).tensor_parallel == 2
