@@ -197,8 +197,12 @@ class Shards:
             raise ShardLost(f"tensor-parallel rank gone: {self._dead() or exc!r}") from exc
 
     def lost(self, exc: BaseException) -> ShardLost:
-        """A step failed: under tensor parallelism the ranks may be out of step (or one died)."""
-        return ShardLost(f"tensor-parallel step failed ({self._dead() or 'ranks out of step'}): {exc!r}")
+        """A step failed: under tensor parallelism the ranks may be out of step (or one died).
+        Ends the followers and leaves the process group (so this process may start another engine,
+        e.g. the in-thread transport's restart). -> the error to raise."""
+        error = ShardLost(f"tensor-parallel step failed ({self._dead() or 'ranks out of step'}): {exc!r}")
+        self.close(timeout=2.0)   # a follower waiting in a collective rank 0 left never reads Stop
+        return error
 
     def _dead(self) -> str:
         for process in self._processes:

@@ -75,6 +75,8 @@ def test_tp2_equals_tp1_and_hf(tiny_model_dir, family, layout):
         assert len(engine.parked) == 0 and engine.slab.num_rows == 0
         if layout.get("prefill_chunk_tokens"):
             assert stats.prefill_chunks > 0
+        if family == "llama":
+            _dead_follower_ends_the_loop(engine, limits)
     finally:
         engine.close()
     loaded = model_loader.load(folder, CPU, torch.float32)   # unsharded
@@ -89,6 +91,27 @@ def test_tp2_equals_tp1_and_hf(tiny_model_dir, family, layout):
     states = {rid: [e.state.name for e in sharded[rid].events if e.state is not None] for rid in ("low0", "low1")}
     assert states["low1"].count("SUSPENDED") == 2               # each while it ran: its row was parked
     assert "PREEMPTED" in states["low0"] + states["low1"]       # and a priority arrival parked one
+
+
+def _dead_follower_ends_the_loop(engine, limits):
+    """The engine loop itself, a follower SIGKILLed: the step's all-reduce fails and the loop ends
+    with ShardLost (not a failed batch it would carry on after); the follower is reaped and the
+    process group left, so this process could start a new engine (the in-thread restart)."""
+    import queue
+    import signal
+
+    import torch.distributed as dist
+    from engine.inputs import build_request
+    from engine.loop import Add, EngineLoop, QueueSource
+    from engine.tensor_parallel import ShardLost
+    [pid] = engine.shards.pids
+    os.kill(pid, signal.SIGKILL)
+    commands = queue.SimpleQueue()
+    commands.put(Add(build_request(GenerateInput(request_id="doomed", prompt="Hi", max_new_tokens=5), engine.tokenizer,
+                                   limits)))
+    with pytest.raises(ShardLost, match="rank 1 exited"):
+        EngineLoop(engine, QueueSource(commands), lambda event: None).run()
+    assert not dist.is_initialized() and not os.path.exists(f"/proc/{pid}")
 
 
 def test_config_refuses_what_tp_does_not_support(tiny_model_dir):
