@@ -60,6 +60,7 @@ def build_engine(config: EngineConfig, loader: Loader | None = None,
             hf_model, tokenizer, spec = loader()
         if shards is not None:
             from engine.tensor_parallel import shard_model, sharded_spec
+            shards.wait_for("loaded")   # sharding's collectives start once every rank has its model
             shard_model(hf_model, shards.mesh)
             spec = sharded_spec(spec, shards.world)
         engine, info = assemble_engine(hf_model, tokenizer, spec, config, shards=shards)
@@ -126,8 +127,8 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
         max_new_tokens_limit=config.max_new_tokens_limit, default_max_new_tokens=config.default_max_new_tokens,
         max_batch_size=num_slots, device=str(device), dtype=str(dtype).removeprefix("torch."),
         vocab_size=spec.vocab_size, has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
-        kv_slab_bytes=kv.total_bytes, decode=runner.describe() + (f", tensor parallel {shards.world}" if shards else ""),
-        decode_graphs=runner.num_graphs)
+        kv_slab_bytes=kv.total_bytes, decode_graphs=runner.num_graphs,
+        decode=runner.describe() + (f", tensor parallel {shards.world}" if shards else ""))
     return engine, info
 
 

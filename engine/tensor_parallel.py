@@ -13,13 +13,15 @@ pages) holds only its kv heads (num_kv_heads / N): parking or restoring a row mo
 shard between its device and host memory.
 
 Followers hold no request state: rank 0 sends each operation on its K/V storage and each forward
-(`Prefill`, `Embed`, `Park`, `Restore`, `Drop`, `Reserve`, `Chunk`, `EmbedChunked`, `Decode`) before running it itself, in the order it runs them, so every rank's storage goes through
-the same states and every forward meets its peers in the same collectives.
+(`Prefill`, `Embed`, `Park`, `Restore`, `Drop`, `Reserve`, `Chunk`, `EmbedChunked`, `Decode`)
+before running it itself, in the order it runs them, so every rank's storage goes through the
+same states and every forward meets its peers in the same collectives.
 
 Failure: a rank that dies (or a step that fails: the ranks may then be out of step) ends the
-engine with `ShardLost`, which the loop lets through, so every open stream ends UNAVAILABLE as
-when the engine itself dies; the server restarts the engine with its followers. A follower exits
-when rank 0's pipe closes or a collective fails because a peer is gone.
+engine: `LLMEngine.fail_batch` raises `ShardLost` from the loop's handler of a failed step, so
+the loop ends and every open stream ends UNAVAILABLE as when the engine itself dies; the server
+restarts the engine with its followers. A follower exits when rank 0's pipe closes or a
+collective fails because a peer is gone.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 import traceback
 from dataclasses import dataclass, replace
 from typing import Union
@@ -142,11 +145,9 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", rank) if device.type == "cuda" else device
 
 
-def _join_group(rank: int, world: int, port: int, device: torch.device, store=None):
+def _join_group(rank: int, world: int, store, device: torch.device):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    if store is None:
-        store = dist.TCPStore("127.0.0.1", port, world, is_master=False)
     if device.type == "cuda":
         torch.cuda.set_device(rank)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world)
@@ -178,10 +179,22 @@ class Shards:
             self._pipes.append(theirs)
             self._processes.append(process)
             log.info("tp_follower_started", rank=rank, pid=process.pid)
-        self.device = rank_device(device, 0)
-        self.mesh = _join_group(0, self.world, store.port, self.device, store=store)
         self._store = store
         self._closed = False
+        self.device = rank_device(device, 0)
+        self.wait_for("up")   # every follower runs, before a rendezvous that would wait for a dead one
+        self.mesh = _join_group(0, self.world, store, self.device)
+
+    def wait_for(self, stage: str) -> None:
+        """Until every follower has reached `stage` (it sets a key in the store); raises
+        RuntimeError at once if one exits first (no collective waits for a dead rank at start)."""
+        keys = [f"{stage}/{rank}" for rank in range(1, self.world)]
+        while not self._store.check(keys):
+            if any(p.exitcode is not None for p in self._processes):
+                dead = self._dead()
+                self.close(timeout=2.0)
+                raise RuntimeError(f"tensor-parallel start-up failed: {dead} (its error is in the log)")
+            time.sleep(0.05)
 
     @property
     def pids(self) -> list[int]:
@@ -296,13 +309,17 @@ def follow(conn, rank: int, world: int, port: int, config, loader, setup=None) -
     from engine.kv_slab import KVSlab
     from engine.model_runner import ModelRunner
     try:
+        import torch.distributed as dist
         device = rank_device(model_loader.resolve_device(config.device), rank)
-        mesh = _join_group(rank, world, port, device)
+        store = dist.TCPStore("127.0.0.1", port, world, is_master=False)
+        store.set(f"up/{rank}", "1")
+        mesh = _join_group(rank, world, store, device)
         if loader is None:
             hf_model, _tokenizer, _spec = model_loader.load(config.model, device,
                                                             model_loader.resolve_dtype(config.dtype, device))
         else:
             hf_model, _tokenizer, _spec = loader()
+        store.set(f"loaded/{rank}", "1")
         shard_model(hf_model, mesh)
         geometry = _decode(conn.recv_bytes())
         dtype = hf_model.dtype

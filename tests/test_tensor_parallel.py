@@ -114,6 +114,26 @@ def _dead_follower_ends_the_loop(engine, limits):
     assert not dist.is_initialized() and not os.path.exists(f"/proc/{pid}")
 
 
+def _load_except_on_rank_1(folder: str):
+    import torch.distributed as dist
+    if dist.get_rank() == 1:
+        raise RuntimeError("rank 1 cannot load its model")
+    return model_loader.load(folder, CPU, torch.float32)
+
+
+def test_a_follower_that_fails_to_load_fails_the_start(tiny_model_dir):
+    """Rank 1's loader raises: build_engine raises at once naming the rank (no collective waits
+    for it), its process is gone and this process left the group."""
+    import functools
+
+    import torch.distributed as dist
+    loader = functools.partial(_load_except_on_rank_1, tiny_model_dir("llama"))
+    config = EngineConfig(model=tiny_model_dir("llama"), device="cpu", tensor_parallel=2, warmup=False)
+    with pytest.raises(RuntimeError, match=r"tensor-parallel start-up failed: rank 1 exited \(1\)"):
+        build_engine(config, loader)
+    assert not dist.is_initialized()
+
+
 def test_config_refuses_what_tp_does_not_support(tiny_model_dir):
     with pytest.raises(ValueError, match="tensor_parallel"):
         EngineConfig(tensor_parallel=0)
