@@ -259,6 +259,10 @@ class Follower:
     @torch.inference_mode()
     def apply(self, message) -> None:
         kind, kv = type(message), self.kv
+        if kind is not Embed and kind is not Drop:
+            # A prefill group's Embeds (and Drops of rows it finished) follow its Prefill: its
+            # K/V are dropped at the next other operation, as rank 0 drops them after the group.
+            self.prefilled = None
         if kind is Decode:
             self.runner.decode(message.input_ids)
         elif kind is Prefill:
