@@ -41,22 +41,41 @@ class ModelInfo:
 Loader = Callable[[], tuple]   # () -> (hf_model, tokenizer, ModelSpec); picklable for EngineProcess
 
 
-def build_engine(config: EngineConfig, loader: Loader | None = None) -> tuple[LLMEngine, ModelInfo, object]:
+def build_engine(config: EngineConfig, loader: Loader | None = None,
+                 setup: Callable[[], None] | None = None) -> tuple[LLMEngine, ModelInfo, object]:
     """Load the model named by `config` (or whatever `loader` builds, e.g. a benchmark preset)
-    and assemble an engine around it."""
-    if loader is None:
-        device = model_loader.resolve_device(config.device)
-        dtype = model_loader.resolve_dtype(config.dtype, device)
-        hf_model, tokenizer, spec = model_loader.load(config.model, device, dtype)
-    else:
-        hf_model, tokenizer, spec = loader()
-    engine, info = assemble_engine(hf_model, tokenizer, spec, config)
+    and assemble an engine around it. `setup` (picklable): runs first in each tensor-parallel
+    follower process, e.g. the server's log configuration."""
+    shards = None
+    device = model_loader.resolve_device(config.device)
+    if config.tensor_parallel > 1:   # followers start and load while this process loads too
+        from engine.tensor_parallel import Shards
+        shards = Shards(config, loader, device, setup)
+        device = shards.device
+    try:
+        if loader is None:
+            dtype = model_loader.resolve_dtype(config.dtype, device)
+            hf_model, tokenizer, spec = model_loader.load(config.model, device, dtype)
+        else:
+            hf_model, tokenizer, spec = loader()
+        if shards is not None:
+            from engine.tensor_parallel import shard_model, sharded_spec
+            shards.wait_for("loaded")   # sharding's collectives start once every rank has its model
+            shard_model(hf_model, shards.mesh)
+            spec = sharded_spec(spec, shards.world)
+        engine, info = assemble_engine(hf_model, tokenizer, spec, config, shards=shards)
+    except BaseException:
+        if shards is not None:
+            shards.close()
+        raise
     return engine, info, tokenizer
 
 
 def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
-                    config: EngineConfig) -> tuple[LLMEngine, ModelInfo]:
-    """Slab, scheduler, runner and engine around an already loaded model."""
+                    config: EngineConfig, shards=None) -> tuple[LLMEngine, ModelInfo]:
+    """Slab, scheduler, runner and engine around an already loaded model. With `shards`
+    (engine.tensor_parallel.Shards, tensor parallelism): the model is this rank's shard, `spec`
+    counts this rank's kv heads, and the followers are told the K/V storage to allocate."""
     device, dtype = hf_model.device, hf_model.dtype
     if config.kv_layout == "auto":   # what the benchmarks favour on each device (README, K/V layouts)
         config = replace(config, kv_layout="paged" if device.type == "cuda" else "slab")
@@ -81,7 +100,18 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
     if fused is None:  # auto: on CUDA, for the model families it supports
         from engine.fused_decode import unsupported_reason
         fused = device.type == "cuda" and unsupported_reason(hf_model) is None
-    runner = ModelRunner(hf_model, kv, device, pad_token_id=pad, cuda_graphs=config.cuda_graphs,
+    graphs = config.cuda_graphs
+    if shards is not None:
+        # The fused step fuses whole q/k/v weights, not shards; graphs of sharded steps are not
+        # captured yet (README, tensor parallelism): sharded ranks run the HF forward, eager.
+        if config.fused_decode:
+            raise ValueError("tensor_parallel > 1 runs the hf decode step; --decode fused is not supported with it")
+        fused, graphs = False, False
+        from engine.tensor_parallel import Geometry
+        shards.send(Geometry(layout=config.kv_layout, dims=kv.dims,
+                             size=num_slots if config.kv_layout == "slab" else kv.num_pages,
+                             page_size=page_size, max_seq_len=max_seq_len, max_rows=num_slots, pad_token_id=pad))
+    runner = ModelRunner(hf_model, kv, device, pad_token_id=pad, cuda_graphs=graphs,
                          fused_decode=fused)
     prefix_cache = None
     if config.prefix_cache != "off":
@@ -91,13 +121,14 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
                        pressure=monitor.pressure,
                        pinned_arena_bytes=min(config.pinned_arena_bytes, config.host_kv_budget_bytes),
                        prefill_max_waste=1.0 if device.type == "cuda" else 0.1,
-                       grammars=Grammars(tokenizer, spec.vocab_size, spec.eos_token_ids))
+                       grammars=Grammars(tokenizer, spec.vocab_size, spec.eos_token_ids), shards=shards)
     info = ModelInfo(
         model_name=spec.name, max_context_length=max_seq_len, eos_token_ids=spec.eos_token_ids,
         max_new_tokens_limit=config.max_new_tokens_limit, default_max_new_tokens=config.default_max_new_tokens,
         max_batch_size=num_slots, device=str(device), dtype=str(dtype).removeprefix("torch."),
         vocab_size=spec.vocab_size, has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
-        kv_slab_bytes=kv.total_bytes, decode=runner.describe(), decode_graphs=runner.num_graphs)
+        kv_slab_bytes=kv.total_bytes, decode_graphs=runner.num_graphs,
+        decode=runner.describe() + (f", tensor parallel {shards.world}" if shards else ""))
     return engine, info
 
 

@@ -42,6 +42,7 @@ class EngineConfig:
     prefix_cache: str = "off"             # off | device | device+host: K/V of prefixes kept across requests
     prefix_cache_device_bytes: int = 1 << 30   # its device tier (taken before the K/V pool is sized)
     prefix_cache_host_bytes: int = 4 << 30     # its host tier (device+host)
+    tensor_parallel: int = 1              # ranks the model is sharded over (one engine worker process each)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -66,5 +67,9 @@ class EngineConfig:
             raise ValueError("default_max_new_tokens must not exceed max_new_tokens_limit")
         if not 0.0 < self.low_watermark <= self.high_watermark <= 1.0:
             raise ValueError("watermarks must satisfy 0 < low_watermark <= high_watermark <= 1")
+        if self.tensor_parallel < 1:
+            raise ValueError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
+        if self.tensor_parallel > 1 and self.prefix_cache != "off":
+            raise ValueError("prefix_cache is not supported with tensor_parallel > 1 yet")
         if self.aging_seconds < 0:
             raise ValueError(f"aging_seconds must be >= 0, got {self.aging_seconds}")

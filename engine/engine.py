@@ -39,6 +39,7 @@ from engine.request import (FinishReason, PreemptAction, Request, RequestOutput,
                             stats_of)
 from engine.sampler import Sampler, make_generator
 from engine.scheduler import Scheduler, SchedulerOutput
+from engine.tensor_parallel import Chunk, Decode, Drop, Embed, EmbedChunked, Park, Prefill, Reserve, Restore, Shards
 
 Events = tuple[RequestOutput, ...]
 
@@ -91,8 +92,11 @@ class LLMEngine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer,
                  eos_token_ids: tuple[int, ...], seed: int = 0, pressure: Callable[[], bool] = lambda: False,
                  pinned_arena_bytes: int = 0, prefill_max_waste: float = 1.0,
-                 prefix_cache: PrefixCache | None = None, grammars: Grammars | None = None) -> None:
-        """`grammars`: compiles structured-output requests' grammars (None: none may come)."""
+                 prefix_cache: PrefixCache | None = None, grammars: Grammars | None = None,
+                 shards: Shards | None = None) -> None:
+        """`grammars`: compiles structured-output requests' grammars (None: none may come).
+        `shards`: tensor parallelism; every K/V operation and forward is sent to the other ranks
+        before this rank runs it (engine/tensor_parallel.py)."""
         self.runner = runner
         self.slab: KVSlab = runner.slab
         self.scheduler = scheduler
@@ -107,6 +111,7 @@ class LLMEngine:
         self._counts = _Counters()
         self._partial: dict[str, torch.Tensor] = {}   # chunked prefill: K/V of prompts not yet whole
         self.prefix_cache = prefix_cache
+        self.shards = shards
         # Parked rows: a pinned arena on CUDA (blocks of 64 tokens), plain memory on CPU.
         on_cuda = runner.device.type == "cuda"
         self.parked = ParkedKV(HostPool(pinned_arena_bytes if on_cuda else 0, 64 * self.slab.bytes_per_token,
@@ -191,6 +196,7 @@ class LLMEngine:
         self._park(sched.park)
         incoming = [len(r.prompt_ids) for r in sched.prefill] + [r.num_tokens for r in sched.restore]
         if incoming:
+            self._mirror(Reserve(max(incoming)))
             self.slab.reserve(max(incoming))
         self._restore(sched.restore)
         # SUSPENDED rows were reported by the SUSPEND command itself.
@@ -200,6 +206,7 @@ class LLMEngine:
     @torch.inference_mode()
     def _prefill(self, group: list[Request]) -> Events:
         started = time.monotonic()
+        self._mirror(Prefill([r.prompt_ids for r in group]))
         result = self.runner.prefill([r.prompt_ids for r in group])
         self._counts.prefill_tokens += sum(result.lengths)
         rows, source = [], []   # the batch rows these prompts become, and the prompt of each
@@ -220,6 +227,7 @@ class LLMEngine:
             if self._append(row, token):
                 events.append(self._finish(row))
             else:
+                self._mirror(Embed(row.request_id, i))
                 self.slab.add_row(row.request_id, result.row_kv(i))   # n completions: a copy per row
                 events.append(self._flush(row, state=RequestState.RUNNING))
         return tuple(events)
@@ -251,6 +259,7 @@ class LLMEngine:
         start = max(start, request.cached_prompt_tokens)
         if start >= end:   # this chunk's tokens all came from the cache
             return ()
+        self._mirror(Chunk(request.request_id, len(prompt), prompt[start:end], start))
         logits = self.runner.prefill_chunk(kv, prompt[start:end], start)
         self._counts.prefill_chunks += end - start < len(prompt)
         self._counts.prefill_tokens += end - start
@@ -271,9 +280,14 @@ class LLMEngine:
             if self._append(row, token):
                 events.append(self._finish(row))
             else:
+                # followers: the partial K/V are the request's; with n > 1 each row gets a copy
+                self._mirror(EmbedChunked(row.request_id, len(prompt),
+                                          source=request.request_id if len(rows) > 1 else ""))
                 self.slab.reserve(len(prompt))
                 self.slab.add_row(row.request_id, prompt_kv)   # n completions: a copy per row
                 events.append(self._flush(row, state=RequestState.RUNNING))
+        if len(rows) > 1:   # the rows have ids of their own: the followers' partial K/V can go
+            self._mirror(Drop(request.request_id))
         return tuple(events)
 
     @torch.inference_mode()
@@ -281,6 +295,7 @@ class LLMEngine:
         by_id = self.scheduler.by_id   # not `scheduled` alone: it predates the completion rows forked this step
         rows = [by_id[row_id] for row_id in self.slab.row_ids]
         started = time.monotonic()
+        self._mirror(Decode([r.output_ids[-1] for r in rows]))
         logits = self.runner.decode([r.output_ids[-1] for r in rows])
         tokens = self._sample(rows, logits)
         self._counts.seconds_decode += time.monotonic() - started
@@ -294,8 +309,12 @@ class LLMEngine:
     def fail_batch(self, exc: BaseException) -> Events:
         """A step raised: end the requests that were in the batch (their rows may be half updated)
         and any parked one whose K/V did not reach host memory; reset the slab. Queued and properly
-        parked requests are untouched and run later. -> the final events of those ended."""
+        parked requests are untouched and run later. -> the final events of those ended.
+        Under tensor parallelism raises ShardLost instead: a rank died, or the ranks may be out
+        of step (one may wait in a collective that this rank will never join)."""
         self._counts.step_errors += 1
+        if self.shards is not None:
+            raise self.shards.lost(exc) from exc
         out_of_memory = isinstance(exc, torch.OutOfMemoryError)
         if out_of_memory and torch.cuda.is_available():
             torch.cuda.empty_cache()   # give back what the failed step's temporaries held
@@ -342,12 +361,20 @@ class LLMEngine:
         self.runner.graphs = None
         self.slab.data = torch.empty(0, device=self.slab.data.device)
         self.parked.clear()
+        if self.shards is not None:
+            self.shards.close()
+
+    def _mirror(self, message) -> None:
+        """Tensor parallelism: the other ranks run this operation on their shards too."""
+        if self.shards is not None:
+            self.shards.send(message)
 
     # ---- K/V moves --------------------------------------------------------------------------
     def _park(self, requests: tuple[Request, ...]) -> None:
         """Copy these rows' K/V to host memory and take them out of the batch."""
         started = self._timed_start(bool(requests))
         for request in requests:
+            self._mirror(Park(request.request_id))
             kv = self.slab.take_row(request.request_id, self.parked.allocate)
             self.parked.put(request.request_id, kv)
             nbytes = kv.numel() * kv.element_size()
@@ -362,6 +389,7 @@ class LLMEngine:
         restored = []
         for request in requests:
             kv = self.parked.pop(request.request_id)
+            self._mirror(Restore(request.request_id))
             self.slab.add_row(request.request_id, kv.to(self.runner.device, non_blocking=True))
             nbytes = kv.numel() * kv.element_size()
             request.bytes_restored += nbytes
@@ -387,6 +415,7 @@ class LLMEngine:
         return time.monotonic() - started
 
     def _drop_kv(self, request_id: str) -> None:
+        self._mirror(Drop(request_id))
         self._partial.pop(request_id, None)
         if request_id in self.slab.row_ids:
             self.slab.remove_row(request_id)

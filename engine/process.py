@@ -83,7 +83,7 @@ def serve_engine(commands, events, config: EngineConfig, loader: Loader | None,
     import torch
     torch.set_grad_enabled(False)
     try:
-        engine, info, tokenizer = build_engine(config, loader)
+        engine, info, tokenizer = build_engine(config, loader, setup)
     except BaseException as exc:  # noqa: BLE001 - reported to the server, which raises it
         log.error("engine_load_failed", error=repr(exc), traceback=traceback.format_exc())
         events.send(StartFailed(f"{type(exc).__name__}: {exc}"))

@@ -1,0 +1,345 @@
+"""Tensor parallelism: one engine worker process per rank, the model sharded Megatron-style.
+
+    rank 0 (the engine: scheduler, sampling, all bookkeeping)       ranks 1..N-1 (followers)
+    LLMEngine ──one message per K/V or model operation (pipe)──▶   Follower: the same operation
+        │                                                              on its own shard
+        └──── all-reduces inside the sharded linears (torch.distributed: gloo / NCCL) ────┘
+
+Sharding is PyTorch's tensor-parallel API driven by the model's own plan (transformers'
+`base_model_tp_plan`: q/k/v and gate/up column-parallel, o and down row-parallel, one all-reduce
+after attention and one after the MLP). Embeddings and the LM head stay whole on every rank, so
+every rank computes the same logits; only rank 0 samples. Each rank's K/V storage (slab or
+pages) holds only its kv heads (num_kv_heads / N): parking or restoring a row moves each rank's
+shard between its device and host memory.
+
+Followers hold no request state: rank 0 sends each operation on its K/V storage and each forward
+(`Prefill`, `Embed`, `Park`, `Restore`, `Drop`, `Reserve`, `Chunk`, `EmbedChunked`, `Decode`)
+before running it itself, in the order it runs them, so every rank's storage goes through the
+same states and every forward meets its peers in the same collectives.
+
+Failure: a rank that dies (or a step that fails: the ranks may then be out of step) ends the
+engine: `LLMEngine.fail_batch` raises `ShardLost` from the loop's handler of a failed step, so
+the loop ends and every open stream ends UNAVAILABLE as when the engine itself dies; the server
+restarts the engine with its followers. A follower exits when rank 0's pipe closes or a
+collective fails because a peer is gone.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass, replace
+from typing import Union
+
+import msgspec
+import structlog
+import torch
+
+log = structlog.get_logger("baton.engine")
+
+# NVLink multicast off: on the shared GPU hosts it can take every GPU out of service. Set before
+# any process group exists; spawned followers inherit it.
+SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+STYLES = ("colwise", "rowwise")
+
+
+class ShardLost(Exception):
+    """A tensor-parallel rank died or the ranks may be out of step: the engine cannot go on."""
+
+
+# ---- messages from rank 0 -----------------------------------------------------------------------
+class Geometry(msgspec.Struct, tag=True, array_like=True):
+    """The K/V storage rank 0 sized; each follower allocates the same (for its own kv heads)."""
+    layout: str                  # "slab" | "paged"
+    dims: tuple[int, int, int]   # (layers, kv heads of this rank, head dim)
+    size: int                    # slab: rows; paged: pages
+    page_size: int
+    max_seq_len: int
+    max_rows: int
+    pad_token_id: int
+
+
+class Prefill(msgspec.Struct, tag=True, array_like=True):
+    prompts: list[list[int]]
+
+
+class Embed(msgspec.Struct, tag=True, array_like=True):
+    """Row `index` of the last Prefill joins the batch as `row_id`."""
+    row_id: str
+    index: int
+
+
+class Reserve(msgspec.Struct, tag=True, array_like=True):
+    longest: int
+
+
+class Park(msgspec.Struct, tag=True, array_like=True):
+    row_id: str
+
+
+class Restore(msgspec.Struct, tag=True, array_like=True):
+    row_id: str
+
+
+class Drop(msgspec.Struct, tag=True, array_like=True):
+    """Free whatever K/V the request holds: its row, its parked copy, its partial prefill."""
+    row_id: str
+
+
+class Chunk(msgspec.Struct, tag=True, array_like=True):
+    row_id: str
+    prompt_len: int
+    ids: list[int]
+    start: int
+
+
+class EmbedChunked(msgspec.Struct, tag=True, array_like=True):
+    """The request's whole prompt is in its partial K/V: it joins the batch as `row_id`. With
+    `source` (n completions: the request whose partial K/V each of its rows copies) the partial
+    K/V stay until a Drop of `source`; without, they are the row's own and go now."""
+    row_id: str
+    length: int
+    source: str = ""
+
+
+class Decode(msgspec.Struct, tag=True, array_like=True):
+    input_ids: list[int]
+
+
+class Stop(msgspec.Struct, tag=True, array_like=True):
+    pass
+
+
+Message = Union[Geometry, Prefill, Embed, Reserve, Park, Restore, Drop, Chunk, EmbedChunked, Decode, Stop]
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(Message).decode
+
+
+# ---- sharding -------------------------------------------------------------------------------------
+def shard_model(hf_model, mesh) -> None:
+    """Shard the model in place over `mesh` with PyTorch's tensor-parallel styles, following the
+    model family's own plan (transformers' `base_model_tp_plan`). Raises ValueError when the
+    family has no plain column/row plan or its heads do not divide among the ranks."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    cfg, n = hf_model.config, mesh.size()
+    plan = getattr(cfg, "base_model_tp_plan", None) or {}
+    if not plan or any(style not in STYLES for style in plan.values()):
+        raise ValueError(f"tensor_parallel: model type {cfg.model_type!r} has no column/row tensor-parallel plan "
+                         f"(supported: the Llama, Mistral and Qwen2 families)")
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    for name, value in (("attention heads", heads), ("kv heads", kv_heads),
+                        ("intermediate size", cfg.intermediate_size)):
+        if value % n:
+            raise ValueError(f"tensor_parallel: {n} does not divide the model's {value} {name}")
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}   # outputs: local tensors
+    parallelize_module(hf_model.model, mesh, {name: styles[style]() for name, style in plan.items()})
+
+
+def sharded_spec(spec, world: int):
+    """The model's spec as one rank sees it: its share of the kv heads."""
+    return replace(spec, num_kv_heads=spec.num_kv_heads // world)
+
+
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    return torch.device("cuda", rank) if device.type == "cuda" else device
+
+
+def _join_group(rank: int, world: int, store, device: torch.device):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    if device.type == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world)
+    return init_device_mesh(device.type, (world,))
+
+
+# ---- rank 0 -----------------------------------------------------------------------------------------
+class Shards:
+    """Rank 0's side: starts the followers, joins the process group, sends them each operation."""
+
+    def __init__(self, config, loader, device: torch.device, setup=None) -> None:
+        import torch.distributed as dist
+        for key, value in SAFE_ENV.items():
+            os.environ.setdefault(key, value)
+        if dist.is_initialized():
+            raise RuntimeError("tensor_parallel: this process already belongs to a process group")
+        self.world = config.tensor_parallel
+        # The rendezvous store on a port the OS picks (no race for a "free" port).
+        store = dist.TCPStore("127.0.0.1", 0, self.world, is_master=True, wait_for_workers=False)
+        ctx = multiprocessing.get_context("spawn")   # CUDA cannot be used in a forked child
+        self._pipes, self._processes = [], []
+        for rank in range(1, self.world):
+            ours, theirs = ctx.Pipe(duplex=False)
+            # Daemonic: if rank 0 exits, multiprocessing ends them rather than waiting on them.
+            process = ctx.Process(target=follow, name=f"baton-tp-rank{rank}", daemon=True,
+                                  args=(ours, rank, self.world, store.port, config, loader, setup))
+            process.start()
+            ours.close()
+            self._pipes.append(theirs)
+            self._processes.append(process)
+            log.info("tp_follower_started", rank=rank, pid=process.pid)
+        self._store = store
+        self._closed = False
+        self.device = rank_device(device, 0)
+        self.wait_for("up")   # every follower runs, before a rendezvous that would wait for a dead one
+        self.mesh = _join_group(0, self.world, store, self.device)
+
+    def wait_for(self, stage: str) -> None:
+        """Until every follower has reached `stage` (it sets a key in the store); raises
+        RuntimeError at once if one exits first (no collective waits for a dead rank at start)."""
+        keys = [f"{stage}/{rank}" for rank in range(1, self.world)]
+        while not self._store.check(keys):
+            if any(p.exitcode is not None for p in self._processes):
+                dead = self._dead()
+                self.close(timeout=2.0)
+                raise RuntimeError(f"tensor-parallel start-up failed: {dead} (its error is in the log)")
+            time.sleep(0.05)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._processes]
+
+    def send(self, message) -> None:
+        """One operation to every follower, before rank 0 runs it. Raises ShardLost if one is gone."""
+        data = _encode(message)
+        try:
+            for pipe in self._pipes:
+                pipe.send_bytes(data)
+        except OSError as exc:
+            raise ShardLost(f"tensor-parallel rank gone: {self._dead() or exc!r}") from exc
+
+    def lost(self, exc: BaseException) -> ShardLost:
+        """A step failed: under tensor parallelism the ranks may be out of step (or one died).
+        Ends the followers and leaves the process group (so this process may start another engine,
+        e.g. the in-thread transport's restart). -> the error to raise."""
+        error = ShardLost(f"tensor-parallel step failed ({self._dead() or 'ranks out of step'}): {exc!r}")
+        self.close(timeout=2.0)   # a follower waiting in a collective rank 0 left never reads Stop
+        return error
+
+    def _dead(self) -> str:
+        for process in self._processes:
+            process.join(0.5 if process.is_alive() else 0)   # a peer's socket closes as it exits
+        return ", ".join(f"rank {i + 1} exited ({p.exitcode})" for i, p in enumerate(self._processes)
+                         if p.exitcode is not None)
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        import torch.distributed as dist
+        for pipe in self._pipes:
+            try:
+                pipe.send_bytes(_encode(Stop()))
+                pipe.close()
+            except OSError:
+                pass
+        for process in self._processes:
+            process.join(timeout)
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---- ranks 1..N-1 --------------------------------------------------------------------------------
+@dataclass
+class Follower:
+    """A follower's state: its runner and K/V storage, and the tensors rank 0 refers to by id."""
+    runner: object
+    kv: object
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        self.prefilled = None                         # the last Prefill's result
+        self.parked: dict[str, torch.Tensor] = {}     # host copies of parked rows
+        self.partial: dict[str, torch.Tensor] = {}    # prompts being prefilled in chunks
+
+    @torch.inference_mode()
+    def apply(self, message) -> None:
+        kind, kv = type(message), self.kv
+        if kind is not Embed and kind is not Drop:
+            # A prefill group's Embeds (and Drops of rows it finished) follow its Prefill: its
+            # K/V are dropped at the next other operation, as rank 0 drops them after the group.
+            self.prefilled = None
+        if kind is Decode:
+            self.runner.decode(message.input_ids)
+        elif kind is Prefill:
+            self.prefilled = self.runner.prefill(message.prompts)
+        elif kind is Embed:
+            kv.add_row(message.row_id, self.prefilled.row_kv(message.index))
+        elif kind is Reserve:
+            kv.reserve(message.longest)
+        elif kind is Park:
+            self.parked[message.row_id] = kv.take_row(message.row_id, _host_empty)
+        elif kind is Restore:
+            kv.add_row(message.row_id, self.parked.pop(message.row_id).to(self.device))
+        elif kind is Drop:
+            self.partial.pop(message.row_id, None)
+            self.parked.pop(message.row_id, None)
+            if message.row_id in kv.row_ids:
+                kv.remove_row(message.row_id)
+        elif kind is Chunk:
+            partial = self.partial.get(message.row_id)
+            if partial is None:
+                partial = self.partial[message.row_id] = self.runner.new_partial_kv(message.prompt_len)
+            self.runner.prefill_chunk(partial, message.ids, message.start)
+        elif kind is EmbedChunked:
+            partial = self.partial[message.source] if message.source else self.partial.pop(message.row_id)
+            kv.reserve(message.length)
+            kv.add_row(message.row_id, partial[:, :, 0, :, :message.length])
+        else:
+            raise TypeError(f"unknown tensor-parallel message {message!r}")
+
+
+def _host_empty(shape, dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
+def follow(conn, rank: int, world: int, port: int, config, loader, setup=None) -> None:
+    """Entry point of follower `rank`: join the group, load and shard the model, build the K/V
+    storage rank 0 describes, then run rank 0's operations until Stop or its pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # rank 0's process decides when we stop
+    if setup is not None:
+        setup()
+    from tqdm import tqdm
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    tqdm.set_lock(threading.RLock())
+    torch.set_grad_enabled(False)
+    from engine import model_loader
+    from engine.kv_paged import PagedKV
+    from engine.kv_slab import KVSlab
+    from engine.model_runner import ModelRunner
+    try:
+        import torch.distributed as dist
+        device = rank_device(model_loader.resolve_device(config.device), rank)
+        store = dist.TCPStore("127.0.0.1", port, world, is_master=False)
+        store.set(f"up/{rank}", "1")
+        mesh = _join_group(rank, world, store, device)
+        if loader is None:
+            hf_model, _tokenizer, _spec = model_loader.load(config.model, device,
+                                                            model_loader.resolve_dtype(config.dtype, device))
+        else:
+            hf_model, _tokenizer, _spec = loader()
+        store.set(f"loaded/{rank}", "1")
+        shard_model(hf_model, mesh)
+        geometry = _decode(conn.recv_bytes())
+        dtype = hf_model.dtype
+        if geometry.layout == "slab":
+            kv = KVSlab(*geometry.dims, geometry.size, geometry.max_seq_len, dtype, device)
+        else:
+            kv = PagedKV(*geometry.dims, geometry.size, geometry.page_size, geometry.max_seq_len,
+                         geometry.max_rows, dtype, device)
+        follower = Follower(ModelRunner(hf_model, kv, device, pad_token_id=geometry.pad_token_id), kv, device)
+        while type(message := _decode(conn.recv_bytes())) is not Stop:
+            follower.apply(message)
+    except EOFError:
+        pass   # rank 0 is gone
+    except BaseException as exc:
+        log.critical("tp_follower_died", rank=rank, error=repr(exc), traceback=traceback.format_exc())
+        raise
