@@ -23,7 +23,6 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import queue
-import signal
 import threading
 import traceback
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 import structlog
 
 from engine.api import EngineHandle
+from engine.child_process import prepare_child
 from engine.build import Loader, ModelInfo, build_engine
 from engine.config import EngineConfig
 from engine.loop import Command, EngineLoop, Stop, decode_command, decode_event, encode
@@ -69,19 +69,7 @@ class PipeSource:
 def serve_engine(commands, events, config: EngineConfig, loader: Loader | None,
                  setup: Callable[[], None] | None) -> None:
     """Entry point of the engine process: build the engine, report, then run the loop."""
-    # Ctrl-C in a terminal reaches the whole process group; the server decides when the engine
-    # stops (after its grace period), so the engine ignores it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if setup is not None:
-        setup()
-    # Fewer progress bars: the server's log is one JSON object per line. tqdm's default lock is a
-    # multiprocessing semaphore that this process (it exits without finalisers) would leak.
-    from tqdm import tqdm
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
-    tqdm.set_lock(threading.RLock())
-    import torch
-    torch.set_grad_enabled(False)
+    prepare_child(setup)
     try:
         engine, info, tokenizer = build_engine(config, loader, setup)
     except BaseException as exc:  # noqa: BLE001 - reported to the server, which raises it

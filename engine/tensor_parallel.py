@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
-import threading
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -37,6 +35,8 @@ from typing import Union
 import msgspec
 import structlog
 import torch
+
+from engine.child_process import prepare_child
 
 log = structlog.get_logger("baton.engine")
 
@@ -303,14 +303,7 @@ def _host_empty(shape, dtype) -> torch.Tensor:
 def follow(conn, rank: int, world: int, port: int, config, loader, setup=None) -> None:
     """Entry point of follower `rank`: join the group, load and shard the model, build the K/V
     storage rank 0 describes, then run rank 0's operations until Stop or its pipe closes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # rank 0's process decides when we stop
-    if setup is not None:
-        setup()
-    from tqdm import tqdm
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
-    tqdm.set_lock(threading.RLock())
-    torch.set_grad_enabled(False)
+    prepare_child(setup)   # rank 0's process decides when we stop
     from engine import model_loader
     from engine.kv_paged import PagedKV
     from engine.kv_slab import KVSlab
