@@ -261,7 +261,8 @@ class LLMEngine:
             return ()
         self._mirror(Chunk(request.request_id, len(prompt), prompt[start:end], start))
         logits = self.runner.prefill_chunk(kv, prompt[start:end], start)
-        self._counts.prefill_chunks += end - start < len(prompt)
+        if end - start < len(prompt):   # part of a prompt (a chunk, or the rest after a cached prefix)
+            self._counts.prefill_chunks += 1
         self._counts.prefill_tokens += end - start
         if end < len(prompt):
             self._counts.seconds_prefill += time.monotonic() - started
@@ -295,8 +296,9 @@ class LLMEngine:
         by_id = self.scheduler.by_id   # not `scheduled` alone: it predates the completion rows forked this step
         rows = [by_id[row_id] for row_id in self.slab.row_ids]
         started = time.monotonic()
-        self._mirror(Decode([r.output_ids[-1] for r in rows]))
-        logits = self.runner.decode([r.output_ids[-1] for r in rows])
+        input_ids = [r.output_ids[-1] for r in rows]
+        self._mirror(Decode(input_ids))
+        logits = self.runner.decode(input_ids)
         tokens = self._sample(rows, logits)
         self._counts.seconds_decode += time.monotonic() - started
         events = []
