@@ -111,8 +111,10 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
         shards.send(Geometry(layout=config.kv_layout, dims=kv.dims,
                              size=num_slots if config.kv_layout == "slab" else kv.num_pages,
                              page_size=page_size, max_seq_len=max_seq_len, max_rows=num_slots, pad_token_id=pad))
+    if config.packed_prefill and not (fused and config.kv_layout == "paged"):
+        raise ValueError("packed_prefill needs the paged layout and the fused decode step")
     runner = ModelRunner(hf_model, kv, device, pad_token_id=pad, cuda_graphs=graphs,
-                         fused_decode=fused)
+                         fused_decode=fused, packed_prefill=config.packed_prefill is not False)
     prefix_cache = None
     if config.prefix_cache != "off":
         prefix_cache = PrefixCache(config.prefix_cache, config.kv_page_size, kv.dims, dtype, device,

@@ -38,6 +38,8 @@ class EngineConfig:
     kv_layout: str = "auto"               # slab: the paper's padded slab; paged: pages of kv_page_size tokens;
                                           # auto: paged on CUDA, slab on CPU (docs/benchmarks.md note 21)
     kv_page_size: int = 128               # tokens per K/V page (paged layout)
+    packed_prefill: bool | None = None    # prefill newcomers packed, straight into pages (paged + fused);
+                                          # None = wherever the fused decode step runs on pages
     prefill_chunk_tokens: int = 0         # prompt tokens prefilled per step between decode steps (0 = whole prompts)
     prefix_cache: str = "off"             # off | device | device+host: K/V of prefixes kept across requests
     prefix_cache_device_bytes: int = 1 << 30   # its device tier (taken before the K/V pool is sized)

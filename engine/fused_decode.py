@@ -162,10 +162,12 @@ class FusedDecoder:
         self.qkv_rotary, self.silu_mul = qkv_rotary, silu_mul
         self.compiled = True
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, attend,
+                 keep: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, 1], positions [B, 1] -> logits [B, V]. `attend(layer, q, k, v)` stores the
         new k, v [B, hkv, 1, d] and returns the attention of q [B, hq, 1, d] as [B, hq * d]
-        (`SlabAttend` or `PagedAttend`)."""
+        (`SlabAttend`, `PagedAttend`, or fused_prefill's `PackedAttend`, whose B tokens are whole
+        prompts packed end to end). `keep`: only these tokens' logits ([len(keep), V])."""
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         x = self.embed(input_ids[:, 0])                                     # [B, hidden]
         cos, sin = self.rotary(x, positions)                                # [B, 1, d] each
@@ -177,6 +179,8 @@ class FusedDecoder:
             x = x + F.linear(attend(i, q, k, v), layer.o_w, layer.o_b)
             h = _rms_norm(x, layer.ln2, layer.eps2)
             x = x + F.linear(self.silu_mul(F.linear(h, layer.gate_up_w)), layer.down_w)
+        if keep is not None:
+            x = x.index_select(0, keep)
         return self.lm_head(_rms_norm(x, self.final_norm.weight, self.final_norm.variance_epsilon))
 
 

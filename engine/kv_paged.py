@@ -80,7 +80,13 @@ class PagedKV:
     # ---- membership ------------------------------------------------------------------------
     def add_row(self, row_id: str, kv: torch.Tensor) -> None:
         """Embed a row's K/V ([L, 2, H, n, D], on any device) into free pages."""
-        n = kv.shape[3]
+        slots = self.add_empty_row(row_id, kv.shape[3])
+        self.data.index_copy_(3, slots, kv.to(self.data.device, non_blocking=True))
+
+    def add_empty_row(self, row_id: str, n: int) -> torch.Tensor:
+        """A new last row of n tokens in free pages whose K/V the caller writes (a prefill that
+        writes straight into pages). -> the slots of its tokens 0..n-1, [n] long on the device.
+        Raises OutOfPages (or RuntimeError past the context or row limit), changing nothing."""
         if n + 1 > self.max_len:
             raise RuntimeError("row longer than the context limit")
         if self.num_rows >= self.max_rows:
@@ -89,7 +95,7 @@ class PagedKV:
         self._table[self.num_rows, :len(pages)] = torch.tensor(pages, dtype=torch.long)
         self.row_ids.append(row_id)
         self.lengths.append(n)
-        self.data.index_copy_(3, self._row_slots(self.num_rows - 1, n), kv.to(self.data.device, non_blocking=True))
+        return self._row_slots(self.num_rows - 1, n)
 
     def row_kv(self, row_id: str) -> torch.Tensor:
         """[L, 2, H, n, D] copy of a row's K/V (gathered from its pages)."""

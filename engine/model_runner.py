@@ -33,7 +33,9 @@ class PrefillResult:
 
 class ModelRunner:
     def __init__(self, hf_model, slab: KVSlab, device: torch.device, pad_token_id: int = 0,
-                 cuda_graphs: bool = False, fused_decode: bool = False) -> None:
+                 cuda_graphs: bool = False, fused_decode: bool = False, packed_prefill: bool = True) -> None:
+        """`packed_prefill`: with the fused step on pages, prefill newcomers through
+        engine/fused_prefill.py (`self.packed`) rather than the HF forward."""
         self.model = hf_model
         self.slab = slab
         self.device = device
@@ -49,6 +51,10 @@ class ModelRunner:
             self.fused = FusedDecoder(hf_model, compile=device.type == "cuda")
         self.graphs = None
         self.paged = None     # the fused paged step (FlexAttention over each row's own pages)
+        self.packed = None    # prefill straight into pages (engine/fused_prefill.py)
+        if paged and self.fused is not None and packed_prefill:
+            from engine.fused_prefill import FusedPrefill
+            self.packed = FusedPrefill(self.fused, slab)
         if paged and self.fused is not None:
             from engine.paged_decode import PagedDecoder
             on_cuda = device.type == "cuda"

@@ -1,0 +1,101 @@
+"""Prefill straight into pages: the fused decoder's kernels over newcomers' prompts packed end to end.
+
+The HF prefill (ModelRunner.prefill) left-pads a group of prompts to the longest, passes an
+explicit 4-D mask (so SDPA cannot use its flash kernel), writes the K/V to a temporary
+[L, 2, m, H, P, D] tensor, and the engine then copies each row's K/V into pages. Here instead:
+  - the prompts' tokens are one packed sequence [T] (no padding), each with its own positions;
+  - every layer runs the fused decoder's GEMMs and point-wise kernels (engine/fused_decode.py) over
+    the T tokens, writes each token's K and V to its slot in the row's freshly allocated pages,
+    and attends causally within its own prompt with variable-length flash attention
+    (torch.nn.attention.varlen, CUDA), or with SDPA's causal kernel per prompt (elsewhere);
+  - only each prompt's last token goes through the LM head.
+The same arithmetic as the HF forward on the same weights, so in fp32 the first tokens and K/V
+equal the HF prefill's up to rounding (tests/test_fused_prefill.py); in bf16 kernels round as
+the fused decode step does (tests/test_gpu.py compares against the eager path).
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from engine.fused_decode import FusedDecoder
+from engine.kv_paged import PagedKV
+
+
+def _varlen():
+    """-> (varlen_attn, the keyword arguments that make it causal), or None where this torch or
+    device has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        return varlen_attn, {"window_size": (-1, 0)}
+    if "is_causal" in params:
+        return varlen_attn, {"is_causal": True}
+    return None
+
+
+class PackedAttend:
+    """One prefill forward's attention: K/V of the packed tokens to their slots, then causal
+    attention within each prompt (cu = prompt boundaries [m + 1], int32 on the device)."""
+
+    def __init__(self, data: torch.Tensor, slots: torch.Tensor, cu: torch.Tensor, bounds: list[int],
+                 scale: float, varlen) -> None:
+        self.data, self.slots, self.cu, self.bounds, self.scale, self.varlen = data, slots, cu, bounds, scale, varlen
+        self.longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        pool = self.data[layer]                                             # [2, H, N, D]
+        k, v, q = k[:, :, 0], v[:, :, 0].contiguous(), q[:, :, 0]           # [T, h, d]
+        pool[0].index_copy_(1, self.slots, k.transpose(0, 1))
+        pool[1].index_copy_(1, self.slots, v.transpose(0, 1))
+        T, hq, d = q.shape
+        hkv = k.shape[1]
+        if self.varlen is not None:
+            fn, causal = self.varlen
+            if hkv != hq:
+                k, v = k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1)
+            out = fn(q, k, v, self.cu, self.cu, self.longest, self.longest, scale=self.scale, **causal)
+            return out.reshape(T, hq * d)
+        out = torch.empty_like(q)
+        for a, b in zip(self.bounds, self.bounds[1:]):   # one causal SDPA per prompt ([1, h, n, d])
+            out[a:b] = F.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None],
+                is_causal=True, scale=self.scale, enable_gqa=hkv != hq)[0].transpose(0, 1)
+        return out.reshape(T, hq * d)
+
+
+class FusedPrefill:
+    def __init__(self, fused: FusedDecoder, kv: PagedKV) -> None:
+        self.fused, self.kv = fused, kv
+        self.device = kv.data.device
+        self.varlen = _varlen() if self.device.type == "cuda" and kv.data.dtype in (torch.float16, torch.bfloat16) \
+            else None
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], row_ids: list[str]) -> torch.Tensor:
+        """Add a row per prompt (row_ids[i] holds prompts[i]'s K/V in its own pages) and return
+        logits [m, V] of each prompt's last token. Raises OutOfPages with nothing changed."""
+        kv = self.kv
+        slots: list[torch.Tensor] = []
+        try:
+            for row_id, p in zip(row_ids, prompts):
+                slots.append(kv.add_empty_row(row_id, len(p)))
+        except BaseException:
+            for row_id in reversed(row_ids[:len(slots)]):
+                kv.remove_row(row_id)
+            raise
+        bounds = [0]
+        for p in prompts:
+            bounds.append(bounds[-1] + len(p))
+        ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
+        positions = torch.cat([torch.arange(len(p)) for p in prompts])
+        last = torch.tensor(bounds[1:]) - 1
+        dev = self.device
+        attend = PackedAttend(kv.data, torch.cat(slots), torch.tensor(bounds, dtype=torch.int32).to(dev), bounds,
+                              self.fused.scaling, self.varlen)
+        return self.fused(ids.to(dev)[:, None], positions.to(dev)[:, None], attend, keep=last.to(dev))

@@ -1,0 +1,62 @@
+"""Prefill straight into pages (engine/fused_prefill.py) computes what the HF prefill computes.
+
+On CPU (fp32, uncompiled, SDPA's causal kernel per prompt) the first-token logits and every
+layer's K/V equal the HF prefill's up to rounding, for prompts packed end to end, and the engine
+that prefills this way gives HF generate's greedy tokens; tests/test_gpu.py checks the CUDA path
+(varlen flash attention) the same way.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import model_loader
+from engine.kv_pages import OutOfPages
+from tests.conftest import CPU, drive, make_engine
+from tests.test_engine_exact import _arrivals, _check_against_hf
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def loaded(request, tiny_model_dir):
+    return model_loader.load(tiny_model_dir(request.param), CPU, torch.float32)
+
+
+def _engine(loaded, **kw):
+    engine, limits = make_engine(loaded, kv_layout="paged", kv_page_size=16, fused_decode=True, **kw)
+    assert engine.runner.packed is not None
+    return engine, limits
+
+
+def test_packed_prefill_equals_hf_prefill(loaded):
+    engine, _ = _engine(loaded, max_batch_size=4, max_seq_len=128)
+    runner, kv = engine.runner, engine.slab
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 200, (n,), generator=g).tolist() for n in (17, 1, 40, 16)]   # mid-page, one token, page-aligned
+    ref = runner.prefill(prompts)
+    logits = runner.packed.prefill(prompts, [f"r{i}" for i in range(len(prompts))])
+    torch.testing.assert_close(logits, ref.logits, rtol=1e-4, atol=1e-4)
+    for i in range(len(prompts)):
+        torch.testing.assert_close(kv.row_kv(f"r{i}"), ref.row_kv(i), rtol=1e-4, atol=1e-4)
+    assert kv.lengths == [17, 1, 40, 16]
+
+
+def test_packed_prefill_out_of_pages_changes_nothing(loaded):
+    """The second prompt does not fit: the first one's row and pages are given back too."""
+    engine, _ = _engine(loaded, max_batch_size=4, max_seq_len=128)
+    kv = engine.slab
+    kv.pages.allocate("hog", (kv.num_pages_free - 3) * kv.page_size)   # 3 pages left
+    free = kv.num_pages_free
+    with pytest.raises(OutOfPages):
+        engine.runner.packed.prefill([[7] * 40, [8] * 40], ["a", "b"])   # 3 pages, then 3 more
+    assert kv.num_rows == 0 and kv.num_pages_free == free
+
+
+def test_engine_with_packed_prefill_matches_hf_generate(loaded):
+    engine, limits = _engine(loaded, max_batch_size=3, max_seq_len=128)
+    arrivals = _arrivals(lengths=[20, 35, 8, 16, 27, 5], steps=[0, 0, 2, 4, 4, 13], ignore_eos=True)
+    outputs = drive(engine, limits, arrivals)
+    _check_against_hf(loaded, engine, outputs, arrivals)
+    tokenizer = loaded[1]
+    prompts = [len(tokenizer(i.prompt)["input_ids"]) for step in arrivals.values() for i in step]
+    assert engine.stats().prefill_tokens == sum(prompts)
+    assert engine.slab.num_rows == 0 and engine.slab.num_pages_used == 0
