@@ -641,8 +641,13 @@ class Bench:
         for rate in self.rates:
             for layout in self.layouts:
                 for chunk in (int(c) for c in self.args.prefill_chunk_tokens.split(",")):
-                    kw = dict(kv_layout=layout, prefill_chunk_tokens=chunk, max_prefill_tokens=8192)
-                    out.update(self.keep(f"{prefix}_{layout}_chunk{chunk}_rate{rate:g}", run_one(rate, kw)))
+                    for prefill in self.args.prefill.split(","):
+                        if prefill == "packed" and layout != "paged":
+                            continue
+                        kw = dict(kv_layout=layout, prefill_chunk_tokens=chunk, max_prefill_tokens=8192,
+                                  packed_prefill=PREFILL_PATHS[prefill])
+                        tag = "" if prefill == "auto" else f"_{prefill}"
+                        out.update(self.keep(f"{prefix}_{layout}_chunk{chunk}{tag}_rate{rate:g}", run_one(rate, kw)))
         return out
 
     def per_rate(self, prefix: str, run_one: Callable[[float], dict]) -> dict:
@@ -698,6 +703,7 @@ def with_offered(figures: dict, reqs: list[BenchRequest]) -> dict:
     return figures
 
 
+PREFILL_PATHS = {"auto": None, "packed": True, "hf": False}   # --prefill -> EngineConfig.packed_prefill
 W4_PROMPT = (400, 1.0, 3000)    # lognormal: median, sigma, cap (tokens)
 W4_OUTPUT = (200, 0.8, 1000)
 W4_HIGH = (0.15, 10)            # fraction of requests at the higher priority, and that priority
@@ -969,6 +975,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the engine's K/V layout, slab or paged; W4 and decode-chat take a comma list and run each")
     p.add_argument("--prefill-chunk-tokens", default="0",
                    help="W4: comma list of --prefill-chunk-tokens values to run side by side (0 = whole prompts)")
+    p.add_argument("--prefill", default="auto",
+                   help="W4: comma list of prefill paths to run side by side: packed (fused, straight into pages; "
+                        "paged layout only), hf (the HF forward, then embedded), auto (the engine's choice)")
     p.add_argument("--floor-variant", choices=FLOOR_VARIANTS, default=None,
                    help="floor stage: only this decode-step variant (on CUDA each runs in its own process)")
     p.add_argument("--decode", choices=("auto", "fused", "hf"), default="auto",
@@ -978,6 +987,8 @@ def main(argv: list[str] | None = None) -> int:
                         "so no stage inherits another's device memory)")
     args = p.parse_args(argv)
     argv = list(argv if argv is not None else sys.argv[1:])
+    if not set(args.prefill.split(",")) <= set(PREFILL_PATHS):
+        p.error(f"--prefill: packed, hf or auto, got {args.prefill!r}")
     if not set(args.kv_layout.split(",")) <= {"slab", "paged"}:
         p.error(f"--kv-layout: slab or paged, got {args.kv_layout!r}")
     args.w1_max_output = args.max_output or 512
@@ -1020,7 +1031,8 @@ def build_bench(args, argv: list[str], runs: list[str]) -> Bench:
     bench = Bench(args=args, device=device, model=model, tokenizer=tokenizer, spec=spec, load=load, reqs=reqs,
                   common=dict(max_batch=args.max_batch_size, max_seq_len=max_seq, fused=fused,
                               kv_layout=args.kv_layout.split(",")[0],
-                              prefill_chunk_tokens=int(args.prefill_chunk_tokens.split(",")[0])),
+                              prefill_chunk_tokens=int(args.prefill_chunk_tokens.split(",")[0]),
+                              packed_prefill=PREFILL_PATHS[args.prefill.split(",")[0]]),
                   out=Path(__file__).parent / "results" / f"{name}.json")
     bench.result.update({
         "command": "python -m benchmarks.bench " + " ".join(argv), "versions": versions(),
