@@ -3,8 +3,9 @@
 1. A batch of --api-batch requests arriving at once (prompts of --api-prompt-tokens random ids,
    outputs of up to --max-output tokens, greedy), one engine per variant:
      plain          EOS ignored: every row decodes --max-output tokens (the baseline);
-     json_schema    SCHEMA on every row (the grammar decides where a row ends, so EOS counts; the
-                    schema leaves the strings open, so rows run long: mean_output_tokens_per_row);
+     json_schema    schema(--max-output) on every row (the grammar decides where a row ends, so
+                    EOS counts; the schema is too long to complete within the cap, so rows run to
+                    it: mean_output_tokens_per_row and finish_reasons show it);
      top_logprobs5  logprobs with 5 alternatives on every row, EOS ignored.
    Reported per variant: TPOT p50, decode step p50, and the decode step p50 over the steps that
    had the full batch (rows that end early shrink the batch and flatter TPOT); their ratios to
@@ -25,19 +26,24 @@ import random
 
 from benchmarks.workloads import BenchRequest
 
-# An object with an array of strings, at least MIN_ITEMS of at least 8 characters: a constrained row
-# cannot close it within --max-output tokens even with a model that would (each item is a few tokens),
-# so its rows decode as long as plain ones; the mask is made at string, separator and bracket states.
-MIN_ITEMS = 128
-SCHEMA = json.dumps({"type": "object", "required": ["notes"], "properties": {"notes": {
-    "type": "array", "minItems": MIN_ITEMS, "items": {"type": "string", "minLength": 8}}}})
-VARIANTS = {
-    "plain": {},
-    "json_schema": {"response_format": ("json_schema", SCHEMA), "ignore_eos": False},
-    "top_logprobs5": {"logprobs": True, "top_logprobs": 5},
-}
 TARGETS = {"json_schema": 1.10, "top_logprobs5": 1.05}   # issue 14: TPOT over plain's, on the H200
 RATIO_FIGURES = ("tpot_p50_s", "decode_step_p50_ms", "decode_step_at_peak_rows_p50_ms")
+
+
+def schema(output: int) -> str:
+    """An object whose array needs at least `output` strings of at least 16 characters (19 with
+    quotes and comma, ~3 tokens of ~7 characters): a row cannot complete it in `output` tokens, even
+    with a model that would close it early, so constrained rows decode as long as plain ones; the
+    mask is made at string, separator and bracket states."""
+    return json.dumps({"type": "object", "required": ["notes"], "properties": {"notes": {
+        "type": "array", "minItems": output, "items": {"type": "string", "minLength": 16}}}})
+
+
+def variants(output: int) -> dict[str, dict]:
+    """Name -> the SamplingParams fields of every row (a grammar decides where a row ends: EOS counts)."""
+    return {"plain": {},
+            "json_schema": {"response_format": ("json_schema", schema(output)), "ignore_eos": False},
+            "top_logprobs5": {"logprobs": True, "top_logprobs": 5}}
 
 
 def random_prompt(rng: random.Random, tokens: int, vocab: int) -> list[int]:
@@ -58,7 +64,7 @@ def stage_api(b) -> dict:
 
     rng = random.Random(14)
     prompts = [random_prompt(rng, args.api_prompt_tokens, b.vocab) for _ in range(args.api_batch)]
-    for name, sampling in VARIANTS.items():
+    for name, sampling in variants(output).items():
         reqs = [BenchRequest(p, output, sampling=sampling) for p in prompts]
         figures = run_engine(b.model, b.tokenizer, spec, reqs, label=f"api-{name}", max_batch=args.api_batch,
                              max_seq_len=args.api_prompt_tokens + output + 8, **common)
