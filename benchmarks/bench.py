@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks import workloads
+from benchmarks.api_cost import stage_api
 from benchmarks.workloads import BenchRequest
 
 PRESETS = {
@@ -114,12 +115,13 @@ def run_engine(model, tokenizer, spec, reqs: list[BenchRequest], *, cuda_graphs:
                                     aging_seconds=0, fused_decode=fused, kv_layout=kv_layout), **engine_kw})
     engine, info = assemble_engine(model, tokenizer, spec, config)
     device = model.device
-    # warm-up (its step and copy counts are left out of the figures below)
-    _drive(engine, [BenchRequest([5] * 16, 4)], None, device)
+    # warm-up, with the first request's sampling (a grammar compiles, a logprobs path runs once);
+    # its step and copy counts are left out of the figures below
+    _drive(engine, [BenchRequest([5] * 16, 4, sampling=reqs[0].sampling if reqs else {})], None, device)
     sync(device)
     before = engine.stats()
-    stats, decodes = _drive(engine, reqs, tqdm(total=sum(r.max_new_tokens for r in reqs), desc=label, unit="tok",
-                                               file=sys.stderr, mininterval=2), device, slo)
+    stats, decodes = _drive(engine, reqs, tqdm(total=sum(r.max_new_tokens * r.n for r in reqs), desc=label,
+                                               unit="tok", file=sys.stderr, mininterval=2), device, slo)
     after = engine.stats()
 
     def delta(name: str):
@@ -129,7 +131,8 @@ def run_engine(model, tokenizer, spec, reqs: list[BenchRequest], *, cuda_graphs:
     stats.update(max_batch_size=info.max_batch_size, max_seq_len=info.max_context_length, cuda_graphs=cuda_graphs,
                  decode=info.decode, graphs_captured=info.decode_graphs,
                  bytes_offloaded=delta("bytes_offloaded"), bytes_restored=delta("bytes_restored"),
-                 preemptions=delta("preemptions"), seconds_prefill=delta("seconds_prefill"),
+                 preemptions=delta("preemptions"), prefill_tokens=delta("prefill_tokens"),
+                 seconds_prefill=delta("seconds_prefill"),
                  seconds_decode=delta("seconds_decode"), slab_relocations=delta("kv_relocations"),
                  offload_GBps=delta("bytes_offloaded") / offload_s / 1e9 if offload_s else None,
                  restore_GBps=delta("bytes_restored") / restore_s / 1e9 if restore_s else None)
@@ -144,9 +147,13 @@ def decode_step_figures(decodes: list[tuple[float, int, int]], weights: int, ban
     """Decode steps of a run, each (seconds, rows, K/V bytes of those rows); with `bandwidth`, the
     ratio of each step to its floor, (weights + K/V bytes) / bandwidth."""
     seconds = [d[0] for d in decodes]
+    # steps with the most rows the run had: equal batches across runs whose rows end at different times
+    peak = max((d[1] for d in decodes), default=0)
+    at_peak = [d[0] for d in decodes if d[1] == peak]
     out = {"decode_steps": len(decodes), "decode_step_p50_ms": 1000 * pct(seconds, 50),
            "decode_step_p99_ms": 1000 * pct(seconds, 99), "decode_rows_p50": pct([d[1] for d in decodes], 50),
-           "decode_kv_bytes_p50": pct([d[2] for d in decodes], 50)}
+           "decode_kv_bytes_p50": pct([d[2] for d in decodes], 50), "decode_peak_rows": peak,
+           "decode_steps_at_peak_rows": len(at_peak), "decode_step_at_peak_rows_p50_ms": 1000 * pct(at_peak, 50)}
     if bandwidth:
         floors = [(weights + kv) / bandwidth for _s, _rows, kv in decodes]
         out.update(copy_bandwidth_Bps=bandwidth, weights_bytes=weights, real_floor_p50_ms=1000 * pct(floors, 50),
@@ -158,11 +165,13 @@ def _drive(engine, reqs: list[BenchRequest], bar, device,
            slo: tuple[float, float] | None = None) -> tuple[dict, list[tuple[float, int, int]]]:
     """Feed `reqs` at their arrival times and step the engine until every one has finished. Each
     phase's tokens are timestamped when the phase ends (a prefill group's first tokens before the
-    step's decode, as the served path streams them). -> (summary, one (seconds, rows, K/V bytes)
+    step's decode, as the served path streams them). A request of n completions has one record
+    (one stream of token times) per completion. -> (summary, one (seconds, rows, K/V bytes)
     per decode phase: its duration and the rows and real K/V bytes it read)."""
     from engine.request import Request, SamplingParams
-    records: dict[int, dict] = {}
-    by_id: dict[str, dict] = {}
+    records: dict[int | tuple[int, int], dict] = {}
+    by_id: dict[tuple[str, int], dict] = {}
+    finish_reasons: collections.Counter[str] = collections.Counter()
     pending = collections.deque(sorted(range(len(reqs)), key=lambda i: reqs[i].arrival_s))
     start = time.monotonic()
     step_times: list[float] = []
@@ -171,24 +180,26 @@ def _drive(engine, reqs: list[BenchRequest], bar, device,
 
     def deliver(events, now: float) -> None:
         for out in events:
-            rec = by_id[out.request_id]
+            rec = by_id[out.request_id, out.index]
             if out.token_ids:
                 rec["times"].extend([now] * len(out.token_ids))
                 if bar is not None:
                     bar.update(len(out.token_ids))
-            if out.finished:
+            if out.completion_finished:
                 rec["done"] = now
                 rec["tokens"] = out.completion_tokens
+                finish_reasons[out.finish_reason.name] += 1
 
     while pending or engine.has_work():
         now = time.monotonic() - start
         while pending and reqs[pending[0]].arrival_s <= now:
             i = pending.popleft()
             r = reqs[i]
-            records[i] = by_id[f"b{i}"] = {"arrival": start + r.arrival_s, "times": [], "priority": r.priority}
-            engine.add_request(Request(f"b{i}", list(r.prompt_ids), SamplingParams(max_new_tokens=r.max_new_tokens,
-                                                                                   ignore_eos=True),
-                                       priority=r.priority))
+            for k in range(r.n):
+                records[i if r.n == 1 else (i, k)] = by_id[f"b{i}", k] = {
+                    "arrival": start + r.arrival_s, "times": [], "priority": r.priority}
+            params = SamplingParams(**{"max_new_tokens": r.max_new_tokens, "ignore_eos": True, **r.sampling})
+            engine.add_request(Request(f"b{i}", list(r.prompt_ids), params, priority=r.priority, n=r.n))
         if engine.has_work():
             before = engine.stats()
             t0 = mark = time.monotonic()
@@ -208,7 +219,8 @@ def _drive(engine, reqs: list[BenchRequest], bar, device,
     wall = time.monotonic() - start
     if bar is not None:
         bar.close()
-    return {**summarize(records, wall, step_times, slo), "peak_rows_on_device": peak_rows}, decodes
+    return {**summarize(records, wall, step_times, slo), "peak_rows_on_device": peak_rows,
+            "finish_reasons": dict(finish_reasons)}, decodes
 
 
 def summarize(records: dict, wall: float, step_times: list[float], slo: tuple[float, float] | None = None) -> dict:
@@ -888,6 +900,7 @@ STAGES: dict[str, Callable[[Bench], dict]] = {
     "hf-cb": stage_hf_cb,
     "hf-cb-w4": stage_hf_cb_w4,
     "w5": stage_w5,
+    "api": stage_api,
 }
 RUNS = frozenset(STAGES)
 PER_RATE = {"w2", "grpc-w2", "w4", "grpc-w4", "hf-cb-w4"}   # on CUDA: one child process per rate
@@ -957,13 +970,18 @@ def main(argv: list[str] | None = None) -> int:
                    "engine-eager, grpc (engine process, as served), grpc-thread (engine thread in the server), "
                    "grpc-w2 (W2 through gRPC), hf-static, hf-cb, floor, w2, w3, w3-low, w4 (chat traffic), "
                    "grpc-w4 (W4 through gRPC), hf-cb-w4 (W4 on HF continuous batching), "
-                   "w5 (multi-turn chat, prefix cache off / device / device+host)")
+                   "w5 (multi-turn chat, prefix cache off / device / device+host), "
+                   "api (issue 14: JSON schema / top_logprobs=5 vs plain at one batch; n completions vs n requests)")
     p.add_argument("--requests", type=int, default=128, help="requests of W1, W2 and W4")
     p.add_argument("--w5-conversations", type=int, default=32, help="W5: conversations at once")
     p.add_argument("--w5-turns", type=int, default=8, help="W5: turns per conversation")
+    p.add_argument("--api-batch", type=int, default=32, help="api: requests at once per variant (and batch size)")
+    p.add_argument("--api-prompt-tokens", type=int, default=256, help="api: prompt tokens of each batch request")
+    p.add_argument("--api-n", type=int, default=8, help="api: completions of the one request (vs as many requests)")
+    p.add_argument("--api-n-prompt-tokens", type=int, default=1000, help="api: the prompt of the n completions")
     p.add_argument("--max-output", type=int, default=None,
                    help="output length cap: W1/W2 outputs are uniform 16..this (default 512); W4's lognormal "
-                        "outputs are capped at this (default 1,000)")
+                        "outputs are capped at this (default 1,000); api outputs are this long (default 256)")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--max-seq-len", type=int, default=4096, help="W4: the engine's context (K/V columns per row)")
     p.add_argument("--rates", default="2,4,8", help="W2 and W4 Poisson arrival rates, requests/s")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -13,6 +13,8 @@ class BenchRequest:
     arrival_s: float = 0.0      # offset from the start of the run
     priority: int = 0
     text: str = ""              # the prompt as text (for the gRPC path); prompt_ids = tokenize(text)
+    sampling: dict = field(default_factory=dict)   # more SamplingParams fields (in process only), e.g. top_logprobs
+    n: int = 1                  # completions from one prefill (in process only)
 
 
 def with_text(reqs: list[BenchRequest], tokenizer) -> list[BenchRequest]:
