@@ -38,21 +38,31 @@ def timed(fn, repeat: int = 5) -> float:
 
 
 def kernel_profile(fn) -> dict:
+    """Kernel count and GPU time; the time to enqueue the forward (no sync) against its wall time;
+    the host ops with the most self CPU time (a host sync shows up as cudaStreamSynchronize or
+    aten::item / _local_scalar_dense)."""
     fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    fn()
+    enqueue = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    kernels = sum(e.count for e in events)
+    averages = prof.key_averages()
+    events = [e for e in averages if e.device_time_total > 0 and e.device_type.name == "CUDA"]
     gpu = sum(e.device_time_total for e in events) / 1e6
     top = sorted(events, key=lambda e: -e.device_time_total)[:6]
-    return {"kernels": kernels, "gpu_s": gpu, "wall_s_profiled": wall,
-            "top": [(e.key[:60], round(e.device_time_total / 1e3, 3), e.count) for e in top]}
+    host = sorted(averages, key=lambda e: -e.self_cpu_time_total)[:8]
+    return {"kernels": sum(e.count for e in events), "gpu_ms": 1000 * gpu, "enqueue_ms": 1000 * enqueue,
+            "wall_ms": 1000 * wall,
+            "top_kernels": [(e.key[:50], round(e.device_time_total / 1e3, 3), e.count) for e in top],
+            "top_host_ops": [(e.key[:50], round(e.self_cpu_time_total / 1e3, 3), e.count) for e in host]}
 
 
+@torch.inference_mode()
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", default="128,512,1024,2048")
@@ -64,6 +74,7 @@ def main() -> None:
         out["varlen_attn_signature"] = str(inspect.signature(varlen.varlen_attn))
     except Exception as exc:  # noqa: BLE001 - report what this torch has
         out["varlen_attn_signature"] = repr(exc)
+    print("varlen_attn", out["varlen_attn_signature"], flush=True)
     model = build_preset("llama2-7b", dev, torch.bfloat16, vocab_size=49152)
     params = sum(p.numel() for p in model.parameters())
     kv = PagedKV(32, 32, 128, num_pages=200, page_size=128, max_len=4096, max_rows=8,
@@ -115,11 +126,13 @@ def main() -> None:
         row["kv_max_abs_diff"] = kv_diff
         for i in range(len(prompts)):
             kv.remove_row(f"f{i}")
-        if lengths in ([512], [512, 480, 400, 300]):
+        print(key, json.dumps(row), flush=True)
+        if lengths in ([128], [512], [512, 480, 400, 300]):
             row["profile_engine_prefill"] = kernel_profile(lambda: runner.prefill(prompts))
             row["profile_fused_packed"] = kernel_profile(packed)
+            print(key, "profile hf", json.dumps(row["profile_engine_prefill"]), flush=True)
+            print(key, "profile packed", json.dumps(row["profile_fused_packed"]), flush=True)
         out[key] = row
-        print(key, json.dumps({k: v for k, v in row.items() if not k.startswith("profile")}), flush=True)
     print(json.dumps(out, indent=1))
 
 
