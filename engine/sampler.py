@@ -346,13 +346,18 @@ class Sampler:
             # of this process (the in-thread transport's event loop) run meanwhile; tolist() holds
             # it for part of its wait (docs/benchmarks.md, note 12).
             torch.cuda.current_stream(chosen.device).synchronize()
-        tokens = chosen.tolist()
         logprobs: list[TokenLogprob | None] = [None] * len(params)
-        if device_lp is not None:
-            lp_chosen, top_values, top_ids = (t.tolist() for t in device_lp)
-            for j, i in enumerate(rows):
-                k = params[i].top_logprobs
-                logprobs[i] = TokenLogprob(tokens[i], lp_chosen[j], tuple(zip(top_ids[j][:k], top_values[j][:k])))
+        if device_lp is None:
+            return Sampled(chosen.tolist(), logprobs)
+        # One copy to the host for the step (not one per tensor): ids ride along as float32, exact
+        # below 2^24 (every vocabulary is far smaller).
+        lp_chosen, top_values, top_ids = device_lp
+        k = top_values.shape[1]
+        host = torch.cat([lp_chosen[:, None], top_values, top_ids.to(lp_chosen.dtype)], dim=1).tolist()
+        tokens = chosen.tolist()
+        for j, i in enumerate(rows):
+            row, want = host[j], params[i].top_logprobs
+            logprobs[i] = TokenLogprob(tokens[i], row[0], tuple(zip(map(int, row[1 + k:1 + k + want]), row[1:1 + want])))
         return Sampled(tokens, logprobs)
 
     @torch.inference_mode()
