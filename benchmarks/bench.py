@@ -35,6 +35,9 @@ PRESETS = {
     # Llama-2-7B shape
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    # Llama-2-70B shape (tensor parallel: benchmarks/tp_bench.py --lazy builds it on the meta device)
+    "llama2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096),
     # a CPU smoke model; its context covers W4's 4,096 tokens
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=32000, max_position_embeddings=4096),

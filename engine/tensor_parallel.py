@@ -137,6 +137,31 @@ def shard_model(hf_model, mesh) -> None:
             raise ValueError(f"tensor_parallel: {n} does not divide the model's {value} {name}")
     styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}   # outputs: local tensors
     parallelize_module(hf_model.model, mesh, {name: styles[style]() for name, style in plan.items()})
+    if any(p.is_meta for p in hf_model.parameters()):
+        device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
+        materialize_random(hf_model, device)
+
+
+@torch.no_grad()
+def materialize_random(hf_model, device: torch.device) -> None:
+    """A model built on the meta device and sharded: allocate each rank's shards on `device` and
+    fill them with random weights (norms 1, the rest N(0, initializer_range)), so a model larger
+    than one device is never whole on any rank (benchmark presets: random weights by design).
+    Whole (replicated) parameters get the same values on every rank: each parameter's generator
+    is seeded from its name."""
+    import zlib
+    hf_model.to_empty(device=device)
+    std = getattr(hf_model.config, "initializer_range", 0.02)
+    for name, param in hf_model.named_parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        if "norm" in name:
+            local.fill_(1.0)
+        else:
+            generator = torch.Generator(device=device).manual_seed(zlib.crc32(name.encode()))
+            local.normal_(0.0, std, generator=generator)
+    inner = hf_model.model   # buffers computed at construction (rotary frequencies) are gone: rebuild
+    with torch.device(device):
+        inner.rotary_emb = type(inner.rotary_emb)(config=hf_model.config)
 
 
 def sharded_spec(spec, world: int):

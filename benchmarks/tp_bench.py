@@ -1,0 +1,104 @@
+"""Tensor parallel against one rank, side by side in one invocation: `python -m benchmarks.tp_bench`.
+
+Each variant builds its engine with `engine.build.build_engine` (the path `baton serve` takes:
+followers spawned, the model loaded and sharded on every rank) around a preset (random weights)
+or the built-in model, and runs the same batch of W1-style requests (all at once, EOS ignored):
+  - tp1:         one rank, the engine's defaults (fused decode and CUDA graphs where it has them);
+  - tp1-hf:      one rank, the HF forward, eager (what a sharded rank runs today);
+  - tpN:         --tensor-parallel N (the HF forward, eager, one all-reduce after attention and
+                 one after the MLP on every rank).
+Reports throughput, TPOT, TTFT and the decode step against the per-GPU floor: (this rank's share
+of the weights + of the K/V the rows hold) / the device copy bandwidth. Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+
+import torch
+
+from benchmarks import workloads
+from benchmarks.bench import _drive, copy_bandwidth, load_model, versions
+
+
+def rank_weight_bytes(model) -> int:
+    """Bytes of the weights this rank holds (a sharded parameter counts its local shard only)."""
+    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in model.parameters())
+
+
+def run(tp: int, fused: bool | None, graphs: bool, args, reqs, tokenizer_dir) -> dict:
+    from engine import model_loader
+    from engine.build import build_engine
+    from engine.config import EngineConfig
+    device = model_loader.resolve_device(args.device)
+    dtype = model_loader.resolve_dtype("auto", device)
+    # --lazy: every rank builds the preset on the meta device; sharding then allocates only its shards
+    loader = functools.partial(load_model, args.preset, None, tokenizer_dir,
+                               torch.device("meta") if args.lazy and tp > 1 else device, dtype)
+    max_seq = max(len(r.prompt_ids) + r.max_new_tokens for r in reqs) + 8
+    config = EngineConfig(device=args.device, max_batch_size=len(reqs), max_seq_len=max_seq, warmup=False,
+                          cuda_graphs=graphs, fused_decode=fused, tensor_parallel=tp, kv_layout=args.kv_layout,
+                          aging_seconds=0)
+    t0 = time.monotonic()
+    engine, info, _tok = build_engine(config, loader)
+    built = time.monotonic() - t0
+    try:
+        _drive(engine, [workloads.BenchRequest([5] * 16, 4)], None, engine.runner.device)   # warm-up
+        figures, decodes = _drive(engine, reqs, None, engine.runner.device)
+        weights = rank_weight_bytes(engine.runner.model)
+        if engine.runner.device.type == "cuda":
+            bw = copy_bandwidth(engine.runner.device)
+            floors = [(weights + kv) / bw for _s, _r, kv in decodes]
+            steps = sorted(s for s, _r, _k in decodes)
+            figures.update(copy_bandwidth_Bps=bw, weights_bytes_per_rank=weights,
+                           decode_step_p50_ms=1000 * steps[len(steps) // 2],
+                           floor_per_gpu_p50_ms=1000 * sorted(floors)[len(floors) // 2])
+        figures.update(tensor_parallel=tp, decode=info.decode, build_s=built)
+        return figures
+    finally:
+        engine.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default=None, help="benchmarks.bench preset (random weights), default the built-in model")
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--max-output", type=int, default=256)
+    p.add_argument("--kv-layout", default="auto")
+    p.add_argument("--variants", default="tp1,tp1-hf,tpN")
+    p.add_argument("--lazy", action="store_true",
+                   help="tensor parallel: build the preset on the meta device, then each rank's shards (a model "
+                        "larger than one GPU)")
+    p.add_argument("--out", default=None, help="write the JSON here too")
+    args = p.parse_args(argv)
+    reqs = workloads.w1(args.batch, vocab=32000, prompt=(128, 512), output=(args.max_output, args.max_output))
+    out: dict = {"command": "python -m benchmarks.tp_bench " + " ".join(argv or sys.argv[1:]), "versions": versions()}
+    table = {"tp1": (1, None, True), "tp1-hf": (1, False, False), "tpN": (args.tp, None, False)}
+    for name in args.variants.split(","):
+        tp, fused, graphs = table[name]
+        try:
+            out[name.replace("N", str(args.tp))] = run(tp, fused, graphs, args, reqs, args.tokenizer)
+        except Exception as exc:  # noqa: BLE001 - record why a variant could not run
+            out[name.replace("N", str(args.tp))] = {"error": repr(exc)[:1000]}
+        print(name, json.dumps(out[name.replace("N", str(args.tp))])[:1500], flush=True)
+    a, b = out.get(f"tp{args.tp}", {}), out.get("tp1", {})
+    if "tpot_p50_s" in a and "tpot_p50_s" in b:
+        out["tpN_over_tp1_tpot_p50"] = a["tpot_p50_s"] / b["tpot_p50_s"]
+        out["tpN_over_tp1hf_tpot_p50"] = a["tpot_p50_s"] / out["tp1-hf"]["tpot_p50_s"] if "tpot_p50_s" in out.get(
+            "tp1-hf", {}) else None
+    text = json.dumps(out, indent=1)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
