@@ -665,6 +665,11 @@ class Bench:
                         out.update(self.keep(f"{prefix}_{layout}_chunk{chunk}{tag}_rate{rate:g}", run_one(rate, kw)))
         return out
 
+    @property
+    def prefill_bound(self) -> dict:
+        """--max-prefill-tokens as engine keywords (none given: the stage's default)."""
+        return {"max_prefill_tokens": self.args.max_prefill_tokens} if self.args.max_prefill_tokens else {}
+
     def per_rate(self, prefix: str, run_one: Callable[[float], dict]) -> dict:
         """One figure set per --rates rate, saved as it comes: {f"{prefix}_rate{r}": ...}."""
         out = {}
@@ -772,7 +777,8 @@ def stage_w3(b: Bench) -> dict:
     w3, max_seq = _w3(b)
     out["engine_w3"] = run_engine(b.model, b.tokenizer, b.spec, w3, cuda_graphs=True, label="w3",
                                   max_batch=b.args.max_batch_size, max_seq_len=max_seq, fused=b.fused,
-                                  kv_layout=b.layouts[0], prefill_chunk_tokens=b.common["prefill_chunk_tokens"])
+                                  kv_layout=b.layouts[0], prefill_chunk_tokens=b.common["prefill_chunk_tokens"],
+                                  **b.prefill_bound)
     return out
 
 
@@ -783,7 +789,8 @@ def stage_w3_low(b: Bench) -> dict:
     return {"engine_w3_low_only": run_engine(b.model, b.tokenizer, b.spec, low_only, cuda_graphs=True, label="w3-low",
                                              max_batch=b.args.max_batch_size, max_seq_len=max_seq, fused=b.fused,
                                              kv_layout=b.layouts[0],
-                                             prefill_chunk_tokens=b.common["prefill_chunk_tokens"])}
+                                             prefill_chunk_tokens=b.common["prefill_chunk_tokens"],
+                                             **b.prefill_bound)}
 
 
 def stage_grpc_w2(b: Bench) -> dict:
@@ -996,6 +1003,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the engine's K/V layout, slab or paged; W4 and decode-chat take a comma list and run each")
     p.add_argument("--prefill-chunk-tokens", default="0",
                    help="W4: comma list of --prefill-chunk-tokens values to run side by side (0 = whole prompts)")
+    p.add_argument("--max-prefill-tokens", type=int, default=None,
+                   help="W1/W3 engines: prompt tokens in one prefill forward (default 32,768; the server's is 8,192, "
+                        "which W4 always uses)")
     p.add_argument("--prefill", default="auto",
                    help="W4: comma list of prefill paths to run side by side: packed (fused, straight into pages; "
                         "paged layout only), hf (the HF forward, then embedded), auto (the engine's choice)")
@@ -1053,7 +1063,8 @@ def build_bench(args, argv: list[str], runs: list[str]) -> Bench:
                   common=dict(max_batch=args.max_batch_size, max_seq_len=max_seq, fused=fused,
                               kv_layout=args.kv_layout.split(",")[0],
                               prefill_chunk_tokens=int(args.prefill_chunk_tokens.split(",")[0]),
-                              packed_prefill=PREFILL_PATHS[args.prefill.split(",")[0]]),
+                              packed_prefill=PREFILL_PATHS[args.prefill.split(",")[0]],
+                              **({"max_prefill_tokens": args.max_prefill_tokens} if args.max_prefill_tokens else {})),
                   out=Path(__file__).parent / "results" / f"{name}.json")
     bench.result.update({
         "command": "python -m benchmarks.bench " + " ".join(argv), "versions": versions(),
