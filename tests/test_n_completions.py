@@ -40,10 +40,15 @@ def _prompt_len(engine, prompt=PROMPT) -> int:
     return len(engine.tokenizer(prompt)["input_ids"])
 
 
-@pytest.mark.parametrize("layout", ["slab", "paged"])
-def test_greedy_n3_prefills_once_and_equals_hf(tiny_llama, layout):
+PACKED = dict(kv_layout="paged", kv_page_size=16, fused_decode=True)   # prefill straight into pages
+
+
+@pytest.mark.parametrize("overrides", [dict(kv_layout="slab"), dict(kv_layout="paged", kv_page_size=16), PACKED],
+                         ids=["slab", "paged", "packed"])
+def test_greedy_n3_prefills_once_and_equals_hf(tiny_llama, overrides):
     hf_model, tokenizer, _spec = tiny_llama
-    engine, limits = make_engine(tiny_llama, kv_layout=layout, kv_page_size=16)
+    engine, limits = make_engine(tiny_llama, **overrides)
+    assert (engine.runner.packed is not None) == (overrides is PACKED)
     out = drive(engine, limits, {0: [GenerateInput(request_id="g", prompt=PROMPT, max_new_tokens=12,
                                                    ignore_eos=True, n=3)]})["g"]
     expected = hf_reference(hf_model, tokenizer(PROMPT)["input_ids"], 12, ())
@@ -67,8 +72,8 @@ def _sampled(request_id: str, seed: int, n: int = 0) -> GenerateInput:
 
 
 @pytest.mark.parametrize("overrides", [dict(kv_layout="slab"), dict(kv_layout="paged", kv_page_size=16),
-                                       dict(kv_layout="slab", prefill_chunk_tokens=2)],
-                         ids=["slab", "paged", "chunked"])
+                                       dict(kv_layout="slab", prefill_chunk_tokens=2), PACKED],
+                         ids=["slab", "paged", "chunked", "packed"])
 def test_seeded_completion_i_equals_a_request_with_seed_plus_i(tiny_llama, overrides):
     engine, limits = make_engine(tiny_llama, **overrides)
     one = drive(engine, limits, {0: [_sampled("n", 41, n=3)]})["n"]
