@@ -147,13 +147,18 @@ def test_compiled_skips_pages_the_row_does_not_hold():
     torch.testing.assert_close(out, _reference(q, k, v, table, lens, ps), rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_row_buckets_past_the_default_recompile_limit(monkeypatch):
+def test_compiled_row_buckets_past_the_default_recompile_limit():
     """Ten row buckets (> dynamo's default limit of 8) each compile once and stay compiled; new
     tables or another layer's pools reuse the compiled code (no recompile); an unexpected recompile
-    past the limit raises instead of silently running uncompiled."""
+    past the limit raises instead of silently running uncompiled. dynamo's own config.patch, not
+    pytest's monkeypatch: monkeypatch's undo deletes the setting (dynamo then hides it, and every
+    later flex_attention call in the process fails)."""
     config = torch._dynamo.config
-    monkeypatch.setattr(config, "recompile_limit", 8)
-    monkeypatch.setattr(config, "fail_on_recompile_limit_hit", False)
+    with config.patch(recompile_limit=8, fail_on_recompile_limit_hit=False):
+        _row_buckets_compile_once(config)
+
+
+def _row_buckets_compile_once(config) -> None:
     torch.compiler.reset()
     gen = torch.Generator().manual_seed(4)
     ps, num_pages, max_pages, hq, hkv = 16, 16, 4, 4, 2
@@ -175,7 +180,7 @@ def test_compiled_row_buckets_past_the_default_recompile_limit(monkeypatch):
         for k, v in pools:   # new tables, another layer's pools: same compiled code
             torch.testing.assert_close(att(q, k, v, rows=3, scale=SCALE),
                                        _reference(q, k, v, table, lens, ps), rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(config, "recompile_limit", 1)
+    config.recompile_limit = 1
     with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):   # a new dtype: one too many
         att._flex(q.double(), pools[0][0][None].double(), pools[0][1][None].double(),
                   block_mask=att._block_mask(3), scale=SCALE, enable_gqa=True)
