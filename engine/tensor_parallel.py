@@ -140,6 +140,36 @@ def shard_model(hf_model, mesh) -> None:
     if any(p.is_meta for p in hf_model.parameters()):
         device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
         materialize_random(hf_model, device)
+    _run_on_local_shards(hf_model.model, mesh, {name for name, style in plan.items() if style == "rowwise"})
+
+
+def _run_on_local_shards(inner, mesh, rowwise_patterns: set[str]) -> None:
+    """After parallelize_module: each parameter becomes its rank's local shard (a plain tensor)
+    and the styles' hooks go; a row-parallel linear's partial output is summed over the ranks by
+    one all_reduce (then its bias, if any, is added once). The same arithmetic and collectives as
+    the DTensor forward, without DTensor's per-op sharding propagation, which cost ~10 ms a linear
+    on CPU when the decode batch's shape changes every step (benchmarks/tp_bench.py, note 22)."""
+    import fnmatch
+
+    import torch.distributed as dist
+    group = mesh.get_group()
+    for name, module in inner.named_modules():
+        params = dict(module.named_parameters(recurse=False))
+        if not any(hasattr(p, "to_local") for p in params.values()):
+            continue
+        for pname, param in params.items():
+            if hasattr(param, "to_local"):
+                setattr(module, pname, torch.nn.Parameter(param.to_local(), requires_grad=False))
+        module._forward_pre_hooks.clear()
+        module._forward_hooks.clear()
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in rowwise_patterns):
+            bias = module.bias
+            module.bias = None
+
+            def reduce(_module, _inputs, output, bias=bias):
+                dist.all_reduce(output, group=group)
+                return output if bias is None else output + bias
+            module.register_forward_hook(reduce)
 
 
 @torch.no_grad()
