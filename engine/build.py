@@ -101,20 +101,24 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
         from engine.fused_decode import unsupported_reason
         fused = device.type == "cuda" and unsupported_reason(hf_model) is None
     graphs = config.cuda_graphs
+    packed = config.packed_prefill is not False
     if shards is not None:
-        # The fused step fuses whole q/k/v weights, not shards; graphs of sharded steps are not
-        # captured yet (README, tensor parallelism): sharded ranks run the HF forward, eager.
-        if config.fused_decode:
-            raise ValueError("tensor_parallel > 1 runs the hf decode step; --decode fused is not supported with it")
-        fused, graphs = False, False
+        # Sharded ranks run the HF forward by default, eager; the fused step (each rank's own
+        # heads, an all-reduce after o and down) only when asked for (--decode fused): it is
+        # exact on CPU but not yet measured on GPUs. No CUDA graphs of sharded steps yet, and no
+        # packed prefill (the followers mirror the HF prefill's forward, collective for collective).
+        if config.packed_prefill:
+            raise ValueError("tensor_parallel > 1 does not support packed_prefill")
+        fused, graphs, packed = bool(config.fused_decode), False, False
         from engine.tensor_parallel import Geometry
         shards.send(Geometry(layout=config.kv_layout, dims=kv.dims,
                              size=num_slots if config.kv_layout == "slab" else kv.num_pages,
-                             page_size=page_size, max_seq_len=max_seq_len, max_rows=num_slots, pad_token_id=pad))
+                             page_size=page_size, max_seq_len=max_seq_len, max_rows=num_slots, pad_token_id=pad,
+                             fused=fused))
     if config.packed_prefill and not (fused and config.kv_layout == "paged"):
         raise ValueError("packed_prefill needs the paged layout and the fused decode step")
     runner = ModelRunner(hf_model, kv, device, pad_token_id=pad, cuda_graphs=graphs,
-                         fused_decode=fused, packed_prefill=config.packed_prefill is not False)
+                         fused_decode=fused, packed_prefill=packed)
     prefix_cache = None
     if config.prefix_cache != "off":
         prefix_cache = PrefixCache(config.prefix_cache, config.kv_page_size, kv.dims, dtype, device,

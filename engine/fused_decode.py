@@ -86,13 +86,13 @@ def _fuse_rows(modules: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tens
     """Concatenate Linear weights along the output dim and make each module's weight a view of the
     result (one copy in memory, shared with the HF modules that prefill uses)."""
     weight = torch.cat([m.weight.detach() for m in modules], dim=0)
+    rows = [m.weight.shape[0] for m in modules]   # not out_features: a tensor-parallel shard has fewer
     bias = None
     if any(m.bias is not None for m in modules):
         bias = torch.cat([m.bias.detach() if m.bias is not None else
-                          torch.zeros(m.out_features, dtype=weight.dtype, device=weight.device) for m in modules])
+                          torch.zeros(n, dtype=weight.dtype, device=weight.device) for m, n in zip(modules, rows)])
     start = 0
-    for m in modules:
-        n = m.out_features
+    for m, n in zip(modules, rows):
         m.weight = torch.nn.Parameter(weight[start:start + n], requires_grad=False)
         if bias is not None and m.bias is not None:
             m.bias = torch.nn.Parameter(bias[start:start + n], requires_grad=False)
@@ -116,9 +116,16 @@ class FusedDecoder:
         self.lm_head = model.lm_head
         attn0 = inner.layers[0].self_attn
         self.head_dim = attn0.head_dim
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        # Heads from the weights, not the config: under tensor parallelism they are this rank's.
+        self.num_heads = attn0.q_proj.weight.shape[0] // self.head_dim
+        self.num_kv_heads = attn0.k_proj.weight.shape[0] // self.head_dim
         self.scaling = attn0.scaling
+        # Tensor parallelism (engine/tensor_parallel.py): o and down are row-parallel, so their
+        # partial outputs are summed over the ranks (the same two all-reduces as the HF forward).
+        shards = getattr(model, "_baton_tp", None)
+        if shards is not None and shards.rowwise_bias:
+            raise ValueError("fused decode does not support this model: a row-parallel linear with a bias")
+        self.reduce = shards.all_reduce if shards is not None else (lambda x: x)
         self.layers: list[_Layer] = []
         with torch.no_grad():
             for block in inner.layers:
@@ -176,9 +183,9 @@ class FusedDecoder:
             h = _rms_norm(x, layer.ln1, layer.eps1)
             qkv = F.linear(h, layer.qkv_w, layer.qkv_b)
             q, k, v = self.qkv_rotary(qkv, cos, sin, hq, hkv, d)
-            x = x + F.linear(attend(i, q, k, v), layer.o_w, layer.o_b)
+            x = x + self.reduce(F.linear(attend(i, q, k, v), layer.o_w, layer.o_b))
             h = _rms_norm(x, layer.ln2, layer.eps2)
-            x = x + F.linear(self.silu_mul(F.linear(h, layer.gate_up_w)), layer.down_w)
+            x = x + self.reduce(F.linear(self.silu_mul(F.linear(h, layer.gate_up_w)), layer.down_w))
         if keep is not None:
             x = x.index_select(0, keep)
         return self.lm_head(_rms_norm(x, self.final_norm.weight, self.final_norm.variance_epsilon))

@@ -60,6 +60,7 @@ class Geometry(msgspec.Struct, tag=True, array_like=True):
     max_seq_len: int
     max_rows: int
     pad_token_id: int
+    fused: bool = False          # the fused decode step (eager) on every rank
 
 
 class Prefill(msgspec.Struct, tag=True, array_like=True):
@@ -140,10 +141,20 @@ def shard_model(hf_model, mesh) -> None:
     if any(p.is_meta for p in hf_model.parameters()):
         device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
         materialize_random(hf_model, device)
-    _run_on_local_shards(hf_model.model, mesh, {name for name, style in plan.items() if style == "rowwise"})
+    hf_model._baton_tp = _run_on_local_shards(hf_model.model, mesh,
+                                              {name for name, style in plan.items() if style == "rowwise"})
 
 
-def _run_on_local_shards(inner, mesh, rowwise_patterns: set[str]) -> None:
+@dataclass(frozen=True)
+class LocalShards:
+    """What the fused step needs of a sharded model (`hf_model._baton_tp`): the sum over the
+    ranks of a row-parallel linear's partial output, and whether any such linear has a bias
+    (added once after the sum; the fused step does not do that)."""
+    all_reduce: object
+    rowwise_bias: bool
+
+
+def _run_on_local_shards(inner, mesh, rowwise_patterns: set[str]) -> LocalShards:
     """After parallelize_module: each parameter becomes its rank's local shard (a plain tensor)
     and the styles' hooks go; a row-parallel linear's partial output is summed over the ranks by
     one all_reduce (then its bias, if any, is added once). The same arithmetic and collectives as
@@ -153,6 +164,7 @@ def _run_on_local_shards(inner, mesh, rowwise_patterns: set[str]) -> None:
 
     import torch.distributed as dist
     group = mesh.get_group()
+    rowwise_bias = False
     for name, module in inner.named_modules():
         params = dict(module.named_parameters(recurse=False))
         if not any(hasattr(p, "to_local") for p in params.values()):
@@ -165,11 +177,17 @@ def _run_on_local_shards(inner, mesh, rowwise_patterns: set[str]) -> None:
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in rowwise_patterns):
             bias = module.bias
             module.bias = None
+            rowwise_bias = rowwise_bias or bias is not None
 
             def reduce(_module, _inputs, output, bias=bias):
                 dist.all_reduce(output, group=group)
                 return output if bias is None else output + bias
             module.register_forward_hook(reduce)
+
+    def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor, group=group)
+        return tensor
+    return LocalShards(all_reduce, rowwise_bias)
 
 
 @torch.no_grad()
@@ -383,7 +401,8 @@ def follow(conn, rank: int, world: int, port: int, config, loader, setup=None) -
         else:
             kv = PagedKV(*geometry.dims, geometry.size, geometry.page_size, geometry.max_seq_len,
                          geometry.max_rows, dtype, device)
-        follower = Follower(ModelRunner(hf_model, kv, device, pad_token_id=geometry.pad_token_id), kv, device)
+        follower = Follower(ModelRunner(hf_model, kv, device, pad_token_id=geometry.pad_token_id,
+                                        fused_decode=geometry.fused, packed_prefill=False), kv, device)
         while type(message := _decode(conn.recv_bytes())) is not Stop:
             follower.apply(message)
     except EOFError:

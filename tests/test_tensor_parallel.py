@@ -26,8 +26,11 @@ PROMPTS = ["The capital of France is", "Once upon a time, in a land far away, th
 
 CASES = [("llama", dict(kv_layout="slab")),
          ("qwen2", dict(kv_layout="slab", prefill_chunk_tokens=8)),
-         ("mistral", dict(kv_layout="paged", kv_page_size=16))]
-IDS = ["llama-slab", "qwen2-slab-chunked", "mistral-paged"]
+         ("mistral", dict(kv_layout="paged", kv_page_size=16)),
+         # the fused step on every rank (its own heads, an all-reduce after o and down)
+         ("qwen2", dict(kv_layout="paged", kv_page_size=16, fused_decode=True)),
+         ("llama", dict(kv_layout="slab", fused_decode=True, prefill_chunk_tokens=8))]
+IDS = ["llama-slab", "qwen2-slab-chunked", "mistral-paged", "qwen2-paged-fused", "llama-slab-fused-chunked"]
 
 
 def _scenario():
@@ -75,7 +78,7 @@ def test_tp2_equals_tp1_and_hf(tiny_model_dir, family, layout):
         assert len(engine.parked) == 0 and engine.slab.num_rows == 0
         if layout.get("prefill_chunk_tokens"):
             assert stats.prefill_chunks > 0
-        if family == "llama":
+        if family == "llama" and not layout.get("fused_decode"):
             _dead_follower_ends_the_loop(engine, limits)
     finally:
         engine.close()
