@@ -6,7 +6,8 @@ or the built-in model, and runs the same batch of W1-style requests (all at once
   - tp1:         one rank, the engine's defaults (fused decode and CUDA graphs where it has them);
   - tp1-hf:      one rank, the HF forward, eager (what a sharded rank runs today);
   - tpN:         --tensor-parallel N (the HF forward, eager, one all-reduce after attention and
-                 one after the MLP on every rank).
+                 one after the MLP on every rank);
+  - tpN-fused:   --tensor-parallel N with the fused step on every rank (--decode fused; eager).
 Reports throughput, TPOT, TTFT and the decode step against the per-GPU floor: (this rank's share
 of the weights + of the K/V the rows hold) / the device copy bandwidth. Prints one JSON object.
 """
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     reqs = workloads.w1(args.batch, vocab=32000, prompt=(128, 512), output=(args.max_output, args.max_output))
     out: dict = {"command": "python -m benchmarks.tp_bench " + " ".join(argv or sys.argv[1:]), "versions": versions()}
-    table = {"tp1": (1, None, True), "tp1-hf": (1, False, False), "tpN": (args.tp, None, False)}
+    table = {"tp1": (1, None, True), "tp1-hf": (1, False, False), "tpN": (args.tp, None, False),
+             "tpN-fused": (args.tp, True, False)}
     for name in args.variants.split(","):
         tp, fused, graphs = table[name]
         try:
