@@ -667,8 +667,7 @@ class Bench:
 
     @property
     def prefill_bound(self) -> dict:
-        """--max-prefill-tokens as engine keywords (none given: the stage's default)."""
-        return {"max_prefill_tokens": self.args.max_prefill_tokens} if self.args.max_prefill_tokens else {}
+        return prefill_bound(self.args)
 
     def per_rate(self, prefix: str, run_one: Callable[[float], dict]) -> dict:
         """One figure set per --rates rate, saved as it comes: {f"{prefix}_rate{r}": ...}."""
@@ -724,6 +723,11 @@ def with_offered(figures: dict, reqs: list[BenchRequest]) -> dict:
 
 
 PREFILL_PATHS = {"auto": None, "packed": True, "hf": False}   # --prefill -> EngineConfig.packed_prefill
+
+
+def prefill_bound(args) -> dict:
+    """--max-prefill-tokens as engine keywords (none given: the stage's default)."""
+    return {"max_prefill_tokens": args.max_prefill_tokens} if args.max_prefill_tokens else {}
 W4_PROMPT = (400, 1.0, 3000)    # lognormal: median, sigma, cap (tokens)
 W4_OUTPUT = (200, 0.8, 1000)
 W4_HIGH = (0.15, 10)            # fraction of requests at the higher priority, and that priority
@@ -1063,8 +1067,7 @@ def build_bench(args, argv: list[str], runs: list[str]) -> Bench:
                   common=dict(max_batch=args.max_batch_size, max_seq_len=max_seq, fused=fused,
                               kv_layout=args.kv_layout.split(",")[0],
                               prefill_chunk_tokens=int(args.prefill_chunk_tokens.split(",")[0]),
-                              packed_prefill=PREFILL_PATHS[args.prefill.split(",")[0]],
-                              **({"max_prefill_tokens": args.max_prefill_tokens} if args.max_prefill_tokens else {})),
+                              packed_prefill=PREFILL_PATHS[args.prefill.split(",")[0]], **prefill_bound(args)),
                   out=Path(__file__).parent / "results" / f"{name}.json")
     bench.result.update({
         "command": "python -m benchmarks.bench " + " ".join(argv), "versions": versions(),

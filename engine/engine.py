@@ -205,65 +205,49 @@ class LLMEngine:
 
     @torch.inference_mode()
     def _prefill(self, group: list[Request]) -> Events:
-        if self.runner.packed is not None:
-            return self._prefill_packed(group)
+        """One forward for the group's prompts, then each prompt's first token. Two paths: the HF
+        forward into a temporary K/V, each row then embedded; or, where the runner has it
+        (engine/fused_prefill.py), packed prompts written straight into pages, so each prompt is
+        already a row: one whose first token ends it leaves again, and n completions each take a
+        copy of the prompt's row, which then goes."""
         started = time.monotonic()
-        self._mirror(Prefill([r.prompt_ids for r in group]))
-        result = self.runner.prefill([r.prompt_ids for r in group])
-        self._counts.prefill_tokens += sum(result.lengths)
+        prompts = [r.prompt_ids for r in group]
+        in_pages = self.runner.packed is not None
+        if in_pages:
+            logits = self.runner.packed.prefill(prompts, [r.request_id for r in group])
+
+            def prompt_kv(i: int) -> torch.Tensor:
+                return self.slab.row_kv(group[i].request_id)
+        else:
+            self._mirror(Prefill(prompts))
+            result = self.runner.prefill(prompts)
+            logits, prompt_kv = result.logits, result.row_kv
+        self._counts.prefill_tokens += sum(len(p) for p in prompts)
         rows, source = [], []   # the batch rows these prompts become, and the prompt of each
         for i, request in enumerate(group):
             forked = self._fork(request)
             rows.extend(forked)
             source.extend([i] * len(forked))
-        logits = result.logits
         if len(rows) > len(group):   # n completions: each row samples from its prompt's logits
             logits = logits.index_select(0, torch.tensor(source, device=logits.device))
         tokens = self._sample(rows, logits)
         self._counts.seconds_prefill += time.monotonic() - started
         if self.prefix_cache is not None:
             for i, request in enumerate(group):
-                self.prefix_cache.insert(request.prompt_ids, result.row_kv(i))
+                self.prefix_cache.insert(request.prompt_ids, prompt_kv(i))
         events = []
         for row, i, token in zip(rows, source, tokens):
             if self._append(row, token):
-                events.append(self._finish(row))
-            else:
+                events.append(self._finish(row))   # a row already in pages leaves with it
+                continue
+            if not (in_pages and row is group[i]):   # in pages already: the prompt's own row
                 self._mirror(Embed(row.request_id, i))
-                self.slab.add_row(row.request_id, result.row_kv(i))   # n completions: a copy per row
-                events.append(self._flush(row, state=RequestState.RUNNING))
-        return tuple(events)
-
-    @torch.inference_mode()
-    def _prefill_packed(self, group: list[Request]) -> Events:
-        """The group's prompts packed into one forward that writes their K/V straight into pages
-        (engine/fused_prefill.py): each prompt is a row as soon as the forward is done; a row
-        whose first token ends it leaves again, and n completions each take a copy of the
-        prompt's row, which then goes."""
-        started = time.monotonic()
-        logits = self.runner.packed.prefill([r.prompt_ids for r in group], [r.request_id for r in group])
-        self._counts.prefill_tokens += sum(len(r.prompt_ids) for r in group)
-        prompt_rows = [r.request_id for r in group]
-        rows, source = [], []
-        for i, request in enumerate(group):
-            forked = self._fork(request)
-            rows.extend(forked)
-            source.extend([i] * len(forked))
-        if len(rows) > len(group):
-            logits = logits.index_select(0, torch.tensor(source, device=logits.device))
-        tokens = self._sample(rows, logits)
-        self._counts.seconds_prefill += time.monotonic() - started
-        if self.prefix_cache is not None:
-            for request, row_id in zip(group, prompt_rows):
-                self.prefix_cache.insert(request.prompt_ids, self.slab.row_kv(row_id))
-        events = []
-        for row, i, token in zip(rows, source, tokens):
-            if row.request_id != prompt_rows[i]:   # a completion row: its own copy of the prompt's K/V
-                self.slab.add_row(row.request_id, self.slab.row_kv(prompt_rows[i]))
-            events.append(self._finish(row) if self._append(row, token) else self._flush(row, state=RequestState.RUNNING))
-        for i, row_id in enumerate(prompt_rows):
-            if group[i].n > 1 and row_id in self.slab.row_ids:
-                self.slab.remove_row(row_id)
+                self.slab.add_row(row.request_id, prompt_kv(i))   # n completions: a copy per row
+            events.append(self._flush(row, state=RequestState.RUNNING))
+        if in_pages:   # the prompt rows of n completions have served their copies
+            for request in group:
+                if request.n > 1:
+                    self.slab.remove_row(request.request_id)
         return tuple(events)
 
     def _fork(self, request: Request) -> list[Request]:

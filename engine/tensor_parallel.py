@@ -159,11 +159,15 @@ def _run_on_local_shards(inner, mesh, rowwise_patterns: set[str]) -> LocalShards
     and the styles' hooks go; a row-parallel linear's partial output is summed over the ranks by
     one all_reduce (then its bias, if any, is added once). The same arithmetic and collectives as
     the DTensor forward, without DTensor's per-op sharding propagation, which cost ~10 ms a linear
-    on CPU when the decode batch's shape changes every step (benchmarks/tp_bench.py, note 22)."""
+    on CPU when the decode batch's shape changes every step (benchmarks/profile_tp.py, note 22)."""
     import fnmatch
 
     import torch.distributed as dist
     group = mesh.get_group()
+
+    def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor, group=group)
+        return tensor
     rowwise_bias = False
     for name, module in inner.named_modules():
         params = dict(module.named_parameters(recurse=False))
@@ -180,13 +184,9 @@ def _run_on_local_shards(inner, mesh, rowwise_patterns: set[str]) -> LocalShards
             rowwise_bias = rowwise_bias or bias is not None
 
             def reduce(_module, _inputs, output, bias=bias):
-                dist.all_reduce(output, group=group)
+                output = all_reduce(output)
                 return output if bias is None else output + bias
             module.register_forward_hook(reduce)
-
-    def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor, group=group)
-        return tensor
     return LocalShards(all_reduce, rowwise_bias)
 
 
