@@ -841,8 +841,9 @@ def stage_grpc_w4(b: Bench) -> dict:
     """W4 through the served path (engine process; client streams from their own process)."""
     def one(rate: float, kw: dict) -> dict:
         reqs = b.w4(rate)
+        tp = {"tensor_parallel": b.args.tensor_parallel} if b.args.tensor_parallel > 1 else {}
         return with_offered(run_grpc(reqs, load=b.load, transport="process", max_batch=b.args.max_batch_size,
-                                     max_seq_len=b.w4_context, fused=b.fused, slo=b.slo, **kw), reqs)
+                                     max_seq_len=b.w4_context, fused=b.fused, slo=b.slo, **kw, **tp), reqs)
     return b.w4_variants("grpc_w4", one)
 
 
@@ -1017,6 +1018,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="floor stage: only this decode-step variant (on CUDA each runs in its own process)")
     p.add_argument("--decode", choices=("auto", "fused", "hf"), default="auto",
                    help="engine decode step: fused kernels, the HF forward, or auto (fused on CUDA where supported)")
+    p.add_argument("--tensor-parallel", type=int, default=1,
+                   help="gRPC stages only: the engine shards the model over this many GPUs (a preset is built on "
+                        "the meta device and each rank fills only its shards: a model larger than one GPU)")
     p.add_argument("--same-process", action="store_true",
                    help="run every stage in this process (default on CUDA: one child process per stage, "
                         "so no stage inherits another's device memory)")
@@ -1032,6 +1036,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(runs) - RUNS)
     if unknown:   # a typo must not silently measure nothing
         p.error(f"--runs: unknown {', '.join(unknown)} (choose from {', '.join(sorted(RUNS))})")
+    if args.tensor_parallel > 1 and not set(runs) <= ENGINE_PROCESS_ONLY:
+        p.error(f"--tensor-parallel: only the gRPC stages ({', '.join(sorted(ENGINE_PROCESS_ONLY))}) shard the engine")
     if len(runs) > 1 and torch.cuda.is_available() and not args.same_process:
         return _per_stage(args, argv, runs)
 
@@ -1051,7 +1057,9 @@ def build_bench(args, argv: list[str], runs: list[str]) -> Bench:
     from engine import model_loader
     device = model_loader.resolve_device("auto")
     dtype = model_loader.resolve_dtype(args.dtype, device)
-    load = functools.partial(load_model, args.preset, args.model, args.tokenizer, device, dtype)
+    tp = args.tensor_parallel
+    load = functools.partial(load_model, args.preset, args.model, args.tokenizer,
+                             torch.device("meta") if tp > 1 and args.preset else device, dtype)
     if args.preset and set(runs) <= ENGINE_PROCESS_ONLY:
         # only the engine process needs the weights: build none here (it would halve its memory)
         model, tokenizer, spec = load_model(args.preset, None, args.tokenizer, torch.device("meta"), dtype)
@@ -1067,7 +1075,8 @@ def build_bench(args, argv: list[str], runs: list[str]) -> Bench:
                   common=dict(max_batch=args.max_batch_size, max_seq_len=max_seq, fused=fused,
                               kv_layout=args.kv_layout.split(",")[0],
                               prefill_chunk_tokens=int(args.prefill_chunk_tokens.split(",")[0]),
-                              packed_prefill=PREFILL_PATHS[args.prefill.split(",")[0]], **prefill_bound(args)),
+                              packed_prefill=PREFILL_PATHS[args.prefill.split(",")[0]], **prefill_bound(args),
+                              **({"tensor_parallel": tp} if tp > 1 else {})),
                   out=Path(__file__).parent / "results" / f"{name}.json")
     bench.result.update({
         "command": "python -m benchmarks.bench " + " ".join(argv), "versions": versions(),

@@ -4,10 +4,14 @@ Each variant builds its engine with `engine.build.build_engine` (the path `baton
 followers spawned, the model loaded and sharded on every rank) around a preset (random weights)
 or the built-in model, and runs the same batch of W1-style requests (all at once, EOS ignored):
   - tp1:         one rank, the engine's defaults (fused decode and CUDA graphs where it has them);
-  - tp1-hf:      one rank, the HF forward, eager (what a sharded rank runs today);
-  - tpN:         --tensor-parallel N (the HF forward, eager, one all-reduce after attention and
-                 one after the MLP on every rank);
-  - tpN-fused:   --tensor-parallel N with the fused step on every rank (--decode fused; eager).
+  - tp1-hf:      one rank, the HF forward, eager;
+  - tpN:         --tensor-parallel N, the engine's defaults (on CUDA the fused step, each rank
+                 replaying CUDA graphs that hold its NCCL all-reduces; on CPU the HF forward);
+  - tpN-eager:   the fused step on every rank, eager;
+  - tpN-hf:      the HF forward on every rank, eager (one all-reduce after attention and one
+                 after the MLP).
+Each variant runs in a process of its own (a closed engine's device memory lingers, and a
+process whose ranks captured collectives in graphs keeps its process group: engine/tensor_parallel.py).
 Reports throughput, TPOT, TTFT and the decode step against the per-GPU floor: (this rank's share
 of the weights + of the K/V the rows hold) / the device copy bandwidth. Prints one JSON object.
 """
@@ -16,8 +20,11 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -77,23 +84,38 @@ def main(argv: list[str] | None = None) -> int:
                    help="tensor parallel: build the preset on the meta device, then each rank's shards (a model "
                         "larger than one GPU)")
     p.add_argument("--out", default=None, help="write the JSON here too")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)   # internal: run one variant, write its figures here
     args = p.parse_args(argv)
+    argv = list(argv if argv is not None else sys.argv[1:])
     reqs = workloads.w1(args.batch, vocab=32000, prompt=(128, 512), output=(args.max_output, args.max_output))
-    out: dict = {"command": "python -m benchmarks.tp_bench " + " ".join(argv or sys.argv[1:]), "versions": versions()}
-    table = {"tp1": (1, None, True), "tp1-hf": (1, False, False), "tpN": (args.tp, None, False),
-             "tpN-fused": (args.tp, True, False)}
-    for name in args.variants.split(","):
-        tp, fused, graphs = table[name]
+    table = {"tp1": (1, None, True), "tp1-hf": (1, False, False), "tpN": (args.tp, None, True),
+             "tpN-eager": (args.tp, True, False), "tpN-hf": (args.tp, False, False)}
+    names = args.variants.split(",")
+    if unknown := [n for n in names if n not in table]:
+        p.error(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(table)})")
+    if args.one:
         try:
-            out[name.replace("N", str(args.tp))] = run(tp, fused, graphs, args, reqs, args.tokenizer)
+            figures = run(*table[names[0]], args, reqs, args.tokenizer)
         except Exception as exc:  # noqa: BLE001 - record why a variant could not run
-            out[name.replace("N", str(args.tp))] = {"error": repr(exc)[:1000]}
-        print(name, json.dumps(out[name.replace("N", str(args.tp))])[:1500], flush=True)
-    a, b = out.get(f"tp{args.tp}", {}), out.get("tp1", {})
-    if "tpot_p50_s" in a and "tpot_p50_s" in b:
-        out["tpN_over_tp1_tpot_p50"] = a["tpot_p50_s"] / b["tpot_p50_s"]
-        out["tpN_over_tp1hf_tpot_p50"] = a["tpot_p50_s"] / out["tp1-hf"]["tpot_p50_s"] if "tpot_p50_s" in out.get(
-            "tp1-hf", {}) else None
+            figures = {"error": repr(exc)[:1000]}
+        Path(args.one).write_text(json.dumps(figures))
+        return 0
+    out: dict = {"command": "python -m benchmarks.tp_bench " + " ".join(argv), "versions": versions()}
+    base = [a for i, a in enumerate(argv) if a not in ("--variants", "--out") and
+            (i == 0 or argv[i - 1] not in ("--variants", "--out"))]
+    with tempfile.TemporaryDirectory(prefix="baton-tp-bench-") as tmp:
+        for name in names:
+            part = Path(tmp) / f"{name}.json"
+            code = subprocess.call([sys.executable, "-m", "benchmarks.tp_bench", *base, "--variants", name,
+                                    "--one", str(part)])
+            key = name.replace("N", str(args.tp))
+            out[key] = json.loads(part.read_text()) if part.exists() else {"error": f"exit code {code}"}
+            print(name, json.dumps(out[key])[:1500], flush=True)
+    for name in args.variants.split(","):   # every TP N variant's TPOT over TP 1's and TP 1 HF's
+        mine = out.get(name.replace("N", str(args.tp)), {})
+        for ref in ("tp1", "tp1-hf"):
+            if name.startswith("tpN") and "tpot_p50_s" in mine and "tpot_p50_s" in out.get(ref, {}):
+                out[f"{name}_over_{ref}_tpot_p50"] = mine["tpot_p50_s"] / out[ref]["tpot_p50_s"]
     text = json.dumps(out, indent=1)
     if args.out:
         with open(args.out, "w") as f:

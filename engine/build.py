@@ -103,18 +103,18 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
     graphs = config.cuda_graphs
     packed = config.packed_prefill is not False
     if shards is not None:
-        # Sharded ranks run the HF forward by default, eager; the fused step (each rank's own
-        # heads, an all-reduce after o and down) only when asked for (--decode fused): it is
-        # exact on CPU but not yet measured on GPUs. No CUDA graphs of sharded steps yet, and no
-        # packed prefill (the followers mirror the HF prefill's forward, collective for collective).
-        if config.packed_prefill:
-            raise ValueError("tensor_parallel > 1 does not support packed_prefill")
-        fused, graphs, packed = bool(config.fused_decode), False, False
+        # Sharded ranks run the step the device would run alone: the fused step on CUDA (each
+        # rank's own heads, an all-reduce after o and after down), captured as CUDA graphs on
+        # every rank in the same order (each graph holds its NCCL all-reduces, so replays meet);
+        # the HF forward on CPU. The packed prefill too where the step is fused on pages: every
+        # rank writes its heads' K/V into the same pages (same allocations, in the same order).
+        graphs = shards.graphs = graphs and device.type == "cuda"
         from engine.tensor_parallel import Geometry
         shards.send(Geometry(layout=config.kv_layout, dims=kv.dims,
                              size=num_slots if config.kv_layout == "slab" else kv.num_pages,
                              page_size=page_size, max_seq_len=max_seq_len, max_rows=num_slots, pad_token_id=pad,
-                             fused=fused))
+                             fused=fused, graphs=graphs,
+                             packed=packed and fused and config.kv_layout == "paged"))
     if config.packed_prefill and not (fused and config.kv_layout == "paged"):
         raise ValueError("packed_prefill needs the paged layout and the fused decode step")
     runner = ModelRunner(hf_model, kv, device, pad_token_id=pad, cuda_graphs=graphs,

@@ -39,7 +39,8 @@ from engine.request import (FinishReason, PreemptAction, Request, RequestOutput,
                             stats_of)
 from engine.sampler import Sampler, make_generator
 from engine.scheduler import Scheduler, SchedulerOutput
-from engine.tensor_parallel import Chunk, Decode, Drop, Embed, EmbedChunked, Park, Prefill, Reserve, Restore, Shards
+from engine.tensor_parallel import (Chunk, Decode, Drop, Embed, EmbedChunked, PackedPrefill, Park, Prefill, Reserve,
+                                    Restore, Shards)
 
 Events = tuple[RequestOutput, ...]
 
@@ -214,7 +215,9 @@ class LLMEngine:
         prompts = [r.prompt_ids for r in group]
         in_pages = self.runner.packed is not None
         if in_pages:
-            logits = self.runner.packed.prefill(prompts, [r.request_id for r in group])
+            row_ids = [r.request_id for r in group]
+            self._mirror(PackedPrefill(prompts, row_ids))
+            logits = self.runner.packed.prefill(prompts, row_ids)
 
             def prompt_kv(i: int) -> torch.Tensor:
                 return self.slab.row_kv(group[i].request_id)
@@ -247,6 +250,7 @@ class LLMEngine:
         if in_pages:   # the prompt rows of n completions have served their copies
             for request in group:
                 if request.n > 1:
+                    self._mirror(Drop(request.request_id))
                     self.slab.remove_row(request.request_id)
         return tuple(events)
 

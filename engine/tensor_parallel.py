@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -60,15 +61,23 @@ class Geometry(msgspec.Struct, tag=True, array_like=True):
     max_seq_len: int
     max_rows: int
     pad_token_id: int
-    fused: bool = False          # the fused decode step (eager) on every rank
+    fused: bool = False          # the fused decode step on every rank
+    graphs: bool = False         # decode steps as CUDA graphs, captured on every rank in one order
+    packed: bool = False         # prefill packed, straight into pages (engine/fused_prefill.py)
 
 
 class Prefill(msgspec.Struct, tag=True, array_like=True):
     prompts: list[list[int]]
 
 
+class PackedPrefill(msgspec.Struct, tag=True, array_like=True):
+    """The packed prefill: prompts[i]'s K/V written straight into new pages of row row_ids[i]."""
+    prompts: list[list[int]]
+    row_ids: list[str]
+
+
 class Embed(msgspec.Struct, tag=True, array_like=True):
-    """Row `index` of the last Prefill joins the batch as `row_id`."""
+    """Row `index` of the last Prefill (or PackedPrefill: a copy of its row) joins the batch as `row_id`."""
     row_id: str
     index: int
 
@@ -114,7 +123,7 @@ class Stop(msgspec.Struct, tag=True, array_like=True):
     pass
 
 
-Message = Union[Geometry, Prefill, Embed, Reserve, Park, Restore, Drop, Chunk, EmbedChunked, Decode, Stop]
+Message = Union[Geometry, Prefill, PackedPrefill, Embed, Reserve, Park, Restore, Drop, Chunk, EmbedChunked, Decode, Stop]
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Message).decode
 
@@ -239,7 +248,8 @@ class Shards:
         for key, value in SAFE_ENV.items():
             os.environ.setdefault(key, value)
         if dist.is_initialized():
-            raise RuntimeError("tensor_parallel: this process already belongs to a process group")
+            raise RuntimeError("tensor_parallel: this process already belongs to a process group (an earlier "
+                               "engine's, left after its CUDA graphs: start the new one in a fresh process)")
         self.world = config.tensor_parallel
         # The rendezvous store on a port the OS picks (no race for a "free" port).
         store = dist.TCPStore("127.0.0.1", 0, self.world, is_master=True, wait_for_workers=False)
@@ -257,7 +267,13 @@ class Shards:
             log.info("tp_follower_started", rank=rank, pid=process.pid)
         self._store = store
         self._closed = False
+        self.graphs = False    # the ranks captured NCCL collectives in CUDA graphs (see close)
         self.device = rank_device(device, 0)
+        if self.device.type == "cuda":
+            # A collective whose peer died never returns under NCCL (a captured one is not even
+            # watched by its timeout), so rank 0 might never notice: watch the followers instead.
+            threading.Thread(target=watch_ranks, name="baton-tp-watch", daemon=True,
+                             args=(self._processes, lambda: self._closed, RANK_LOST_GRACE_S, _exit_stuck)).start()
         self.wait_for("up")   # every follower runs, before a rendezvous that would wait for a dead one
         self.mesh = _join_group(0, self.world, store, self.device)
 
@@ -315,8 +331,41 @@ class Shards:
             if process.is_alive():
                 process.kill()
                 process.join(5)
-        if dist.is_initialized():
+        # Once NCCL collectives were captured in CUDA graphs, destroy_process_group and
+        # _abort_process_group both hang (pytorch/pytorch#115388, open; both seen on 2x H200,
+        # torch 2.11), while a plain process exit does not: the group is left to the exit. This
+        # process cannot then start another tensor-parallel engine (Shards refuses, clearly).
+        if dist.is_initialized() and not self.graphs:
             dist.destroy_process_group()
+
+
+RANK_LOST_GRACE_S = 30.0   # how long rank 0 has to notice a dead follower itself (ShardLost)
+
+
+def watch_ranks(processes, closed, grace_s: float, on_stuck) -> None:
+    """Wait until a follower exits; if rank 0 has not closed its shards (`closed()`) within
+    `grace_s` after that, call `on_stuck(description)`: rank 0 is blocked in a collective that will
+    never complete (or idle, and could only find out at its next step). Returns once closed."""
+    from multiprocessing.connection import wait
+    sentinels = {p.sentinel: p for p in processes}
+    while not closed():
+        if wait(list(sentinels), timeout=1.0):
+            break
+    else:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if closed():
+            return
+        time.sleep(0.05)
+    on_stuck(", ".join(f"{p.name} exited ({p.exitcode})" for p in processes if p.exitcode is not None))
+
+
+def _exit_stuck(description: str) -> None:
+    """The engine process cannot go on and cannot raise out of a CUDA wait: end it, so the server
+    ends its streams UNAVAILABLE and starts a new engine, as for any engine death."""
+    log.critical("tp_rank_lost", detail=description, action="engine process exits")
+    os._exit(70)
 
 
 # ---- ranks 1..N-1 --------------------------------------------------------------------------------
@@ -343,6 +392,9 @@ class Follower:
             self.runner.decode(message.input_ids)
         elif kind is Prefill:
             self.prefilled = self.runner.prefill(message.prompts)
+        elif kind is PackedPrefill:
+            self.runner.packed.prefill(message.prompts, message.row_ids)
+            self.prefilled = _PackedRows(kv, message.row_ids)
         elif kind is Embed:
             kv.add_row(message.row_id, self.prefilled.row_kv(message.index))
         elif kind is Reserve:
@@ -367,6 +419,16 @@ class Follower:
             kv.add_row(message.row_id, partial[:, :, 0, :, :message.length])
         else:
             raise TypeError(f"unknown tensor-parallel message {message!r}")
+
+
+@dataclass
+class _PackedRows:
+    """A PackedPrefill's prompts, as an Embed reads them: prompt i is row row_ids[i]'s K/V."""
+    kv: object
+    row_ids: list[str]
+
+    def row_kv(self, index: int) -> torch.Tensor:
+        return self.kv.row_kv(self.row_ids[index])
 
 
 def _host_empty(shape, dtype) -> torch.Tensor:
@@ -402,7 +464,8 @@ def follow(conn, rank: int, world: int, port: int, config, loader, setup=None) -
             kv = PagedKV(*geometry.dims, geometry.size, geometry.page_size, geometry.max_seq_len,
                          geometry.max_rows, dtype, device)
         follower = Follower(ModelRunner(hf_model, kv, device, pad_token_id=geometry.pad_token_id,
-                                        fused_decode=geometry.fused, packed_prefill=False), kv, device)
+                                        fused_decode=geometry.fused, packed_prefill=geometry.packed,
+                                        cuda_graphs=geometry.graphs), kv, device)
         while type(message := _decode(conn.recv_bytes())) is not Stop:
             follower.apply(message)
     except EOFError:

@@ -27,7 +27,8 @@ PROMPTS = ["The capital of France is", "Once upon a time, in a land far away, th
 CASES = [("llama", dict(kv_layout="slab")),
          ("qwen2", dict(kv_layout="slab", prefill_chunk_tokens=8)),
          ("mistral", dict(kv_layout="paged", kv_page_size=16)),
-         # the fused step on every rank (its own heads, an all-reduce after o and down)
+         # the fused step on every rank (its own heads, an all-reduce after o and down); on
+         # pages also the packed prefill, every rank writing its heads' K/V into the same pages
          ("qwen2", dict(kv_layout="paged", kv_page_size=16, fused_decode=True)),
          ("llama", dict(kv_layout="slab", fused_decode=True, prefill_chunk_tokens=8))]
 IDS = ["llama-slab", "qwen2-slab-chunked", "mistral-paged", "qwen2-paged-fused", "llama-slab-fused-chunked"]
@@ -71,6 +72,9 @@ def test_tp2_equals_tp1_and_hf(tiny_model_dir, family, layout):
     try:
         assert engine.shards is not None and "tensor parallel 2" in info.decode
         assert engine.slab.dims[1] == 1          # 2 kv heads over 2 ranks: one per rank
+        # fused on pages: prompts are prefilled packed, straight into every rank's pages
+        assert (engine.runner.packed is not None) == (layout.get("fused_decode", False) and
+                                                       layout["kv_layout"] == "paged")
         limits = Limits(info.max_context_length, 256, 4096, info.vocab_size)
         arrivals, sharded = _run(engine, limits)
         stats = engine.stats()
@@ -280,3 +284,32 @@ def test_builtin_model_tp3_equals_hf(smollm2):
     for inp in arrivals[0] + arrivals[2]:
         expected = hf_reference(hf_model, tokenizer(inp.prompt)["input_ids"], inp.max_new_tokens, spec.eos_token_ids)
         assert outputs[inp.request_id].token_ids == expected, inp.request_id
+
+
+def test_watch_ranks_acts_only_when_rank0_misses_a_dead_follower():
+    """On CUDA a collective with a dead peer may never return, so a thread watches the followers:
+    a follower's death that rank 0 has not handled within the grace ends the engine process
+    (here: the callback records it); one rank 0 handles in time (it closes) is left to it."""
+    import multiprocessing
+    import threading
+    import time
+
+    from engine.tensor_parallel import watch_ranks
+    ctx = multiprocessing.get_context("spawn")
+    for handled in (False, True):
+        procs = [ctx.Process(target=time.sleep, args=(60,), name=f"rank{i}", daemon=True) for i in (1, 2)]
+        for p in procs:
+            p.start()
+        closed, calls = threading.Event(), []
+        watcher = threading.Thread(target=watch_ranks, args=(procs, closed.is_set, 1.0, calls.append))
+        watcher.start()
+        time.sleep(0.3)
+        assert watcher.is_alive() and not calls          # nobody died: it waits
+        procs[1].kill()
+        if handled:
+            time.sleep(0.3)
+            closed.set()                                  # rank 0 noticed (ShardLost) and closed
+        watcher.join(10)
+        assert not watcher.is_alive()
+        assert calls == ([] if handled else [f"rank2 exited ({procs[1].exitcode})"])
+        procs[0].kill()
