@@ -9,6 +9,9 @@ explicit 4-D mask (so SDPA cannot use its flash kernel), writes the K/V to a tem
     and attends causally within its own prompt with variable-length flash attention
     (torch.nn.attention.varlen, CUDA), or with SDPA's causal kernel per prompt (elsewhere);
   - only each prompt's last token goes through the LM head.
+A chunk of one prompt (chunked prefill, or the rest after a cached prefix) runs the same kernels
+over its tokens, writes its K/V to the request's partial K/V and attends every column before it
+and causally among its own (SDPA with a lower-right causal bias).
 The same arithmetic as the HF forward on the same weights, so in fp32 the first tokens and K/V
 equal the HF prefill's up to rounding (tests/test_fused_prefill.py); in bf16 kernels round as
 the fused decode step does (tests/test_gpu.py compares against the eager path).
@@ -69,6 +72,30 @@ class PackedAttend:
         return out.reshape(T, hq * d)
 
 
+class ChunkAttend:
+    """A chunk's attention: K/V of prompt tokens [start, end) to the partial K/V [L, 2, 1, H, P, D]
+    (ModelRunner.new_partial_kv), then the chunk's queries attend columns [0, end), causally
+    aligned to the end (query j sees columns up to start + j)."""
+
+    def __init__(self, partial: torch.Tensor, start: int, end: int, scale: float) -> None:
+        from torch.nn.attention.bias import causal_lower_right
+        self.partial, self.start, self.end, self.scale = partial, start, end, scale
+        self.bias = causal_lower_right(end - start, end)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kv = self.partial[layer, :, 0]                                      # [2, H, P, D]
+        kv[0, :, self.start:self.end] = k[:, :, 0].transpose(0, 1)          # [H, c, D]
+        kv[1, :, self.start:self.end] = v[:, :, 0].transpose(0, 1)
+        c, hq, _, d = q.shape
+        keys, values = kv[0, None, :, :self.end], kv[1, None, :, :self.end]   # [1, H, end, D]
+        if keys.shape[1] != hq:   # grouped-query attention: the fast kernels want as many K/V heads
+            keys = keys.repeat_interleave(hq // keys.shape[1], dim=1)
+            values = values.repeat_interleave(hq // values.shape[1], dim=1)
+        out = F.scaled_dot_product_attention(q[:, :, 0].transpose(0, 1)[None], keys, values,
+                                             attn_mask=self.bias, scale=self.scale)   # [1, hq, c, d]
+        return out[0].transpose(0, 1).reshape(c, hq * d)
+
+
 class FusedPrefill:
     def __init__(self, fused: FusedDecoder, kv: PagedKV) -> None:
         self.fused, self.kv = fused, kv
@@ -99,3 +126,13 @@ class FusedPrefill:
         attend = PackedAttend(kv.data, torch.cat(slots), torch.tensor(bounds, dtype=torch.int32).to(dev), bounds,
                               self.fused.scaling, self.varlen)
         return self.fused(ids.to(dev)[:, None], positions.to(dev)[:, None], attend, keep=last.to(dev))
+
+    @torch.inference_mode()
+    def prefill_chunk(self, partial: torch.Tensor, ids: list[int], start: int) -> torch.Tensor:
+        """Prompt tokens [start, start + len(ids)) of one request into its partial K/V, as
+        ModelRunner.prefill_chunk does on the HF forward. -> logits [1, V] of the chunk's last token."""
+        end, dev = start + len(ids), self.device
+        attend = ChunkAttend(partial, start, end, self.fused.scaling)
+        return self.fused(torch.tensor(ids, dtype=torch.long, device=dev)[:, None],
+                          torch.arange(start, end, device=dev)[:, None], attend,
+                          keep=torch.tensor([len(ids) - 1], device=dev))

@@ -131,7 +131,9 @@ class ModelRunner:
     def prefill_chunk(self, kv: torch.Tensor, ids: list[int], start: int) -> torch.Tensor:
         """Prefill prompt tokens [start, start + len(ids)) of one request into its partial K/V
         (`new_partial_kv`), attending the columns before them and causally among them.
-        -> logits [1, V] of the chunk's last token."""
+        -> logits [1, V] of the chunk's last token. With the packed prefill: its fused kernels."""
+        if self.packed is not None:
+            return self.packed.prefill_chunk(kv, ids, start)
         c, end = len(ids), start + len(ids)
         width = min(-(-end // 16) * 16, kv.shape[4])       # aligned mask width (see `prefill`)
         cols = torch.arange(width)

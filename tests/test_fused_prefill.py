@@ -1,8 +1,9 @@
 """Prefill straight into pages (engine/fused_prefill.py) computes what the HF prefill computes.
 
 On CPU (fp32, uncompiled, SDPA's causal kernel per prompt) the first-token logits and every
-layer's K/V equal the HF prefill's up to rounding, for prompts packed end to end, and the engine
-that prefills this way gives HF generate's greedy tokens; tests/test_gpu.py checks the CUDA path
+layer's K/V equal the HF prefill's up to rounding, for prompts packed end to end and for one
+prompt in chunks that split pages, and the engine that prefills this way (whole or in chunks)
+gives HF generate's greedy tokens; tests/test_gpu.py checks the CUDA path
 (varlen flash attention) the same way.
 """
 from __future__ import annotations
@@ -51,12 +52,31 @@ def test_packed_prefill_out_of_pages_changes_nothing(loaded):
     assert kv.num_rows == 0 and kv.num_pages_free == free
 
 
-def test_engine_with_packed_prefill_matches_hf_generate(loaded):
-    engine, limits = _engine(loaded, max_batch_size=3, max_seq_len=128)
+def test_packed_chunks_equal_hf_chunks(loaded):
+    engine, _ = _engine(loaded, max_batch_size=4, max_seq_len=128)
+    runner = engine.runner
+    prompt = torch.randint(5, 200, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    ours, ref = runner.new_partial_kv(len(prompt)), runner.new_partial_kv(len(prompt))
+    packed = runner.packed
+    for start, end in ((0, 13), (13, 29), (29, 40)):   # chunks ending mid-page (pages of 16)
+        logits = runner.prefill_chunk(ours, prompt[start:end], start)
+        runner.packed = None                          # the HF forward's chunk
+        try:
+            expected = runner.prefill_chunk(ref, prompt[start:end], start)
+        finally:
+            runner.packed = packed
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours[..., :end, :], ref[..., :end, :], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [0, 8])
+def test_engine_with_packed_prefill_matches_hf_generate(loaded, chunk):
+    engine, limits = _engine(loaded, max_batch_size=3, max_seq_len=128, prefill_chunk_tokens=chunk)
     arrivals = _arrivals(lengths=[20, 35, 8, 16, 27, 5], steps=[0, 0, 2, 4, 4, 13], ignore_eos=True)
     outputs = drive(engine, limits, arrivals)
     _check_against_hf(loaded, engine, outputs, arrivals)
     tokenizer = loaded[1]
     prompts = [len(tokenizer(i.prompt)["input_ids"]) for step in arrivals.values() for i in step]
     assert engine.stats().prefill_tokens == sum(prompts)
+    assert (engine.stats().prefill_chunks > 0) == (chunk > 0)
     assert engine.slab.num_rows == 0 and engine.slab.num_pages_used == 0
