@@ -28,10 +28,11 @@ CASES = [("llama", dict(kv_layout="slab")),
          ("qwen2", dict(kv_layout="slab", prefill_chunk_tokens=8)),
          ("mistral", dict(kv_layout="paged", kv_page_size=16)),
          # the fused step on every rank (its own heads, an all-reduce after o and down); on
-         # pages also the packed prefill, every rank writing its heads' K/V into the same pages
-         ("qwen2", dict(kv_layout="paged", kv_page_size=16, fused_decode=True)),
+         # pages also the packed prefill, every rank writing its heads' K/V into the same pages, and
+         # chunks on the fused kernels (the short prompt is prefilled whole, the others in chunks)
+         ("qwen2", dict(kv_layout="paged", kv_page_size=16, fused_decode=True, prefill_chunk_tokens=8)),
          ("llama", dict(kv_layout="slab", fused_decode=True, prefill_chunk_tokens=8))]
-IDS = ["llama-slab", "qwen2-slab-chunked", "mistral-paged", "qwen2-paged-fused", "llama-slab-fused-chunked"]
+IDS = ["llama-slab", "qwen2-slab-chunked", "mistral-paged", "qwen2-paged-fused-chunked", "llama-slab-fused-chunked"]
 
 
 def _scenario():
