@@ -89,12 +89,6 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
     monitor.exclude(kv.total_bytes)
     kv_budget = config.kv_budget_bytes if config.kv_budget_bytes is not None else kv.total_bytes
     page_size = config.kv_page_size if config.kv_layout == "paged" else 1
-    scheduler = Scheduler(SchedulerConfig(
-        max_batch_size=num_slots, max_prefill_tokens=config.max_prefill_tokens,
-        kv_budget_tokens=min(kv_budget, kv.total_bytes) // bytes_per_token, max_row_tokens=max_seq_len,
-        kv_bytes_per_token=bytes_per_token, host_budget_bytes=config.host_kv_budget_bytes,
-        aging_seconds=config.aging_seconds, kv_page_size=page_size,
-        prefill_chunk_tokens=config.prefill_chunk_tokens))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     fused = config.fused_decode
     if fused is None:  # auto: on CUDA, for the model families it supports
@@ -119,6 +113,12 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
         raise ValueError("packed_prefill needs the paged layout and the fused decode step")
     runner = ModelRunner(hf_model, kv, device, pad_token_id=pad, cuda_graphs=graphs,
                          fused_decode=fused, packed_prefill=packed)
+    scheduler = Scheduler(SchedulerConfig(
+        max_batch_size=num_slots, max_prefill_tokens=config.max_prefill_tokens,
+        kv_budget_tokens=min(kv_budget, kv.total_bytes) // bytes_per_token, max_row_tokens=max_seq_len,
+        kv_bytes_per_token=bytes_per_token, host_budget_bytes=config.host_kv_budget_bytes,
+        aging_seconds=config.aging_seconds, kv_page_size=page_size,
+        prefill_chunk_tokens=config.prefill_chunk_tokens, prefill_padded=runner.packed is None))
     prefix_cache = None
     if config.prefix_cache != "off":
         prefix_cache = PrefixCache(config.prefix_cache, config.kv_page_size, kv.dims, dtype, device,

@@ -23,7 +23,7 @@ class EngineConfig:
     default_max_new_tokens: int = 256     # when a request says 0
     max_new_tokens_limit: int = 4096      # larger requests are rejected
     max_queue: int = 1024                 # requests waiting or parked; more gets RESOURCE_EXHAUSTED
-    max_prefill_tokens: int = 8192        # padded prompt tokens in one prefill forward
+    max_prefill_tokens: int = 8192        # prompt tokens one prefill forward computes (padded, unless packed)
     kv_budget_bytes: int | None = None    # device K/V bytes the batch may use; None = the slab's size
     host_kv_budget_bytes: int = 8 << 30   # parked K/V bytes in host memory
     pinned_arena_bytes: int = 4 << 30     # of those, pre-pinned once at start (CUDA): fast offload

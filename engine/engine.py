@@ -182,7 +182,9 @@ class LLMEngine:
             whole = [r for r in whole if r not in hits]
             for request in hits:
                 yield self._prefill_chunk(request, 0, len(request.prompt_ids))
-        for group in length_groups(whole, self.prefill_max_waste):
+        # packed prompts pad nothing: one forward; the HF forward pads, so similar lengths together
+        for group in ([whole] if whole and self.runner.packed is not None else
+                      length_groups(whole, self.prefill_max_waste)):
             yield self._prefill(group)
         for request, start, end in sched.chunks:
             yield self._prefill_chunk(request, start, end)

@@ -55,7 +55,7 @@ class SchedulerOutput:
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_batch_size: int                 # rows in the decode batch
-    max_prefill_tokens: int             # padded prompt tokens per prefill forward
+    max_prefill_tokens: int             # prompt tokens one prefill forward computes (see prefill_padded)
     kv_budget_tokens: int               # K/V tokens all running rows may hold together
     max_row_tokens: int                 # K/V columns of one row (context limit)
     kv_bytes_per_token: int             # to account host-pool bytes
@@ -63,6 +63,7 @@ class SchedulerConfig:
     aging_seconds: float = 0.0          # +1 effective priority per this many seconds waiting (0 = off)
     kv_page_size: int = 1               # device K/V is allocated in pages of this many tokens
     prefill_chunk_tokens: int = 0       # prompt tokens planned per step (0 = whole prompts, no chunks)
+    prefill_padded: bool = True         # a forward pads its prompts to the longest (HF); False: packed, their sum
 
     def __post_init__(self) -> None:
         # A row may grow to max_row_tokens; if that cannot fit alone, it would block the queue forever.
@@ -221,7 +222,7 @@ class Scheduler:
             need = tokens_needed(candidate)
             if is_new and chunked and pending >= cfg.prefill_chunk_tokens and not self._outranks_prefilling(candidate):
                 break  # this step's prefill budget is spoken for; it waits (holding no K/V budget)
-            if is_new and not chunked and prefill and max(prefill_longest, len(candidate.prompt_ids)) * (len(prefill) + 1) > cfg.max_prefill_tokens:
+            if is_new and not chunked and prefill and self._prefill_cost(prefill, prefill_longest, candidate) > cfg.max_prefill_tokens:
                 break  # keep this prefill forward bounded; the rest go next step
             if not self._fits(need, candidate.n):
                 self._make_room_for(candidate, need, exclude=(*restore, *prefill), now=now)
@@ -268,6 +269,12 @@ class Scheduler:
                 chunks.append((request, start, end))
         self.prefilling = [r for r in self.prefilling if r.prefilled < len(r.prompt_ids)]
         return whole, chunks
+
+    def _prefill_cost(self, prefill: list[Request], longest: int, candidate: Request) -> int:
+        """Prompt tokens the step's prefill forward computes with `candidate` added."""
+        if self.config.prefill_padded:
+            return max(longest, len(candidate.prompt_ids)) * (len(prefill) + 1)
+        return sum(len(r.prompt_ids) for r in prefill) + len(candidate.prompt_ids)
 
     def _outranks_prefilling(self, candidate: Request) -> bool:
         """A newcomer of higher priority than a prompt being prefilled goes before its remaining chunks."""

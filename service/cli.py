@@ -42,7 +42,7 @@ SERVE_FLAGS = [
     ("kv-page-size", int, 128, "tokens per K/V page with --kv-layout paged"),
     ("tensor-parallel", int, 1, "ranks the model is sharded over (Llama/Mistral/Qwen2), one engine worker process "
                                 "each: GPUs 0..N-1 over NCCL on cuda, gloo on cpu"),
-    ("max-prefill-tokens", int, 8192, "padded prompt tokens per prefill forward"),
+    ("max-prefill-tokens", int, 8192, "prompt tokens one prefill forward computes (padded to the longest, unless packed)"),
     ("prefill-chunk-tokens", int, 0, "prompt tokens prefilled per step, interleaved with decode steps, so no "
                                      "stream waits longer than one chunk between two tokens (0 = whole prompts)"),
     ("prefix-cache", str, "off", "off | device | device+host: keep prompts' and finished requests' K/V by "

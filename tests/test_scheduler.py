@@ -165,6 +165,18 @@ def test_max_prefill_tokens_padded_longest_times_count():
     assert ids(out.prefill) == ["c", "d"]
 
 
+def test_max_prefill_tokens_packed_counts_the_sum():
+    """A packed prefill forward pads nothing: the bound counts the prompts' tokens."""
+    s = make_sched(max_prefill_tokens=30, prefill_padded=False)
+    for rid, plen in [("a", 10), ("b", 5), ("c", 12), ("d", 4)]:
+        s.add(make_req(rid, plen=plen))
+    out = s.schedule(0.0)
+    # a+b+c = 27 <= 30 (padded it would be 12 * 3 = 36); + d = 31 > 30 -> d waits
+    assert ids(out.prefill) == ["a", "b", "c"]
+    execute(s, out)
+    assert ids(s.schedule(0.0).prefill) == ["d"]
+
+
 def test_max_prefill_tokens_exact_bound_allowed():
     s = make_sched(max_prefill_tokens=30)
     for rid in "abc":
@@ -683,7 +695,7 @@ def _random_run(seed: int) -> None:
     cfg = dict(max_batch_size=rng.randint(1, 5), max_prefill_tokens=rng.choice([8, 20, 60, 1000]),
                max_row_tokens=32, kv_budget_tokens=rng.choice([32, 45, 80, 10_000]),
                kv_bytes_per_token=rng.choice([1, 7]), aging_seconds=rng.choice([0.0, 0.0, 5.0]),
-               prefill_chunk_tokens=rng.choice([0, 0, 3, 7, 50]))
+               prefill_chunk_tokens=rng.choice([0, 0, 3, 7, 50]), prefill_padded=rng.random() < 0.5)
     cfg["host_budget_bytes"] = rng.choice([0, 30, 100, 10**9]) * cfg["kv_bytes_per_token"]
     s = make_sched(**cfg)
     reqs: list[Request] = []
