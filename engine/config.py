@@ -71,7 +71,5 @@ class EngineConfig:
             raise ValueError("watermarks must satisfy 0 < low_watermark <= high_watermark <= 1")
         if self.tensor_parallel < 1:
             raise ValueError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
-        if self.tensor_parallel > 1 and self.prefix_cache != "off":
-            raise ValueError("prefix_cache is not supported with tensor_parallel > 1 yet")
         if self.aging_seconds < 0:
             raise ValueError(f"aging_seconds must be >= 0, got {self.aging_seconds}")

@@ -39,8 +39,8 @@ from engine.request import (FinishReason, PreemptAction, Request, RequestOutput,
                             stats_of)
 from engine.sampler import Sampler, make_generator
 from engine.scheduler import Scheduler, SchedulerOutput
-from engine.tensor_parallel import (Chunk, Decode, Drop, Embed, EmbedChunked, PackedPrefill, Park, Prefill, Reserve,
-                                    Restore, Shards)
+from engine.tensor_parallel import (CacheInsert, CacheLoad, Chunk, Decode, Drop, Embed, EmbedChunked, PackedPrefill, Park,
+                                    Prefill, Reserve, Restore, Shards)
 
 Events = tuple[RequestOutput, ...]
 
@@ -239,6 +239,8 @@ class LLMEngine:
         self._counts.seconds_prefill += time.monotonic() - started
         if self.prefix_cache is not None:
             for i, request in enumerate(group):
+                self._mirror(CacheInsert(request.prompt_ids, row_id=request.request_id) if in_pages
+                             else CacheInsert(request.prompt_ids, index=i))
                 self.prefix_cache.insert(request.prompt_ids, prompt_kv(i))
         events = []
         for row, i, token in zip(rows, source, tokens):
@@ -277,6 +279,7 @@ class LLMEngine:
         if kv is None:
             kv = self._partial[request.request_id] = self.runner.new_partial_kv(len(prompt))
             if self.prefix_cache is not None:   # copy the cached prefix in; never the last token
+                self._mirror(CacheLoad(request.request_id, prompt))
                 hit = self.prefix_cache.load(prompt, kv[:, :, 0])
                 request.cached_prompt_tokens = hit.tokens
                 request.cached_prompt_tokens_host = hit.host_tokens
@@ -294,6 +297,7 @@ class LLMEngine:
         del self._partial[request.request_id]
         prompt_kv = kv[:, :, 0, :, :len(prompt)]
         if self.prefix_cache is not None:
+            self._mirror(CacheInsert(prompt, partial=request.request_id))
             self.prefix_cache.insert(prompt, prompt_kv)
         rows = self._fork(request)
         if len(rows) > 1:
@@ -488,6 +492,7 @@ class LLMEngine:
         """A row met a stopping rule: it leaves the batch now. -> its final event."""
         if self.prefix_cache is not None and request.request_id in self.slab.row_ids:
             # its whole history (prompt and output so far) for the next turn of a conversation
+            self._mirror(CacheInsert(request.all_ids[:request.num_tokens], row_id=request.request_id))
             self.prefix_cache.insert(request.all_ids[:request.num_tokens], self.slab.row_kv(request.request_id))
         self._drop_kv(request.request_id)
         self.scheduler.finish(request, request.finish_reason)

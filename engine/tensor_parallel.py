@@ -115,6 +115,21 @@ class EmbedChunked(msgspec.Struct, tag=True, array_like=True):
     source: str = ""
 
 
+class CacheLoad(msgspec.Struct, tag=True, array_like=True):
+    """The request starts a partial K/V (chunked prefill): copy its prompt's cached prefix in."""
+    row_id: str
+    prompt_ids: list[int]
+
+
+class CacheInsert(msgspec.Struct, tag=True, array_like=True):
+    """Keep the K/V of `token_ids`' full blocks in the prefix cache, from one source: the row
+    `row_id`, prompt `index` of the last Prefill, or the partial K/V of request `partial`."""
+    token_ids: list[int]
+    row_id: str = ""
+    index: int = -1
+    partial: str = ""
+
+
 class Decode(msgspec.Struct, tag=True, array_like=True):
     input_ids: list[int]
 
@@ -123,7 +138,8 @@ class Stop(msgspec.Struct, tag=True, array_like=True):
     pass
 
 
-Message = Union[Geometry, Prefill, PackedPrefill, Embed, Reserve, Park, Restore, Drop, Chunk, EmbedChunked, Decode, Stop]
+Message = Union[Geometry, Prefill, PackedPrefill, Embed, Reserve, Park, Restore, Drop, Chunk, EmbedChunked,
+                CacheLoad, CacheInsert, Decode, Stop]
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Message).decode
 
@@ -375,6 +391,7 @@ class Follower:
     runner: object
     kv: object
     device: torch.device
+    prefix_cache: object = None                       # engine.prefix_cache.PrefixCache of this rank's heads
 
     def __post_init__(self) -> None:
         self.prefilled = None                         # the last Prefill's result
@@ -384,9 +401,10 @@ class Follower:
     @torch.inference_mode()
     def apply(self, message) -> None:
         kind, kv = type(message), self.kv
-        if kind is not Embed and kind is not Drop:
-            # A prefill group's Embeds (and Drops of rows it finished) follow its Prefill: its
-            # K/V are dropped at the next other operation, as rank 0 drops them after the group.
+        if kind is not Embed and kind is not Drop and kind is not CacheInsert:
+            # A prefill group's Embeds (and Drops of rows it finished, and the prefix cache's
+            # copies of its prompts) follow its Prefill: its K/V are dropped at the next other
+            # operation, as rank 0 drops them after the group.
             self.prefilled = None
         if kind is Decode:
             self.runner.decode(message.input_ids)
@@ -413,6 +431,17 @@ class Follower:
             if partial is None:
                 partial = self.partial[message.row_id] = self.runner.new_partial_kv(message.prompt_len)
             self.runner.prefill_chunk(partial, message.ids, message.start)
+        elif kind is CacheLoad:
+            partial = self.partial[message.row_id] = self.runner.new_partial_kv(len(message.prompt_ids))
+            self.prefix_cache.load(message.prompt_ids, partial[:, :, 0])
+        elif kind is CacheInsert:
+            if message.row_id:
+                source = kv.row_kv(message.row_id)
+            elif message.partial:
+                source = self.partial[message.partial][:, :, 0]
+            else:
+                source = self.prefilled.row_kv(message.index)
+            self.prefix_cache.insert(message.token_ids, source)
         elif kind is EmbedChunked:
             partial = self.partial[message.source] if message.source else self.partial.pop(message.row_id)
             kv.reserve(message.length)
@@ -463,9 +492,14 @@ def follow(conn, rank: int, world: int, port: int, config, loader, setup=None) -
         else:
             kv = PagedKV(*geometry.dims, geometry.size, geometry.page_size, geometry.max_seq_len,
                          geometry.max_rows, dtype, device)
+        cache = None
+        if config.prefix_cache != "off":   # the same sizes as rank 0's: the same slots, evictions, hits
+            from engine.prefix_cache import PrefixCache
+            cache = PrefixCache(config.prefix_cache, config.kv_page_size, kv.dims, dtype, device,
+                                config.prefix_cache_device_bytes, config.prefix_cache_host_bytes)
         follower = Follower(ModelRunner(hf_model, kv, device, pad_token_id=geometry.pad_token_id,
                                         fused_decode=geometry.fused, packed_prefill=geometry.packed,
-                                        cuda_graphs=geometry.graphs), kv, device)
+                                        cuda_graphs=geometry.graphs), kv, device, cache)
         while type(message := _decode(conn.recv_bytes())) is not Stop:
             follower.apply(message)
     except EOFError:

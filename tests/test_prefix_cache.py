@@ -94,7 +94,7 @@ def _expect(loaded, prompt: str, n: int) -> list[int]:
 
 
 LAYOUTS = {"slab": dict(kv_layout="slab", kv_page_size=16), "paged": dict(kv_layout="paged", kv_page_size=16),
-           # misses prefilled straight into pages (engine/fused_prefill.py), hits through the HF forward
+           # misses prefilled straight into pages, hits' rests on the same kernels (engine/fused_prefill.py)
            "packed": dict(kv_layout="paged", kv_page_size=16, fused_decode=True)}
 
 
@@ -105,11 +105,23 @@ LAYOUTS = {"slab": dict(kv_layout="slab", kv_page_size=16), "paged": dict(kv_lay
 def test_cache_hits_give_the_same_tokens(tiny, layout, mode, device_blocks, chunk):
     """Three conversations sharing a system prompt, then the first one's second turn (its history
     with the model's own answer). With a device tier of 3 blocks, blocks go to host and back."""
-    hf_model, tokenizer, spec = tiny
-    device_bytes = device_blocks * spec.num_layers * 2 * spec.num_kv_heads * 16 * spec.head_dim * 4
+    _, _, spec = tiny
     engine, limits = make_engine(tiny, max_batch_size=3, max_seq_len=256, prefix_cache=mode,
-                                 prefix_cache_device_bytes=device_bytes, prefix_cache_host_bytes=1 << 24,
-                                 prefill_chunk_tokens=chunk, **LAYOUTS[layout])
+                                 prefix_cache_device_bytes=device_blocks * block_bytes(spec.num_layers,
+                                                                                       spec.num_kv_heads, spec.head_dim),
+                                 prefix_cache_host_bytes=1 << 24, prefill_chunk_tokens=chunk, **LAYOUTS[layout])
+    three_conversations(engine, limits, tiny, host_tier=mode == "device+host")
+
+
+def block_bytes(layers: int, kv_heads: int, head_dim: int) -> int:
+    """One 16-token block of fp32 K/V."""
+    return layers * 2 * kv_heads * 16 * head_dim * 4
+
+
+def three_conversations(engine, limits, loaded, host_tier: bool) -> None:
+    """Drive the conversations of test_cache_hits_give_the_same_tokens through `engine` (also a
+    tensor-parallel one, tests/test_tensor_parallel.py) and check them against HF `generate`."""
+    tokenizer = loaded[1]
     prompts = [SYSTEM + "What is the capital of France?", SYSTEM + "Name a prime number.",
                SYSTEM + "Why is the sky blue?"]
     arrivals = {0: [GenerateInput(request_id="a", prompt=prompts[0], max_new_tokens=20, ignore_eos=True)],
@@ -121,15 +133,15 @@ def test_cache_hits_give_the_same_tokens(tiny, layout, mode, device_blocks, chun
     second = drive(engine, limits, {0: [GenerateInput(request_id="a2", prompt=turn2, max_new_tokens=10,
                                                       ignore_eos=True)]})
     for rid, prompt, n in (("a", prompts[0], 20), ("b", prompts[1], 12), ("c", prompts[2], 12)):
-        assert first[rid].token_ids == _expect(tiny, prompt, n), rid
-    assert second["a2"].token_ids == _expect(tiny, turn2, 10)
+        assert first[rid].token_ids == _expect(loaded, prompt, n), rid
+    assert second["a2"].token_ids == _expect(loaded, turn2, 10)
     usage_b, usage_a2 = first["b"].final, second["a2"].final
     system_blocks = len(tokenizer(SYSTEM)["input_ids"]) // 16 * 16
     assert usage_b.cached_prompt_tokens >= system_blocks - 16      # the shared system prompt
     assert usage_a2.cached_prompt_tokens > len(tokenizer(prompts[0])["input_ids"]) // 16 * 16 - 16  # + turn 1
     stats = engine.stats()
     assert stats.prefix_hit_tokens_device + stats.prefix_hit_tokens_host >= usage_b.cached_prompt_tokens
-    if mode == "device+host":
+    if host_tier:
         assert stats.prefix_hit_tokens_host > 0 and stats.prefix_bytes_host > 0
     engine.prefix_cache.check()
     assert engine.stats().kv_pages_used == 0 and engine._partial == {}

@@ -145,8 +145,28 @@ def test_a_follower_that_fails_to_load_fails_the_start(tiny_model_dir):
 def test_config_refuses_what_tp_does_not_support(tiny_model_dir):
     with pytest.raises(ValueError, match="tensor_parallel"):
         EngineConfig(tensor_parallel=0)
-    with pytest.raises(ValueError, match="prefix_cache"):
-        EngineConfig(tensor_parallel=2, prefix_cache="device")
+
+
+@pytest.mark.parametrize("layout", [dict(kv_layout="slab"),
+                                    dict(kv_layout="paged", fused_decode=True, prefill_chunk_tokens=12)],
+                         ids=["slab", "paged-fused-chunked"])
+def test_tp2_prefix_cache_hits_equal_hf(tiny_model_dir, layout):
+    """The prefix cache under TP 2: every rank keeps its heads' blocks (the same slots, the same
+    evictions to its host tier), rank 0 deciding the hits; tests/test_prefix_cache.py's
+    conversations, with a device tier of 3 blocks so blocks go to host and back."""
+    from tests.test_prefix_cache import block_bytes, three_conversations
+    folder = tiny_model_dir("llama")
+    loaded = model_loader.load(folder, CPU, torch.float32)
+    spec = loaded[2]
+    engine, info, _ = build_engine(EngineConfig(
+        model=folder, device="cpu", tensor_parallel=2, max_batch_size=3, max_seq_len=256, warmup=False,
+        kv_page_size=16, prefix_cache="device+host", prefix_cache_host_bytes=1 << 24,
+        prefix_cache_device_bytes=3 * block_bytes(spec.num_layers, spec.num_kv_heads // 2, spec.head_dim), **layout))
+    try:
+        three_conversations(engine, Limits(info.max_context_length, 256, 4096, info.vocab_size), loaded,
+                            host_tier=True)
+    finally:
+        engine.close()
 
 
 # ---- the real server: `baton serve --tensor-parallel 2` on CPU ------------------------------------
