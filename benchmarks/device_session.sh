@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The GPU measurements still owed by issues 12, 13 and 15, as stages of one script for the lent
+# device machine (docs/benchmarks.md notes 22-23 name them). Run from the repository root there:
+#
+#   bash benchmarks/device_session.sh STAGE [STAGE...]        (carry [".device"])
+#
+# `.device/` (git-ignored, on this machine) holds what the device lacks: `whl/` (wheels the
+# server needs: grpcio, protobuf, msgspec, structlog, xgrammar, pydantic...) and `tok/` (a
+# Llama-2 tokenizer folder). Every stage has its own time limit, writes its JSON to $OUT and
+# prints a summary line per variant; a stage that fails prints its last error lines and the
+# next stage still runs. Stages and their rough cost on an H200 (seconds):
+#   gpu-tests   tests/test_gpu.py (bf16 checks incl. packed chunks)                      ~150
+#   w4-chunks   W4 at 10 req/s, paged, chunks 0 and 512 on the fused kernels              ~160
+#   w3          W3 + W3 alone, server prefill bound, chunks 0 then 512                     ~400
+#   tp7         (2 GPUs) 7B: tp1, tpN (fused + graphs, packed prefill), tpN-eager         ~200
+#   tp70        (2 GPUs) 70B shape on the meta device: tpN                                ~150
+#   tp70-serve  (2 GPUs) 70B through `baton serve --tensor-parallel 2`: W1 and W4 @ 2/s   ~400
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  .device/whl/*.whl >/dev/null 2>&1 || { echo "wheel install failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD:$PWD/clients/python BATON_TEST_TOKENIZER=.device/tok
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1   # NVLink multicast off (device README)
+TOK=.device/tok
+nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+
+summary() {   # one line per variant of a bench result file
+  python3 - "$1" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+keys = ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "itl_p99_s", "tok_per_s", "delivered_over_offered",
+        "goodput_requests_fraction", "peak_rows_on_device", "seconds_prefill", "decode_step_p50_ms",
+        "floor_per_gpu_p50_ms", "decode_step_vs_real_floor_p50", "low_priority_tok_per_s")
+for k, v in d.items():
+    if isinstance(v, dict) and "tpot_p50_s" in v:
+        prio = {p: round(q["p99_s"], 3) for p, q in v.get("ttft_by_priority", {}).items()}
+        print(" ", k, {x: round(v[x], 4) if isinstance(v[x], float) else v[x] for x in keys if x in v},
+              f"ttft p99 by priority {prio}" if prio else "")
+    elif k.endswith("_over_tp1_tpot_p50") or k.endswith("_over_engine") or "over" in k:
+        print(" ", k, round(v, 3) if isinstance(v, float) else v)
+PY
+}
+
+stage() {   # stage NAME SECONDS RESULT-JSON COMMAND...
+  local name=$1 limit=$2 result=$3; shift 3
+  echo "== $name"
+  timeout "$limit" "$@" > "$OUT/$name.txt" 2> "$OUT/$name.err"
+  echo "rc=$?"
+  grep -E "Error|error:" "$OUT/$name.err" | tail -3
+  if [ -n "$result" ] && [ -f "$result" ]; then
+    [ "$(dirname "$result")" = "$OUT" ] || cp "$result" "$OUT/"
+    summary "$result"
+  fi
+}
+
+R=benchmarks/results
+for s in "$@"; do
+  case $s in
+    gpu-tests)
+      stage gpu-tests 240 "" python3 -m pytest -q tests/test_gpu.py
+      tail -3 "$OUT/gpu-tests.txt" ;;
+    w4-chunks)
+      stage w4-chunks 240 $R/llama2-7b-h200-w4-fused-chunks.json python3 -m benchmarks.bench --preset llama2-7b \
+        --tokenizer $TOK --max-batch-size 256 --kv-layout paged --prefill-chunk-tokens 0,512 --runs w4 --rates 10 \
+        --requests 192 --same-process --name llama2-7b-h200-w4-fused-chunks ;;
+    w3)   # W3 reads the first --prefill-chunk-tokens value: one invocation per chunk size
+      for c in 0 512; do
+        stage w3-chunk$c 200 $R/llama2-7b-h200-w3-chunk$c.json python3 -m benchmarks.bench --preset llama2-7b \
+          --tokenizer $TOK --max-batch-size 128 --kv-layout paged --max-prefill-tokens 8192 \
+          --prefill-chunk-tokens $c --runs w3,w3-low --name llama2-7b-h200-w3-chunk$c
+      done ;;
+    tp7)
+      stage tp7 330 $OUT/tp7.json python3 -m benchmarks.tp_bench --preset llama2-7b --tokenizer $TOK --tp 2 \
+        --batch 32 --max-output 128 --variants tp1,tpN,tpN-eager --out $OUT/tp7.json ;;
+    tp70)
+      stage tp70 240 $OUT/tp70.json python3 -m benchmarks.tp_bench --preset llama2-70b --tokenizer $TOK --tp 2 \
+        --lazy --variants tpN --batch 32 --max-output 64 --out $OUT/tp70.json ;;
+    tp70-serve)
+      stage tp70-serve 560 $R/llama2-70b-2xh200-serve.json python3 -m benchmarks.bench --preset llama2-70b \
+        --tokenizer $TOK --tensor-parallel 2 --runs grpc,grpc-w4 --rates 2 --requests 64 --max-batch-size 128 \
+        --name llama2-70b-2xh200-serve ;;
+    *) echo "unknown stage $s" ;;
+  esac
+done
