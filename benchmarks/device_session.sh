@@ -12,6 +12,8 @@
 #   gpu-tests   tests/test_gpu.py (bf16 checks incl. packed chunks)                      ~150
 #   w4-chunks   W4 at 10 req/s, paged, chunks 0 and 512 on the fused kernels              ~160
 #   w3          W3 + W3 alone, server prefill bound, chunks 0 then 512                     ~400
+#   rows        W4 at 40 req/s, batch up to 512 at 4,096 context: peak concurrent rows (issue 12:
+#               >= 250 rows of ~600 tokens where the slab holds 53)                       ~200
 #   tp7         (2 GPUs) 7B: tp1, tpN (fused + graphs, packed prefill), tpN-eager         ~200
 #   tp70        (2 GPUs) 70B shape on the meta device: tpN                                ~150
 #   tp70-serve  (2 GPUs) 70B through `baton serve --tensor-parallel 2`: W1 and W4 @ 2/s   ~400
@@ -70,6 +72,10 @@ for s in "$@"; do
           --tokenizer $TOK --max-batch-size 128 --kv-layout paged --max-prefill-tokens 8192 \
           --prefill-chunk-tokens $c --runs w3,w3-low --name llama2-7b-h200-w3-chunk$c
       done ;;
+    rows)
+      stage rows 300 $R/llama2-7b-h200-w4-rows.json python3 -m benchmarks.bench --preset llama2-7b \
+        --tokenizer $TOK --max-batch-size 512 --kv-layout paged --runs w4 --rates 40 --requests 600 \
+        --same-process --name llama2-7b-h200-w4-rows ;;
     tp7)
       stage tp7 330 $OUT/tp7.json python3 -m benchmarks.tp_bench --preset llama2-7b --tokenizer $TOK --tp 2 \
         --batch 32 --max-output 128 --variants tp1,tpN,tpN-eager --out $OUT/tp7.json ;;
