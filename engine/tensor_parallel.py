@@ -13,15 +13,18 @@ pages) holds only its kv heads (num_kv_heads / N): parking or restoring a row mo
 shard between its device and host memory.
 
 Followers hold no request state: rank 0 sends each operation on its K/V storage and each forward
-(`Prefill`, `Embed`, `Park`, `Restore`, `Drop`, `Reserve`, `Chunk`, `EmbedChunked`, `Decode`)
-before running it itself, in the order it runs them, so every rank's storage goes through the
-same states and every forward meets its peers in the same collectives.
+(`Prefill`, `PackedPrefill`, `Embed`, `Park`, `Restore`, `Drop`, `Reserve`, `Chunk`,
+`EmbedChunked`, `CacheLoad`, `CacheInsert`, `Decode`) before running it itself, in the order it
+runs them, so every rank's storage (and prefix cache) goes through the same states and every
+forward meets its peers in the same collectives. On CUDA each rank replays its decode steps as
+CUDA graphs captured in the same order, each holding the step's NCCL all-reduces.
 
 Failure: a rank that dies (or a step that fails: the ranks may then be out of step) ends the
 engine: `LLMEngine.fail_batch` raises `ShardLost` from the loop's handler of a failed step, so
 the loop ends and every open stream ends UNAVAILABLE as when the engine itself dies; the server
 restarts the engine with its followers. A follower exits when rank 0's pipe closes or a
-collective fails because a peer is gone.
+collective fails because a peer is gone. Under NCCL a collective whose peer died may never
+return, so on CUDA a thread of rank 0 watches the followers (`watch_ranks`).
 """
 from __future__ import annotations
 
