@@ -169,6 +169,31 @@ def test_tp2_prefix_cache_hits_equal_hf(tiny_model_dir, layout):
         engine.close()
 
 
+def test_tp2_n_completions_from_packed_pages_equal_hf(tiny_model_dir):
+    """n = 3 over the packed prefill at TP 2: each rank's prompt row is copied to the three
+    completion rows (Embed from pages) and then dropped; every completion is HF's greedy text."""
+    from tests.test_n_completions import PROMPT, _by_index, _tokens
+    folder = tiny_model_dir("llama")
+    engine, info, tokenizer = build_engine(EngineConfig(model=folder, device="cpu", tensor_parallel=2,
+                                                        max_batch_size=4, max_seq_len=128, warmup=False,
+                                                        kv_layout="paged", kv_page_size=16, fused_decode=True))
+    try:
+        assert engine.runner.packed is not None
+        limits = Limits(info.max_context_length, 256, 4096, info.vocab_size)
+        out = drive(engine, limits, {0: [GenerateInput(request_id="g", prompt=PROMPT, max_new_tokens=12,
+                                                       ignore_eos=True, n=3)],
+                                     2: [GenerateInput(request_id="h", prompt=PROMPT + " sunny", max_new_tokens=8,
+                                                       ignore_eos=True)]})
+        assert engine.slab.num_rows == 0 and engine.slab.num_pages_used == 0
+    finally:
+        engine.close()
+    hf_model = model_loader.load(folder, CPU, torch.float32)[0]
+    completions = _by_index(out["g"])
+    expected = hf_reference(hf_model, tokenizer(PROMPT)["input_ids"], 12, ())
+    assert sorted(completions) == [0, 1, 2] and all(_tokens(completions[i]) == expected for i in range(3))
+    assert out["h"].token_ids == hf_reference(hf_model, tokenizer(PROMPT + " sunny")["input_ids"], 8, ())
+
+
 # ---- the real server: `baton serve --tensor-parallel 2` on CPU ------------------------------------
 @pytest.fixture(scope="module")
 def tp_server(tmp_path_factory, tiny_model_dir):
