@@ -1,7 +1,8 @@
 """Tensor parallelism on CPU (gloo, fp32): an engine sharded over 2 ranks gives the same greedy
 tokens as the unsharded engine (TP 1) and as Hugging Face `generate` on each request alone,
 through staggered arrivals, preemption (parking and restoring each rank's K/V shard) and
-SUSPEND/RESUME; both K/V layouts, chunked prefill, the Llama/Qwen2/Mistral families.
+SUSPEND/RESUME; both K/V layouts, chunked prefill, the fused step with the packed prefill and
+fused chunks, n completions, prefix-cache hits from both tiers, the Llama/Qwen2/Mistral families.
 
 Each engine case starts one follower process (rank 1) and makes this process rank 0 of a gloo
 group, for the length of the case. A real `baton serve --tensor-parallel 2` serves HF's tokens
