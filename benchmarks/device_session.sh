@@ -39,7 +39,7 @@ for k, v in d.items():
         prio = {p: round(q["p99_s"], 3) for p, q in v.get("ttft_by_priority", {}).items()}
         print(" ", k, {x: round(v[x], 4) if isinstance(v[x], float) else v[x] for x in keys if x in v},
               f"ttft p99 by priority {prio}" if prio else "")
-    elif k.endswith("_over_tp1_tpot_p50") or k.endswith("_over_engine") or "over" in k:
+    elif "_over_" in k:   # ratios
         print(" ", k, round(v, 3) if isinstance(v, float) else v)
 PY
 }

@@ -492,8 +492,9 @@ class LLMEngine:
         """A row met a stopping rule: it leaves the batch now. -> its final event."""
         if self.prefix_cache is not None and request.request_id in self.slab.row_ids:
             # its whole history (prompt and output so far) for the next turn of a conversation
-            self._mirror(CacheInsert(request.all_ids[:request.num_tokens], row_id=request.request_id))
-            self.prefix_cache.insert(request.all_ids[:request.num_tokens], self.slab.row_kv(request.request_id))
+            history = request.all_ids[:request.num_tokens]
+            self._mirror(CacheInsert(history, row_id=request.request_id))
+            self.prefix_cache.insert(history, self.slab.row_kv(request.request_id))
         self._drop_kv(request.request_id)
         self.scheduler.finish(request, request.finish_reason)
         live = self._live[request.request_id]

