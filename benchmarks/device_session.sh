@@ -11,7 +11,7 @@
 # next stage still runs. Stages and their rough cost on an H200 (seconds):
 #   gpu-tests   tests/test_gpu.py (bf16 checks incl. packed chunks)                      ~150
 #   w4-chunks   W4 at 10 req/s, paged, chunks 0 and 512 on the fused kernels              ~160
-#   w3          W3 + W3 alone, server prefill bound, chunks 0 then 512                     ~400
+#   w3          W3 + W3 alone, server prefill bound, chunks 0 then 512 (W3_CHUNKS)         ~400
 #   rows        W4 at 40 req/s, batch up to 512 at 4,096 context: peak concurrent rows (issue 12:
 #               >= 250 rows of ~600 tokens where the slab holds 53)                       ~200
 #   tp7         (2 GPUs) 7B: tp1, tpN (fused + graphs, packed prefill), tpN-eager         ~200
@@ -67,7 +67,7 @@ for s in "$@"; do
         --tokenizer $TOK --max-batch-size 256 --kv-layout paged --prefill-chunk-tokens 0,512 --runs w4 --rates 10 \
         --requests 192 --same-process --name llama2-7b-h200-w4-fused-chunks ;;
     w3)   # W3 reads the first --prefill-chunk-tokens value: one invocation per chunk size
-      for c in 0 512; do
+      for c in ${W3_CHUNKS:-0 512}; do
         stage w3-chunk$c 200 $R/llama2-7b-h200-w3-chunk$c.json python3 -m benchmarks.bench --preset llama2-7b \
           --tokenizer $TOK --max-batch-size 128 --kv-layout paged --max-prefill-tokens 8192 \
           --prefill-chunk-tokens $c --runs w3,w3-low --name llama2-7b-h200-w3-chunk$c
