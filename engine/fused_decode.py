@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import structlog
 import torch
+import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 
 log = structlog.get_logger("baton.engine")
@@ -157,12 +158,21 @@ class FusedDecoder:
         silu_mul = torch.compile(_silu_mul, **opts)
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         w = self.layers[0].qkv_w
+        # Every later call must find its compiled code here, never recompile mid-run (a recompile
+        # costs seconds: a stall of every stream, docs/benchmarks.md note 25). So the warm-up
+        #  - runs under inference_mode, as every real call does (an inference tensor fails a guard
+        #    on tensors made outside it: one recompile at the first real call);
+        #  - covers 1 token (dynamo specialises sizes 0 and 1) and then the dynamic code, traced at
+        #    2 and 3;
+        #  - turns off duck shaping: sizes equal at trace time are otherwise taken for one symbol
+        #    (2 tokens == 2 kv heads), a guard that the next other size fails.
         try:
-            for rows in (2, 3):   # two sizes: the compiled code is the dynamic-shape one
-                qkv = torch.zeros(rows, w.shape[0], dtype=w.dtype, device=w.device)
-                cos = torch.ones(rows, d, dtype=w.dtype, device=w.device)
-                qkv_rotary(qkv, cos, cos, hq, hkv, d)
-                silu_mul(torch.zeros(rows, self.layers[0].gate_up_w.shape[0], dtype=w.dtype, device=w.device))
+            with torch.inference_mode(), fx_config.patch(use_duck_shape=False):
+                for rows in (1, 2, 3):
+                    qkv = torch.zeros(rows, w.shape[0], dtype=w.dtype, device=w.device)
+                    cos = torch.ones(rows, d, dtype=w.dtype, device=w.device)
+                    qkv_rotary(qkv, cos, cos.clone(), hq, hkv, d)   # two tensors, as in real calls
+                    silu_mul(torch.zeros(rows, self.layers[0].gate_up_w.shape[0], dtype=w.dtype, device=w.device))
         except Exception as exc:  # noqa: BLE001 - any compiler failure: run uncompiled
             log.warning("fused_decode_compile_failed", error=repr(exc)[:500])
             return

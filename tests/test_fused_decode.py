@@ -112,3 +112,27 @@ def test_fused_paged_engine_matches_hf_generate(loaded):
     for i, (p, n) in enumerate(zip(prompts, lengths)):
         assert outputs[f"r{i}"].token_ids == hf_reference(hf_model, tokenizer(p)["input_ids"], n, ()), i
     assert engine.stats().kv_pages_used == 0
+
+
+def test_compiled_pieces_never_recompile(tiny_model_dir):
+    """The compiled point-wise pieces are traced at start (1 token, then the dynamic code), so no
+    token count a later step, prefill or chunk brings makes dynamo trace again: a recompile mid-run
+    stalls every stream for seconds (docs/benchmarks.md note 25). The sizes include the ones that
+    equal a model dimension (duck shaping would take them for one symbol) and 1 (specialised)."""
+    from torch._dynamo.utils import counters
+    model = model_loader.load(tiny_model_dir("llama"), CPU, torch.float32)[0]
+    fused = FusedDecoder(model, compile=True)
+    if not fused.compiled:
+        pytest.skip("torch.compile cannot build kernels on this machine")
+    traced = counters["stats"]["unique_graphs"]
+    hq, hkv, d = fused.num_heads, fused.num_kv_heads, fused.head_dim
+    qkv_width, gate_up_width = fused.layers[0].qkv_w.shape[0], fused.layers[0].gate_up_w.shape[0]
+    sizes = sorted({1, 2, 3, 5, 37, 512, hq, hkv, d, hq * d, qkv_width, gate_up_width // 2, gate_up_width})
+    with torch.inference_mode():
+        for n in sizes:
+            qkv, cos, sin = torch.randn(n, qkv_width), torch.randn(n, d), torch.randn(n, d)
+            for got, want in zip(fused.qkv_rotary(qkv, cos, sin, hq, hkv, d), _qkv_split_rotary(qkv, cos, sin, hq, hkv, d)):
+                torch.testing.assert_close(got, want)
+            gate_up = torch.randn(n, gate_up_width)
+            torch.testing.assert_close(fused.silu_mul(gate_up), _silu_mul(gate_up))
+    assert counters["stats"]["unique_graphs"] == traced, "a token count recompiled the fused pieces"
