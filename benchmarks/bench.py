@@ -1004,8 +1004,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slo-tpot-s", type=float, default=0.05, help="W2/W4 goodput: time-per-output-token SLO, seconds")
     p.add_argument("--name", default=None, help="result file name (default: preset/model and device)")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--kv-layout", default="slab",
-                   help="the engine's K/V layout, slab or paged; W4 and decode-chat take a comma list and run each")
+    p.add_argument("--kv-layout", default="auto",
+                   help="the engine's K/V layout, slab or paged (auto: the server's default, paged on CUDA and "
+                        "slab elsewhere); W4 and decode-chat take a comma list and run each")
     p.add_argument("--prefill-chunk-tokens", default="0",
                    help="W4: comma list of --prefill-chunk-tokens values to run side by side (0 = whole prompts)")
     p.add_argument("--max-prefill-tokens", type=int, default=None,
@@ -1028,8 +1029,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(argv if argv is not None else sys.argv[1:])
     if not set(args.prefill.split(",")) <= set(PREFILL_PATHS):
         p.error(f"--prefill: packed, hf or auto, got {args.prefill!r}")
-    if not set(args.kv_layout.split(",")) <= {"slab", "paged"}:
-        p.error(f"--kv-layout: slab or paged, got {args.kv_layout!r}")
+    if not set(args.kv_layout.split(",")) <= {"slab", "paged", "auto"}:
+        p.error(f"--kv-layout: slab, paged or auto, got {args.kv_layout!r}")
     args.w1_max_output = args.max_output or 512
     args.w4_max_output = min(W4_OUTPUT[2], args.max_output or W4_OUTPUT[2])
     runs = list(dict.fromkeys(args.runs.split(",")))
@@ -1070,6 +1071,9 @@ def build_bench(args, argv: list[str], runs: list[str]) -> Bench:
     reqs = workloads.with_text(workloads.w1(args.requests, vocab=vocab, output=(min(16, cap), cap)), tokenizer)
     max_seq = max(len(r.prompt_ids) + r.max_new_tokens for r in reqs) + 8
     fused = {"auto": None, "fused": True, "hf": False}[args.decode]
+    # auto resolves here, as the server resolves it, so results name the layout that ran
+    args.kv_layout = ",".join(("paged" if device.type == "cuda" else "slab") if layout == "auto" else layout
+                              for layout in args.kv_layout.split(","))
     name = args.name or f"{args.preset or spec.name}-{device.type}"
     bench = Bench(args=args, device=device, model=model, tokenizer=tokenizer, spec=spec, load=load, reqs=reqs,
                   common=dict(max_batch=args.max_batch_size, max_seq_len=max_seq, fused=fused,
