@@ -12,6 +12,8 @@
 #   gpu-tests   tests/test_gpu.py (bf16 checks incl. packed chunks)                      ~150
 #   w4-chunks   W4 at 10 req/s, paged, chunks 0 and 512 on the fused kernels              ~160
 #   w3          W3 + W3 alone, server prefill bound, chunks 0 then 512 (W3_CHUNKS)         ~400
+#   w3-bound    W3 + W3 alone, whole prompts, prefill bound 2,048 (note 25's prediction)   ~200
+#   chunks-probe  benchmarks/profile_chunks.py: first-run vs later runs, synced or not      ~150
 #   rows        W4 at 40 req/s, batch up to 512 at 4,096 context: peak concurrent rows (issue 12:
 #               >= 250 rows of ~600 tokens where the slab holds 53)                       ~200
 #   tp7         (2 GPUs) 7B: tp1, tpN (fused + graphs, packed prefill), tpN-eager         ~200
@@ -72,6 +74,15 @@ for s in "$@"; do
           --tokenizer $TOK --max-batch-size 128 --kv-layout paged --max-prefill-tokens 8192 \
           --prefill-chunk-tokens $c --runs w3,w3-low --name llama2-7b-h200-w3-chunk$c
       done ;;
+    w3-bound)
+      stage w3-bound 240 $R/llama2-7b-h200-w3-bound2048.json python3 -m benchmarks.bench --preset llama2-7b \
+        --tokenizer $TOK --max-batch-size 128 --kv-layout paged --max-prefill-tokens 2048 \
+        --prefill-chunk-tokens 0 --runs w3,w3-low --name llama2-7b-h200-w3-bound2048 ;;
+    chunks-probe)
+      stage chunks-probe 240 "" python3 -m benchmarks.profile_chunks --tokenizer $TOK --chunks 512 \
+        --sync-after "membership"
+      cp "$OUT/chunks-probe.txt" "$OUT/profile-chunks.jsonl"
+      grep -v '^{"versions' "$OUT/chunks-probe.txt" | cut -c1-300 ;;
     rows)
       stage rows 300 $R/llama2-7b-h200-w4-rows.json python3 -m benchmarks.bench --preset llama2-7b \
         --tokenizer $TOK --max-batch-size 512 --kv-layout paged --runs w4 --rates 40 --requests 600 \
