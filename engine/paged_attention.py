@@ -49,7 +49,7 @@ _compiled_shapes: set[tuple] = set()   # every (instance, shape) compiled in thi
 class PagedDecodeAttention:
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                  max_rows: int, max_pages_per_row: int, device, compile: bool, *,
-                 num_pages: int) -> None:
+                 num_pages: int, kernel_options: dict | None = None) -> None:
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -62,6 +62,11 @@ class PagedDecodeAttention:
         self._block_masks: dict[int, BlockMask] = {}
         self._seen_shapes: set[tuple] = set()
         self.compiled = compile
+        # flex's decode kernel settings (SPLIT_KV, BLOCK_N, num_warps, num_stages); None: flex's
+        # own choice (SPLIT_KV = 2 x SMs // (rows x kv heads), i.e. 1 past 66 row-heads on an H200:
+        # one program walks a whole row, so a long row sets the layer's time). Compared by
+        # benchmarks/probe_flex_decode.py.
+        self.kernel_options = dict(kernel_options) if kernel_options else None
         self._flex = torch.compile(flex_attention, dynamic=False, fullgraph=True) if compile else flex_attention
 
     def _alloc(self, device: torch.device) -> None:
@@ -153,7 +158,8 @@ class PagedDecodeAttention:
         if self.compiled:
             self._note_compiled_shape((rows, q.dtype, k_pool.dtype, q.device))
         return self._flex(q, k_pool.unsqueeze(0), v_pool.unsqueeze(0),                # [1, Hkv, N, D]
-                          block_mask=self._block_mask(rows), scale=scale, enable_gqa=Hq != Hkv)
+                          block_mask=self._block_mask(rows), scale=scale, enable_gqa=Hq != Hkv,
+                          kernel_options=self.kernel_options)
 
     def _note_compiled_shape(self, shape: tuple) -> None:
         """Each new shape compiles flex_attention once more (dynamic=False), and every instance and

@@ -146,3 +146,30 @@ def test_bf16_packed_chunks_close_to_hf_chunks(tiny_model_dir):
         assert torch.equal(logits.argmax(-1), expected.argmax(-1))
         torch.testing.assert_close(logits.float(), expected.float(), rtol=0.05, atol=0.05)
     torch.testing.assert_close(ours[..., :150, :].float(), ref[..., :150, :].float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("kernel_options", [None, {"SPLIT_KV": 4}, {"SPLIT_KV": 16, "BLOCK_N": 32}],
+                         ids=["flex-default", "split4", "split16-block32"])
+def test_compiled_paged_decode_kernel_options_match_gathered_sdpa(kernel_options):
+    """The compiled paged decode (Triton on CUDA) with flex's decode settings overridden, as
+    benchmarks/probe_flex_decode.py compares them, still equals SDPA over each row's gathered K/V,
+    and reads only the row's pages (NaN everywhere else)."""
+    from engine.paged_attention import PagedDecodeAttention
+    from tests.test_paged_attention import _pools, _reference, _tables
+    gen = torch.Generator().manual_seed(5)
+    ps, num_pages, max_pages, hq, hkv, d = 64, 32, 6, 8, 4, 16   # d: the D of test_paged_attention's pools
+    lengths = [1, 64, 100, 330, 0, 77]
+    table, lens = _tables(gen, lengths, ps, num_pages, max_pages)
+    k, v = _pools(gen, hkv, num_pages, ps)
+    held = torch.zeros(num_pages, dtype=torch.bool)
+    for r, n in enumerate(lengths):
+        if n:
+            held[table[r, :-(-n // ps)].long()] = True
+    k.view(hkv, num_pages, ps, d)[:, ~held] = float("nan")
+    v.view(hkv, num_pages, ps, d)[:, ~held] = float("nan")
+    att = PagedDecodeAttention(hq, hkv, d, ps, 8, max_pages, CUDA, True, num_pages=num_pages,
+                               kernel_options=kernel_options)
+    att.update(table.to(CUDA), lens.to(CUDA), rows=len(lengths))
+    q = torch.randn(len(lengths), hq, 1, d, generator=gen)
+    out = att(q.to(CUDA), k.to(CUDA), v.to(CUDA), rows=len(lengths), scale=0.3)
+    torch.testing.assert_close(out.cpu(), _reference(q, k, v, table, lens, ps), rtol=1e-4, atol=1e-4)
