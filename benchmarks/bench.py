@@ -237,6 +237,16 @@ def summarize(records: dict, wall: float, step_times: list[float], slo: tuple[fl
            "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99), "tpot_p50_s": pct(tpot, 50),
            "tpot_p99_s": pct(tpot, 99), "itl_p50_s": pct(itl, 50), "itl_p99_s": pct(itl, 99),
            "steps": len(step_times), "step_p50_ms": 1000 * pct(step_times, 50)}
+    # Queue growth, direct: the TTFT of the last quarter of arrivals against the first quarter's
+    # (about 1 when the engine keeps up; delivered/offered also counts the drain after the last
+    # arrival, so it reads below 1 even then)
+    by_arrival = sorted((r for r in records.values() if r["times"]), key=lambda r: r["arrival"])
+    quarter = len(by_arrival) // 4
+    if quarter:
+        first = pct([r["times"][0] - r["arrival"] for r in by_arrival[:quarter]], 50)
+        last = pct([r["times"][0] - r["arrival"] for r in by_arrival[-quarter:]], 50)
+        out.update(ttft_p50_first_quarter_s=first, ttft_p50_last_quarter_s=last,
+                   ttft_growth=last / first if first > 0 else float("nan"))
     by_prio: dict[int, list[float]] = {}
     for r in records.values():
         if r["times"]:
