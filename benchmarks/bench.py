@@ -655,6 +655,10 @@ class Bench:
         return link
 
     @property
+    def split_kv(self) -> list[int]:
+        return [int(n) for n in self.args.decode_split_kv.split(",")]
+
+    @property
     def layouts(self) -> list[str]:
         return self.args.kv_layout.split(",")
 
@@ -669,10 +673,12 @@ class Bench:
                     for prefill in self.args.prefill.split(","):
                         if prefill == "packed" and layout != "paged":
                             continue
-                        kw = dict(kv_layout=layout, prefill_chunk_tokens=chunk, max_prefill_tokens=8192,
-                                  packed_prefill=PREFILL_PATHS[prefill])
-                        tag = "" if prefill == "auto" else f"_{prefill}"
-                        out.update(self.keep(f"{prefix}_{layout}_chunk{chunk}{tag}_rate{rate:g}", run_one(rate, kw)))
+                        for split in self.split_kv:
+                            kw = dict(kv_layout=layout, prefill_chunk_tokens=chunk, max_prefill_tokens=8192,
+                                      packed_prefill=PREFILL_PATHS[prefill], decode_split_kv=split)
+                            tag = ("" if prefill == "auto" else f"_{prefill}") + (f"_split{split}" if split else "")
+                            out.update(self.keep(f"{prefix}_{layout}_chunk{chunk}{tag}_rate{rate:g}",
+                                                 run_one(rate, kw)))
         return out
 
     @property
@@ -1017,6 +1023,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-layout", default="auto",
                    help="the engine's K/V layout, slab or paged (auto: the server's default, paged on CUDA and "
                         "slab elsewhere); W4 and decode-chat take a comma list and run each")
+    p.add_argument("--decode-split-kv", default="0",
+                   help="paged decode: flex's SPLIT_KV (0 = flex's choice); W4 takes a comma list and runs each, "
+                        "other stages the first")
     p.add_argument("--prefill-chunk-tokens", default="0",
                    help="W4: comma list of --prefill-chunk-tokens values to run side by side (0 = whole prompts)")
     p.add_argument("--max-prefill-tokens", type=int, default=None,
@@ -1089,6 +1098,7 @@ def build_bench(args, argv: list[str], runs: list[str]) -> Bench:
                   common=dict(max_batch=args.max_batch_size, max_seq_len=max_seq, fused=fused,
                               kv_layout=args.kv_layout.split(",")[0],
                               prefill_chunk_tokens=int(args.prefill_chunk_tokens.split(",")[0]),
+                              decode_split_kv=int(args.decode_split_kv.split(",")[0]),
                               packed_prefill=PREFILL_PATHS[args.prefill.split(",")[0]], **prefill_bound(args),
                               **({"tensor_parallel": tp} if tp > 1 else {})),
                   out=Path(__file__).parent / "results" / f"{name}.json")

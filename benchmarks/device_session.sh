@@ -15,6 +15,7 @@
 #   w3-bound    W3 + W3 alone, whole prompts, prefill bound 2,048 (note 25's prediction)   ~200
 #   chunks-probe  benchmarks/profile_chunks.py: first-run vs later runs, synced or not      ~150
 #   flex-probe  benchmarks/probe_flex_decode.py: paged decode attention, flex's SPLIT_KV etc.  ~200
+#   w4-split    W4 at 10 and 20 req/s, paged, SPLIT_KV 0 (flex's) and $SPLIT_KV (default 8)     ~300
 #   rows        W4 at 40 req/s, batch up to 512 at 4,096 context: peak concurrent rows (issue 12:
 #               >= 250 rows of ~600 tokens where the slab holds 53)                       ~200
 #   tp7         (2 GPUs) 7B: tp1, tpN (fused + graphs, packed prefill), tpN-eager         ~200
@@ -88,6 +89,10 @@ for s in "$@"; do
       stage flex-probe 300 "" python3 -m benchmarks.probe_flex_decode
       cp "$OUT/flex-probe.txt" "$OUT/probe-flex-decode.jsonl"
       cut -c1-250 "$OUT/flex-probe.txt" ;;
+    w4-split)
+      stage w4-split 420 $R/llama2-7b-h200-w4-split.json python3 -m benchmarks.bench --preset llama2-7b \
+        --tokenizer $TOK --max-batch-size 256 --kv-layout paged --decode-split-kv 0,${SPLIT_KV:-8} --runs w4 \
+        --rates 10,20 --requests 192 --same-process --name llama2-7b-h200-w4-split ;;
     rows)
       stage rows 300 $R/llama2-7b-h200-w4-rows.json python3 -m benchmarks.bench --preset llama2-7b \
         --tokenizer $TOK --max-batch-size 512 --kv-layout paged --runs w4 --rates 40 --requests 600 \

@@ -108,11 +108,12 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
                              size=num_slots if config.kv_layout == "slab" else kv.num_pages,
                              page_size=page_size, max_seq_len=max_seq_len, max_rows=num_slots, pad_token_id=pad,
                              fused=fused, graphs=graphs,
-                             packed=packed and fused and config.kv_layout == "paged"))
+                             packed=packed and fused and config.kv_layout == "paged",
+                             split_kv=config.decode_split_kv))
     if config.packed_prefill and not (fused and config.kv_layout == "paged"):
         raise ValueError("packed_prefill needs the paged layout and the fused decode step")
     runner = ModelRunner(hf_model, kv, device, pad_token_id=pad, cuda_graphs=graphs,
-                         fused_decode=fused, packed_prefill=packed)
+                         fused_decode=fused, packed_prefill=packed, decode_split_kv=config.decode_split_kv)
     scheduler = Scheduler(SchedulerConfig(
         max_batch_size=num_slots, max_prefill_tokens=config.max_prefill_tokens,
         kv_budget_tokens=min(kv_budget, kv.total_bytes) // bytes_per_token, max_row_tokens=max_seq_len,

@@ -45,6 +45,8 @@ class EngineConfig:
     prefix_cache_device_bytes: int = 1 << 30   # its device tier (taken before the K/V pool is sized)
     prefix_cache_host_bytes: int = 4 << 30     # its host tier (device+host)
     tensor_parallel: int = 1              # ranks the model is sharded over (one engine worker process each)
+    decode_split_kv: int = 0              # paged decode: programs per row and kv head in flex's decode kernel
+                                          # (SPLIT_KV); 0 = flex's choice (docs/benchmarks.md note 25)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -69,6 +71,8 @@ class EngineConfig:
             raise ValueError("default_max_new_tokens must not exceed max_new_tokens_limit")
         if not 0.0 < self.low_watermark <= self.high_watermark <= 1.0:
             raise ValueError("watermarks must satisfy 0 < low_watermark <= high_watermark <= 1")
+        if self.decode_split_kv < 0:
+            raise ValueError(f"decode_split_kv must be >= 0, got {self.decode_split_kv}")
         if self.tensor_parallel < 1:
             raise ValueError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
         if self.aging_seconds < 0:

@@ -33,9 +33,11 @@ class PrefillResult:
 
 class ModelRunner:
     def __init__(self, hf_model, slab: KVSlab, device: torch.device, pad_token_id: int = 0,
-                 cuda_graphs: bool = False, fused_decode: bool = False, packed_prefill: bool = True) -> None:
+                 cuda_graphs: bool = False, fused_decode: bool = False, packed_prefill: bool = True,
+                 decode_split_kv: int = 0) -> None:
         """`packed_prefill`: with the fused step on pages, prefill newcomers through
-        engine/fused_prefill.py (`self.packed`) rather than the HF forward."""
+        engine/fused_prefill.py (`self.packed`) rather than the HF forward. `decode_split_kv`: the
+        fused paged step's SPLIT_KV (0: flex's choice)."""
         self.model = hf_model
         self.slab = slab
         self.device = device
@@ -58,7 +60,8 @@ class ModelRunner:
         if paged and self.fused is not None:
             from engine.paged_decode import PagedDecoder
             on_cuda = device.type == "cuda"
-            self.paged = PagedDecoder(self.fused, slab, device, graphs=cuda_graphs and on_cuda, compile=on_cuda)
+            self.paged = PagedDecoder(self.fused, slab, device, graphs=cuda_graphs and on_cuda, compile=on_cuda,
+                                      split_kv=decode_split_kv)
             if self.paged.use_graphs:
                 self.paged.capture_all()
         elif cuda_graphs and device.type == "cuda" and not paged:

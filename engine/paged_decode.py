@@ -24,13 +24,15 @@ ROW_BUCKETS = (8, 32, 64, 128, 256, 512)
 
 
 class PagedDecoder:
-    def __init__(self, fused: FusedDecoder, kv: PagedKV, device: torch.device, graphs: bool, compile: bool) -> None:
+    def __init__(self, fused: FusedDecoder, kv: PagedKV, device: torch.device, graphs: bool, compile: bool,
+                 split_kv: int = 0) -> None:
         self.fused, self.kv, self.device = fused, kv, device
         S = kv.max_rows
         self.row_buckets = sorted({b for b in ROW_BUCKETS if b < S} | {S})
         self.attention = PagedDecodeAttention(
             fused.num_heads, fused.num_kv_heads, fused.head_dim, kv.page_size, max_rows=S,
-            max_pages_per_row=kv.max_pages_per_row, device=device, compile=compile, num_pages=kv.num_pages + 1)
+            max_pages_per_row=kv.max_pages_per_row, device=device, compile=compile, num_pages=kv.num_pages + 1,
+            kernel_options={"SPLIT_KV": split_kv} if split_kv else None)
         self.ids = torch.zeros(S, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(S, 1, dtype=torch.long, device=device)
         self.write = torch.full((S,), kv.scratch_slot, dtype=torch.long, device=device)

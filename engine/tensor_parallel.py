@@ -67,6 +67,7 @@ class Geometry(msgspec.Struct, tag=True, array_like=True):
     fused: bool = False          # the fused decode step on every rank
     graphs: bool = False         # decode steps as CUDA graphs, captured on every rank in one order
     packed: bool = False         # prefill packed, straight into pages (engine/fused_prefill.py)
+    split_kv: int = 0            # the paged decode's SPLIT_KV (EngineConfig.decode_split_kv)
 
 
 class Prefill(msgspec.Struct, tag=True, array_like=True):
@@ -502,7 +503,8 @@ def follow(conn, rank: int, world: int, port: int, config, loader, setup=None) -
                                 config.prefix_cache_device_bytes, config.prefix_cache_host_bytes)
         follower = Follower(ModelRunner(hf_model, kv, device, pad_token_id=geometry.pad_token_id,
                                         fused_decode=geometry.fused, packed_prefill=geometry.packed,
-                                        cuda_graphs=geometry.graphs), kv, device, cache)
+                                        cuda_graphs=geometry.graphs, decode_split_kv=geometry.split_kv),
+                          kv, device, cache)
         while type(message := _decode(conn.recv_bytes())) is not Stop:
             follower.apply(message)
     except EOFError:

@@ -136,3 +136,18 @@ def test_compiled_pieces_never_recompile(tiny_model_dir):
             gate_up = torch.randn(n, gate_up_width)
             torch.testing.assert_close(fused.silu_mul(gate_up), _silu_mul(gate_up))
     assert counters["stats"]["unique_graphs"] == traced, "a token count recompiled the fused pieces"
+
+
+def test_decode_split_kv_reaches_the_paged_attention(tiny_model_dir):
+    """EngineConfig.decode_split_kv becomes flex's SPLIT_KV in the fused paged step (where the
+    benchmarks compare it, on CUDA), and the engine still gives HF generate's tokens."""
+    from tests.test_engine_exact import _check_against_hf as check
+    loaded = model_loader.load(tiny_model_dir("llama"), CPU, torch.float32)
+    engine, limits = make_engine(loaded, max_batch_size=3, max_seq_len=128, fused_decode=True,
+                                 kv_layout="paged", kv_page_size=16, decode_split_kv=4)
+    assert engine.runner.paged.attention.kernel_options == {"SPLIT_KV": 4}
+    arrivals = _arrivals(lengths=[20, 35, 8, 16], steps=[0, 1, 2, 4], ignore_eos=True)
+    check(loaded, engine, drive(engine, limits, arrivals), arrivals)
+    default, _ = make_engine(loaded, max_batch_size=2, max_seq_len=64, fused_decode=True,
+                             kv_layout="paged", kv_page_size=16)
+    assert default.runner.paged.attention.kernel_options is None
