@@ -156,28 +156,32 @@ class FusedDecoder:
         opts = dict(dynamic=True, fullgraph=True)
         qkv_rotary = torch.compile(_qkv_split_rotary, **opts)
         silu_mul = torch.compile(_silu_mul, **opts)
-        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        w = self.layers[0].qkv_w
         # Every later call must find its compiled code here, never recompile mid-run (a recompile
         # costs seconds: a stall of every stream, docs/benchmarks.md note 25). So the warm-up
-        #  - runs under inference_mode, as every real call does (an inference tensor fails a guard
-        #    on tensors made outside it: one recompile at the first real call);
+        #  - runs under inference_mode, as every step and prefill does (an inference tensor fails a
+        #    guard on tensors made outside it), and outside it, as the slab's CUDA-graph capture does;
         #  - covers 1 token (dynamo specialises sizes 0 and 1) and then the dynamic code, traced at
         #    2 and 3;
         #  - turns off duck shaping: sizes equal at trace time are otherwise taken for one symbol
         #    (2 tokens == 2 kv heads), a guard that the next other size fails.
         try:
-            with torch.inference_mode(), fx_config.patch(use_duck_shape=False):
-                for rows in (1, 2, 3):
-                    qkv = torch.zeros(rows, w.shape[0], dtype=w.dtype, device=w.device)
-                    cos = torch.ones(rows, d, dtype=w.dtype, device=w.device)
-                    qkv_rotary(qkv, cos, cos.clone(), hq, hkv, d)   # two tensors, as in real calls
-                    silu_mul(torch.zeros(rows, self.layers[0].gate_up_w.shape[0], dtype=w.dtype, device=w.device))
+            for inference in (False, True):   # the last traced is the first dynamo checks: real calls
+                with torch.inference_mode(inference), fx_config.patch(use_duck_shape=False):
+                    self._warm_up(qkv_rotary, silu_mul)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: run uncompiled
             log.warning("fused_decode_compile_failed", error=repr(exc)[:500])
             return
         self.qkv_rotary, self.silu_mul = qkv_rotary, silu_mul
         self.compiled = True
+
+    def _warm_up(self, qkv_rotary, silu_mul) -> None:
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        w = self.layers[0].qkv_w
+        for rows in (1, 2, 3):
+            qkv = torch.zeros(rows, w.shape[0], dtype=w.dtype, device=w.device)
+            cos = torch.ones(rows, d, dtype=w.dtype, device=w.device)
+            qkv_rotary(qkv, cos, cos.clone(), hq, hkv, d)   # two tensors, as in real calls
+            silu_mul(torch.zeros(rows, self.layers[0].gate_up_w.shape[0], dtype=w.dtype, device=w.device))
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, attend,
                  keep: torch.Tensor | None = None) -> torch.Tensor:

@@ -128,13 +128,15 @@ def test_compiled_pieces_never_recompile(tiny_model_dir):
     hq, hkv, d = fused.num_heads, fused.num_kv_heads, fused.head_dim
     qkv_width, gate_up_width = fused.layers[0].qkv_w.shape[0], fused.layers[0].gate_up_w.shape[0]
     sizes = sorted({1, 2, 3, 5, 37, 512, hq, hkv, d, hq * d, qkv_width, gate_up_width // 2, gate_up_width})
-    with torch.inference_mode():
-        for n in sizes:
-            qkv, cos, sin = torch.randn(n, qkv_width), torch.randn(n, d), torch.randn(n, d)
-            for got, want in zip(fused.qkv_rotary(qkv, cos, sin, hq, hkv, d), _qkv_split_rotary(qkv, cos, sin, hq, hkv, d)):
-                torch.testing.assert_close(got, want)
-            gate_up = torch.randn(n, gate_up_width)
-            torch.testing.assert_close(fused.silu_mul(gate_up), _silu_mul(gate_up))
+    for inference in (True, False):   # steps and prefills run under inference_mode; the slab's graph capture not
+        with torch.inference_mode(inference):
+            for n in sizes:
+                qkv, cos, sin = torch.randn(n, qkv_width), torch.randn(n, d), torch.randn(n, d)
+                for got, want in zip(fused.qkv_rotary(qkv, cos, sin, hq, hkv, d),
+                                     _qkv_split_rotary(qkv, cos, sin, hq, hkv, d)):
+                    torch.testing.assert_close(got, want)
+                gate_up = torch.randn(n, gate_up_width)
+                torch.testing.assert_close(fused.silu_mul(gate_up), _silu_mul(gate_up))
     assert counters["stats"]["unique_graphs"] == traced, "a token count recompiled the fused pieces"
 
 
