@@ -177,17 +177,32 @@ class LLMEngine:
         sched = self.scheduler.schedule(time.monotonic(), pressure=self._pressure())
         yield self._membership(sched)
         whole = list(sched.prefill)
+        hits: list[Request] = []
         if self.prefix_cache is not None:   # a cached prefix: embed it, prefill only the rest
             hits = [r for r in whole if self.prefix_cache.match(r.prompt_ids)[0]]
             whole = [r for r in whole if r not in hits]
-            for request in hits:
-                yield self._prefill_chunk(request, 0, len(request.prompt_ids))
-        # packed prompts pad nothing: one forward; the HF forward pads, so similar lengths together
-        for group in ([whole] if whole and self.runner.packed is not None else
-                      length_groups(whole, self.prefill_max_waste)):
-            yield self._prefill(group)
-        for request, start, end in sched.chunks:
-            yield self._prefill_chunk(request, start, end)
+        rest = [(r, 0, len(r.prompt_ids)) for r in hits] + list(sched.chunks)
+        if self.runner.packed is not None:
+            # packed: the step's whole prompts, chunks and rests after cached prefixes in one forward;
+            # but a prompt's first chunk looks up the prefix cache when its partial K/V is made, so
+            # while this forward's prompts will be inserted, first chunks wait for a second forward
+            # (they may share a prefix with them, as conversations share a system prompt)
+            late = []
+            if self.prefix_cache is not None and (whole or any(e == len(r.prompt_ids) for r, _, e in rest)):
+                late = [c for c in sched.chunks if c[0].request_id not in self._partial]
+                waiting = {r.request_id for r, _, _ in late}
+                rest = [c for c in rest if c[0].request_id not in waiting]
+            if whole or rest:
+                yield self._prefill(whole, rest)
+            if late:
+                yield self._prefill([], late)
+        else:   # the HF forward pads, so similar lengths together; a chunk or rest is a forward of its own
+            for request, start, end in rest[:len(hits)]:
+                yield self._prefill_chunk(request, start, end)
+            for group in length_groups(whole, self.prefill_max_waste):
+                yield self._prefill(group)
+            for request, start, end in rest[len(hits):]:
+                yield self._prefill_chunk(request, start, end)
         if self.slab.num_rows:
             yield self._decode(sched.decode)
         self._counts.steps += 1
@@ -207,19 +222,39 @@ class LLMEngine:
         return (*parked, *(self._event(r, state=RequestState.RUNNING) for r in sched.restore))
 
     @torch.inference_mode()
-    def _prefill(self, group: list[Request]) -> Events:
+    def _prefill(self, group: list[Request], rest: list[tuple[Request, int, int]] = ()) -> Events:
         """One forward for the group's prompts, then each prompt's first token. Two paths: the HF
         forward into a temporary K/V, each row then embedded; or, where the runner has it
         (engine/fused_prefill.py), packed prompts written straight into pages, so each prompt is
         already a row: one whose first token ends it leaves again, and n completions each take a
-        copy of the prompt's row, which then goes."""
+        copy of the prompt's row, which then goes. The packed forward also takes the step's
+        chunks and rests after cached prefixes, `rest` ((request, start, end) prompt tokens, into
+        the request's partial K/V; the last one of a prompt gives its first token, as
+        `_prefill_chunk`)."""
         started = time.monotonic()
         prompts = [r.prompt_ids for r in group]
         in_pages = self.runner.packed is not None
         if in_pages:
             row_ids = [r.request_id for r in group]
-            self._mirror(PackedPrefill(prompts, row_ids))
-            logits = self.runner.packed.prefill(prompts, row_ids)
+            chunks = []   # (request, start, end, partial K/V) with tokens left to compute
+            for request, start, end in rest:
+                partial, start = self._partial_kv(request, start)
+                if start < end:
+                    chunks.append((request, start, end, partial))
+            if not group and not chunks:   # every token of these chunks came from the cache
+                return ()
+            self._mirror(PackedPrefill(prompts, row_ids, [(r.request_id, len(r.prompt_ids), r.prompt_ids[a:b], a)
+                                                          for r, a, b, _ in chunks]))
+            logits = self.runner.packed.prefill(prompts, row_ids, [(kv, r.prompt_ids[a:b], a)
+                                                                   for r, a, b, kv in chunks])
+            # after the group's rows (a follower reads a PackedPrefill's rows until the next
+            # other operation, such as a finished chunk's EmbedChunked)
+            finished = []
+            for j, (request, start, end, partial) in enumerate(chunks):
+                self._count_chunk(request, start, end)
+                if end == len(request.prompt_ids):
+                    finished.append((request, partial, logits[len(group) + j:len(group) + j + 1]))
+            logits = logits[:len(group)]
 
             def prompt_kv(i: int) -> torch.Tensor:
                 return self.slab.row_kv(group[i].request_id)
@@ -227,6 +262,17 @@ class LLMEngine:
             self._mirror(Prefill(prompts))
             result = self.runner.prefill(prompts)
             logits, prompt_kv = result.logits, result.row_kv
+            finished = []
+        events = self._prefilled_whole(group, logits, prompt_kv, in_pages) if group else []
+        for request, partial, last in finished:
+            events.extend(self._prefilled_in_chunks(request, partial, last))
+        self._counts.seconds_prefill += time.monotonic() - started
+        return tuple(events)
+
+    def _prefilled_whole(self, group: list[Request], logits: torch.Tensor, prompt_kv, in_pages: bool) -> list:
+        """The group's prompts are prefilled (`logits` [m, V] of their last tokens; `prompt_kv(i)`
+        the K/V of prompt i): each prompt's first token, and its rows."""
+        prompts = [r.prompt_ids for r in group]
         self._counts.prefill_tokens += sum(len(p) for p in prompts)
         rows, source = [], []   # the batch rows these prompts become, and the prompt of each
         for i, request in enumerate(group):
@@ -236,7 +282,6 @@ class LLMEngine:
         if len(rows) > len(group):   # n completions: each row samples from its prompt's logits
             logits = logits.index_select(0, torch.tensor(source, device=logits.device))
         tokens = self._sample(rows, logits)
-        self._counts.seconds_prefill += time.monotonic() - started
         if self.prefix_cache is not None:
             for i, request in enumerate(group):
                 self._mirror(CacheInsert(request.prompt_ids, row_id=request.request_id) if in_pages
@@ -256,7 +301,7 @@ class LLMEngine:
                 if request.n > 1:
                     self._mirror(Drop(request.request_id))
                     self.slab.remove_row(request.request_id)
-        return tuple(events)
+        return events
 
     def _fork(self, request: Request) -> list[Request]:
         """A prefilled request's batch rows: itself, or its n completion rows (each with its own
@@ -275,6 +320,20 @@ class LLMEngine:
         first token and, unless that ends it, its row (embedded like a whole prefill)."""
         started = time.monotonic()
         prompt = request.prompt_ids
+        kv, start = self._partial_kv(request, start)
+        if start >= end:   # this chunk's tokens all came from the cache
+            return ()
+        self._mirror(Chunk(request.request_id, len(prompt), prompt[start:end], start))
+        logits = self.runner.prefill_chunk(kv, prompt[start:end], start)
+        self._count_chunk(request, start, end)
+        events = self._prefilled_in_chunks(request, kv, logits) if end == len(prompt) else ()
+        self._counts.seconds_prefill += time.monotonic() - started
+        return events
+
+    def _partial_kv(self, request: Request, start: int) -> tuple[torch.Tensor, int]:
+        """The partial K/V of a prompt prefilled in chunks (made at its first chunk, with the cached
+        prefix copied in), and where this chunk's computed tokens start (past the cached ones)."""
+        prompt = request.prompt_ids
         kv = self._partial.get(request.request_id)
         if kv is None:
             kv = self._partial[request.request_id] = self.runner.new_partial_kv(len(prompt))
@@ -283,17 +342,17 @@ class LLMEngine:
                 hit = self.prefix_cache.load(prompt, kv[:, :, 0])
                 request.cached_prompt_tokens = hit.tokens
                 request.cached_prompt_tokens_host = hit.host_tokens
-        start = max(start, request.cached_prompt_tokens)
-        if start >= end:   # this chunk's tokens all came from the cache
-            return ()
-        self._mirror(Chunk(request.request_id, len(prompt), prompt[start:end], start))
-        logits = self.runner.prefill_chunk(kv, prompt[start:end], start)
-        if end - start < len(prompt):   # part of a prompt (a chunk, or the rest after a cached prefix)
+        return kv, max(start, request.cached_prompt_tokens)
+
+    def _count_chunk(self, request: Request, start: int, end: int) -> None:
+        if end - start < len(request.prompt_ids):   # part of a prompt (a chunk, or the rest after a cached prefix)
             self._counts.prefill_chunks += 1
         self._counts.prefill_tokens += end - start
-        if end < len(prompt):
-            self._counts.seconds_prefill += time.monotonic() - started
-            return ()
+
+    def _prefilled_in_chunks(self, request: Request, kv: torch.Tensor, logits: torch.Tensor) -> Events:
+        """A prompt's last chunk is done (`logits` [1, V] of its last token): its first token and,
+        unless that ends it, its row, embedded from the partial K/V like a whole prefill."""
+        prompt = request.prompt_ids
         del self._partial[request.request_id]
         prompt_kv = kv[:, :, 0, :, :len(prompt)]
         if self.prefix_cache is not None:
@@ -303,7 +362,6 @@ class LLMEngine:
         if len(rows) > 1:
             logits = logits.index_select(0, torch.zeros(len(rows), dtype=torch.long, device=logits.device))
         tokens = self._sample(rows, logits)
-        self._counts.seconds_prefill += time.monotonic() - started
         events = []
         for row, token in zip(rows, tokens):
             if self._append(row, token):

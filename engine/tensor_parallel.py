@@ -75,9 +75,12 @@ class Prefill(msgspec.Struct, tag=True, array_like=True):
 
 
 class PackedPrefill(msgspec.Struct, tag=True, array_like=True):
-    """The packed prefill: prompts[i]'s K/V written straight into new pages of row row_ids[i]."""
+    """The packed prefill: prompts[i]'s K/V written straight into new pages of row row_ids[i];
+    in the same forward each chunk (row_id, prompt_len, ids, start) into that request's partial
+    K/V, as Chunk does."""
     prompts: list[list[int]]
     row_ids: list[str]
+    chunks: list[tuple[str, int, list[int], int]] = []
 
 
 class Embed(msgspec.Struct, tag=True, array_like=True):
@@ -415,7 +418,9 @@ class Follower:
         elif kind is Prefill:
             self.prefilled = self.runner.prefill(message.prompts)
         elif kind is PackedPrefill:
-            self.runner.packed.prefill(message.prompts, message.row_ids)
+            chunks = [(self._partial(row_id, prompt_len), ids, start)
+                      for row_id, prompt_len, ids, start in message.chunks]
+            self.runner.packed.prefill(message.prompts, message.row_ids, chunks)
             self.prefilled = _PackedRows(kv, message.row_ids)
         elif kind is Embed:
             kv.add_row(message.row_id, self.prefilled.row_kv(message.index))
@@ -431,10 +436,7 @@ class Follower:
             if message.row_id in kv.row_ids:
                 kv.remove_row(message.row_id)
         elif kind is Chunk:
-            partial = self.partial.get(message.row_id)
-            if partial is None:
-                partial = self.partial[message.row_id] = self.runner.new_partial_kv(message.prompt_len)
-            self.runner.prefill_chunk(partial, message.ids, message.start)
+            self.runner.prefill_chunk(self._partial(message.row_id, message.prompt_len), message.ids, message.start)
         elif kind is CacheLoad:
             partial = self.partial[message.row_id] = self.runner.new_partial_kv(len(message.prompt_ids))
             self.prefix_cache.load(message.prompt_ids, partial[:, :, 0])
@@ -452,6 +454,14 @@ class Follower:
             kv.add_row(message.row_id, partial[:, :, 0, :, :message.length])
         else:
             raise TypeError(f"unknown tensor-parallel message {message!r}")
+
+
+    def _partial(self, row_id: str, prompt_len: int) -> torch.Tensor:
+        """The partial K/V of a prompt prefilled in chunks (made at its first chunk, or by CacheLoad)."""
+        partial = self.partial.get(row_id)
+        if partial is None:
+            partial = self.partial[row_id] = self.runner.new_partial_kv(prompt_len)
+        return partial
 
 
 @dataclass

@@ -80,3 +80,24 @@ def test_engine_with_packed_prefill_matches_hf_generate(loaded, chunk):
     assert engine.stats().prefill_tokens == sum(prompts)
     assert (engine.stats().prefill_chunks > 0) == (chunk > 0)
     assert engine.slab.num_rows == 0 and engine.slab.num_pages_used == 0
+
+
+def test_a_steps_prompts_and_chunks_are_one_forward(loaded):
+    """With chunks on the packed path, a step's whole prompts and chunks (of other prompts) go
+    through one forward (engine/fused_prefill.py MixedAttend), and the tokens still equal HF
+    generate alone."""
+    engine, limits = _engine(loaded, max_batch_size=4, max_seq_len=128, prefill_chunk_tokens=10)
+    packed, calls = engine.runner.packed, []
+    original = packed.prefill
+
+    def counting(prompts, row_ids, chunks=()):
+        calls.append((engine.stats().steps, len(prompts), len(chunks)))
+        return original(prompts, row_ids, chunks)
+
+    packed.prefill = counting
+    arrivals = _arrivals(lengths=[12, 20, 9, 15, 10], steps=[0, 0, 1, 1, 3], ignore_eos=True)
+    outputs = drive(engine, limits, arrivals)
+    _check_against_hf(loaded, engine, outputs, arrivals)
+    steps = [step for step, _, _ in calls]
+    assert len(steps) == len(set(steps)), "a step ran more than one prefill forward"
+    assert any(m and k for _, m, k in calls), "no step had both a whole prompt and a chunk"
