@@ -10,7 +10,7 @@
 # prints a summary line per variant; a stage that fails prints its last error lines and the
 # next stage still runs. Stages and their rough cost on an H200 (seconds):
 #   gpu-tests   tests/test_gpu.py (bf16 checks incl. packed chunks)                      ~150
-#   w4-chunks   W4 at 10 req/s, paged, chunks 0 and 512 on the fused kernels              ~160
+#   w4-chunks   W4 at 10 req/s, paged, chunks 0, 512, 1024 (W4_CHUNKS), one forward a step   ~240
 #   w3          W3 + W3 alone, server prefill bound, chunks 0 then 512 (W3_CHUNKS)         ~400
 #   w3-bound    W3 + W3 alone, whole prompts, prefill bound 2,048 (note 25's prediction)   ~200
 #   chunks-probe  benchmarks/profile_chunks.py: first-run vs later runs, synced or not      ~150
@@ -68,7 +68,7 @@ for s in "$@"; do
       tail -3 "$OUT/gpu-tests.txt" ;;
     w4-chunks)
       stage w4-chunks 240 $R/llama2-7b-h200-w4-fused-chunks.json python3 -m benchmarks.bench --preset llama2-7b \
-        --tokenizer $TOK --max-batch-size 256 --kv-layout paged --prefill-chunk-tokens 0,512 --runs w4 --rates 10 \
+        --tokenizer $TOK --max-batch-size 256 --kv-layout paged --prefill-chunk-tokens ${W4_CHUNKS:-0,512,1024} --runs w4 --rates 10 \
         --requests 192 --same-process --name llama2-7b-h200-w4-fused-chunks ;;
     w3)   # W3 reads the first --prefill-chunk-tokens value: one invocation per chunk size
       for c in ${W3_CHUNKS:-0 512}; do
