@@ -67,7 +67,7 @@ for s in "$@"; do
       stage gpu-tests 240 "" python3 -m pytest -q tests/test_gpu.py
       tail -3 "$OUT/gpu-tests.txt" ;;
     w4-chunks)
-      stage w4-chunks 240 $R/llama2-7b-h200-w4-fused-chunks.json python3 -m benchmarks.bench --preset llama2-7b \
+      stage w4-chunks 330 $R/llama2-7b-h200-w4-fused-chunks.json python3 -m benchmarks.bench --preset llama2-7b \
         --tokenizer $TOK --max-batch-size 256 --kv-layout paged --prefill-chunk-tokens ${W4_CHUNKS:-0,512,1024} --runs w4 --rates 10 \
         --requests 192 --same-process --name llama2-7b-h200-w4-fused-chunks ;;
     w3)   # W3 reads the first --prefill-chunk-tokens value: one invocation per chunk size
