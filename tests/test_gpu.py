@@ -148,6 +148,30 @@ def test_bf16_packed_chunks_close_to_hf_chunks(tiny_model_dir):
     torch.testing.assert_close(ours[..., :150, :].float(), ref[..., :150, :].float(), rtol=0.05, atol=0.05)
 
 
+def test_bf16_mixed_forward_close_to_separate_forwards(tiny_model_dir):
+    """One packed forward of whole prompts and chunks of other prompts (a step's prefill on the
+    packed path) against the same work as separate forwards: same argmax, logits and K/V within
+    bf16 rounding (varlen flash for the prompts, lower-right causal SDPA for the chunks)."""
+    loaded = model_loader.load(tiny_model_dir("llama"), CUDA, torch.bfloat16)
+    engine, _ = make_engine(loaded, max_batch_size=8, max_seq_len=256, kv_layout="paged", kv_page_size=16,
+                            fused_decode=True)
+    runner, kv, packed = engine.runner, engine.slab, engine.runner.packed
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(5, 200, (n,), generator=g).tolist() for n in (23, 90)]
+    long = torch.randint(5, 200, (120,), generator=g).tolist()
+    mixed_partial, alone_partial = runner.new_partial_kv(len(long)), runner.new_partial_kv(len(long))
+    packed.prefill_chunk(mixed_partial, long[:40], 0)   # an earlier chunk, the same for both
+    alone_partial.copy_(mixed_partial)
+    mixed = packed.prefill(prompts, ["m0", "m1"], [(mixed_partial, long[40:100], 40)])
+    alone = torch.cat([packed.prefill(prompts, ["a0", "a1"]), packed.prefill_chunk(alone_partial, long[40:100], 40)])
+    assert torch.equal(mixed.argmax(-1), alone.argmax(-1))
+    torch.testing.assert_close(mixed.float(), alone.float(), rtol=0.05, atol=0.05)
+    torch.testing.assert_close(mixed_partial[..., :100, :].float(), alone_partial[..., :100, :].float(),
+                               rtol=0.05, atol=0.05)
+    for i in range(2):
+        torch.testing.assert_close(kv.row_kv(f"m{i}").float(), kv.row_kv(f"a{i}").float(), rtol=0.05, atol=0.05)
+
+
 @pytest.mark.parametrize("kernel_options", [None, {"SPLIT_KV": 4}, {"SPLIT_KV": 16, "BLOCK_N": 32}],
                          ids=["flex-default", "split4", "split16-block32"])
 def test_compiled_paged_decode_kernel_options_match_gathered_sdpa(kernel_options):
