@@ -455,7 +455,6 @@ class Follower:
         else:
             raise TypeError(f"unknown tensor-parallel message {message!r}")
 
-
     def _partial(self, row_id: str, prompt_len: int) -> torch.Tensor:
         """The partial K/V of a prompt prefilled in chunks (made at its first chunk, or by CacheLoad)."""
         partial = self.partial.get(row_id)
