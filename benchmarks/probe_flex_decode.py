@@ -96,7 +96,7 @@ def main() -> None:
                                            num_pages=num_pages, kernel_options=options)
                 att.update(table.to(dev), torch.tensor(lengths, dtype=torch.int32, device=dev), batch)
 
-                def call(att=att):
+                def call(att=att, k=k, v=v):
                     return att(q, k, v, rows=batch, scale=HEAD_DIM ** -0.5)
 
                 out = call()

@@ -109,7 +109,6 @@ class FusedDecoder:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"fused decode does not support this model: {reason}")
-        config = model.config
         inner = model.model
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb

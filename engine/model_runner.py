@@ -137,7 +137,7 @@ class ModelRunner:
         -> logits [1, V] of the chunk's last token. With the packed prefill: its fused kernels."""
         if self.packed is not None:
             return self.packed.prefill_chunk(kv, ids, start)
-        c, end = len(ids), start + len(ids)
+        end = start + len(ids)
         width = min(-(-end // 16) * 16, kv.shape[4])       # aligned mask width (see `prefill`)
         cols = torch.arange(width)
         mask = cols[None, :] <= torch.arange(start, end)[:, None]                    # [c, width]

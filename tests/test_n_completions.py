@@ -12,7 +12,7 @@ import torch
 
 from engine import model_loader
 from engine.errors import TooLarge
-from engine.inputs import GenerateInput, InvalidInput, Limits, build_request
+from engine.inputs import GenerateInput, InvalidInput, build_request
 from engine.request import FinishReason, PreemptAction, RequestState
 from tests.conftest import CPU, drive, hf_reference, make_engine
 
