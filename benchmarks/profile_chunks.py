@@ -7,8 +7,9 @@ prompts, and times every phase of every step with a device sync after it, by kin
 whole prompts (the packed forward), chunks, decode. Also: the caching allocator's retries (a
 cudaMalloc that failed, freed the cache and tried again: each one a device sync and frees) and
 device mallocs, and a profile of a few chunked steps (top host ops and kernels). Prints JSON.
-Order of runs per chunk size: no syncs, a sync after every phase, no syncs again; then one run
-per `--sync-after` set (syncs after those phase kinds only).
+Order of runs per chunk size: no syncs, a sync after every phase, no syncs again, no syncs on a
+burst of other lengths (a cost per new shape shows there again); then one run per `--sync-after`
+set (syncs after those phase kinds only).
 """
 from __future__ import annotations
 
@@ -112,10 +113,13 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, tokenizer, spec = load_model(args.preset, None, args.tokenizer, device, dtype)
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(200, 1500, (args.requests,), generator=g).tolist()
-    prompts = [torch.randint(100, 30000, (n,), generator=g).tolist() for n in lengths]
-    result = {"versions": versions(), "preset": args.preset, "prompt_tokens": sum(lengths), "runs": []}
+    def burst(seed: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(200, 1500, (args.requests,), generator=g).tolist()
+        return [torch.randint(100, 30000, (n,), generator=g).tolist() for n in lengths]
+
+    prompts, other = burst(0), burst(1)
+    result = {"versions": versions(), "preset": args.preset, "prompt_tokens": sum(map(len, prompts)), "runs": []}
     for chunk in (int(c) for c in args.chunks.split(",")):
         # untimed twice, first and last: the first run of a chunked engine in a process was 2x the
         # later ones in note 25, whichever phases were synced; this separates order from syncing
@@ -125,6 +129,11 @@ def main() -> None:
             r["phase_sync"] = timed
             print(json.dumps(r), flush=True)
             result["runs"].append(r)
+        # then prompts of other lengths, untimed: slow again = a cost per new shape, not per process
+        r = run(model, tokenizer, spec, chunk, other, args.new_tokens, args.max_batch, False)
+        r.update(phase_sync=False, prompts="other lengths (seed 1)")
+        print(json.dumps(r), flush=True)
+        result["runs"].append(r)
         for kinds in filter(None, args.sync_after.split(";")):
             r = run(model, tokenizer, spec, chunk, prompts, args.new_tokens, args.max_batch, set(kinds.split(",")))
             r["phase_sync"] = kinds
