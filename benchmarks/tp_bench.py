@@ -49,7 +49,7 @@ def run(tp: int, fused: bool | None, graphs: bool, args, reqs, tokenizer_dir) ->
     max_seq = max(len(r.prompt_ids) + r.max_new_tokens for r in reqs) + 8
     config = EngineConfig(device=args.device, max_batch_size=len(reqs), max_seq_len=max_seq, warmup=False,
                           cuda_graphs=graphs, fused_decode=fused, tensor_parallel=tp, kv_layout=args.kv_layout,
-                          aging_seconds=0)
+                          aging_seconds=0, decode_split_kv=args.decode_split_kv)
     t0 = time.monotonic()
     engine, info, _tok = build_engine(config, loader)
     built = time.monotonic() - t0
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--max-output", type=int, default=256)
     p.add_argument("--kv-layout", default="auto")
+    p.add_argument("--decode-split-kv", type=int, default=0, help="the paged decode's flex SPLIT_KV (0: flex's)")
     p.add_argument("--variants", default="tp1,tp1-hf,tpN")
     p.add_argument("--lazy", action="store_true",
                    help="tensor parallel: build the preset on the meta device, then each rank's shards (a model "
