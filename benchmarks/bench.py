@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import itertools
 import json
 import platform
 import statistics
@@ -663,22 +664,19 @@ class Bench:
         return self.args.kv_layout.split(",")
 
     def w4_variants(self, prefix: str, run_one: Callable[[float, dict], dict]) -> dict:
-        """W4 per rate x --kv-layout x --prefill-chunk-tokens, side by side in one run, saved as
-        they come: {f"{prefix}_{layout}_chunk{c}_rate{r}": ...}. Engines get the server's default
-        prefill bound (8,192 tokens a forward), not W1's."""
+        """W4 per rate x --kv-layout x --prefill-chunk-tokens x --prefill x --decode-split-kv, side
+        by side in one run, saved as they come: {f"{prefix}_{layout}_chunk{c}{tags}_rate{r}": ...}.
+        Engines get the server's default prefill bound (8,192 tokens a forward), not W1's."""
         out = {}
-        for rate in self.rates:
-            for layout in self.layouts:
-                for chunk in (int(c) for c in self.args.prefill_chunk_tokens.split(",")):
-                    for prefill in self.args.prefill.split(","):
-                        if prefill == "packed" and layout != "paged":
-                            continue
-                        for split in self.split_kv:
-                            kw = dict(kv_layout=layout, prefill_chunk_tokens=chunk, max_prefill_tokens=8192,
-                                      packed_prefill=PREFILL_PATHS[prefill], decode_split_kv=split)
-                            tag = ("" if prefill == "auto" else f"_{prefill}") + (f"_split{split}" if split else "")
-                            out.update(self.keep(f"{prefix}_{layout}_chunk{chunk}{tag}_rate{rate:g}",
-                                                 run_one(rate, kw)))
+        chunks = [int(c) for c in self.args.prefill_chunk_tokens.split(",")]
+        for rate, layout, chunk, prefill, split in itertools.product(
+                self.rates, self.layouts, chunks, self.args.prefill.split(","), self.split_kv):
+            if prefill == "packed" and layout != "paged":
+                continue
+            kw = dict(kv_layout=layout, prefill_chunk_tokens=chunk, max_prefill_tokens=8192,
+                      packed_prefill=PREFILL_PATHS[prefill], decode_split_kv=split)
+            tag = ("" if prefill == "auto" else f"_{prefill}") + (f"_split{split}" if split else "")
+            out.update(self.keep(f"{prefix}_{layout}_chunk{chunk}{tag}_rate{rate:g}", run_one(rate, kw)))
         return out
 
     @property
@@ -1075,6 +1073,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_bench(args, argv: list[str], runs: list[str]) -> Bench:
     from engine import model_loader
+    from engine.build import resolve_kv_layout
     device = model_loader.resolve_device("auto")
     dtype = model_loader.resolve_dtype(args.dtype, device)
     tp = args.tensor_parallel
@@ -1091,8 +1090,7 @@ def build_bench(args, argv: list[str], runs: list[str]) -> Bench:
     max_seq = max(len(r.prompt_ids) + r.max_new_tokens for r in reqs) + 8
     fused = {"auto": None, "fused": True, "hf": False}[args.decode]
     # auto resolves here, as the server resolves it, so results name the layout that ran
-    args.kv_layout = ",".join(("paged" if device.type == "cuda" else "slab") if layout == "auto" else layout
-                              for layout in args.kv_layout.split(","))
+    args.kv_layout = ",".join(resolve_kv_layout(layout, device.type) for layout in args.kv_layout.split(","))
     name = args.name or f"{args.preset or spec.name}-{device.type}"
     bench = Bench(args=args, device=device, model=model, tokenizer=tokenizer, spec=spec, load=load, reqs=reqs,
                   common=dict(max_batch=args.max_batch_size, max_seq_len=max_seq, fused=fused,

@@ -32,6 +32,9 @@ def _alloc_counts(device: torch.device) -> dict:
             "device_frees": s.get("num_device_free", 0)}
 
 
+KINDS = frozenset({"membership", "whole", "chunk", "decode"})
+
+
 def _kind(before, after) -> str:
     if after.prefill_chunks > before.prefill_chunks:
         return "chunk"
@@ -43,7 +46,7 @@ def _kind(before, after) -> str:
 
 
 def run(model, tokenizer, spec, chunk: int, prompts: list[list[int]], new_tokens: int, max_batch: int,
-        timed_phases: bool, profile_steps: int = 0) -> dict:
+        sync_after: frozenset[str], profile_steps: int = 0) -> dict:
     from engine.build import assemble_engine
     from engine.config import EngineConfig
     from engine.request import Request, SamplingParams
@@ -69,10 +72,11 @@ def run(model, tokenizer, spec, chunk: int, prompts: list[list[int]], new_tokens
         before, mark = engine.stats(), time.perf_counter()
         for _events in engine.step_phases():
             after = engine.stats()
-            if timed_phases is True or (timed_phases and _kind(before, after) in timed_phases):
+            kind = _kind(before, after)
+            if kind in sync_after:
                 sync(device)
             now = time.perf_counter()
-            times[_kind(before, after)].append(now - mark)
+            times[kind].append(now - mark)
             before, mark = after, now
         steps += 1
         if prof is not None and steps == 2 + profile_steps:
@@ -121,22 +125,17 @@ def main() -> None:
     prompts, other = burst(0), burst(1)
     result = {"versions": versions(), "preset": args.preset, "prompt_tokens": sum(map(len, prompts)), "runs": []}
     for chunk in (int(c) for c in args.chunks.split(",")):
-        # untimed twice, first and last: the first run of a chunked engine in a process was 2x the
-        # later ones in note 25, whichever phases were synced; this separates order from syncing
-        for timed in (False, True, False):
-            r = run(model, tokenizer, spec, chunk, prompts, args.new_tokens, args.max_batch, timed,
-                    profile_steps=args.profile_steps if timed and chunk else 0)
-            r["phase_sync"] = timed
-            print(json.dumps(r), flush=True)
-            result["runs"].append(r)
-        # then prompts of other lengths, untimed: slow again = a cost per new shape, not per process
-        r = run(model, tokenizer, spec, chunk, other, args.new_tokens, args.max_batch, False)
-        r.update(phase_sync=False, prompts="other lengths (seed 1)")
-        print(json.dumps(r), flush=True)
-        result["runs"].append(r)
-        for kinds in filter(None, args.sync_after.split(";")):
-            r = run(model, tokenizer, spec, chunk, prompts, args.new_tokens, args.max_batch, set(kinds.split(",")))
-            r["phase_sync"] = kinds
+        # (label, prompts, phases synced after, profiled): unsynced first and last, since the first
+        # run of a chunked engine in a process was 2x the later ones in note 25 whichever phases
+        # were synced; then prompts of other lengths (slow again = a cost per new shape)
+        plan = [("no syncs", prompts, frozenset(), False), ("all phases synced", prompts, KINDS, bool(chunk)),
+                ("no syncs", prompts, frozenset(), False), ("no syncs, other lengths", other, frozenset(), False)]
+        plan += [(f"synced after {kinds}", prompts, frozenset(kinds.split(",")), False)
+                 for kinds in filter(None, args.sync_after.split(";"))]
+        for label, burst_prompts, sync_after, profiled in plan:
+            r = run(model, tokenizer, spec, chunk, burst_prompts, args.new_tokens, args.max_batch, sync_after,
+                    profile_steps=args.profile_steps if profiled else 0)
+            r["run"] = label
             print(json.dumps(r), flush=True)
             result["runs"].append(r)
     print(json.dumps(result))

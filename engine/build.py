@@ -71,14 +71,19 @@ def build_engine(config: EngineConfig, loader: Loader | None = None,
     return engine, info, tokenizer
 
 
+def resolve_kv_layout(layout: str, device_type: str) -> str:
+    """auto -> what the benchmarks favour on each device (README, K/V layouts): paged on CUDA, the
+    slab elsewhere; slab and paged stay."""
+    return ("paged" if device_type == "cuda" else "slab") if layout == "auto" else layout
+
+
 def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
                     config: EngineConfig, shards=None) -> tuple[LLMEngine, ModelInfo]:
     """Slab, scheduler, runner and engine around an already loaded model. With `shards`
     (engine.tensor_parallel.Shards, tensor parallelism): the model is this rank's shard, `spec`
     counts this rank's kv heads, and the followers are told the K/V storage to allocate."""
     device, dtype = hf_model.device, hf_model.dtype
-    if config.kv_layout == "auto":   # what the benchmarks favour on each device (README, K/V layouts)
-        config = replace(config, kv_layout="paged" if device.type == "cuda" else "slab")
+    config = replace(config, kv_layout=resolve_kv_layout(config.kv_layout, device.type))
     max_seq_len = min(config.max_seq_len or min(spec.max_context, 4096), spec.max_context)
     bytes_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * dtype.itemsize
     monitor = MemoryMonitor(device, config.high_watermark, config.low_watermark)

@@ -176,36 +176,41 @@ class LLMEngine:
         iterator to its end before the next command (a step is never interleaved with commands)."""
         sched = self.scheduler.schedule(time.monotonic(), pressure=self._pressure())
         yield self._membership(sched)
-        whole = list(sched.prefill)
-        hits: list[Request] = []
+        whole, cached = list(sched.prefill), []
         if self.prefix_cache is not None:   # a cached prefix: embed it, prefill only the rest
-            hits = [r for r in whole if self.prefix_cache.match(r.prompt_ids)[0]]
-            whole = [r for r in whole if r not in hits]
-        rest = [(r, 0, len(r.prompt_ids)) for r in hits] + list(sched.chunks)
-        if self.runner.packed is not None:
-            # packed: the step's whole prompts, chunks and rests after cached prefixes in one forward;
-            # but a prompt's first chunk looks up the prefix cache when its partial K/V is made, so
-            # while this forward's prompts will be inserted, first chunks wait for a second forward
-            # (they may share a prefix with them, as conversations share a system prompt)
-            late = []
-            if self.prefix_cache is not None and (whole or any(e == len(r.prompt_ids) for r, _, e in rest)):
-                late = [c for c in sched.chunks if c[0].request_id not in self._partial]
-                waiting = {r.request_id for r, _, _ in late}
-                rest = [c for c in rest if c[0].request_id not in waiting]
-            if whole or rest:
-                yield self._prefill(whole, rest)
+            cached = [r for r in whole if self.prefix_cache.match(r.prompt_ids)[0]]
+            whole = [r for r in whole if r not in cached]
+        hits = [(r, 0, len(r.prompt_ids)) for r in cached]
+        chunks = list(sched.chunks)
+        if self.runner.packed is not None:   # packed: the step's prefill work in one forward
+            now, late = self._hold_first_chunks(whole, hits, chunks)
+            if whole or hits or now:
+                yield self._prefill(whole, hits + now)
             if late:
                 yield self._prefill([], late)
         else:   # the HF forward pads, so similar lengths together; a chunk or rest is a forward of its own
-            for request, start, end in rest[:len(hits)]:
+            for request, start, end in hits:
                 yield self._prefill_chunk(request, start, end)
             for group in length_groups(whole, self.prefill_max_waste):
                 yield self._prefill(group)
-            for request, start, end in rest[len(hits):]:
+            for request, start, end in chunks:
                 yield self._prefill_chunk(request, start, end)
         if self.slab.num_rows:
             yield self._decode(sched.decode)
         self._counts.steps += 1
+
+    def _hold_first_chunks(self, whole: list[Request], hits: list, chunks: list) -> tuple[list, list]:
+        """-> (chunks for this step's forward, chunks for a second one). A chunk that starts a
+        prompt looks the prefix cache up when its partial K/V is made; while this step's forward
+        will insert prompts into the cache, it waits for a second forward, so it may still find a
+        prefix it shares with them (a system prompt)."""
+        inserting = whole or hits or any(end == len(r.prompt_ids) for r, _, end in chunks)
+        if self.prefix_cache is None or not inserting:
+            return chunks, []
+        now, late = [], []
+        for chunk in chunks:
+            (now if chunk[0].request_id in self._partial else late).append(chunk)
+        return now, late
 
     @torch.inference_mode()
     def _membership(self, sched: SchedulerOutput) -> Events:

@@ -105,12 +105,11 @@ class MixedAttend:
 
     def __init__(self, whole: PackedAttend | None, chunks: list[tuple[int, int, ChunkAttend]]) -> None:
         self.whole, self.chunks = whole, chunks     # chunks: (first token, last token + 1, attend)
-        self.split = chunks[0][0] if chunks else None
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         parts = []
-        if self.whole is not None:
-            end = self.split
+        if self.whole is not None:   # the whole prompts' tokens end where the first chunk's begin
+            end = self.chunks[0][0]
             parts.append(self.whole(layer, q[:end], k[:end], v[:end]))
         for a, b, attend in self.chunks:
             parts.append(attend(layer, q[a:b], k[a:b], v[a:b]))
