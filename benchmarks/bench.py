@@ -811,6 +811,33 @@ def stage_w3_low(b: Bench) -> dict:
                                              **b.prefill_bound)}
 
 
+def stage_w3_paired(b: Bench) -> dict:
+    """W3 and its low-priority work alone, --w3-pairs times each in the order alone, W3, W3,
+    alone, alone, W3... (each pair's order flips, so drift over the process's life cancels): one
+    pair's ratio moved by +-10% between runs (note 26). -> each run's figures and the median of
+    the pairs' low-priority throughput ratios."""
+    w3, max_seq = _w3(b)
+    low_only = [r for r in w3 if r.priority == 0]
+    kw = dict(cuda_graphs=True, max_batch=b.args.max_batch_size, max_seq_len=max_seq, fused=b.fused,
+              kv_layout=b.layouts[0], prefill_chunk_tokens=b.common["prefill_chunk_tokens"], **b.prefill_bound)
+    keep = ("wall_s", "tok_per_s", "low_priority_tok_per_s", "ttft_by_priority", "preemptions", "seconds_prefill",
+            "seconds_decode", "decode_steps", "decode_rows_p50", "decode_step_p50_ms", "itl_p99_s", "tpot_p50_s")
+    pairs = []
+    for i in range(b.args.w3_pairs):
+        order = ("alone", "w3") if i % 2 == 0 else ("w3", "alone")
+        pair = {}
+        for which in order:
+            reqs = w3 if which == "w3" else low_only
+            r = run_engine(b.model, b.tokenizer, b.spec, reqs, label=f"w3-pair{i}-{which}", **kw)
+            pair[which] = {k: r[k] for k in keep if k in r}
+        pair["low_ratio"] = pair["w3"]["low_priority_tok_per_s"] / pair["alone"]["tok_per_s"]
+        pair["high_ttft_p99_s"] = max(p["p99_s"] for q, p in pair["w3"]["ttft_by_priority"].items() if q != "0")
+        pairs.append(pair)
+    ratios = sorted(p["low_ratio"] for p in pairs)
+    return {"w3_paired": {"pairs": pairs, "low_ratio_median": statistics.median(ratios), "low_ratios": ratios,
+                          "high_ttft_p99_s": [p["high_ttft_p99_s"] for p in pairs]}}
+
+
 def stage_grpc_w2(b: Bench) -> dict:
     """W2 through the served path: Poisson arrivals from the client process."""
     return b.per_rate("grpc_w2", lambda rate: run_grpc(b.w2(rate), load=b.load, transport="process", **b.common,
@@ -920,6 +947,7 @@ STAGES: dict[str, Callable[[Bench], dict]] = {
     "w2": stage_w2,
     "w3": stage_w3,
     "w3-low": stage_w3_low,
+    "w3-paired": stage_w3_paired,
     "w4": stage_w4,
     "grpc": stage_grpc,
     "grpc-thread": stage_grpc_thread,
@@ -997,11 +1025,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder for presets (default: the built-in one)")
     p.add_argument("--runs", default="engine,hf-static", help="comma list of stages, run in the order given: engine, "
                    "engine-eager, grpc (engine process, as served), grpc-thread (engine thread in the server), "
-                   "grpc-w2 (W2 through gRPC), hf-static, hf-cb, floor, w2, w3, w3-low, w4 (chat traffic), "
+                   "grpc-w2 (W2 through gRPC), hf-static, hf-cb, floor, w2, w3, w3-low, w3-paired, w4 (chat traffic), "
                    "grpc-w4 (W4 through gRPC), hf-cb-w4 (W4 on HF continuous batching), "
                    "w5 (multi-turn chat, prefix cache off / device / device+host), "
                    "api (issue 14: JSON schema / top_logprobs=5 vs plain at one batch; n completions vs n requests)")
     p.add_argument("--requests", type=int, default=128, help="requests of W1, W2 and W4")
+    p.add_argument("--w3-pairs", type=int, default=3, help="w3-paired: pairs of (W3, its low-priority work alone)")
     p.add_argument("--w5-conversations", type=int, default=32, help="W5: conversations at once")
     p.add_argument("--w5-turns", type=int, default=8, help="W5: turns per conversation")
     p.add_argument("--api-batch", type=int, default=32, help="api: requests at once per variant (and batch size)")

@@ -13,6 +13,7 @@
 #   w4-chunks   W4 at 10 req/s, paged, chunks 0, 512, 1024 (W4_CHUNKS), one forward a step   ~240
 #   w3          W3 + W3 alone, server prefill bound, chunks 0 then 512 (W3_CHUNKS)         ~400
 #   w3-bound    W3 + W3 alone, whole prompts, prefill bound 2,048 (note 25's prediction)   ~200
+#   w3-paired   W3 and W3 alone, alternating, W3_PAIRS (3) pairs; W3_BOUND (2048), W3_CHUNK (0)  ~120
 #   chunks-probe  benchmarks/profile_chunks.py: first-run vs later runs, synced or not      ~150
 #   flex-probe  benchmarks/probe_flex_decode.py: paged decode attention, flex's SPLIT_KV etc.  ~200
 #   w4-split    W4 at 10 and 20 req/s, paged, SPLIT_KV 0 (flex's) and $SPLIT_KV (default 8)     ~300
@@ -63,12 +64,16 @@ stage() {   # stage NAME SECONDS RESULT-JSON COMMAND...
 R=benchmarks/results
 for s in "$@"; do
   case $s in
+    gpu-test)    # one test of tests/test_gpu.py: GPU_TEST=<-k expression>
+      stage gpu-test 200 "" python3 -m pytest -q tests/test_gpu.py -k "${GPU_TEST}"
+      tail -3 "$OUT/gpu-test.txt" ;;
     gpu-tests)
       stage gpu-tests 240 "" python3 -m pytest -q tests/test_gpu.py
       tail -3 "$OUT/gpu-tests.txt" ;;
     w4-chunks)
       stage w4-chunks 330 $R/llama2-7b-h200-w4-fused-chunks.json python3 -m benchmarks.bench --preset llama2-7b \
         --tokenizer $TOK --max-batch-size 256 --kv-layout paged --prefill-chunk-tokens ${W4_CHUNKS:-0,512,1024} --runs w4 --rates 10 \
+        --max-prefill-tokens ${W4_BOUND:-8192} \
         --requests 192 --same-process --name llama2-7b-h200-w4-fused-chunks ;;
     w3)   # W3 reads the first --prefill-chunk-tokens value: one invocation per chunk size
       for c in ${W3_CHUNKS:-0 512}; do
@@ -80,8 +85,14 @@ for s in "$@"; do
       stage w3-bound 240 $R/llama2-7b-h200-w3-bound2048.json python3 -m benchmarks.bench --preset llama2-7b \
         --tokenizer $TOK --max-batch-size 128 --kv-layout paged --max-prefill-tokens 2048 \
         --prefill-chunk-tokens 0 --runs w3,w3-low --name llama2-7b-h200-w3-bound2048 ;;
+    w3-paired)   # W3_BOUND (default 2048) and W3_CHUNK (default 0): one configuration, W3_PAIRS pairs
+      n=llama2-7b-h200-w3-paired-bound${W3_BOUND:-2048}-chunk${W3_CHUNK:-0}
+      stage w3-paired 300 $R/$n.json python3 -m benchmarks.bench --preset llama2-7b --tokenizer $TOK \
+        --max-batch-size 128 --kv-layout paged --max-prefill-tokens ${W3_BOUND:-2048} \
+        --prefill-chunk-tokens ${W3_CHUNK:-0} --runs w3-paired --w3-pairs ${W3_PAIRS:-3} --name $n
+      python3 -c "import json,sys; d=json.load(open(sys.argv[1]))['w3_paired']; print('  low ratios', [round(x,3) for x in d['low_ratios']], 'high ttft p99', [round(x,3) for x in d['high_ttft_p99_s']])" $R/$n.json ;;
     chunks-probe)
-      stage chunks-probe 240 "" python3 -m benchmarks.profile_chunks --tokenizer $TOK --chunks 512 \
+      stage chunks-probe 300 "" python3 -m benchmarks.profile_chunks --tokenizer $TOK --chunks 512 ${PROBE_ARGS:-} \
         --sync-after "membership"
       cp "$OUT/chunks-probe.txt" "$OUT/profile-chunks.jsonl"
       grep -v '^{"versions' "$OUT/chunks-probe.txt" | cut -c1-300 ;;

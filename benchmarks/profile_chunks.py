@@ -9,7 +9,8 @@ cudaMalloc that failed, freed the cache and tried again: each one a device sync 
 device mallocs, and a profile of a few chunked steps (top host ops and kernels). Prints JSON.
 Order of runs per chunk size: no syncs, a sync after every phase, no syncs again, no syncs on a
 burst of other lengths (a cost per new shape shows there again); then one run per `--sync-after`
-set (syncs after those phase kinds only).
+set (syncs after those phase kinds only); with --profile-whole, a repeat and a run over new
+lengths each profiled from start to end.
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def run(model, tokenizer, spec, chunk: int, prompts: list[list[int]], new_tokens
     steps = 0
     t_start = time.perf_counter()
     while engine.has_work():
-        if profile_steps and steps == 2:
+        if profile_steps and steps == (0 if profile_steps < 0 else 2):   # < 0: the whole run
             prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else []))
             prof.__enter__()
         before, mark = engine.stats(), time.perf_counter()
@@ -79,18 +80,21 @@ def run(model, tokenizer, spec, chunk: int, prompts: list[list[int]], new_tokens
             times[kind].append(now - mark)
             before, mark = after, now
         steps += 1
-        if prof is not None and steps == 2 + profile_steps:
+        if prof is not None and profile_steps > 0 and steps == 2 + profile_steps:
             sync(device)
             prof.__exit__(None, None, None)
     sync(device)
     wall = time.perf_counter() - t_start
+    if prof is not None and profile_steps < 0:
+        prof.__exit__(None, None, None)
     allocs = {k: v - allocs[k] for k, v in _alloc_counts(device).items()}
     out = {"chunk": chunk, "decode": info.decode, "wall_s": round(wall, 3), "steps": steps,
            "phases": {k: {"n": len(v), "total_s": round(sum(v), 3), "mean_ms": round(1000 * sum(v) / len(v), 2)}
                       for k, v in times.items()}, **allocs}
     if prof is not None:
         averages = prof.key_averages()
-        host = sorted(averages, key=lambda e: -e.self_cpu_time_total)[:12]
+        top = 12 if profile_steps > 0 else 25
+        host = sorted(averages, key=lambda e: -e.self_cpu_time_total)[:top]
         out["top_host_ops"] = [(e.key[:60], round(e.self_cpu_time_total / 1e3, 2), e.count) for e in host]
         if device.type == "cuda":
             kernels = [e for e in averages if e.device_time_total > 0 and e.device_type.name == "CUDA"]
@@ -112,6 +116,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=128)
     p.add_argument("--profile-steps", type=int, default=4)
+    p.add_argument("--profile-whole", action="store_true",
+                   help="also profile two whole runs, a repeat and one over new lengths (top 25 host ops each)")
     p.add_argument("--sync-after", default="", help="also runs syncing after these phase kinds only (a,b;c)")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -132,9 +138,13 @@ def main() -> None:
                 ("no syncs", prompts, frozenset(), False), ("no syncs, other lengths", other, frozenset(), False)]
         plan += [(f"synced after {kinds}", prompts, frozenset(kinds.split(",")), False)
                  for kinds in filter(None, args.sync_after.split(";"))]
+        if args.profile_whole and chunk:   # what a run over new lengths does that a repeat does not
+            plan += [("whole run profiled, repeat", prompts, frozenset(), -1),
+                     ("whole run profiled, other lengths", burst(2), frozenset(), -1)]
         for label, burst_prompts, sync_after, profiled in plan:
+            steps = -1 if profiled == -1 else args.profile_steps if profiled else 0
             r = run(model, tokenizer, spec, chunk, burst_prompts, args.new_tokens, args.max_batch, sync_after,
-                    profile_steps=args.profile_steps if profiled else 0)
+                    profile_steps=steps)
             r["run"] = label
             print(json.dumps(r), flush=True)
             result["runs"].append(r)

@@ -25,9 +25,18 @@ import inspect
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.fused_decode import FusedDecoder
 from engine.kv_paged import PagedKV
+
+
+# A chunk's attention may use any SDPA kernel but cuDNN's. cuDNN builds an execution plan for each
+# new set of shapes *and strides*, and a chunk's keys are a slice of its request's partial K/V
+# (stride = the prompt's length), so every prompt paid a new plan: 50-66 ms a 512-token chunk
+# instead of 16-26 ms in the first run over new prompt lengths on an H200 (docs/benchmarks.md
+# note 26). Flash and memory-efficient attention have no per-shape set-up.
+CHUNK_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _varlen():
@@ -94,8 +103,9 @@ class ChunkAttend:
         if keys.shape[1] != hq:   # grouped-query attention: the fast kernels want as many K/V heads
             keys = keys.repeat_interleave(hq // keys.shape[1], dim=1)
             values = values.repeat_interleave(hq // values.shape[1], dim=1)
-        out = F.scaled_dot_product_attention(q[:, :, 0].transpose(0, 1)[None], keys, values,
-                                             attn_mask=self.bias, scale=self.scale)   # [1, hq, c, d]
+        with sdpa_kernel(CHUNK_BACKENDS):
+            out = F.scaled_dot_product_attention(q[:, :, 0].transpose(0, 1)[None], keys, values,
+                                                 attn_mask=self.bias, scale=self.scale)   # [1, hq, c, d]
         return out[0].transpose(0, 1).reshape(c, hq * d)
 
 

@@ -197,3 +197,32 @@ def test_compiled_paged_decode_kernel_options_match_gathered_sdpa(kernel_options
     q = torch.randn(len(lengths), hq, 1, d, generator=gen)
     out = att(q.to(CUDA), k.to(CUDA), v.to(CUDA), rows=len(lengths), scale=0.3)
     torch.testing.assert_close(out.cpu(), _reference(q, k, v, table, lens, ps), rtol=1e-4, atol=1e-4)
+
+
+def test_chunk_attention_never_takes_cudnn():
+    """A chunk's keys are a slice of its request's partial K/V, strided by the prompt's length, so
+    cuDNN's attention would build a new plan for every prompt (note 26). The chunk attention runs
+    on a kernel without per-shape set-up: over prompts of three lengths, first chunks (square
+    causal) and later ones (lower-right), no cuDNN attention call, and the output equals the math
+    kernel's within bf16 rounding."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.profiler import ProfilerActivity, profile
+    from engine.fused_prefill import ChunkAttend
+    h, d, c = 32, 128, 64
+    g = torch.Generator(device=CUDA).manual_seed(3)
+    calls = []
+    for length in (300, 417, 529):
+        partial = torch.zeros(1, 2, 1, h, length, d, device=CUDA, dtype=torch.bfloat16)
+        for start in (0, c, 2 * c):
+            q, k, v = (torch.randn(c, h, 1, d, device=CUDA, dtype=torch.bfloat16, generator=g) for _ in range(3))
+            attend = ChunkAttend(partial, start, start + c, scale=d ** -0.5)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                out = attend(0, q, k, v)
+            calls += [e.name for e in prof.events() if "attention" in e.name]
+            keys, values = partial[0, 0, 0, None, :, :start + c], partial[0, 1, 0, None, :, :start + c]
+            with sdpa_kernel([SDPBackend.MATH]):
+                ref = torch.nn.functional.scaled_dot_product_attention(
+                    q[:, :, 0].transpose(0, 1)[None].float(), keys.float(), values.float(),
+                    attn_mask=attend.bias, scale=d ** -0.5)[0].transpose(0, 1).reshape(c, h * d)
+            torch.testing.assert_close(out.float(), ref, rtol=0.03, atol=0.03)
+    assert calls and not [n for n in calls if "cudnn" in n], sorted(set(calls))
