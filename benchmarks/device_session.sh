@@ -71,10 +71,10 @@ for s in "$@"; do
       stage gpu-tests 240 "" python3 -m pytest -q tests/test_gpu.py
       tail -3 "$OUT/gpu-tests.txt" ;;
     w4-chunks)
-      stage w4-chunks 330 $R/llama2-7b-h200-w4-fused-chunks.json python3 -m benchmarks.bench --preset llama2-7b \
+      stage w4-chunks 330 $R/llama2-7b-h200-w4-fused-chunks${W4_BOUND:+-bound$W4_BOUND}.json python3 -m benchmarks.bench --preset llama2-7b \
         --tokenizer $TOK --max-batch-size 256 --kv-layout paged --prefill-chunk-tokens ${W4_CHUNKS:-0,512,1024} --runs w4 --rates 10 \
         --max-prefill-tokens ${W4_BOUND:-8192} \
-        --requests 192 --same-process --name llama2-7b-h200-w4-fused-chunks ;;
+        --requests 192 --same-process --name llama2-7b-h200-w4-fused-chunks${W4_BOUND:+-bound$W4_BOUND} ;;
     w3)   # W3 reads the first --prefill-chunk-tokens value: one invocation per chunk size
       for c in ${W3_CHUNKS:-0 512}; do
         stage w3-chunk$c 200 $R/llama2-7b-h200-w3-chunk$c.json python3 -m benchmarks.bench --preset llama2-7b \
