@@ -664,18 +664,21 @@ class Bench:
         return self.args.kv_layout.split(",")
 
     def w4_variants(self, prefix: str, run_one: Callable[[float, dict], dict]) -> dict:
-        """W4 per rate x --kv-layout x --prefill-chunk-tokens x --prefill x --decode-split-kv, side
-        by side in one run, saved as they come: {f"{prefix}_{layout}_chunk{c}{tags}_rate{r}": ...}.
-        Engines get the server's default prefill bound (8,192 tokens a forward), not W1's."""
+        """W4 per rate x --kv-layout x --prefill-chunk-tokens x --prefill x --decode-split-kv x
+        --decode-first, side by side in one run, saved as they come:
+        {f"{prefix}_{layout}_chunk{c}{tags}_rate{r}": ...}. Engines get --max-prefill-tokens, or
+        the server's default prefill bound (8,192 tokens a forward), not W1's."""
         out = {}
         chunks = [int(c) for c in self.args.prefill_chunk_tokens.split(",")]
-        for rate, layout, chunk, prefill, split in itertools.product(
-                self.rates, self.layouts, chunks, self.args.prefill.split(","), self.split_kv):
+        firsts = [bool(int(f)) for f in self.args.decode_first.split(",")]
+        for rate, layout, chunk, prefill, split, first in itertools.product(
+                self.rates, self.layouts, chunks, self.args.prefill.split(","), self.split_kv, firsts):
             if prefill == "packed" and layout != "paged":
                 continue
-            kw = dict(kv_layout=layout, prefill_chunk_tokens=chunk, max_prefill_tokens=8192,
-                      packed_prefill=PREFILL_PATHS[prefill], decode_split_kv=split)
-            tag = ("" if prefill == "auto" else f"_{prefill}") + (f"_split{split}" if split else "")
+            kw = dict(kv_layout=layout, prefill_chunk_tokens=chunk, max_prefill_tokens=self.args.max_prefill_tokens or 8192,
+                      packed_prefill=PREFILL_PATHS[prefill], decode_split_kv=split, decode_before_prefill=first)
+            tag = ("" if prefill == "auto" else f"_{prefill}") + (f"_split{split}" if split else "") + \
+                ("" if first else "_prefillfirst")
             out.update(self.keep(f"{prefix}_{layout}_chunk{chunk}{tag}_rate{rate:g}", run_one(rate, kw)))
         return out
 
@@ -1053,6 +1056,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-split-kv", default="0",
                    help="paged decode: flex's SPLIT_KV (0 = flex's choice); W4 takes a comma list and runs each, "
                         "other stages the first")
+    p.add_argument("--decode-first", default="1",
+                   help="W4: comma list of 1/0, EngineConfig.decode_before_prefill (0: the old order, prefill then decode)")
     p.add_argument("--prefill-chunk-tokens", default="0",
                    help="W4: comma list of --prefill-chunk-tokens values to run side by side (0 = whole prompts)")
     p.add_argument("--max-prefill-tokens", type=int, default=None,

@@ -16,6 +16,7 @@
 #   w3-paired   W3 and W3 alone, alternating, W3_PAIRS (3) pairs; W3_BOUND (2048), W3_CHUNK (0)  ~120
 #   chunks-probe  benchmarks/profile_chunks.py: first-run vs later runs, synced or not      ~150
 #   flex-probe  benchmarks/probe_flex_decode.py: paged decode attention, flex's SPLIT_KV etc.  ~200
+#   w4-overlap  W4 at 10 req/s, paged, decode launched before the prefill vs after (note 26)  ~150
 #   w4-split    W4 at 10 and 20 req/s, paged, SPLIT_KV 0 (flex's) and $SPLIT_KV (default 8)     ~300
 #   rows        W4 at 40 req/s, batch up to 512 at 4,096 context: peak concurrent rows (issue 12:
 #               >= 250 rows of ~600 tokens where the slab holds 53)                       ~200
@@ -100,6 +101,10 @@ for s in "$@"; do
       stage flex-probe 300 "" python3 -m benchmarks.probe_flex_decode
       cp "$OUT/flex-probe.txt" "$OUT/probe-flex-decode.jsonl"
       cut -c1-250 "$OUT/flex-probe.txt" ;;
+    w4-overlap)   # decode_before_prefill on vs off (the old order), W4 at 10 req/s, whole prompts
+      stage w4-overlap 300 $R/llama2-7b-h200-w4-overlap.json python3 -m benchmarks.bench --preset llama2-7b \
+        --tokenizer $TOK --max-batch-size 256 --kv-layout paged --decode-first 1,0 --runs w4 --rates 10 \
+        --requests 192 --same-process --name llama2-7b-h200-w4-overlap ;;
     w4-split)
       stage w4-split 420 $R/llama2-7b-h200-w4-split.json python3 -m benchmarks.bench --preset llama2-7b \
         --tokenizer $TOK --max-batch-size 256 --kv-layout paged --decode-split-kv 0,${SPLIT_KV:-8} --runs w4 \

@@ -47,6 +47,8 @@ class EngineConfig:
     tensor_parallel: int = 1              # ranks the model is sharded over (one engine worker process each)
     decode_split_kv: int = 0              # paged decode: programs per row and kv head in flex's decode kernel
                                           # (SPLIT_KV); 0 = flex's choice (docs/benchmarks.md note 25)
+    decode_before_prefill: bool = True    # a step with prefill work launches its decode step first, so the host
+                                          # issues the prefill while the GPU decodes (LLMEngine.step_phases)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:

@@ -156,8 +156,10 @@ class FusedPrefill:
         positions = [torch.arange(len(p)) for p in prompts]
         last = [b - 1 for b in bounds[1:]]
         dev = self.device
-        whole = PackedAttend(kv.data, torch.cat(slots), torch.tensor(bounds, dtype=torch.int32).to(dev), bounds,
-                             self.fused.scaling, self.varlen) if prompts else None
+        # non_blocking: a blocking host-to-device copy waits for the stream, and the decode step
+        # launched before this forward is still running on it (LLMEngine.step_phases)
+        cu = torch.tensor(bounds, dtype=torch.int32).to(dev, non_blocking=True)
+        whole = PackedAttend(kv.data, torch.cat(slots), cu, bounds, self.fused.scaling, self.varlen) if prompts else None
         chunk_attends = []
         for partial, chunk_ids, start in chunks:
             a = len(ids)
@@ -166,8 +168,9 @@ class FusedPrefill:
             last.append(len(ids) - 1)
             chunk_attends.append((a, len(ids), ChunkAttend(partial, start, start + len(chunk_ids), self.fused.scaling)))
         attend = MixedAttend(whole, chunk_attends) if chunk_attends else whole
-        return self.fused(torch.tensor(ids, dtype=torch.long).to(dev)[:, None], torch.cat(positions).to(dev)[:, None],
-                          attend, keep=torch.tensor(last).to(dev))
+        return self.fused(torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)[:, None],
+                          torch.cat(positions).to(dev, non_blocking=True)[:, None],
+                          attend, keep=torch.tensor(last).to(dev, non_blocking=True))
 
     def prefill_chunk(self, partial: torch.Tensor, ids: list[int], start: int) -> torch.Tensor:
         """Prompt tokens [start, start + len(ids)) of one request into its partial K/V, as

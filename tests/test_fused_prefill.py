@@ -28,6 +28,41 @@ def _engine(loaded, **kw):
     return engine, limits
 
 
+@pytest.mark.parametrize("decode_first", [True, False], ids=["decode-first", "prefill-first"])
+def test_a_step_with_prefill_launches_the_running_rows_decode_first(loaded, decode_first):
+    """decode_before_prefill: in a step with prefill work the running rows' decode step is issued
+    before the prefill forward (so on CUDA the host issues the prefill while the GPU decodes), and
+    a row prefilled in that step decodes from the next one; off: the old order, new rows decode
+    in their own step. Tokens equal HF generate alone either way, whole prompts and chunks."""
+    engine, limits = _engine(loaded, max_batch_size=4, max_seq_len=128, prefill_chunk_tokens=10,
+                             decode_before_prefill=decode_first)
+    runner, packed, calls = engine.runner, engine.runner.packed, []
+    decode, prefill = runner.decode, packed.prefill
+
+    def log_decode(input_ids):
+        calls.append(("decode", engine.stats().steps, len(input_ids)))
+        return decode(input_ids)
+
+    def log_prefill(prompts, row_ids, chunks=()):
+        calls.append(("prefill", engine.stats().steps, engine.slab.num_rows))
+        return prefill(prompts, row_ids, chunks)
+
+    runner.decode, packed.prefill = log_decode, log_prefill
+    arrivals = _arrivals(lengths=[12, 20, 9, 15, 10], steps=[0, 0, 1, 1, 3], ignore_eos=True)
+    outputs = drive(engine, limits, arrivals)
+    _check_against_hf(loaded, engine, outputs, arrivals)
+    # steps whose prefill found rows already running (in the first one the prefilled rows
+    # decode right after it, either way)
+    both = [step for kind, step, rows in calls if kind == "prefill" and rows]
+    assert both, "no step had a prefill forward while rows were running"
+    for step in both:
+        kinds = [kind for kind, s, _ in calls if s == step]
+        assert kinds == (["decode", "prefill"] if decode_first else ["prefill", "decode"]), (step, kinds)
+        if decode_first:   # the rows there before this step's prefill, no more
+            rows_before = next(rows for kind, s, rows in calls if kind == "prefill" and s == step)
+            assert next(n for kind, s, n in calls if kind == "decode" and s == step) == rows_before
+
+
 def test_packed_prefill_equals_hf_prefill(loaded):
     engine, _ = _engine(loaded, max_batch_size=4, max_seq_len=128)
     runner, kv = engine.runner, engine.slab
