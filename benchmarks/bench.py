@@ -660,6 +660,10 @@ class Bench:
         return [int(n) for n in self.args.decode_split_kv.split(",")]
 
     @property
+    def prefill_graphs(self) -> list[bool]:
+        return [bool(int(f)) for f in self.args.prefill_graphs.split(",")]
+
+    @property
     def layouts(self) -> list[str]:
         return self.args.kv_layout.split(",")
 
@@ -671,14 +675,16 @@ class Bench:
         out = {}
         chunks = [int(c) for c in self.args.prefill_chunk_tokens.split(",")]
         firsts = [bool(int(f)) for f in self.args.decode_first.split(",")]
-        for rate, layout, chunk, prefill, split, first in itertools.product(
-                self.rates, self.layouts, chunks, self.args.prefill.split(","), self.split_kv, firsts):
+        for rate, layout, chunk, prefill, split, first, graphed in itertools.product(
+                self.rates, self.layouts, chunks, self.args.prefill.split(","), self.split_kv, firsts,
+                self.prefill_graphs):
             if prefill == "packed" and layout != "paged":
                 continue
             kw = dict(kv_layout=layout, prefill_chunk_tokens=chunk, max_prefill_tokens=self.args.max_prefill_tokens or 8192,
-                      packed_prefill=PREFILL_PATHS[prefill], decode_split_kv=split, decode_before_prefill=first)
+                      packed_prefill=PREFILL_PATHS[prefill], decode_split_kv=split, decode_before_prefill=first,
+                      prefill_graphs=graphed)
             tag = ("" if prefill == "auto" else f"_{prefill}") + (f"_split{split}" if split else "") + \
-                ("" if first else "_prefillfirst")
+                ("" if first else "_prefillfirst") + ("_prefillgraphs" if graphed else "")
             out.update(self.keep(f"{prefix}_{layout}_chunk{chunk}{tag}_rate{rate:g}", run_one(rate, kw)))
         return out
 
@@ -822,7 +828,8 @@ def stage_w3_paired(b: Bench) -> dict:
     w3, max_seq = _w3(b)
     low_only = [r for r in w3 if r.priority == 0]
     kw = dict(cuda_graphs=True, max_batch=b.args.max_batch_size, max_seq_len=max_seq, fused=b.fused,
-              kv_layout=b.layouts[0], prefill_chunk_tokens=b.common["prefill_chunk_tokens"], **b.prefill_bound)
+              kv_layout=b.layouts[0], prefill_chunk_tokens=b.common["prefill_chunk_tokens"],
+              prefill_graphs=b.prefill_graphs[0], **b.prefill_bound)
     keep = ("wall_s", "tok_per_s", "low_priority_tok_per_s", "ttft_by_priority", "preemptions", "seconds_prefill",
             "seconds_decode", "decode_steps", "decode_rows_p50", "decode_step_p50_ms", "itl_p99_s", "tpot_p50_s")
     pairs = []
@@ -1056,6 +1063,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-split-kv", default="0",
                    help="paged decode: flex's SPLIT_KV (0 = flex's choice); W4 takes a comma list and runs each, "
                         "other stages the first")
+    p.add_argument("--prefill-graphs", default="0",
+                   help="W4 (and w3-paired, the first): comma list of 1/0, EngineConfig.prefill_graphs")
     p.add_argument("--decode-first", default="1",
                    help="W4: comma list of 1/0, EngineConfig.decode_before_prefill (0: the old order, prefill then decode)")
     p.add_argument("--prefill-chunk-tokens", default="0",

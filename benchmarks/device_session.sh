@@ -13,10 +13,12 @@
 #   w4-chunks   W4 at 10 req/s, paged, chunks 0, 512, 1024 (W4_CHUNKS), one forward a step   ~240
 #   w3          W3 + W3 alone, server prefill bound, chunks 0 then 512 (W3_CHUNKS)         ~400
 #   w3-bound    W3 + W3 alone, whole prompts, prefill bound 2,048 (note 25's prediction)   ~200
-#   w3-paired   W3 and W3 alone, alternating, W3_PAIRS (3) pairs; W3_BOUND (2048), W3_CHUNK (0)  ~120
+#   w3-paired   W3 and W3 alone, alternating, W3_PAIRS (3) pairs; W3_BOUND (2048), W3_CHUNK (0),
+#               W3_GRAPHS (0: prefill graphs off)                                       ~120
 #   chunks-probe  benchmarks/profile_chunks.py: first-run vs later runs, synced or not      ~150
 #   flex-probe  benchmarks/probe_flex_decode.py: paged decode attention, flex's SPLIT_KV etc.  ~200
 #   w4-overlap  W4 at 10 req/s, paged, decode launched before the prefill vs after (note 26)  ~150
+#   w4-graphs   W4 at 10 and 20 req/s, paged, prefill graphs off vs on (note 26)            ~330
 #   w4-split    W4 at 10 and 20 req/s, paged, SPLIT_KV 0 (flex's) and $SPLIT_KV (default 8)     ~300
 #   rows        W4 at 40 req/s, batch up to 512 at 4,096 context: peak concurrent rows (issue 12:
 #               >= 250 rows of ~600 tokens where the slab holds 53)                       ~200
@@ -62,7 +64,7 @@ stage() {   # stage NAME SECONDS RESULT-JSON COMMAND...
   fi
 }
 
-R=benchmarks/results
+R=$OUT   # results straight to $OUT: a run cut by the call's limit still returns the variants saved so far
 for s in "$@"; do
   case $s in
     gpu-test)    # one test of tests/test_gpu.py: GPU_TEST=<-k expression>
@@ -75,22 +77,23 @@ for s in "$@"; do
       stage w4-chunks 330 $R/llama2-7b-h200-w4-fused-chunks${W4_BOUND:+-bound$W4_BOUND}.json python3 -m benchmarks.bench --preset llama2-7b \
         --tokenizer $TOK --max-batch-size 256 --kv-layout paged --prefill-chunk-tokens ${W4_CHUNKS:-0,512,1024} --runs w4 --rates 10 \
         --max-prefill-tokens ${W4_BOUND:-8192} \
-        --requests 192 --same-process --name llama2-7b-h200-w4-fused-chunks${W4_BOUND:+-bound$W4_BOUND} ;;
+        --requests 192 --same-process --name $R/llama2-7b-h200-w4-fused-chunks${W4_BOUND:+-bound$W4_BOUND} ;;
     w3)   # W3 reads the first --prefill-chunk-tokens value: one invocation per chunk size
       for c in ${W3_CHUNKS:-0 512}; do
         stage w3-chunk$c 200 $R/llama2-7b-h200-w3-chunk$c.json python3 -m benchmarks.bench --preset llama2-7b \
           --tokenizer $TOK --max-batch-size 128 --kv-layout paged --max-prefill-tokens 8192 \
-          --prefill-chunk-tokens $c --runs w3,w3-low --name llama2-7b-h200-w3-chunk$c
+          --prefill-chunk-tokens $c --runs w3,w3-low --name $R/llama2-7b-h200-w3-chunk$c
       done ;;
     w3-bound)
       stage w3-bound 240 $R/llama2-7b-h200-w3-bound2048.json python3 -m benchmarks.bench --preset llama2-7b \
         --tokenizer $TOK --max-batch-size 128 --kv-layout paged --max-prefill-tokens 2048 \
-        --prefill-chunk-tokens 0 --runs w3,w3-low --name llama2-7b-h200-w3-bound2048 ;;
+        --prefill-chunk-tokens 0 --runs w3,w3-low --name $R/llama2-7b-h200-w3-bound2048 ;;
     w3-paired)   # W3_BOUND (default 2048) and W3_CHUNK (default 0): one configuration, W3_PAIRS pairs
-      n=llama2-7b-h200-w3-paired-bound${W3_BOUND:-2048}-chunk${W3_CHUNK:-0}
+      n=llama2-7b-h200-w3-paired-bound${W3_BOUND:-2048}-chunk${W3_CHUNK:-0}${W3_GRAPHS:+-graphs$W3_GRAPHS}
       stage w3-paired 300 $R/$n.json python3 -m benchmarks.bench --preset llama2-7b --tokenizer $TOK \
         --max-batch-size 128 --kv-layout paged --max-prefill-tokens ${W3_BOUND:-2048} \
-        --prefill-chunk-tokens ${W3_CHUNK:-0} --runs w3-paired --w3-pairs ${W3_PAIRS:-3} --name $n
+        --prefill-chunk-tokens ${W3_CHUNK:-0} --runs w3-paired --w3-pairs ${W3_PAIRS:-3} --name $R/$n \
+        --prefill-graphs ${W3_GRAPHS:-0}
       python3 -c "import json,sys; d=json.load(open(sys.argv[1]))['w3_paired']; print('  low ratios', [round(x,3) for x in d['low_ratios']], 'high ttft p99', [round(x,3) for x in d['high_ttft_p99_s']])" $R/$n.json ;;
     chunks-probe)
       stage chunks-probe 300 "" python3 -m benchmarks.profile_chunks --tokenizer $TOK --chunks 512 ${PROBE_ARGS:-} \
@@ -104,15 +107,19 @@ for s in "$@"; do
     w4-overlap)   # decode_before_prefill on vs off (the old order), W4 at 10 req/s, whole prompts
       stage w4-overlap 300 $R/llama2-7b-h200-w4-overlap.json python3 -m benchmarks.bench --preset llama2-7b \
         --tokenizer $TOK --max-batch-size 256 --kv-layout paged --decode-first 1,0 --runs w4 --rates 10 \
-        --requests 192 --same-process --name llama2-7b-h200-w4-overlap ;;
+        --requests 192 --same-process --name $R/llama2-7b-h200-w4-overlap ;;
+    w4-graphs)   # prefill_graphs off vs on, W4 at 10 and 20 req/s, whole prompts (note 26's prediction)
+      stage w4-graphs 420 $R/llama2-7b-h200-w4-graphs.json python3 -m benchmarks.bench --preset llama2-7b \
+        --tokenizer $TOK --max-batch-size 256 --kv-layout paged --prefill-graphs 0,1 --runs w4 --rates 10,20 \
+        --requests 192 --same-process --name $R/llama2-7b-h200-w4-graphs ;;
     w4-split)
       stage w4-split 420 $R/llama2-7b-h200-w4-split.json python3 -m benchmarks.bench --preset llama2-7b \
         --tokenizer $TOK --max-batch-size 256 --kv-layout paged --decode-split-kv 0,${SPLIT_KV:-8} --runs w4 \
-        --rates 10,20 --requests 192 --same-process --name llama2-7b-h200-w4-split ;;
+        --rates 10,20 --requests 192 --same-process --name $R/llama2-7b-h200-w4-split ;;
     rows)
       stage rows 300 $R/llama2-7b-h200-w4-rows.json python3 -m benchmarks.bench --preset llama2-7b \
         --tokenizer $TOK --max-batch-size 512 --kv-layout paged --runs w4 --rates 40 --requests 600 \
-        --same-process --name llama2-7b-h200-w4-rows ;;
+        --same-process --name $R/llama2-7b-h200-w4-rows ;;
     tp7)
       stage tp7 330 $OUT/tp7.json python3 -m benchmarks.tp_bench --preset llama2-7b --tokenizer $TOK --tp 2 \
         --batch 32 --max-output 128 --variants tp1,tpN,tpN-eager --out $OUT/tp7.json ;;
@@ -122,7 +129,7 @@ for s in "$@"; do
     tp70-serve)
       stage tp70-serve 560 $R/llama2-70b-2xh200-serve.json python3 -m benchmarks.bench --preset llama2-70b \
         --tokenizer $TOK --tensor-parallel 2 --runs grpc,grpc-w4 --rates 2 --requests 64 --max-batch-size 128 \
-        --name llama2-70b-2xh200-serve ;;
+        --name $R/llama2-70b-2xh200-serve ;;
     *) echo "unknown stage $s" ;;
   esac
 done

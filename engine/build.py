@@ -118,7 +118,8 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
     if config.packed_prefill and not (fused and config.kv_layout == "paged"):
         raise ValueError("packed_prefill needs the paged layout and the fused decode step")
     runner = ModelRunner(hf_model, kv, device, pad_token_id=pad, cuda_graphs=graphs,
-                         fused_decode=fused, packed_prefill=packed, decode_split_kv=config.decode_split_kv)
+                         fused_decode=fused, packed_prefill=packed, decode_split_kv=config.decode_split_kv,
+                         prefill_graphs=config.prefill_graphs, max_prefill_tokens=config.max_prefill_tokens)
     scheduler = Scheduler(SchedulerConfig(
         max_batch_size=num_slots, max_prefill_tokens=config.max_prefill_tokens,
         kv_budget_tokens=min(kv_budget, kv.total_bytes) // bytes_per_token, max_row_tokens=max_seq_len,

@@ -21,6 +21,8 @@ the fused decode step does (tests/test_gpu.py compares against the eager path).
 """
 from __future__ import annotations
 
+import bisect
+import gc
 import inspect
 
 import torch
@@ -59,9 +61,9 @@ class PackedAttend:
     attention within each prompt (cu = prompt boundaries [m + 1], int32 on the device)."""
 
     def __init__(self, data: torch.Tensor, slots: torch.Tensor, cu: torch.Tensor, bounds: list[int],
-                 scale: float, varlen) -> None:
+                 scale: float, varlen, longest: int | None = None) -> None:
         self.data, self.slots, self.cu, self.bounds, self.scale, self.varlen = data, slots, cu, bounds, scale, varlen
-        self.longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+        self.longest = longest or max(b - a for a, b in zip(bounds, bounds[1:]))
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         pool = self.data[layer]                                             # [2, H, N, D]
@@ -127,11 +129,14 @@ class MixedAttend:
 
 
 class FusedPrefill:
-    def __init__(self, fused: FusedDecoder, kv: PagedKV) -> None:
+    def __init__(self, fused: FusedDecoder, kv: PagedKV, graphs: bool = False, max_tokens: int = 8192) -> None:
+        """`graphs`: whole-prompt forwards of up to `max_tokens` tokens replay a CUDA graph per
+        token bucket (`StaticPrefill`; capture with `capture_all`). Needs varlen attention."""
         self.fused, self.kv = fused, kv
         self.device = kv.data.device
         self.varlen = _varlen() if self.device.type == "cuda" and kv.data.dtype in (torch.float16, torch.bfloat16) \
             else None
+        self.static = StaticPrefill(self, max_tokens, graphs=True) if graphs and self.varlen is not None else None
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], row_ids: list[str],
@@ -155,6 +160,8 @@ class FusedPrefill:
         ids = [t for p in prompts for t in p]
         positions = [torch.arange(len(p)) for p in prompts]
         last = [b - 1 for b in bounds[1:]]
+        if not chunks and self.static is not None and (bucket := self.static.bucket(len(ids), len(prompts))):
+            return self.static.run(bucket, ids, torch.cat(positions), torch.cat(slots), bounds)
         dev = self.device
         # non_blocking: a blocking host-to-device copy waits for the stream, and the decode step
         # launched before this forward is still running on it (LLMEngine.step_phases)
@@ -176,3 +183,111 @@ class FusedPrefill:
         """Prompt tokens [start, start + len(ids)) of one request into its partial K/V, as
         ModelRunner.prefill_chunk does on the HF forward. -> logits [1, V] of the chunk's last token."""
         return self.prefill([], [], [(partial, ids, start)])
+
+
+# Token buckets of the whole-prompt prefill graphs: a forward of T tokens replays the graph of the
+# smallest bucket >= T, its tokens padded (to at most 2x, as the decode step's row buckets).
+PREFILL_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+PREFILL_GRAPH_PROMPTS = 64   # prompts one graphed forward takes (more: the eager forward)
+
+
+class StaticPrefill:
+    """The packed whole-prompt prefill over static buffers, one shape per token bucket, so each
+    bucket's forward can be captured once as a CUDA graph and replayed: the eager forward's host
+    time (~1,300 kernel launches and two compiled-region calls a layer: 20-40 ms for a 7B on an
+    H200, more than its GPU time for a few hundred tokens, note 26) becomes one graph launch.
+
+    Static buffers: token ids, positions and K/V slots [T], prompt boundaries cu
+    [PREFILL_GRAPH_PROMPTS + 2] and the last token of each prompt, keep [PREFILL_GRAPH_PROMPTS].
+    Padding: tokens past the prompts form one more segment (ids 0, positions 0, their K/V to the
+    pool's scratch slot, never a live one), whose outputs nobody reads; cu repeats T after it
+    (empty segments); keep's unused entries point at token 0. Variable-length attention runs with
+    the bucket as its longest sequence, so the same launch serves any prompts that fit.
+    Without `graphs` the same padded forward runs eagerly (the CPU tests check it against the
+    unpadded one)."""
+
+    def __init__(self, packed: FusedPrefill, max_tokens: int, graphs: bool) -> None:
+        self.packed, self.kv, self.fused = packed, packed.kv, packed.fused
+        dev = packed.device
+        self.buckets = [b for b in PREFILL_BUCKETS if b < max_tokens] + [min(max_tokens, PREFILL_BUCKETS[-1])]
+        top, prompts = self.buckets[-1], PREFILL_GRAPH_PROMPTS
+        self.ids = torch.zeros(top, 1, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(top, 1, dtype=torch.long, device=dev)
+        self.slots = torch.full((top,), self.kv.scratch_slot, dtype=torch.long, device=dev)
+        self.cu = torch.zeros(prompts + 2, dtype=torch.int32, device=dev)
+        self.keep = torch.zeros(prompts, dtype=torch.long, device=dev)
+        self.bounds: list[int] = [0]   # the host copy of cu for the eager fallback (no varlen)
+        self.use_graphs = graphs
+        self.pool = torch.cuda.graph_pool_handle() if graphs else None   # not the decode graphs' pool:
+        # with decode_before_prefill the decode step's logits are still unread when this replays
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def bucket(self, tokens: int, prompts: int) -> int | None:
+        """The bucket a forward of `tokens` tokens in `prompts` prompts replays, or None (eager)."""
+        if prompts > PREFILL_GRAPH_PROMPTS or tokens > self.buckets[-1]:
+            return None
+        return self.buckets[bisect.bisect_left(self.buckets, tokens)]
+
+    def _forward(self, T: int) -> torch.Tensor:
+        attend = PackedAttend(self.kv.data, self.slots[:T], self.cu, self.bounds, self.fused.scaling,
+                              self.packed.varlen, longest=T)
+        return self.fused(self.ids[:T], self.positions[:T], attend, keep=self.keep)   # [prompts, V]
+
+    def _graph(self, T: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        if T not in self.graphs:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):    # warm up outside the capture
+                self._forward(T)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = self._forward(T)
+            self.graphs[T] = (graph, logits)
+        return self.graphs[T]
+
+    @torch.inference_mode()
+    def capture_all(self) -> int:
+        """Capture every bucket now, largest first (the pool is sized once), the cyclic GC off.
+        The buffers' resting state (every token a padding token, every prompt empty) writes only
+        to the scratch slot."""
+        self.slots.fill_(self.kv.scratch_slot)
+        self.cu.zero_()
+        gc.collect()
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for T in reversed(self.buckets):
+                self._graph(T)
+        finally:
+            if was_enabled:
+                gc.enable()
+        torch.cuda.synchronize()
+        return len(self.graphs)
+
+    def run(self, T: int, ids: list[int], positions: torch.Tensor, slots: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+        """The prompts (packed: ids, positions, K/V slots; prompt i is tokens [bounds[i],
+        bounds[i + 1])) through bucket T. -> logits [m, V] of each prompt's last token (a view of
+        the graph's output: read it before the next prefill)."""
+        n, m = len(ids), len(bounds) - 1
+        host = torch.zeros(2, T, dtype=torch.long)
+        host[0, :n] = torch.tensor(ids, dtype=torch.long)
+        host[1, :n] = positions
+        cu = bounds + [T] * (self.cu.shape[0] - m - 1)
+        meta = torch.tensor(cu + [b - 1 for b in bounds[1:]] + [0] * (self.keep.shape[0] - m), dtype=torch.long)
+        if self.packed.device.type == "cuda":
+            host, meta = host.pin_memory(), meta.pin_memory()
+        host, meta = host.to(self.packed.device, non_blocking=True), meta.to(self.packed.device, non_blocking=True)
+        self.ids[:T, 0].copy_(host[0])
+        self.positions[:T, 0].copy_(host[1])
+        self.slots[:n].copy_(slots)
+        self.slots[n:T].fill_(self.kv.scratch_slot)
+        self.cu.copy_(meta[:self.cu.shape[0]])
+        self.keep.copy_(meta[self.cu.shape[0]:])
+        self.bounds = bounds + ([T] if n < T else [])
+        if self.use_graphs:
+            graph, logits = self._graph(T)
+            graph.replay()
+        else:
+            logits = self._forward(T)
+        return logits[:m]

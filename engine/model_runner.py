@@ -10,12 +10,14 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
+import structlog
 import torch
 
 from engine.fused_decode import SlabAttend
 from engine.kv_paged import PagedCache, PagedKV
 from engine.kv_slab import KVSlab, SlabCache
 
+log = structlog.get_logger("baton.engine")
 GRAPH_MAX_PADDING = 64   # CUDA: columns of common padding before the window is moved to column 0
 
 
@@ -34,10 +36,12 @@ class PrefillResult:
 class ModelRunner:
     def __init__(self, hf_model, slab: KVSlab, device: torch.device, pad_token_id: int = 0,
                  cuda_graphs: bool = False, fused_decode: bool = False, packed_prefill: bool = True,
-                 decode_split_kv: int = 0) -> None:
+                 decode_split_kv: int = 0, prefill_graphs: bool = False, max_prefill_tokens: int = 8192) -> None:
         """`packed_prefill`: with the fused step on pages, prefill newcomers through
         engine/fused_prefill.py (`self.packed`) rather than the HF forward. `decode_split_kv`: the
-        fused paged step's SPLIT_KV (0: flex's choice)."""
+        fused paged step's SPLIT_KV (0: flex's choice). `prefill_graphs` (with CUDA graphs, on
+        CUDA): that packed prefill's whole-prompt forwards of up to `max_prefill_tokens` tokens
+        replay a CUDA graph per token bucket (fused_prefill.StaticPrefill)."""
         self.model = hf_model
         self.slab = slab
         self.device = device
@@ -56,7 +60,8 @@ class ModelRunner:
         self.packed = None    # prefill straight into pages (engine/fused_prefill.py)
         if paged and self.fused is not None and packed_prefill:
             from engine.fused_prefill import FusedPrefill
-            self.packed = FusedPrefill(self.fused, slab)
+            self.packed = FusedPrefill(self.fused, slab, graphs=prefill_graphs and cuda_graphs and device.type == "cuda",
+                                       max_tokens=max_prefill_tokens)
         if paged and self.fused is not None:
             from engine.paged_decode import PagedDecoder
             on_cuda = device.type == "cuda"
@@ -64,6 +69,13 @@ class ModelRunner:
                                       split_kv=decode_split_kv)
             if self.paged.use_graphs:
                 self.paged.capture_all()
+        if self.packed is not None and self.packed.static is not None:
+            try:
+                self.packed.static.capture_all()
+            except Exception as exc:  # noqa: BLE001 - a capture that fails leaves the eager prefill
+                log.warning("prefill_graphs_capture_failed", error=repr(exc)[:500])
+                self.packed.static = None
+                torch.cuda.synchronize()
         elif cuda_graphs and device.type == "cuda" and not paged:
             from engine.cuda_graphs import GraphDecoder
             self.graphs = GraphDecoder(self.forward_decode, slab, max_padding=GRAPH_MAX_PADDING)
@@ -74,12 +86,17 @@ class ModelRunner:
         graphs = self.graphs if self.graphs is not None else self.paged
         return len(graphs.graphs) if graphs is not None else 0
 
+    @property
+    def num_prefill_graphs(self) -> int:
+        return len(self.packed.static.graphs) if self.packed is not None and self.packed.static is not None else 0
+
     def describe(self) -> str:
         """How decode steps run, for the start-up log: e.g. 'fused+compiled, cuda graphs (52)'."""
         kind = "hf" if self.fused is None else "fused+compiled" if self.fused.compiled else "fused"
         if isinstance(self.slab, PagedKV):
             kind += ", paged flex" if self.paged is not None else ", paged gather"
-        return kind + (f", cuda graphs ({self.num_graphs})" if self.num_graphs else ", eager")
+        kind += f", cuda graphs ({self.num_graphs})" if self.num_graphs else ", eager"
+        return kind + (f", prefill graphs ({self.num_prefill_graphs})" if self.num_prefill_graphs else "")
 
     def forward_decode(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                        rows: int, lo: int, hi: int, write_index: torch.Tensor) -> torch.Tensor:

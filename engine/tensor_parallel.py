@@ -512,7 +512,9 @@ def follow(conn, rank: int, world: int, port: int, config, loader, setup=None) -
                                 config.prefix_cache_device_bytes, config.prefix_cache_host_bytes)
         follower = Follower(ModelRunner(hf_model, kv, device, pad_token_id=geometry.pad_token_id,
                                         fused_decode=geometry.fused, packed_prefill=geometry.packed,
-                                        cuda_graphs=geometry.graphs, decode_split_kv=geometry.split_kv),
+                                        cuda_graphs=geometry.graphs, decode_split_kv=geometry.split_kv,
+                                        prefill_graphs=config.prefill_graphs,
+                                        max_prefill_tokens=config.max_prefill_tokens),
                           kv, device, cache)
         while type(message := _decode(conn.recv_bytes())) is not Stop:
             follower.apply(message)

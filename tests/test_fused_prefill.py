@@ -76,6 +76,57 @@ def test_packed_prefill_equals_hf_prefill(loaded):
     assert kv.lengths == [17, 1, 40, 16]
 
 
+def test_static_prefill_padded_to_a_bucket_equals_the_packed_prefill(loaded):
+    """The graphed prefill's forward (fused_prefill.StaticPrefill, run eagerly here: the CUDA
+    capture is checked in tests/test_gpu.py) pads the packed tokens to a bucket: same logits and
+    K/V as the unpadded forward, the padding's K/V only in the scratch slot, nothing else of the
+    pool touched, and each bucket shape reused across calls."""
+    from engine.fused_prefill import StaticPrefill
+    engine, _ = _engine(loaded, max_batch_size=8, max_seq_len=128)
+    runner, kv = engine.runner, engine.slab
+    static = StaticPrefill(runner.packed, max_tokens=200, graphs=False)
+    assert static.buckets == [64, 128, 200]
+    assert static.bucket(64, 3) == 64 and static.bucket(65, 1) == 128 and static.bucket(201, 1) is None
+    g = torch.Generator().manual_seed(4)
+    for lengths, bucket in (((17, 1, 40), 64), ((30, 33, 16, 9), 128), ((64,), 64)):
+        prompts = [torch.randint(5, 200, (n,), generator=g).tolist() for n in lengths]
+        ref_ids, ids = [f"ref{i}" for i in range(len(prompts))], [f"s{i}" for i in range(len(prompts))]
+        expected = runner.packed.prefill(prompts, ref_ids)
+        before = kv.data.clone()
+        runner.packed.static = static
+        try:
+            logits = runner.packed.prefill(prompts, ids)
+        finally:
+            runner.packed.static = None
+        assert static.bucket(sum(lengths), len(prompts)) == bucket
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        allowed = torch.zeros(kv.data.shape[3], dtype=torch.bool)   # the new rows' slots, and scratch
+        allowed[kv.scratch_slot] = True
+        for i in range(len(prompts)):
+            torch.testing.assert_close(kv.row_kv(ids[i]), kv.row_kv(ref_ids[i]), rtol=1e-5, atol=1e-5)
+            index = kv.row_ids.index(ids[i])
+            allowed[kv._row_slots(index, kv.lengths[index])] = True
+        changed = (kv.data != before).flatten(0, 2).any(0).any(-1)   # [N]: slots written
+        assert not (changed & ~allowed).any()
+        for rid in ids + ref_ids:
+            kv.remove_row(rid)
+
+
+def test_engine_with_bucketed_prefill_matches_hf_generate(loaded):
+    """The engine with its whole-prompt forwards through StaticPrefill's buckets (eager here):
+    the same tokens as HF generate alone; forwards over the largest bucket run unpadded."""
+    from engine.fused_prefill import StaticPrefill
+    engine, limits = _engine(loaded, max_batch_size=3, max_seq_len=128)
+    static = engine.runner.packed.static = StaticPrefill(engine.runner.packed, max_tokens=40, graphs=False)
+    used, run = [], static.run
+    static.run = lambda T, ids, *rest: used.append(T) or run(T, ids, *rest)
+    arrivals = _arrivals(lengths=[20, 35, 8, 16, 27, 5], steps=[0, 0, 2, 4, 4, 13], ignore_eos=True)
+    outputs = drive(engine, limits, arrivals)
+    _check_against_hf(loaded, engine, outputs, arrivals)
+    assert used and set(used) <= {40}   # buckets (64,) capped at max_tokens 40
+    assert engine.slab.num_rows == 0 and engine.slab.num_pages_used == 0
+
+
 def test_packed_prefill_out_of_pages_changes_nothing(loaded):
     """The second prompt does not fit: the first one's row and pages are given back too."""
     engine, _ = _engine(loaded, max_batch_size=4, max_seq_len=128)
