@@ -35,9 +35,10 @@ from engine.kv_paged import PagedKV
 
 # A chunk's attention may use any SDPA kernel but cuDNN's. cuDNN builds an execution plan for each
 # new set of shapes *and strides*, and a chunk's keys are a slice of its request's partial K/V
-# (stride = the prompt's length), so every prompt paid a new plan: 50-66 ms a 512-token chunk
-# instead of 16-26 ms in the first run over new prompt lengths on an H200 (docs/benchmarks.md
-# note 26). Flash and memory-efficient attention have no per-shape set-up.
+# (stride = the prompt's length), so a first chunk (square causal, where SDPA picked cuDNN on the
+# H200) would pay a plan per prompt. Flash and memory-efficient attention have no per-shape set-up.
+# Suspected of note 25's slow first chunked runs; on the H200 the change was lost in the run-to-run
+# spread of the chunks' host time (docs/benchmarks.md note 26), and it is kept for the principle.
 CHUNK_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
