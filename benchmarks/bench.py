@@ -674,7 +674,7 @@ class Bench:
         the server's default prefill bound (8,192 tokens a forward), not W1's."""
         out = {}
         chunks = [int(c) for c in self.args.prefill_chunk_tokens.split(",")]
-        firsts = [bool(int(f)) for f in self.args.decode_first.split(",")]
+        firsts = [None if f == "auto" else bool(int(f)) for f in self.args.decode_first.split(",")]
         for rate, layout, chunk, prefill, split, first, graphed in itertools.product(
                 self.rates, self.layouts, chunks, self.args.prefill.split(","), self.split_kv, firsts,
                 self.prefill_graphs):
@@ -684,7 +684,7 @@ class Bench:
                       packed_prefill=PREFILL_PATHS[prefill], decode_split_kv=split, decode_before_prefill=first,
                       prefill_graphs=graphed)
             tag = ("" if prefill == "auto" else f"_{prefill}") + (f"_split{split}" if split else "") + \
-                ("" if first else "_prefillfirst") + ("_prefillgraphs" if graphed else "")
+                {None: "", True: "_decodefirst", False: "_prefillfirst"}[first] + ("_prefillgraphs" if graphed else "")
             out.update(self.keep(f"{prefix}_{layout}_chunk{chunk}{tag}_rate{rate:g}", run_one(rate, kw)))
         return out
 
@@ -1065,8 +1065,9 @@ def main(argv: list[str] | None = None) -> int:
                         "other stages the first")
     p.add_argument("--prefill-graphs", default="0",
                    help="W4 (and w3-paired, the first): comma list of 1/0, EngineConfig.prefill_graphs")
-    p.add_argument("--decode-first", default="1",
-                   help="W4: comma list of 1/0, EngineConfig.decode_before_prefill (0: the old order, prefill then decode)")
+    p.add_argument("--decode-first", default="auto",
+                   help="W4: comma list of auto/1/0, EngineConfig.decode_before_prefill (auto: on for CUDA; 0: the old "
+                        "order, prefill then decode)")
     p.add_argument("--prefill-chunk-tokens", default="0",
                    help="W4: comma list of --prefill-chunk-tokens values to run side by side (0 = whole prompts)")
     p.add_argument("--max-prefill-tokens", type=int, default=None,

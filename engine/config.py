@@ -49,8 +49,9 @@ class EngineConfig:
                                           # (SPLIT_KV); 0 = flex's choice (docs/benchmarks.md note 25)
     prefill_graphs: bool = False          # packed whole-prompt prefill forwards replay a CUDA graph per token
                                           # bucket (fused_prefill.StaticPrefill); off until measured (note 26)
-    decode_before_prefill: bool = True    # a step with prefill work launches its decode step first, so the host
-                                          # issues the prefill while the GPU decodes (LLMEngine.step_phases)
+    decode_before_prefill: bool | None = None   # a step with prefill work launches its decode step first, so
+                                          # the host issues the prefill while the GPU decodes (LLMEngine.step_phases);
+                                          # None = on CUDA only (on CPU nothing overlaps: new rows would just wait a step)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
