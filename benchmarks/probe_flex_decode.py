@@ -25,6 +25,7 @@ import torch
 
 from benchmarks.bench import copy_bandwidth, versions
 from benchmarks.decode_chat import chat_lengths
+from engine.cuda_graphs import capture
 from engine.paged_attention import PagedDecodeAttention
 
 HEADS, HEAD_DIM, PAGE = 32, 128, 128
@@ -42,15 +43,7 @@ def parse_variant(text: str) -> dict | None:
 
 def graph_time(fn, calls: int = 10, replays: int = 20) -> float:
     """Seconds per call: `calls` calls captured in one CUDA graph, median over replays."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+    graph, _ = capture(lambda: [fn() for _ in range(calls)], pool=None)
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -14,16 +14,48 @@ embedded into it, and stale columns are always masked.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import gc
+from typing import Callable, Iterator
 
 import torch
 
 from engine.kv_slab import KVSlab, row_mask
 
 
-def _buckets(limit: int, steps: tuple[int, ...]) -> list[int]:
-    out = sorted({b for b in steps if b < limit} | {limit})
-    return out
+def buckets(limit: int, steps: tuple[int, ...]) -> list[int]:
+    """The steps below `limit`, then `limit` itself: the shapes graphs are captured for."""
+    return sorted({b for b in steps if b < limit} | {limit})
+
+
+def capture(forward: Callable[[], torch.Tensor], pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Run `forward` once on a side stream (compiles, warms kernels and the allocator outside the
+    capture), then capture it into a CUDA graph whose memory comes from `pool`. -> (the graph,
+    its output: a static tensor each replay rewrites)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        forward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = forward()
+    return graph, out
+
+
+@contextlib.contextmanager
+def capturing() -> Iterator[None]:
+    """Around a series of captures: the cyclic GC off (a collection inside a capture can free
+    another graph's private memory pool, which invalidates the capture), then a device sync."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+    torch.cuda.synchronize()
 
 
 class GraphDecoder:
@@ -33,8 +65,8 @@ class GraphDecoder:
         self.max_padding = max_padding
         S, T = slab.num_slots, slab.max_len
         dev = slab.data.device
-        self.row_buckets = _buckets(S, (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256))
-        self.width_buckets = _buckets(T, (128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192))
+        self.row_buckets = buckets(S, (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256))
+        self.width_buckets = buckets(T, (128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192))
         self.ids = torch.zeros(S, 1, dtype=torch.long, device=dev)
         self.lens = torch.zeros(S, dtype=torch.long, device=dev)
         self.write = torch.zeros(1, dtype=torch.long, device=dev)
@@ -50,35 +82,18 @@ class GraphDecoder:
     def _graph(self, rows: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         key = (rows, width)
         if key not in self.graphs:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):    # warm up kernels and the allocator outside capture
-                self._forward(rows, width)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits = self._forward(rows, width)
-            self.graphs[key] = (graph, logits)
+            self.graphs[key] = capture(lambda: self._forward(rows, width), self.pool)
         return self.graphs[key]
 
     def capture_all(self) -> int:
         """Capture every (rows, width) graph now (largest first, so the shared pool is sized once),
-        so that no request pays for a capture. Returns the number of graphs.
-        The cyclic GC is off meanwhile: a collection inside a capture can free another graph's
-        private memory pool, which invalidates the capture."""
+        so that no request pays for a capture. Returns the number of graphs."""
         self.slab.write_col = 0
-        gc.collect()
-        was_enabled = gc.isenabled()
-        gc.disable()
-        try:
+        with capturing():
             for rows in reversed(self.row_buckets):
                 for width in reversed(self.width_buckets):
                     self.write.fill_(min(width - 1, self.slab.max_len - 1))
                     self._graph(rows, width)
-        finally:
-            if was_enabled:
-                gc.enable()
-        torch.cuda.synchronize()
         return len(self.graphs)
 
     def bucket(self, n: int, width_needed: int) -> tuple[int, int]:

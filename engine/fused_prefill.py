@@ -22,13 +22,13 @@ the fused decode step does (tests/test_gpu.py compares against the eager path).
 from __future__ import annotations
 
 import bisect
-import gc
 import inspect
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from engine.cuda_graphs import buckets, capture, capturing
 from engine.fused_decode import FusedDecoder
 from engine.kv_paged import PagedKV
 
@@ -210,7 +210,7 @@ class StaticPrefill:
     def __init__(self, packed: FusedPrefill, max_tokens: int, graphs: bool) -> None:
         self.packed, self.kv, self.fused = packed, packed.kv, packed.fused
         dev = packed.device
-        self.buckets = [b for b in PREFILL_BUCKETS if b < max_tokens] + [min(max_tokens, PREFILL_BUCKETS[-1])]
+        self.buckets = buckets(min(max_tokens, PREFILL_BUCKETS[-1]), PREFILL_BUCKETS)
         top, prompts = self.buckets[-1], PREFILL_GRAPH_PROMPTS
         self.ids = torch.zeros(top, 1, dtype=torch.long, device=dev)
         self.positions = torch.zeros(top, 1, dtype=torch.long, device=dev)
@@ -236,34 +236,19 @@ class StaticPrefill:
 
     def _graph(self, T: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         if T not in self.graphs:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):    # warm up outside the capture
-                self._forward(T)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits = self._forward(T)
-            self.graphs[T] = (graph, logits)
+            self.graphs[T] = capture(lambda: self._forward(T), self.pool)
         return self.graphs[T]
 
     @torch.inference_mode()
     def capture_all(self) -> int:
-        """Capture every bucket now, largest first (the pool is sized once), the cyclic GC off.
-        The buffers' resting state (every token a padding token, every prompt empty) writes only
-        to the scratch slot."""
+        """Capture every bucket now, largest first (the pool is sized once). The buffers'
+        resting state (every token a padding token, every prompt empty) writes only to the
+        scratch slot."""
         self.slots.fill_(self.kv.scratch_slot)
         self.cu.zero_()
-        gc.collect()
-        was_enabled = gc.isenabled()
-        gc.disable()
-        try:
+        with capturing():
             for T in reversed(self.buckets):
                 self._graph(T)
-        finally:
-            if was_enabled:
-                gc.enable()
-        torch.cuda.synchronize()
         return len(self.graphs)
 
     def run(self, T: int, ids: list[int], positions: torch.Tensor, slots: torch.Tensor, bounds: list[int]) -> torch.Tensor:

@@ -10,10 +10,10 @@ Unlike the slab's graphs, the shapes do not depend on the context: one graph per
 from __future__ import annotations
 
 import bisect
-import gc
 
 import torch
 
+from engine.cuda_graphs import buckets, capture, capturing
 from engine.fused_decode import FusedDecoder, PagedAttend
 from engine.kv_paged import PagedKV
 from engine.paged_attention import PagedDecodeAttention
@@ -28,7 +28,7 @@ class PagedDecoder:
                  split_kv: int = 0) -> None:
         self.fused, self.kv, self.device = fused, kv, device
         S = kv.max_rows
-        self.row_buckets = sorted({b for b in ROW_BUCKETS if b < S} | {S})
+        self.row_buckets = buckets(S, ROW_BUCKETS)
         self.attention = PagedDecodeAttention(
             fused.num_heads, fused.num_kv_heads, fused.head_dim, kv.page_size, max_rows=S,
             max_pages_per_row=kv.max_pages_per_row, device=device, compile=compile, num_pages=kv.num_pages + 1,
@@ -46,33 +46,17 @@ class PagedDecoder:
 
     def _graph(self, rows: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         if rows not in self.graphs:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):    # compile and warm up outside the capture
-                self._forward(rows)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits = self._forward(rows)
-            self.graphs[rows] = (graph, logits)
+            self.graphs[rows] = capture(lambda: self._forward(rows), self.pool)
         return self.graphs[rows]
 
     @torch.inference_mode()   # as every decode runs: no autograd (FlexAttention's backward needs more tables)
     def capture_all(self) -> int:
-        """Capture every row bucket now (largest first, so the shared pool is sized once), with
-        the cyclic GC off (a collection inside a capture can invalidate it)."""
+        """Capture every row bucket now (largest first, so the shared pool is sized once)."""
         self.attention.update(self.kv.page_table(self.kv.max_rows), torch.zeros(self.kv.max_rows, dtype=torch.long,
                                                                                    device=self.device), self.kv.max_rows)
-        gc.collect()
-        was_enabled = gc.isenabled()
-        gc.disable()
-        try:
+        with capturing():
             for rows in reversed(self.row_buckets):
                 self._graph(rows)
-        finally:
-            if was_enabled:
-                gc.enable()
-        torch.cuda.synchronize()
         return len(self.graphs)
 
     @torch.inference_mode()
