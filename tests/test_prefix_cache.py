@@ -113,6 +113,21 @@ def test_cache_hits_give_the_same_tokens(tiny, layout, mode, device_blocks, chun
     three_conversations(engine, limits, tiny, host_tier=mode == "device+host")
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_cache_hits_with_decode_launched_before_prefill(tiny, layout):
+    """The same conversations with the step order CUDA uses (decode_before_prefill: the running
+    rows' decode is issued before the step's prefill, which here includes cache hits, host-tier
+    restores and chunks)."""
+    _, _, spec = tiny
+    engine, limits = make_engine(tiny, max_batch_size=3, max_seq_len=256, prefix_cache="device+host",
+                                 prefix_cache_device_bytes=3 * block_bytes(spec.num_layers, spec.num_kv_heads,
+                                                                           spec.head_dim),
+                                 prefix_cache_host_bytes=1 << 24, prefill_chunk_tokens=12, decode_before_prefill=True,
+                                 **LAYOUTS[layout])
+    assert engine.decode_before_prefill
+    three_conversations(engine, limits, tiny, host_tier=True)
+
+
 def block_bytes(layers: int, kv_heads: int, head_dim: int) -> int:
     """One 16-token block of fp32 K/V."""
     return layers * 2 * kv_heads * 16 * head_dim * 4

@@ -149,8 +149,10 @@ def test_config_refuses_what_tp_does_not_support(tiny_model_dir):
 
 
 @pytest.mark.parametrize("layout", [dict(kv_layout="slab"),
-                                    dict(kv_layout="paged", fused_decode=True, prefill_chunk_tokens=12)],
-                         ids=["slab", "paged-fused-chunked"])
+                                    dict(kv_layout="paged", fused_decode=True, prefill_chunk_tokens=12),
+                                    dict(kv_layout="paged", fused_decode=True, prefill_chunk_tokens=12,
+                                         decode_before_prefill=True)],
+                         ids=["slab", "paged-fused-chunked", "paged-fused-chunked-decode-first"])
 def test_tp2_prefix_cache_hits_equal_hf(tiny_model_dir, layout):
     """The prefix cache under TP 2: every rank keeps its heads' blocks (the same slots, the same
     evictions to its host tier), rank 0 deciding the hits; tests/test_prefix_cache.py's
