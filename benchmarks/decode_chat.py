@@ -4,7 +4,8 @@ Rows get lognormal lengths (median 600 tokens, sigma 0.8, capped at the context)
 one engine of the layout runs decode steps of each batch of rows; the floor is (weights + sum of
 row lengths x bytes per token) / copy bandwidth. The slab holds what a full-context row per slot
 allows (at 4,096 context on an H200, 53 rows of a 7B model); batches a layout cannot hold are
-reported as such (`fits: false`).
+reported as such (`fits: false`). Each batch also gets its step's GPU time by kind of kernel
+(attention, GEMMs, point-wise, other), to say where the time beyond the floor goes.
 """
 from __future__ import annotations
 
@@ -39,6 +40,34 @@ def _median_step(runner, steps: int = 25, skip: int = 5) -> float:
     return statistics.median(times[skip:])
 
 
+KERNEL_KINDS = (("attention", ("flex_attention", "flash", "attention")),
+                ("gemm", ("nvjet", "gemm", "cutlass", "xmma", "splitk")),
+                ("point-wise", ("triton_poi", "triton_per", "elementwise", "vectorized", "index", "reduce", "norm")))
+
+
+def kernel_breakdown(runner, steps: int = 5) -> dict:
+    """GPU time of one decode step by kind of kernel (profiled over `steps` steps, graphs
+    included), the sum against the step's wall time (the rest: gaps between kernels), and the
+    top kernels. Where a step's time goes beyond its floor (note 26)."""
+    from torch.profiler import ProfilerActivity, profile
+    ids = [7] * runner.slab.num_rows
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            runner.decode(ids)
+        torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    kernels = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"]
+    for e in kernels:
+        name = e.key.lower()
+        kind = next((k for k, marks in KERNEL_KINDS if any(m in name for m in marks)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + e.device_time_total / 1e3 / steps
+    top = sorted(kernels, key=lambda e: -e.device_time_total)[:8]
+    return {"kernel_ms_by_kind": {k: round(v, 3) for k, v in sorted(kinds.items())},
+            "kernel_ms": round(sum(kinds.values()), 3),
+            "top_kernels": [(e.key[:70], round(e.device_time_total / 1e3 / steps, 3), e.count // steps) for e in top]}
+
+
 def decode_chat(model, tokenizer, spec, layout: str, batches: tuple[int, ...], context: int,
                 bandwidth: float) -> dict:
     """One engine of `layout` sized for the largest batch; each batch of rows filled, stepped, emptied."""
@@ -62,7 +91,8 @@ def decode_chat(model, tokenizer, spec, layout: str, batches: tuple[int, ...], c
             floor = (weights + kv_bytes) / bandwidth
             out[key] = {"fits": True, "decode": info.decode, "real_tokens": sum(lengths),
                         "padded_tokens": batch * max(lengths), "step_ms": 1000 * step,
-                        "real_floor_ms": 1000 * floor, "ratio_to_real_floor": step / floor}
+                        "real_floor_ms": 1000 * floor, "ratio_to_real_floor": step / floor,
+                        "weights_floor_ms": 1000 * weights / bandwidth, **kernel_breakdown(engine.runner)}
             for row_id in list(engine.slab.row_ids):
                 engine.slab.remove_row(row_id)
     finally:

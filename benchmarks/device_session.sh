@@ -19,6 +19,7 @@
 #   flex-probe  benchmarks/probe_flex_decode.py: paged decode attention, flex's SPLIT_KV etc.  ~200
 #   w4-overlap  W4 at 10 req/s, paged, decode launched before the prefill vs after (note 26)  ~150
 #   w4-graphs   W4 at 10 and 20 req/s, paged, prefill graphs off vs on (note 26)            ~330
+#   decode-chat decode step at batch 48-256, chat lengths, paged: vs real floor, GPU time by kernel kind  ~120
 #   w4-split    W4 at 10 and 20 req/s, paged, SPLIT_KV 0 (flex's) and $SPLIT_KV (default 8)     ~300
 #   rows        W4 at 40 req/s, batch up to 512 at 4,096 context: peak concurrent rows (issue 12:
 #               >= 250 rows of ~600 tokens where the slab holds 53)                       ~200
@@ -112,6 +113,15 @@ for s in "$@"; do
       stage w4-graphs 420 $R/llama2-7b-h200-w4-graphs.json python3 -m benchmarks.bench --preset llama2-7b \
         --tokenizer $TOK --max-batch-size 256 --kv-layout paged --prefill-graphs 0,1 --runs w4 --rates 10,20 \
         --requests 192 --same-process --name $R/llama2-7b-h200-w4-graphs ;;
+    decode-chat)   # issue 12's decode step at batch 48/64/128/256, chat lengths, vs the real floor, by kernel kind
+      stage decode-chat 240 $R/llama2-7b-h200-decode-chat.json python3 -m benchmarks.bench --preset llama2-7b \
+        --tokenizer $TOK --kv-layout paged --runs decode-chat --name $R/llama2-7b-h200-decode-chat
+      python3 -c "
+import json, sys
+for k, v in json.load(open(sys.argv[1])).items():
+    if k.startswith('decode_chat') and v.get('fits'):
+        print(' ', k, round(v['step_ms'], 2), 'ms', round(v['ratio_to_real_floor'], 2), 'x floor', v['kernel_ms_by_kind'])
+" $R/llama2-7b-h200-decode-chat.json ;;
     w4-split)
       stage w4-split 420 $R/llama2-7b-h200-w4-split.json python3 -m benchmarks.bench --preset llama2-7b \
         --tokenizer $TOK --max-batch-size 256 --kv-layout paged --decode-split-kv 0,${SPLIT_KV:-8} --runs w4 \
