@@ -177,7 +177,7 @@ class LLMEngine:
         """Run one step, yielding each phase's events when the phase is done. The caller runs the
         iterator to its end before the next command (a step is never interleaved with commands).
 
-        With `decode_before_prefill` (the default) a step that has prefill work launches the
+        With `decode_before_prefill` (on CUDA by default) a step that has prefill work launches the
         running rows' decode step first (a CUDA graph: the host is free at once) and samples it
         after the prefill: the host issues the prefill forward (eager, ~20-40 ms of host time on
         an H200, note 26) while the GPU runs the decode step, instead of after it. The rows that
@@ -397,23 +397,23 @@ class LLMEngine:
         return tuple(events)
 
     @torch.inference_mode()
-    def _launch_decode(self) -> tuple[list[Request], torch.Tensor]:
-        """Issue one decode step for every row in the batch now. -> (the rows, their logits; on
-        CUDA still being computed)."""
+    def _launch_decode(self) -> tuple[list[Request], torch.Tensor, float]:
+        """Issue one decode step for every row in the batch now. -> (the rows, their logits (on
+        CUDA still being computed), the seconds this took: counted when the step is finished, so
+        that the phase in between (the prefill) does not read as decode time)."""
         by_id = self.scheduler.by_id   # not the schedule's decode list: it predates the rows forked this step
         rows = [by_id[row_id] for row_id in self.slab.row_ids]
         started = time.monotonic()
         input_ids = [r.output_ids[-1] for r in rows]
         self._mirror(Decode(input_ids))
         logits = self.runner.decode(input_ids)
-        self._counts.seconds_decode += time.monotonic() - started
-        return rows, logits
+        return rows, logits, time.monotonic() - started
 
     @torch.inference_mode()
-    def _finish_decode(self, rows: list[Request], logits: torch.Tensor) -> Events:
+    def _finish_decode(self, rows: list[Request], logits: torch.Tensor, launch_seconds: float) -> Events:
         started = time.monotonic()
         tokens = self._sample(rows, logits)
-        self._counts.seconds_decode += time.monotonic() - started
+        self._counts.seconds_decode += launch_seconds + time.monotonic() - started
         events = []
         for request, token in zip(rows, tokens):
             event = self._finish(request) if self._append(request, token) else self._flush(request)

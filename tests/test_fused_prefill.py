@@ -48,9 +48,22 @@ def test_a_step_with_prefill_launches_the_running_rows_decode_first(loaded, deco
         return prefill(prompts, row_ids, chunks)
 
     runner.decode, packed.prefill = log_decode, log_prefill
+    phases, step_phases = [], engine.step_phases
+
+    def recording():   # per phase: (it prefilled, it counted decode time), as the bench reads phases
+        before = engine.stats()
+        for events in step_phases():
+            after = engine.stats()
+            phases.append((after.prefill_tokens + after.prefill_chunks > before.prefill_tokens + before.prefill_chunks,
+                           after.seconds_decode > before.seconds_decode))
+            before = after
+            yield events
+
+    engine.step_phases = recording
     arrivals = _arrivals(lengths=[12, 20, 9, 15, 10], steps=[0, 0, 1, 1, 3], ignore_eos=True)
     outputs = drive(engine, limits, arrivals)
     _check_against_hf(loaded, engine, outputs, arrivals)
+    assert (True, False) in phases and (False, True) in phases and (True, True) not in phases
     # steps whose prefill found rows already running (in the first one the prefilled rows
     # decode right after it, either way)
     both = [step for kind, step, rows in calls if kind == "prefill" and rows]
