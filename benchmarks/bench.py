@@ -793,31 +793,28 @@ def stage_w2(b: Bench) -> dict:
         b.model, b.tokenizer, b.spec, b.w2(rate), cuda_graphs=True, label=f"w2@{rate:g}/s", **b.common, slo=b.slo))
 
 
-def _w3(b: Bench) -> tuple[list[BenchRequest], int]:
-    """A saturated batch of priority-0 work; priority-10 arrivals preempt into it."""
+def _w3(b: Bench) -> tuple[list[BenchRequest], list[BenchRequest], dict]:
+    """A saturated batch of priority-0 work; priority-10 arrivals preempt into it. -> (W3, its
+    low-priority work alone, run_engine's settings for both)."""
     w3 = workloads.w3(num_low=b.args.max_batch_size, num_high=16, high_every_s=0.5, vocab=b.vocab)
-    return w3, max(len(r.prompt_ids) + r.max_new_tokens for r in w3) + 8
+    kw = dict(cuda_graphs=True, max_batch=b.args.max_batch_size,
+              max_seq_len=max(len(r.prompt_ids) + r.max_new_tokens for r in w3) + 8, fused=b.fused,
+              kv_layout=b.layouts[0], prefill_chunk_tokens=b.common["prefill_chunk_tokens"],
+              prefill_graphs=b.prefill_graphs[0], **b.prefill_bound)
+    return w3, [r for r in w3 if r.priority == 0], kw
 
 
 def stage_w3(b: Bench) -> dict:
     out = {"host_link": b.host_link} if b.device.type == "cuda" else {}
-    w3, max_seq = _w3(b)
-    out["engine_w3"] = run_engine(b.model, b.tokenizer, b.spec, w3, cuda_graphs=True, label="w3",
-                                  max_batch=b.args.max_batch_size, max_seq_len=max_seq, fused=b.fused,
-                                  kv_layout=b.layouts[0], prefill_chunk_tokens=b.common["prefill_chunk_tokens"],
-                                  **b.prefill_bound)
+    w3, _, kw = _w3(b)
+    out["engine_w3"] = run_engine(b.model, b.tokenizer, b.spec, w3, label="w3", **kw)
     return out
 
 
 def stage_w3_low(b: Bench) -> dict:
     """W3's low-priority work alone, to price what the preemptions cost it."""
-    w3, max_seq = _w3(b)
-    low_only = [r for r in w3 if r.priority == 0]
-    return {"engine_w3_low_only": run_engine(b.model, b.tokenizer, b.spec, low_only, cuda_graphs=True, label="w3-low",
-                                             max_batch=b.args.max_batch_size, max_seq_len=max_seq, fused=b.fused,
-                                             kv_layout=b.layouts[0],
-                                             prefill_chunk_tokens=b.common["prefill_chunk_tokens"],
-                                             **b.prefill_bound)}
+    _, low_only, kw = _w3(b)
+    return {"engine_w3_low_only": run_engine(b.model, b.tokenizer, b.spec, low_only, label="w3-low", **kw)}
 
 
 def stage_w3_paired(b: Bench) -> dict:
@@ -825,11 +822,7 @@ def stage_w3_paired(b: Bench) -> dict:
     alone, alone, W3... (each pair's order flips, so drift over the process's life cancels): one
     pair's ratio moved by +-10% between runs (note 26). -> each run's figures and the median of
     the pairs' low-priority throughput ratios."""
-    w3, max_seq = _w3(b)
-    low_only = [r for r in w3 if r.priority == 0]
-    kw = dict(cuda_graphs=True, max_batch=b.args.max_batch_size, max_seq_len=max_seq, fused=b.fused,
-              kv_layout=b.layouts[0], prefill_chunk_tokens=b.common["prefill_chunk_tokens"],
-              prefill_graphs=b.prefill_graphs[0], **b.prefill_bound)
+    w3, low_only, kw = _w3(b)
     keep = ("wall_s", "tok_per_s", "low_priority_tok_per_s", "ttft_by_priority", "preemptions", "seconds_prefill",
             "seconds_decode", "decode_steps", "decode_rows_p50", "decode_step_p50_ms", "itl_p99_s", "tpot_p50_s")
     pairs = []

@@ -11,10 +11,8 @@
 # next stage still runs. Stages and their rough cost on an H200 (seconds):
 #   gpu-tests   tests/test_gpu.py (bf16 checks incl. packed chunks)                      ~150
 #   w4-chunks   W4 at 10 req/s, paged, chunks 0, 512, 1024 (W4_CHUNKS), one forward a step   ~240
-#   w3          W3 + W3 alone, server prefill bound, chunks 0 then 512 (W3_CHUNKS)         ~400
-#   w3-bound    W3 + W3 alone, whole prompts, prefill bound 2,048 (note 25's prediction)   ~200
 #   w3-paired   W3 and W3 alone, alternating, W3_PAIRS (3) pairs; W3_BOUND (2048), W3_CHUNK (0),
-#               W3_GRAPHS (0: prefill graphs off)                                       ~120
+#               W3_GRAPHS (0: prefill graphs off); replaces the single-pair w3 and w3-bound   ~120
 #   chunks-probe  benchmarks/profile_chunks.py: first-run vs later runs, synced or not      ~150
 #   flex-probe  benchmarks/probe_flex_decode.py: paged decode attention, flex's SPLIT_KV etc.  ~200
 #   w4-overlap  W4 at 10 req/s, paged, decode launched before the prefill vs after (note 26)  ~150
@@ -79,16 +77,6 @@ for s in "$@"; do
         --tokenizer $TOK --max-batch-size 256 --kv-layout paged --prefill-chunk-tokens ${W4_CHUNKS:-0,512,1024} --runs w4 --rates 10 \
         --max-prefill-tokens ${W4_BOUND:-8192} \
         --requests 192 --same-process --name $R/llama2-7b-h200-w4-fused-chunks${W4_BOUND:+-bound$W4_BOUND} ;;
-    w3)   # W3 reads the first --prefill-chunk-tokens value: one invocation per chunk size
-      for c in ${W3_CHUNKS:-0 512}; do
-        stage w3-chunk$c 200 $R/llama2-7b-h200-w3-chunk$c.json python3 -m benchmarks.bench --preset llama2-7b \
-          --tokenizer $TOK --max-batch-size 128 --kv-layout paged --max-prefill-tokens 8192 \
-          --prefill-chunk-tokens $c --runs w3,w3-low --name $R/llama2-7b-h200-w3-chunk$c
-      done ;;
-    w3-bound)
-      stage w3-bound 240 $R/llama2-7b-h200-w3-bound2048.json python3 -m benchmarks.bench --preset llama2-7b \
-        --tokenizer $TOK --max-batch-size 128 --kv-layout paged --max-prefill-tokens 2048 \
-        --prefill-chunk-tokens 0 --runs w3,w3-low --name $R/llama2-7b-h200-w3-bound2048 ;;
     w3-paired)   # W3_BOUND (default 2048) and W3_CHUNK (default 0): one configuration, W3_PAIRS pairs
       n=llama2-7b-h200-w3-paired-bound${W3_BOUND:-2048}-chunk${W3_CHUNK:-0}${W3_GRAPHS:+-graphs$W3_GRAPHS}
       stage w3-paired 300 $R/$n.json python3 -m benchmarks.bench --preset llama2-7b --tokenizer $TOK \

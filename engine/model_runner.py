@@ -69,6 +69,10 @@ class ModelRunner:
                                       split_kv=decode_split_kv)
             if self.paged.use_graphs:
                 self.paged.capture_all()
+        elif cuda_graphs and device.type == "cuda" and not paged:
+            from engine.cuda_graphs import GraphDecoder
+            self.graphs = GraphDecoder(self.forward_decode, slab, max_padding=GRAPH_MAX_PADDING)
+            self.graphs.capture_all()
         if self.packed is not None and self.packed.static is not None:
             try:
                 self.packed.static.capture_all()
@@ -76,10 +80,6 @@ class ModelRunner:
                 log.warning("prefill_graphs_capture_failed", error=repr(exc)[:500])
                 self.packed.static = None
                 torch.cuda.synchronize()
-        elif cuda_graphs and device.type == "cuda" and not paged:
-            from engine.cuda_graphs import GraphDecoder
-            self.graphs = GraphDecoder(self.forward_decode, slab, max_padding=GRAPH_MAX_PADDING)
-            self.graphs.capture_all()
 
     @property
     def num_graphs(self) -> int:

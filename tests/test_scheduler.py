@@ -258,8 +258,8 @@ def test_preemption_victim_lowest_priority_latest_arrival():
 
 def test_preemption_victim_on_ties_is_the_row_nearest_its_end():
     """Among rows of the lowest priority the one with the fewest tokens left in its budget is
-    parked (then the latest arrival): parking the row that would finish last stretches the
-    batch's tail by its time parked (W3 on an H200: 42 extra decode steps, note 26)."""
+    parked (then the latest arrival): parking the row that would finish last can stretch the
+    batch's tail by its time parked (Scheduler._victim_order)."""
     s = make_sched(max_batch_size=3)
     reqs = [make_req(rid, plen=4, max_new=m) for rid, m in (("long", 900), ("short", 30), ("mid", 300))]
     for r in reqs:
