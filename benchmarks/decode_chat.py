@@ -70,7 +70,9 @@ def kernel_breakdown(runner, steps: int = 5) -> dict:
 
 def decode_chat(model, tokenizer, spec, layout: str, batches: tuple[int, ...], context: int,
                 bandwidth: float) -> dict:
-    """One engine of `layout` sized for the largest batch; each batch of rows filled, stepped, emptied."""
+    """One engine of `layout` sized for the largest batch; each batch of rows filled, stepped, emptied.
+    On pages each batch is stepped twice: rows longest first (the engine's default), then in the
+    rows' own order (key suffix `_rowordered`; note 27)."""
     from engine.build import assemble_engine
     from engine.config import EngineConfig
     config = EngineConfig(max_batch_size=max(batches), max_seq_len=context, warmup=False, kv_layout=layout)
@@ -86,13 +88,21 @@ def decode_chat(model, tokenizer, spec, layout: str, batches: tuple[int, ...], c
                 out[key] = {"fits": False, "rows_that_fit": info.max_batch_size, "kv_bytes": engine.slab.total_bytes}
                 continue
             _fill(engine, lengths)
-            step = _median_step(engine.runner)
-            kv_bytes = (sum(lengths) + 12 * batch) * engine.slab.bytes_per_token   # the middle of the timed steps
-            floor = (weights + kv_bytes) / bandwidth
-            out[key] = {"fits": True, "decode": info.decode, "real_tokens": sum(lengths),
-                        "padded_tokens": batch * max(lengths), "step_ms": 1000 * step,
-                        "real_floor_ms": 1000 * floor, "ratio_to_real_floor": step / floor,
-                        "weights_floor_ms": 1000 * weights / bandwidth, **kernel_breakdown(engine.runner)}
+            paged = engine.runner.paged
+            for sort in ((True, False) if paged is not None else (None,)):
+                if paged is not None:
+                    paged.sort_rows = sort
+                grown = engine.slab.lengths[0] - lengths[0]   # steps run so far on these rows
+                step = _median_step(engine.runner)
+                kv_bytes = (sum(lengths) + (grown + 12) * batch) * engine.slab.bytes_per_token   # mid timed steps
+                floor = (weights + kv_bytes) / bandwidth
+                out[key + ("_rowordered" if sort is False else "")] = {
+                    "fits": True, "decode": info.decode, "rows_longest_first": sort, "real_tokens": sum(lengths),
+                    "padded_tokens": batch * max(lengths), "step_ms": 1000 * step,
+                    "real_floor_ms": 1000 * floor, "ratio_to_real_floor": step / floor,
+                    "weights_floor_ms": 1000 * weights / bandwidth, **kernel_breakdown(engine.runner)}
+            if paged is not None:
+                paged.sort_rows = True
             for row_id in list(engine.slab.row_ids):
                 engine.slab.remove_row(row_id)
     finally:

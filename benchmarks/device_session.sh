@@ -16,8 +16,11 @@
 #   chunks-probe  benchmarks/profile_chunks.py: first-run vs later runs, synced or not      ~150
 #   flex-probe  benchmarks/probe_flex_decode.py: paged decode attention, flex's SPLIT_KV etc.  ~200
 #   w4-overlap  W4 at 10 req/s, paged, decode launched before the prefill vs after (note 26)  ~150
+#   w4-order    W4 at 10 req/s, paged: decode first vs prefill first x prefill graphs off/on  ~260
+#   w4-sort     W4 at W4_RATES (10) req/s, paged: decode rows longest first vs in row order     ~150
 #   w4-graphs   W4 at 10 and 20 req/s, paged, prefill graphs off vs on (note 26)            ~330
-#   decode-chat decode step at batch 48-256, chat lengths, paged: vs real floor, GPU time by kernel kind  ~120
+#   decode-chat decode step at batch 48-256, chat lengths, paged, rows longest first and in row order:
+#               vs real floor, GPU time by kernel kind                                     ~180
 #   w4-split    W4 at 10 and 20 req/s, paged, SPLIT_KV 0 (flex's) and $SPLIT_KV (default 8)     ~300
 #   rows        W4 at 40 req/s, batch up to 512 at 4,096 context: peak concurrent rows (issue 12:
 #               >= 250 rows of ~600 tokens where the slab holds 53)                       ~200
@@ -97,6 +100,14 @@ for s in "$@"; do
       stage w4-overlap 300 $R/llama2-7b-h200-w4-overlap.json python3 -m benchmarks.bench --preset llama2-7b \
         --tokenizer $TOK --max-batch-size 256 --kv-layout paged --decode-first 1,0 --runs w4 --rates 10 \
         --requests 192 --same-process --name $R/llama2-7b-h200-w4-overlap ;;
+    w4-order)   # decode first vs prefill first, x prefill graphs off/on, W4 at 10 req/s (note 27)
+      stage w4-order 460 $R/llama2-7b-h200-w4-order.json python3 -m benchmarks.bench --preset llama2-7b \
+        --tokenizer $TOK --max-batch-size 256 --kv-layout paged --decode-first 1,0 --prefill-graphs 0,1 --runs w4 \
+        --rates 10 --requests 192 --same-process --name $R/llama2-7b-h200-w4-order ;;
+    w4-sort)   # paged decode rows longest first vs in row order, W4 at W4_RATES (10) req/s (note 27)
+      stage w4-sort 400 $R/llama2-7b-h200-w4-sort.json python3 -m benchmarks.bench --preset llama2-7b \
+        --tokenizer $TOK --max-batch-size 256 --kv-layout paged --decode-sort 1,0 --runs w4 \
+        --rates ${W4_RATES:-10} --requests 192 --same-process --name $R/llama2-7b-h200-w4-sort ;;
     w4-graphs)   # prefill_graphs off vs on, W4 at 10 and 20 req/s, whole prompts (note 26's prediction)
       stage w4-graphs 420 $R/llama2-7b-h200-w4-graphs.json python3 -m benchmarks.bench --preset llama2-7b \
         --tokenizer $TOK --max-batch-size 256 --kv-layout paged --prefill-graphs 0,1 --runs w4 --rates 10,20 \

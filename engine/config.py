@@ -47,6 +47,7 @@ class EngineConfig:
     tensor_parallel: int = 1              # ranks the model is sharded over (one engine worker process each)
     decode_split_kv: int = 0              # paged decode: programs per row and kv head in flex's decode kernel
                                           # (SPLIT_KV); 0 = flex's choice (docs/benchmarks.md note 25)
+    decode_sort_rows: bool = True         # paged decode: each step runs its rows longest first (note 27)
     prefill_graphs: bool = False          # packed whole-prompt prefill forwards replay a CUDA graph per token
                                           # bucket (fused_prefill.StaticPrefill); off until measured (note 26)
     decode_before_prefill: bool | None = None   # a step with prefill work launches its decode step first, so

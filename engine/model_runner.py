@@ -36,12 +36,14 @@ class PrefillResult:
 class ModelRunner:
     def __init__(self, hf_model, slab: KVSlab, device: torch.device, pad_token_id: int = 0,
                  cuda_graphs: bool = False, fused_decode: bool = False, packed_prefill: bool = True,
-                 decode_split_kv: int = 0, prefill_graphs: bool = False, max_prefill_tokens: int = 8192) -> None:
+                 decode_split_kv: int = 0, prefill_graphs: bool = False, max_prefill_tokens: int = 8192,
+                 decode_sort_rows: bool = True) -> None:
         """`packed_prefill`: with the fused step on pages, prefill newcomers through
         engine/fused_prefill.py (`self.packed`) rather than the HF forward. `decode_split_kv`: the
-        fused paged step's SPLIT_KV (0: flex's choice). `prefill_graphs` (with CUDA graphs, on
-        CUDA): that packed prefill's whole-prompt forwards of up to `max_prefill_tokens` tokens
-        replay a CUDA graph per token bucket (fused_prefill.StaticPrefill)."""
+        fused paged step's SPLIT_KV (0: flex's choice); `decode_sort_rows`: it runs rows longest
+        first. `prefill_graphs` (with CUDA graphs, on CUDA): that packed prefill's whole-prompt
+        forwards of up to `max_prefill_tokens` tokens replay a CUDA graph per token bucket
+        (fused_prefill.StaticPrefill)."""
         self.model = hf_model
         self.slab = slab
         self.device = device
@@ -66,7 +68,7 @@ class ModelRunner:
             from engine.paged_decode import PagedDecoder
             on_cuda = device.type == "cuda"
             self.paged = PagedDecoder(self.fused, slab, device, graphs=cuda_graphs and on_cuda, compile=on_cuda,
-                                      split_kv=decode_split_kv)
+                                      split_kv=decode_split_kv, sort_rows=decode_sort_rows)
             if self.paged.use_graphs:
                 self.paged.capture_all()
         elif cuda_graphs and device.type == "cuda" and not paged:

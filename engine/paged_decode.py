@@ -25,8 +25,9 @@ ROW_BUCKETS = (8, 32, 64, 128, 256, 512)
 
 class PagedDecoder:
     def __init__(self, fused: FusedDecoder, kv: PagedKV, device: torch.device, graphs: bool, compile: bool,
-                 split_kv: int = 0) -> None:
+                 split_kv: int = 0, sort_rows: bool = True) -> None:
         self.fused, self.kv, self.device = fused, kv, device
+        self.sort_rows = sort_rows   # run each step's rows longest first (see decode)
         S = kv.max_rows
         self.row_buckets = buckets(S, ROW_BUCKETS)
         self.attention = PagedDecodeAttention(
@@ -61,25 +62,38 @@ class PagedDecoder:
 
     @torch.inference_mode()
     def decode(self, input_ids: list[int]) -> torch.Tensor:
-        """One step for every live row; row r's input is input_ids[r]. -> logits [n, V]."""
+        """One step for every live row; row r's input is input_ids[r]. -> logits [n, V].
+
+        With `sort_rows` the step runs its rows longest first (the inputs, write slots and page
+        table permuted on the way in, the logits back on the way out; rows are independent in a
+        decode step). FlexAttention's decode kernel runs one program per (row, kv head) that walks
+        the row's whole K/V, launched in row order: a long row that starts late sets the layer's
+        time while the other SMs idle. Longest first is the classic greedy schedule for that
+        (longest processing time first), note 27."""
         kv = self.kv
         n = kv.num_rows
         write = kv.prepare_decode()                                                     # [n]
         rows = self.row_buckets[bisect.bisect_left(self.row_buckets, n)]
         pad = rows - n
-        host = torch.tensor([input_ids + [0] * pad, kv.lengths + [0] * pad], dtype=torch.long)   # [2, rows]
+        lengths = kv.lengths
+        order = sorted(range(n), key=lambda r: -lengths[r]) if self.sort_rows else list(range(n))
+        inverse = [0] * n
+        for i, r in enumerate(order):
+            inverse[r] = i
+        host = torch.tensor([[input_ids[r] for r in order] + [0] * pad, [lengths[r] for r in order] + [0] * pad,
+                             order + list(range(n, rows)), inverse + [0] * pad], dtype=torch.long)   # [4, rows]
         host = host.pin_memory() if self.device.type == "cuda" else host
-        ids, positions = host.to(self.device, non_blocking=True)
+        ids, positions, order_d, inverse_d = host.to(self.device, non_blocking=True)
         self.ids[:rows, 0].copy_(ids)
         self.positions[:rows, 0].copy_(positions)
-        self.write[:n].copy_(write)
+        self.write[:n].copy_(write.index_select(0, order_d[:n]))
         self.write[n:rows].fill_(kv.scratch_slot)
-        lengths = torch.where(torch.arange(rows, device=self.device) < n, positions + 1, 0)   # [rows]
-        self.attention.update(kv.page_table(rows), lengths, rows)
+        step_lengths = torch.where(torch.arange(rows, device=self.device) < n, positions + 1, 0)   # [rows]
+        self.attention.update(kv.page_table(rows).index_select(0, order_d), step_lengths, rows)
         if self.use_graphs:
             graph, logits = self._graph(rows)
             graph.replay()
         else:
             logits = self._forward(rows)
         kv.advance()
-        return logits[:n]
+        return logits[:n].index_select(0, inverse_d[:n])

@@ -513,6 +513,7 @@ def follow(conn, rank: int, world: int, port: int, config, loader, setup=None) -
         follower = Follower(ModelRunner(hf_model, kv, device, pad_token_id=geometry.pad_token_id,
                                         fused_decode=geometry.fused, packed_prefill=geometry.packed,
                                         cuda_graphs=geometry.graphs, decode_split_kv=geometry.split_kv,
+                                        decode_sort_rows=config.decode_sort_rows,
                                         prefill_graphs=config.prefill_graphs,
                                         max_prefill_tokens=config.max_prefill_tokens),
                           kv, device, cache)

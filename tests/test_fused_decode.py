@@ -153,3 +153,33 @@ def test_decode_split_kv_reaches_the_paged_attention(tiny_model_dir):
     default, _ = make_engine(loaded, max_batch_size=2, max_seq_len=64, fused_decode=True,
                              kv_layout="paged", kv_page_size=16)
     assert default.runner.paged.attention.kernel_options is None
+
+
+def test_paged_step_runs_rows_longest_first_with_the_same_results(tiny_model_dir):
+    """The paged step runs its rows longest first (flex's decode programs are launched in row
+    order, so a long row that starts last sets the layer's time: note 27) and hands back logits
+    and writes K/V in the rows' own order: the same as the step in row order."""
+    loaded = model_loader.load(tiny_model_dir("llama"), CPU, torch.float32)
+    engine, _ = make_engine(loaded, max_batch_size=8, max_seq_len=128, fused_decode=True,
+                            kv_layout="paged", kv_page_size=16)
+    kv, paged = engine.slab, engine.runner.paged
+    L, H, D = kv.dims
+    g = torch.Generator().manual_seed(3)
+    lengths = [9, 40, 17, 33, 2]   # out of order, across page boundaries
+    for i, n in enumerate(lengths):
+        kv.add_row(f"r{i}", torch.randn(L, 2, H, n, D, generator=g))
+    ids = [11, 23, 5, 42, 7]
+    data, before = kv.data.clone(), list(kv.lengths)
+    results = {}
+    for sort in (True, False):
+        kv.data.copy_(data)
+        kv.lengths = list(before)
+        paged.sort_rows = sort
+        logits = paged.decode(ids)
+        if sort:   # the attention's tables hold the rows longest first
+            assert paged.attention.lengths[:len(lengths)].tolist() == sorted((n + 1 for n in lengths), reverse=True)
+        results[sort] = (logits.clone(), [kv.row_kv(f"r{i}").clone() for i in range(len(lengths))])
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert kv.lengths == [n + 1 for n in lengths]
