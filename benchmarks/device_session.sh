@@ -14,9 +14,11 @@
 #   w3-paired   W3 and W3 alone, alternating, W3_PAIRS (3) pairs; W3_BOUND (2048), W3_CHUNK (0),
 #               W3_GRAPHS (0: prefill graphs off); replaces the single-pair w3 and w3-bound   ~120
 #   chunks-probe  benchmarks/profile_chunks.py: first-run vs later runs, synced or not      ~150
+#   prefill-probe  benchmarks/probe_prefill.py: a packed prefill forward eager vs graphed buckets  ~150
 #   flex-probe  benchmarks/probe_flex_decode.py: paged decode attention, flex's SPLIT_KV etc.  ~200
 #   w4-overlap  W4 at 10 req/s, paged, decode launched before the prefill vs after (note 26)  ~150
 #   w4-order    W4 at 10 req/s, paged: decode first vs prefill first x prefill graphs off/on  ~260
+#   w4          W4 at W4_RATES (10,20) req/s, paged, the engine's defaults                  ~150
 #   w4-sort     W4 at W4_RATES (10) req/s, paged: decode rows longest first vs in row order     ~150
 #   w4-graphs   W4 at 10 and 20 req/s, paged, prefill graphs off vs on (note 26)            ~330
 #   decode-chat decode step at batch 48-256, chat lengths, paged, rows longest first and in row order:
@@ -92,6 +94,10 @@ for s in "$@"; do
         --sync-after "membership"
       cp "$OUT/chunks-probe.txt" "$OUT/profile-chunks.jsonl"
       grep -v '^{"versions' "$OUT/chunks-probe.txt" | cut -c1-300 ;;
+    prefill-probe)   # benchmarks/probe_prefill.py: one packed prefill forward eager vs graphed (coarse/fine buckets)
+      stage prefill-probe 300 "" python3 -m benchmarks.probe_prefill --tokenizer $TOK
+      cp "$OUT/prefill-probe.txt" "$OUT/probe-prefill.jsonl"
+      cut -c1-400 "$OUT/prefill-probe.txt" ;;
     flex-probe)
       stage flex-probe 300 "" python3 -m benchmarks.probe_flex_decode
       cp "$OUT/flex-probe.txt" "$OUT/probe-flex-decode.jsonl"
@@ -108,6 +114,10 @@ for s in "$@"; do
       stage w4-sort 400 $R/llama2-7b-h200-w4-sort.json python3 -m benchmarks.bench --preset llama2-7b \
         --tokenizer $TOK --max-batch-size 256 --kv-layout paged --decode-sort 1,0 --runs w4 \
         --rates ${W4_RATES:-10} --requests 192 --same-process --name $R/llama2-7b-h200-w4-sort ;;
+    w4)   # W4 at W4_RATES (10,20) req/s, paged, the engine's defaults
+      stage w4 400 $R/llama2-7b-h200-w4.json python3 -m benchmarks.bench --preset llama2-7b \
+        --tokenizer $TOK --max-batch-size 256 --kv-layout paged --runs w4 \
+        --rates ${W4_RATES:-10,20} --requests 192 --same-process --name $R/llama2-7b-h200-w4 ;;
     w4-graphs)   # prefill_graphs off vs on, W4 at 10 and 20 req/s, whole prompts (note 26's prediction)
       stage w4-graphs 420 $R/llama2-7b-h200-w4-graphs.json python3 -m benchmarks.bench --preset llama2-7b \
         --tokenizer $TOK --max-batch-size 256 --kv-layout paged --prefill-graphs 0,1 --runs w4 --rates 10,20 \

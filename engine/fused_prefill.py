@@ -187,8 +187,14 @@ class FusedPrefill:
 
 
 # Token buckets of the whole-prompt prefill graphs: a forward of T tokens replays the graph of the
-# smallest bucket >= T, its tokens padded (to at most 2x, as the decode step's row buckets).
-PREFILL_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+# smallest bucket >= T, its tokens padded; a forward of more than the last bucket runs eagerly.
+# Measured on an H200, 7B (benchmarks/probe_prefill.py, note 27): the eager forward costs ~40 ms of
+# host time whatever its size, and its GPU time passes that at ~1,500 tokens; a graph costs the
+# padded bucket's GPU time (~27 ms at 1,024 tokens, 56 ms at 2,048). So graphs pay up to ~1,280
+# tokens, in fine steps (padding costs GPU time one for one), and past that the eager forward's
+# host time hides under its GPU time while a graph's padding would only add (powers of 2 up to
+# 8,192 lost 20-70 ms a forward there, which is why note 26's graphs hardly moved W4).
+PREFILL_BUCKETS = (64, 128, 256, 384, 512, 640, 768, 896, 1024, 1280)
 PREFILL_GRAPH_PROMPTS = 64   # prompts one graphed forward takes (more: the eager forward)
 
 
@@ -207,10 +213,11 @@ class StaticPrefill:
     Without `graphs` the same padded forward runs eagerly (the CPU tests check it against the
     unpadded one)."""
 
-    def __init__(self, packed: FusedPrefill, max_tokens: int, graphs: bool) -> None:
+    def __init__(self, packed: FusedPrefill, max_tokens: int, graphs: bool,
+                 steps: tuple[int, ...] = PREFILL_BUCKETS) -> None:
         self.packed, self.kv, self.fused = packed, packed.kv, packed.fused
         dev = packed.device
-        self.buckets = buckets(min(max_tokens, PREFILL_BUCKETS[-1]), PREFILL_BUCKETS)
+        self.buckets = buckets(min(max_tokens, steps[-1]), steps)
         top, prompts = self.buckets[-1], PREFILL_GRAPH_PROMPTS
         self.ids = torch.zeros(top, 1, dtype=torch.long, device=dev)
         self.positions = torch.zeros(top, 1, dtype=torch.long, device=dev)
