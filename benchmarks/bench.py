@@ -660,8 +660,8 @@ class Bench:
         return [int(n) for n in self.args.decode_split_kv.split(",")]
 
     @property
-    def prefill_graphs(self) -> list[bool]:
-        return [bool(int(f)) for f in self.args.prefill_graphs.split(",")]
+    def prefill_graphs(self) -> list[bool | None]:
+        return [None if f == "auto" else bool(int(f)) for f in self.args.prefill_graphs.split(",")]
 
     @property
     def layouts(self) -> list[str]:
@@ -685,7 +685,8 @@ class Bench:
                       packed_prefill=PREFILL_PATHS[prefill], decode_split_kv=split, decode_before_prefill=first,
                       prefill_graphs=graphed, decode_sort_rows=sort)
             tag = ("" if prefill == "auto" else f"_{prefill}") + (f"_split{split}" if split else "") + \
-                {None: "", True: "_decodefirst", False: "_prefillfirst"}[first] + ("_prefillgraphs" if graphed else "") + \
+                {None: "", True: "_decodefirst", False: "_prefillfirst"}[first] + \
+                {None: "", True: "_prefillgraphs", False: "_noprefillgraphs"}[graphed] + \
                 ("" if sort else "_rowordered")
             out.update(self.keep(f"{prefix}_{layout}_chunk{chunk}{tag}_rate{rate:g}", run_one(rate, kw)))
         return out
@@ -1061,8 +1062,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-sort", default="1",
                    help="W4: comma list of 1/0, EngineConfig.decode_sort_rows (paged decode runs rows longest "
                         "first); decode-chat runs both orders whatever this says")
-    p.add_argument("--prefill-graphs", default="0",
-                   help="W4 (and w3-paired, the first): comma list of 1/0, EngineConfig.prefill_graphs")
+    p.add_argument("--prefill-graphs", default="auto",
+                   help="W4 (and w3-paired, the first): comma list of auto/1/0, EngineConfig.prefill_graphs (auto: the "
+                        "engine's default, on for CUDA at tensor parallel 1)")
     p.add_argument("--decode-first", default="auto",
                    help="W4: comma list of auto/1/0, EngineConfig.decode_before_prefill (auto: on for CUDA; 0: the old "
                         "order, prefill then decode)")

@@ -12,7 +12,7 @@
 #   gpu-tests   tests/test_gpu.py (bf16 checks incl. packed chunks)                      ~150
 #   w4-chunks   W4 at 10 req/s, paged, chunks 0, 512, 1024 (W4_CHUNKS), one forward a step   ~240
 #   w3-paired   W3 and W3 alone, alternating, W3_PAIRS (3) pairs; W3_BOUND (2048), W3_CHUNK (0),
-#               W3_GRAPHS (0: prefill graphs off); replaces the single-pair w3 and w3-bound   ~120
+#               W3_GRAPHS (auto: the engine's default; 0 off, 1 on)                                ~120
 #   chunks-probe  benchmarks/profile_chunks.py: first-run vs later runs, synced or not      ~150
 #   prefill-probe  benchmarks/probe_prefill.py: a packed prefill forward eager vs graphed buckets  ~150
 #   flex-probe  benchmarks/probe_flex_decode.py: paged decode attention, flex's SPLIT_KV etc.  ~200
@@ -87,7 +87,7 @@ for s in "$@"; do
       stage w3-paired 300 $R/$n.json python3 -m benchmarks.bench --preset llama2-7b --tokenizer $TOK \
         --max-batch-size 128 --kv-layout paged --max-prefill-tokens ${W3_BOUND:-2048} \
         --prefill-chunk-tokens ${W3_CHUNK:-0} --runs w3-paired --w3-pairs ${W3_PAIRS:-3} --name $R/$n \
-        --prefill-graphs ${W3_GRAPHS:-0}
+        --prefill-graphs ${W3_GRAPHS:-auto}
       python3 -c "import json,sys; d=json.load(open(sys.argv[1]))['w3_paired']; print('  low ratios', [round(x,3) for x in d['low_ratios']], 'high ttft p99', [round(x,3) for x in d['high_ttft_p99_s']])" $R/$n.json ;;
     chunks-probe)
       stage chunks-probe 300 "" python3 -m benchmarks.profile_chunks --tokenizer $TOK --chunks 512 ${PROBE_ARGS:-} \

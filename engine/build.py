@@ -120,7 +120,7 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
     runner = ModelRunner(hf_model, kv, device, pad_token_id=pad, cuda_graphs=graphs,
                          fused_decode=fused, packed_prefill=packed, decode_split_kv=config.decode_split_kv,
                          decode_sort_rows=config.decode_sort_rows,
-                         prefill_graphs=config.prefill_graphs, max_prefill_tokens=config.max_prefill_tokens)
+                         prefill_graphs=config.use_prefill_graphs, max_prefill_tokens=config.max_prefill_tokens)
     scheduler = Scheduler(SchedulerConfig(
         max_batch_size=num_slots, max_prefill_tokens=config.max_prefill_tokens,
         kv_budget_tokens=min(kv_budget, kv.total_bytes) // bytes_per_token, max_row_tokens=max_seq_len,

@@ -48,11 +48,17 @@ class EngineConfig:
     decode_split_kv: int = 0              # paged decode: programs per row and kv head in flex's decode kernel
                                           # (SPLIT_KV); 0 = flex's choice (docs/benchmarks.md note 25)
     decode_sort_rows: bool = True         # paged decode: each step runs its rows longest first (note 27)
-    prefill_graphs: bool = False          # packed whole-prompt prefill forwards replay a CUDA graph per token
-                                          # bucket (fused_prefill.StaticPrefill); off until measured (note 26)
+    prefill_graphs: bool | None = None    # packed whole-prompt prefill forwards of up to 1,280 tokens replay a CUDA
+                                          # graph per token bucket (fused_prefill.StaticPrefill); None = on for CUDA
+                                          # at tensor_parallel 1 (not measured under TP), note 27
     decode_before_prefill: bool | None = None   # a step with prefill work launches its decode step first, so
                                           # the host issues the prefill while the GPU decodes (LLMEngine.step_phases);
                                           # None = on CUDA only (on CPU nothing overlaps: new rows would just wait a step)
+
+    @property
+    def use_prefill_graphs(self) -> bool:
+        """prefill_graphs resolved: None = on at tensor_parallel 1 (the runner adds: CUDA, CUDA graphs on)."""
+        return self.tensor_parallel == 1 if self.prefill_graphs is None else self.prefill_graphs
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:

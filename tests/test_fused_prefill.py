@@ -125,6 +125,19 @@ def test_static_prefill_padded_to_a_bucket_equals_the_packed_prefill(loaded):
             kv.remove_row(rid)
 
 
+def test_prefill_graph_buckets_stop_where_the_eager_forward_is_gpu_bound():
+    """The engine's prefill graphs cover forwards of up to 1,280 tokens in steps of at most 256
+    (a graph costs its padded bucket's GPU time; past ~1,300 tokens the eager forward's host time
+    hides under its GPU time: note 27), and are on by default at tensor parallel 1 only."""
+    from engine.config import EngineConfig
+    from engine.fused_prefill import PREFILL_BUCKETS
+    assert PREFILL_BUCKETS[-1] == 1280
+    assert all(b - a <= 256 and b <= 2 * a for a, b in zip(PREFILL_BUCKETS, PREFILL_BUCKETS[1:]))
+    assert EngineConfig().use_prefill_graphs and not EngineConfig(tensor_parallel=2).use_prefill_graphs
+    assert not EngineConfig(prefill_graphs=False).use_prefill_graphs
+    assert EngineConfig(tensor_parallel=2, prefill_graphs=True).use_prefill_graphs
+
+
 def test_engine_with_bucketed_prefill_matches_hf_generate(loaded):
     """The engine with its whole-prompt forwards through StaticPrefill's buckets (eager here):
     the same tokens as HF generate alone; forwards over the largest bucket run unpadded."""
