@@ -669,25 +669,27 @@ class Bench:
 
     def w4_variants(self, prefix: str, run_one: Callable[[float, dict], dict]) -> dict:
         """W4 per rate x --kv-layout x --prefill-chunk-tokens x --prefill x --decode-split-kv x
-        --decode-first x --prefill-graphs x --decode-sort, side by side in one run, saved as they come:
+        --decode-first x --prefill-graphs x --decode-sort x --fused-epilogues, side by side in one run,
+        saved as they come:
         {f"{prefix}_{layout}_chunk{c}{tags}_rate{r}": ...}. Engines get --max-prefill-tokens, or
         the server's default prefill bound (8,192 tokens a forward), not W1's."""
         out = {}
         chunks = [int(c) for c in self.args.prefill_chunk_tokens.split(",")]
         firsts = [None if f == "auto" else bool(int(f)) for f in self.args.decode_first.split(",")]
         sorts = [bool(int(f)) for f in self.args.decode_sort.split(",")]
-        for rate, layout, chunk, prefill, split, first, graphed, sort in itertools.product(
+        epilogues = [bool(int(f)) for f in self.args.fused_epilogues.split(",")]
+        for rate, layout, chunk, prefill, split, first, graphed, sort, epilogue in itertools.product(
                 self.rates, self.layouts, chunks, self.args.prefill.split(","), self.split_kv, firsts,
-                self.prefill_graphs, sorts):
+                self.prefill_graphs, sorts, epilogues):
             if prefill == "packed" and layout != "paged":
                 continue
             kw = dict(kv_layout=layout, prefill_chunk_tokens=chunk, max_prefill_tokens=self.args.max_prefill_tokens or 8192,
                       packed_prefill=PREFILL_PATHS[prefill], decode_split_kv=split, decode_before_prefill=first,
-                      prefill_graphs=graphed, decode_sort_rows=sort)
+                      prefill_graphs=graphed, decode_sort_rows=sort, fused_epilogues=epilogue)
             tag = ("" if prefill == "auto" else f"_{prefill}") + (f"_split{split}" if split else "") + \
                 {None: "", True: "_decodefirst", False: "_prefillfirst"}[first] + \
                 {None: "", True: "_prefillgraphs", False: "_noprefillgraphs"}[graphed] + \
-                ("" if sort else "_rowordered")
+                ("" if sort else "_rowordered") + ("" if epilogue else "_plainepilogues")
             out.update(self.keep(f"{prefix}_{layout}_chunk{chunk}{tag}_rate{rate:g}", run_one(rate, kw)))
         return out
 
@@ -1062,6 +1064,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-sort", default="1",
                    help="W4: comma list of 1/0, EngineConfig.decode_sort_rows (paged decode runs rows longest "
                         "first); decode-chat runs both orders whatever this says")
+    p.add_argument("--fused-epilogues", default="1",
+                   help="W4: comma list of 1/0, EngineConfig.fused_epilogues (RMSNorm scales and residual adds "
+                        "inside their kernels); decode-chat runs both whatever this says")
     p.add_argument("--prefill-graphs", default="auto",
                    help="W4 (and w3-paired, the first): comma list of auto/1/0, EngineConfig.prefill_graphs (auto: the "
                         "engine's default, on for CUDA at tensor parallel 1)")

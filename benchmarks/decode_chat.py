@@ -70,12 +70,22 @@ def kernel_breakdown(runner, steps: int = 5) -> dict:
 
 def decode_chat(model, tokenizer, spec, layout: str, batches: tuple[int, ...], context: int,
                 bandwidth: float) -> dict:
+    """The engine's defaults, then the fused step without its fused epilogues (key suffix
+    `_plainepilogues`: the RMSNorm scale and the residual adds as kernels of their own; note 27)."""
+    out = _decode_chat(model, tokenizer, spec, layout, batches, context, bandwidth, True)
+    out.update(_decode_chat(model, tokenizer, spec, layout, batches, context, bandwidth, False))
+    return out
+
+
+def _decode_chat(model, tokenizer, spec, layout: str, batches: tuple[int, ...], context: int,
+                 bandwidth: float, epilogues: bool) -> dict:
     """One engine of `layout` sized for the largest batch; each batch of rows filled, stepped, emptied.
-    On pages each batch is stepped twice: rows longest first (the engine's default), then in the
-    rows' own order (key suffix `_rowordered`; note 27)."""
+    On pages with the default epilogues each batch is stepped twice: rows longest first (the
+    engine's default), then in the rows' own order (key suffix `_rowordered`; note 27)."""
     from engine.build import assemble_engine
     from engine.config import EngineConfig
-    config = EngineConfig(max_batch_size=max(batches), max_seq_len=context, warmup=False, kv_layout=layout)
+    config = EngineConfig(max_batch_size=max(batches), max_seq_len=context, warmup=False, kv_layout=layout,
+                          fused_epilogues=epilogues)
     engine, info = assemble_engine(model, tokenizer, spec, config)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     out = {}
@@ -83,13 +93,13 @@ def decode_chat(model, tokenizer, spec, layout: str, batches: tuple[int, ...], c
         for batch in batches:
             lengths = chat_lengths(batch, context)
             room = (sum(lengths) + batch * 64) * engine.slab.bytes_per_token
-            key = f"decode_chat_{layout}_b{batch}"
+            key = f"decode_chat_{layout}_b{batch}" + ("" if epilogues else "_plainepilogues")
             if info.max_batch_size < batch or engine.slab.total_bytes < room:
                 out[key] = {"fits": False, "rows_that_fit": info.max_batch_size, "kv_bytes": engine.slab.total_bytes}
                 continue
             _fill(engine, lengths)
             paged = engine.runner.paged
-            for sort in ((True, False) if paged is not None else (None,)):
+            for sort in ((True, False) if paged is not None and epilogues else (None,)):
                 if paged is not None:
                     paged.sort_rows = sort
                 grown = engine.slab.lengths[0] - lengths[0]   # steps run so far on these rows
@@ -97,7 +107,8 @@ def decode_chat(model, tokenizer, spec, layout: str, batches: tuple[int, ...], c
                 kv_bytes = (sum(lengths) + (grown + 12) * batch) * engine.slab.bytes_per_token   # mid timed steps
                 floor = (weights + kv_bytes) / bandwidth
                 out[key + ("_rowordered" if sort is False else "")] = {
-                    "fits": True, "decode": info.decode, "rows_longest_first": sort, "real_tokens": sum(lengths),
+                    "fits": True, "decode": info.decode, "rows_longest_first": sort, "fused_epilogues": epilogues,
+                    "real_tokens": sum(lengths),
                     "padded_tokens": batch * max(lengths), "step_ms": 1000 * step,
                     "real_floor_ms": 1000 * floor, "ratio_to_real_floor": step / floor,
                     "weights_floor_ms": 1000 * weights / bandwidth, **kernel_breakdown(engine.runner)}

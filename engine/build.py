@@ -119,7 +119,7 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
         raise ValueError("packed_prefill needs the paged layout and the fused decode step")
     runner = ModelRunner(hf_model, kv, device, pad_token_id=pad, cuda_graphs=graphs,
                          fused_decode=fused, packed_prefill=packed, decode_split_kv=config.decode_split_kv,
-                         decode_sort_rows=config.decode_sort_rows,
+                         decode_sort_rows=config.decode_sort_rows, fused_epilogues=config.fused_epilogues,
                          prefill_graphs=config.use_prefill_graphs, max_prefill_tokens=config.max_prefill_tokens)
     scheduler = Scheduler(SchedulerConfig(
         max_batch_size=num_slots, max_prefill_tokens=config.max_prefill_tokens,

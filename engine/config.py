@@ -48,6 +48,7 @@ class EngineConfig:
     decode_split_kv: int = 0              # paged decode: programs per row and kv head in flex's decode kernel
                                           # (SPLIT_KV); 0 = flex's choice (docs/benchmarks.md note 25)
     decode_sort_rows: bool = True         # paged decode: each step runs its rows longest first (note 27)
+    fused_epilogues: bool = True          # fused step: RMSNorm scales and residual adds inside their kernels (note 27)
     prefill_graphs: bool | None = None    # packed whole-prompt prefill forwards of up to 1,280 tokens replay a CUDA
                                           # graph per token bucket (fused_prefill.StaticPrefill); None = on for CUDA
                                           # at tensor_parallel 1 (not measured under TP), note 27

@@ -7,7 +7,9 @@ GEMMs for q, k and v that each reach only 60% of the copy bandwidth. This module
 arithmetic on the same weights with:
   - q/k/v as one GEMM and gate/up as one GEMM (the HF modules' weights become views into the
     concatenated tensors, so no extra memory and prefill keeps using the HF modules);
-  - RMSNorm as PyTorch's fused row-wise kernel; the q/k/v split with the rotary embedding, and
+  - RMSNorm as PyTorch's fused row-wise kernel, its scale inside it, and each residual add inside
+    the o and down GEMMs (addmm, beta 1; not under tensor parallelism, where the residual is added
+    after the all-reduce): `fuse_epilogues`; the q/k/v split with the rotary embedding, and
     SiLU(gate) * up, each compiled by torch.compile into one or two kernels (`compile=True`).
     Only point-wise work is compiled: its per-element result does not depend on the kernel
     configuration Inductor tunes per batch size, so bucketing rows cannot change the tokens;
@@ -58,6 +60,13 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
+def _rms_norm_scaled(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The same RMSNorm with the scale inside PyTorch's row-wise kernel: one kernel instead of two.
+    Equal in fp32; in bf16 the normalised value is not rounded before the scale (one rounding, not
+    two), as any fused kernel rounds."""
+    return F.rms_norm(x, (x.shape[-1],), weight=weight, eps=eps)
+
+
 def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -105,7 +114,10 @@ class FusedDecoder:
     """decode(ids, positions, mask, data, rows, lo, hi, write_index) -> logits [B, V], reading and
     writing the slab `data` [L, 2, S, H, T, D] like kv_slab.SlabCache does for the HF forward."""
 
-    def __init__(self, model, compile: bool = False) -> None:
+    def __init__(self, model, compile: bool = False, fuse_epilogues: bool = True) -> None:
+        """`fuse_epilogues`: each RMSNorm's scale inside its kernel, and (without tensor parallelism
+        and without an o/down bias) each residual add inside the o and down GEMMs (addmm, beta 1):
+        three kernels a layer fewer, each a launch and a gap in the step (note 27)."""
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"fused decode does not support this model: {reason}")
@@ -126,6 +138,9 @@ class FusedDecoder:
         if shards is not None and shards.rowwise_bias:
             raise ValueError("fused decode does not support this model: a row-parallel linear with a bias")
         self.reduce = shards.all_reduce if shards is not None else (lambda x: x)
+        self.norm = _rms_norm_scaled if fuse_epilogues else _rms_norm
+        # under TP the residual is added after the all-reduce of the partial sums
+        self.residual_in_gemm = fuse_epilogues and shards is None
         self.layers: list[_Layer] = []
         with torch.no_grad():
             for block in inner.layers:
@@ -192,16 +207,22 @@ class FusedDecoder:
         x = self.embed(input_ids[:, 0])                                     # [B, hidden]
         cos, sin = self.rotary(x, positions)                                # [B, 1, d] each
         cos, sin = cos[:, 0], sin[:, 0]
+        norm, fold = self.norm, self.residual_in_gemm
         for i, layer in enumerate(self.layers):
-            h = _rms_norm(x, layer.ln1, layer.eps1)
+            h = norm(x, layer.ln1, layer.eps1)
             qkv = F.linear(h, layer.qkv_w, layer.qkv_b)
             q, k, v = self.qkv_rotary(qkv, cos, sin, hq, hkv, d)
-            x = x + self.reduce(F.linear(attend(i, q, k, v), layer.o_w, layer.o_b))
-            h = _rms_norm(x, layer.ln2, layer.eps2)
-            x = x + self.reduce(F.linear(self.silu_mul(F.linear(h, layer.gate_up_w)), layer.down_w))
+            a = attend(i, q, k, v)
+            if fold and layer.o_b is None:
+                x = torch.addmm(x, a, layer.o_w.t())                           # x + a @ o^T, one kernel
+            else:
+                x = x + self.reduce(F.linear(a, layer.o_w, layer.o_b))
+            h = norm(x, layer.ln2, layer.eps2)
+            m = self.silu_mul(F.linear(h, layer.gate_up_w))
+            x = torch.addmm(x, m, layer.down_w.t()) if fold else x + self.reduce(F.linear(m, layer.down_w))
         if keep is not None:
             x = x.index_select(0, keep)
-        return self.lm_head(_rms_norm(x, self.final_norm.weight, self.final_norm.variance_epsilon))
+        return self.lm_head(norm(x, self.final_norm.weight, self.final_norm.variance_epsilon))
 
 
 class SlabAttend:

@@ -514,6 +514,7 @@ def follow(conn, rank: int, world: int, port: int, config, loader, setup=None) -
                                         fused_decode=geometry.fused, packed_prefill=geometry.packed,
                                         cuda_graphs=geometry.graphs, decode_split_kv=geometry.split_kv,
                                         decode_sort_rows=config.decode_sort_rows,
+                                        fused_epilogues=config.fused_epilogues,
                                         prefill_graphs=config.use_prefill_graphs,
                                         max_prefill_tokens=config.max_prefill_tokens),
                           kv, device, cache)

@@ -183,3 +183,44 @@ def test_paged_step_runs_rows_longest_first_with_the_same_results(tiny_model_dir
     for a, b in zip(results[True][1], results[False][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert kv.lengths == [n + 1 for n in lengths]
+
+
+def test_fused_epilogues_drop_kernels_and_keep_the_tokens(tiny_model_dir):
+    """fused_epilogues (the default): each residual add inside the o and down GEMMs (addmm: two
+    operations a layer fewer, each a kernel launch on CUDA) and each RMSNorm's scale inside
+    rms_norm (on CUDA PyTorch's one fused kernel takes the weight; on CPU rms_norm decomposes, so
+    no count shows it here), with the same logits in fp32 and the same greedy tokens as HF
+    through the engine."""
+    from engine.fused_decode import _rms_norm, _rms_norm_scaled
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    loaded = model_loader.load(tiny_model_dir("llama"), CPU, torch.float32)
+    engines = {on: make_engine(loaded, max_batch_size=3, max_seq_len=128, fused_decode=True, kv_layout="paged",
+                               kv_page_size=16, fused_epilogues=on) for on in (True, False)}
+    fused = {on: engine.runner.fused for on, (engine, _) in engines.items()}
+    assert fused[True].residual_in_gemm and not fused[False].residual_in_gemm
+    assert (fused[True].norm, fused[False].norm) == (_rms_norm_scaled, _rms_norm)
+    ids, positions = torch.randint(5, 200, (5, 1)), torch.arange(5)[:, None]
+
+    def attend(layer, q, k, v):   # any attention will do: the epilogues are around it
+        return q.reshape(q.shape[0], -1)
+
+    counts, logits = {}, {}
+    for on in (True, False):
+        with Count() as mode:
+            logits[on] = fused[on](ids, positions, attend)
+        counts[on] = mode.ops
+    assert counts[False] - counts[True] == 2 * len(fused[True].layers), counts
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+    engine, limits = engines[True]
+    arrivals = _arrivals(lengths=[20, 35, 8, 16], steps=[0, 1, 2, 4], ignore_eos=True)
+    _check_against_hf(loaded, engine, drive(engine, limits, arrivals), arrivals)
