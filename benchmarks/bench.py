@@ -257,6 +257,16 @@ def summarize(records: dict, wall: float, step_times: list[float], slo: tuple[fl
                                    for p, v in sorted(by_prio.items())}
         low = [r for r in records.values() if r["priority"] == min(by_prio)]
         out["low_priority_tok_per_s"] = sum(r["tokens"] for r in low) / (max(r["done"] for r in low) - min(r["arrival"] for r in low))
+    if by_prio:
+        # what ends the lowest priority's work (W3's ratio is set by its last rows): the last three
+        # to finish, each with its tokens, first token and end (seconds from that priority's first
+        # arrival) and its longest gap between two tokens (a park, or a step with a long prefill)
+        low = [r for r in records.values() if r["priority"] == min(by_prio) and r["times"]]
+        t0 = min(r["arrival"] for r in low)
+        out["lowest_priority_last"] = [
+            {"tokens": r["tokens"], "first_token_s": round(r["times"][0] - t0, 3), "done_s": round(r["done"] - t0, 3),
+             "longest_gap_s": round(max((b - a for a, b in zip(r["times"], r["times"][1:])), default=0.0), 3)}
+            for r in sorted(low, key=lambda r: r["done"])[-3:]]
     if slo is not None:
         slo_ttft, slo_tpot = slo
         good = [r for r in records.values() if r["times"] and r["times"][0] - r["arrival"] <= slo_ttft and
@@ -829,7 +839,8 @@ def stage_w3_paired(b: Bench) -> dict:
     the pairs' low-priority throughput ratios."""
     w3, low_only, kw = _w3(b)
     keep = ("wall_s", "tok_per_s", "low_priority_tok_per_s", "ttft_by_priority", "preemptions", "seconds_prefill",
-            "seconds_decode", "decode_steps", "decode_rows_p50", "decode_step_p50_ms", "itl_p99_s", "tpot_p50_s")
+            "seconds_decode", "decode_steps", "decode_rows_p50", "decode_step_p50_ms", "itl_p99_s", "tpot_p50_s",
+            "lowest_priority_last")
     pairs = []
     for i in range(b.args.w3_pairs):
         order = ("alone", "w3") if i % 2 == 0 else ("w3", "alone")

@@ -312,12 +312,19 @@ class Scheduler:
         return bool(self.running or self.waiting or self._free or self._park)
 
     # ---- internals -------------------------------------------------------------------------
-    def _admission_key(self, request: Request, now: float) -> tuple[float, int]:
+    def _admission_key(self, request: Request, now: float) -> tuple[float, float, int]:
+        """Admission order: the higher effective priority first (the base priority, plus one level
+        per `aging_seconds` waited); among equals, whoever has been waiting longer, counted from
+        arrival or from the park that put it back in the queue (as aging counts), then arrival.
+        Ordering equals by arrival alone let rows parked after a queued request came back before
+        it every time: in W3 with aging off, each high-priority arrival parked a running row that
+        then took the next free slot ahead of a low-priority request waiting since the start, which
+        waited ~5 s and ended the batch late (docs/benchmarks.md note 27)."""
+        since = request.parked_since if request.parked_since is not None else request.arrival_time
         effective = float(request.priority)
         if self.config.aging_seconds > 0:
-            since = request.parked_since if request.parked_since is not None else request.arrival_time
             effective += (now - since) / self.config.aging_seconds
-        return (-effective, request.arrival_seq)
+        return (-effective, since, request.arrival_seq)
 
     def _fits(self, need_tokens: int, rows: int = 1) -> bool:
         return (self.num_rows(self.running) + rows <= self.config.max_batch_size

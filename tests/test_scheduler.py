@@ -276,6 +276,33 @@ def test_preemption_victim_on_ties_is_the_row_nearest_its_end():
     assert ids(out.park) == ["mid"]
 
 
+def test_a_queued_request_is_not_passed_over_by_rows_parked_after_it_arrived():
+    """Among equal priorities the queue is ordered by how long each has waited, counted from a
+    parked row's park (as aging counts it), not by arrival alone. By arrival, a row parked for a
+    higher-priority arrival (it arrived before the queued request) took every freed slot ahead
+    of a request that had been queued all along: in W3 with aging off one waited ~5 s and ended
+    the batch late (docs/benchmarks.md note 27; benchmarks/replay_scheduler.py)."""
+    s = make_sched(max_batch_size=2)
+    a, b = make_req("a", max_new=50, t=0.0), make_req("b", max_new=40, t=0.0)
+    queued = make_req("queued", max_new=50, t=0.0)
+    for r in (a, b, queued):
+        s.add(r)
+    step(s, now=0.0)
+    assert ids(s.running) == ["a", "b"] and ids(s.waiting) == ["queued"]
+    for cycle in range(3):   # a high-priority request parks a row; when it ends, one slot frees
+        hi = make_req(f"hi{cycle}", prio=5, max_new=2, t=1.0 + cycle)
+        s.add(hi)
+        out = step(s, now=1.0 + cycle)
+        assert ids(out.prefill) == [f"hi{cycle}"] and len(out.park) == 1
+        parked = out.park[0]
+        out = step(s, now=1.5 + cycle)   # hi ends here; its slot is free from the next step
+        out = step(s, now=1.6 + cycle)
+        if queued.state == RequestState.RUNNING:
+            break
+        assert parked.state == RequestState.PREEMPTED
+    assert queued.state == RequestState.RUNNING and cycle == 0, (cycle, ids(s.running), ids(s.waiting))
+
+
 def test_preemption_evicts_as_many_as_needed_for_kv():
     s = make_sched(max_batch_size=8, kv_budget_tokens=40)
     a, b, c = _full_batch(s, [("a", 9, 0), ("b", 9, 0), ("c", 9, 1)])
