@@ -9,20 +9,22 @@
 # Llama-2 tokenizer folder). Every stage has its own time limit, writes its JSON to $OUT and
 # prints a summary line per variant; a stage that fails prints its last error lines and the
 # next stage still runs. Stages and their rough cost on an H200 (seconds):
+#   gpu-test    one -k expression of tests/test_gpu.py (GPU_TEST)
 #   gpu-tests   tests/test_gpu.py (bf16 checks incl. packed chunks)                      ~150
 #   w4-chunks   W4 at 10 req/s, paged, chunks 0, 512, 1024 (W4_CHUNKS), one forward a step   ~240
 #   w3-paired   W3 and W3 alone, alternating, W3_PAIRS (3) pairs; W3_BOUND (2048), W3_CHUNK (0),
 #               W3_GRAPHS (auto: the engine's default; 0 off, 1 on)                                ~120
 #   chunks-probe  benchmarks/profile_chunks.py: first-run vs later runs, synced or not      ~150
 #   prefill-probe  benchmarks/probe_prefill.py: a packed prefill forward eager vs graphed buckets  ~150
+#   epilogues-probe  benchmarks/probe_epilogues.py: the fused step, fused epilogues on vs off        ~90
 #   flex-probe  benchmarks/probe_flex_decode.py: paged decode attention, flex's SPLIT_KV etc.  ~200
 #   w4-overlap  W4 at 10 req/s, paged, decode launched before the prefill vs after (note 26)  ~150
 #   w4-order    W4 at 10 req/s, paged: decode first vs prefill first x prefill graphs off/on  ~260
 #   w4          W4 at W4_RATES (10,20) req/s, paged, the engine's defaults                  ~150
 #   w4-sort     W4 at W4_RATES (10) req/s, paged: decode rows longest first vs in row order     ~150
 #   w4-graphs   W4 at 10 and 20 req/s, paged, prefill graphs off vs on (note 26)            ~330
-#   decode-chat decode step at batch 48-256, chat lengths, paged, rows longest first and in row order:
-#               vs real floor, GPU time by kernel kind                                     ~180
+#   decode-chat decode step at batch 48-256, chat lengths, paged, rows longest first and in row order,
+#               and without fused epilogues: vs real floor, GPU time by kernel kind         ~240
 #   w4-split    W4 at 10 and 20 req/s, paged, SPLIT_KV 0 (flex's) and $SPLIT_KV (default 8)     ~300
 #   rows        W4 at 40 req/s, batch up to 512 at 4,096 context: peak concurrent rows (issue 12:
 #               >= 250 rows of ~600 tokens where the slab holds 53)                       ~200
@@ -98,6 +100,10 @@ for s in "$@"; do
       stage prefill-probe 300 "" python3 -m benchmarks.probe_prefill --tokenizer $TOK
       cp "$OUT/prefill-probe.txt" "$OUT/probe-prefill.jsonl"
       cut -c1-400 "$OUT/prefill-probe.txt" ;;
+    epilogues-probe)   # benchmarks/probe_epilogues.py: the fused step with and without fused epilogues, graphed
+      stage epilogues-probe 200 "" python3 -m benchmarks.probe_epilogues
+      cp "$OUT/epilogues-probe.txt" "$OUT/probe-epilogues.jsonl"
+      cat "$OUT/epilogues-probe.txt" ;;
     flex-probe)
       stage flex-probe 300 "" python3 -m benchmarks.probe_flex_decode
       cp "$OUT/flex-probe.txt" "$OUT/probe-flex-decode.jsonl"
@@ -123,7 +129,7 @@ for s in "$@"; do
         --tokenizer $TOK --max-batch-size 256 --kv-layout paged --prefill-graphs 0,1 --runs w4 --rates 10,20 \
         --requests 192 --same-process --name $R/llama2-7b-h200-w4-graphs ;;
     decode-chat)   # issue 12's decode step at batch 48/64/128/256, chat lengths, vs the real floor, by kernel kind
-      stage decode-chat 240 $R/llama2-7b-h200-decode-chat.json python3 -m benchmarks.bench --preset llama2-7b \
+      stage decode-chat 360 $R/llama2-7b-h200-decode-chat.json python3 -m benchmarks.bench --preset llama2-7b \
         --tokenizer $TOK --kv-layout paged --runs decode-chat --name $R/llama2-7b-h200-decode-chat
       python3 -c "
 import json, sys
