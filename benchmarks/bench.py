@@ -45,6 +45,14 @@ PRESETS = {
 }
 
 
+# Engine settings W4 can run on and off side by side: bench flag -> (EngineConfig field, the W4
+# result key's tag when off, what it does)
+ON_OFF_SWITCHES = {
+    "decode-sort": ("decode_sort_rows", "_rowordered", "paged decode runs rows longest first"),
+    "fused-epilogues": ("fused_epilogues", "_plainepilogues", "RMSNorm scales and residual adds inside their kernels"),
+}
+
+
 def build_preset(name: str, device: torch.device, dtype: torch.dtype, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(**{**PRESETS[name], **overrides}, attn_implementation="sdpa")
@@ -679,27 +687,27 @@ class Bench:
 
     def w4_variants(self, prefix: str, run_one: Callable[[float, dict], dict]) -> dict:
         """W4 per rate x --kv-layout x --prefill-chunk-tokens x --prefill x --decode-split-kv x
-        --decode-first x --prefill-graphs x --decode-sort x --fused-epilogues, side by side in one run,
+        --decode-first x --prefill-graphs x each of ON_OFF_SWITCHES, side by side in one run,
         saved as they come:
         {f"{prefix}_{layout}_chunk{c}{tags}_rate{r}": ...}. Engines get --max-prefill-tokens, or
         the server's default prefill bound (8,192 tokens a forward), not W1's."""
         out = {}
         chunks = [int(c) for c in self.args.prefill_chunk_tokens.split(",")]
         firsts = [None if f == "auto" else bool(int(f)) for f in self.args.decode_first.split(",")]
-        sorts = [bool(int(f)) for f in self.args.decode_sort.split(",")]
-        epilogues = [bool(int(f)) for f in self.args.fused_epilogues.split(",")]
-        for rate, layout, chunk, prefill, split, first, graphed, sort, epilogue in itertools.product(
+        switches = [[(name, bool(int(v)), tag) for v in getattr(self.args, flag.replace("-", "_")).split(",")]
+                    for flag, (name, tag, _what) in ON_OFF_SWITCHES.items()]
+        for rate, layout, chunk, prefill, split, first, graphed, *settings in itertools.product(
                 self.rates, self.layouts, chunks, self.args.prefill.split(","), self.split_kv, firsts,
-                self.prefill_graphs, sorts, epilogues):
+                self.prefill_graphs, *switches):
             if prefill == "packed" and layout != "paged":
                 continue
             kw = dict(kv_layout=layout, prefill_chunk_tokens=chunk, max_prefill_tokens=self.args.max_prefill_tokens or 8192,
                       packed_prefill=PREFILL_PATHS[prefill], decode_split_kv=split, decode_before_prefill=first,
-                      prefill_graphs=graphed, decode_sort_rows=sort, fused_epilogues=epilogue)
+                      prefill_graphs=graphed, **{name: on for name, on, _tag in settings})
             tag = ("" if prefill == "auto" else f"_{prefill}") + (f"_split{split}" if split else "") + \
                 {None: "", True: "_decodefirst", False: "_prefillfirst"}[first] + \
                 {None: "", True: "_prefillgraphs", False: "_noprefillgraphs"}[graphed] + \
-                ("" if sort else "_rowordered") + ("" if epilogue else "_plainepilogues")
+                "".join(tag for _name, on, tag in settings if not on)
             out.update(self.keep(f"{prefix}_{layout}_chunk{chunk}{tag}_rate{rate:g}", run_one(rate, kw)))
         return out
 
@@ -1072,12 +1080,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-split-kv", default="0",
                    help="paged decode: flex's SPLIT_KV (0 = flex's choice); W4 takes a comma list and runs each, "
                         "other stages the first")
-    p.add_argument("--decode-sort", default="1",
-                   help="W4: comma list of 1/0, EngineConfig.decode_sort_rows (paged decode runs rows longest "
-                        "first); decode-chat runs both orders whatever this says")
-    p.add_argument("--fused-epilogues", default="1",
-                   help="W4: comma list of 1/0, EngineConfig.fused_epilogues (RMSNorm scales and residual adds "
-                        "inside their kernels); decode-chat runs both whatever this says")
+    for flag, (name, _tag, what) in ON_OFF_SWITCHES.items():
+        p.add_argument(f"--{flag}", default="1", help=f"W4: comma list of 1/0, EngineConfig.{name} ({what}); "
+                                                      "decode-chat runs both whatever this says")
     p.add_argument("--prefill-graphs", default="auto",
                    help="W4 (and w3-paired, the first): comma list of auto/1/0, EngineConfig.prefill_graphs (auto: the "
                         "engine's default, on for CUDA at tensor parallel 1)")
