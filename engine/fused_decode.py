@@ -116,8 +116,9 @@ class FusedDecoder:
 
     def __init__(self, model, compile: bool = False, fuse_epilogues: bool = True) -> None:
         """`fuse_epilogues`: each RMSNorm's scale inside its kernel, and (without tensor parallelism
-        and without an o/down bias) each residual add inside the o and down GEMMs (addmm, beta 1):
-        three kernels a layer fewer, each a launch and a gap in the step (note 27)."""
+        and without an o bias) each residual add inside the o and down GEMMs (addmm, beta 1): four
+        kernels a layer fewer and one for the final norm (two a layer under tensor parallelism),
+        each a launch and a gap in the step (note 27)."""
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"fused decode does not support this model: {reason}")
