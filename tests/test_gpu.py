@@ -256,3 +256,24 @@ def test_bf16_graphed_prefill_close_to_eager_packed_prefill(tiny_model_dir):
         for i in range(len(prompts)):   # max_batch_size 8: each round's rows leave before the next
             kv.remove_row(f"g{n}.{i}")
             kv.remove_row(f"e{n}.{i}")
+
+
+def test_bf16_fused_epilogues_close_to_plain_epilogues(tiny_model_dir):
+    """fused_epilogues (RMSNorm's scale inside the rms kernel, residual adds inside addmm) against
+    the same compiled step without them, bf16 on CUDA, a decode-sized and a prefill-sized batch:
+    the same argmax and logits within bf16 rounding."""
+    from engine.fused_decode import FusedDecoder
+    model = model_loader.load(tiny_model_dir("llama"), CUDA, torch.bfloat16)[0]
+    fused = {on: FusedDecoder(model, compile=True, fuse_epilogues=on) for on in (True, False)}
+
+    def attend(layer, q, k, v):   # the epilogues are around the attention; any attention will do
+        return q.reshape(q.shape[0], -1)
+
+    g = torch.Generator().manual_seed(7)
+    for rows in (24, 300):
+        ids = torch.randint(5, 200, (rows, 1), generator=g).to(CUDA)
+        positions = torch.randint(0, 100, (rows, 1), generator=g).to(CUDA)
+        with torch.inference_mode():
+            logits = {on: f(ids, positions, attend).float() for on, f in fused.items()}
+        assert (logits[True].argmax(-1) == logits[False].argmax(-1)).float().mean() >= 0.98
+        torch.testing.assert_close(logits[True], logits[False], rtol=0.05, atol=0.05)
