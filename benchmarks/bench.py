@@ -45,11 +45,19 @@ PRESETS = {
 }
 
 
-# Engine settings W4 can run on and off side by side: bench flag -> (EngineConfig field, the W4
-# result key's tag when off, what it does)
-ON_OFF_SWITCHES = {
-    "decode-sort": ("decode_sort_rows", "_rowordered", "paged decode runs rows longest first"),
-    "fused-epilogues": ("fused_epilogues", "_plainepilogues", "RMSNorm scales and residual adds inside their kernels"),
+# Engine settings W4 runs side by side, each flag a comma list of its values (auto = None, the
+# engine's own choice; 1; 0): bench flag -> (EngineConfig field, default, {value: the W4 result
+# key's tag}, what it does)
+SWITCHES = {
+    "decode-first": ("decode_before_prefill", "auto", {None: "", True: "_decodefirst", False: "_prefillfirst"},
+                     "a step launches its decode before its prefill; auto: on for CUDA; 0: prefill, then decode"),
+    "prefill-graphs": ("prefill_graphs", "auto", {None: "", True: "_prefillgraphs", False: "_noprefillgraphs"},
+                       "whole-prompt prefill forwards replay CUDA graphs; auto: on for CUDA at tensor parallel 1; "
+                       "w3-paired takes the first"),
+    "decode-sort": ("decode_sort_rows", "1", {True: "", False: "_rowordered"},
+                    "paged decode runs rows longest first; decode-chat runs both"),
+    "fused-epilogues": ("fused_epilogues", "1", {True: "", False: "_plainepilogues"},
+                        "RMSNorm scales and residual adds inside their kernels; decode-chat runs both"),
 }
 
 
@@ -677,37 +685,34 @@ class Bench:
     def split_kv(self) -> list[int]:
         return [int(n) for n in self.args.decode_split_kv.split(",")]
 
-    @property
-    def prefill_graphs(self) -> list[bool | None]:
-        return [None if f == "auto" else bool(int(f)) for f in self.args.prefill_graphs.split(",")]
+    def switch(self, flag: str) -> list[bool | None]:
+        """The values of one of SWITCHES given on the command line."""
+        values = [None if v == "auto" else bool(int(v)) for v in getattr(self.args, flag.replace("-", "_")).split(",")]
+        if any(v not in SWITCHES[flag][2] for v in values):
+            raise SystemExit(f"--{flag}: values are {'auto, ' if None in SWITCHES[flag][2] else ''}1 or 0")
+        return values
 
     @property
     def layouts(self) -> list[str]:
         return self.args.kv_layout.split(",")
 
     def w4_variants(self, prefix: str, run_one: Callable[[float, dict], dict]) -> dict:
-        """W4 per rate x --kv-layout x --prefill-chunk-tokens x --prefill x --decode-split-kv x
-        --decode-first x --prefill-graphs x each of ON_OFF_SWITCHES, side by side in one run,
-        saved as they come:
+        """W4 per rate x --kv-layout x --prefill-chunk-tokens x --prefill x --decode-split-kv x each
+        of SWITCHES, side by side in one run, saved as they come:
         {f"{prefix}_{layout}_chunk{c}{tags}_rate{r}": ...}. Engines get --max-prefill-tokens, or
         the server's default prefill bound (8,192 tokens a forward), not W1's."""
         out = {}
         chunks = [int(c) for c in self.args.prefill_chunk_tokens.split(",")]
-        firsts = [None if f == "auto" else bool(int(f)) for f in self.args.decode_first.split(",")]
-        switches = [[(name, bool(int(v)), tag) for v in getattr(self.args, flag.replace("-", "_")).split(",")]
-                    for flag, (name, tag, _what) in ON_OFF_SWITCHES.items()]
-        for rate, layout, chunk, prefill, split, first, graphed, *settings in itertools.product(
-                self.rates, self.layouts, chunks, self.args.prefill.split(","), self.split_kv, firsts,
-                self.prefill_graphs, *switches):
+        switches = [[(name, v, tags[v]) for v in self.switch(flag)] for flag, (name, _d, tags, _w) in SWITCHES.items()]
+        for rate, layout, chunk, prefill, split, *settings in itertools.product(
+                self.rates, self.layouts, chunks, self.args.prefill.split(","), self.split_kv, *switches):
             if prefill == "packed" and layout != "paged":
                 continue
             kw = dict(kv_layout=layout, prefill_chunk_tokens=chunk, max_prefill_tokens=self.args.max_prefill_tokens or 8192,
-                      packed_prefill=PREFILL_PATHS[prefill], decode_split_kv=split, decode_before_prefill=first,
-                      prefill_graphs=graphed, **{name: on for name, on, _tag in settings})
+                      packed_prefill=PREFILL_PATHS[prefill], decode_split_kv=split,
+                      **{name: value for name, value, _tag in settings})
             tag = ("" if prefill == "auto" else f"_{prefill}") + (f"_split{split}" if split else "") + \
-                {None: "", True: "_decodefirst", False: "_prefillfirst"}[first] + \
-                {None: "", True: "_prefillgraphs", False: "_noprefillgraphs"}[graphed] + \
-                "".join(tag for _name, on, tag in settings if not on)
+                "".join(tag for _name, _value, tag in settings)
             out.update(self.keep(f"{prefix}_{layout}_chunk{chunk}{tag}_rate{rate:g}", run_one(rate, kw)))
         return out
 
@@ -823,7 +828,7 @@ def _w3(b: Bench) -> tuple[list[BenchRequest], list[BenchRequest], dict]:
     kw = dict(cuda_graphs=True, max_batch=b.args.max_batch_size,
               max_seq_len=max(len(r.prompt_ids) + r.max_new_tokens for r in w3) + 8, fused=b.fused,
               kv_layout=b.layouts[0], prefill_chunk_tokens=b.common["prefill_chunk_tokens"],
-              prefill_graphs=b.prefill_graphs[0], **b.prefill_bound)
+              prefill_graphs=b.switch("prefill-graphs")[0], **b.prefill_bound)
     return w3, [r for r in w3 if r.priority == 0], kw
 
 
@@ -1080,15 +1085,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-split-kv", default="0",
                    help="paged decode: flex's SPLIT_KV (0 = flex's choice); W4 takes a comma list and runs each, "
                         "other stages the first")
-    for flag, (name, _tag, what) in ON_OFF_SWITCHES.items():
-        p.add_argument(f"--{flag}", default="1", help=f"W4: comma list of 1/0, EngineConfig.{name} ({what}); "
-                                                      "decode-chat runs both whatever this says")
-    p.add_argument("--prefill-graphs", default="auto",
-                   help="W4 (and w3-paired, the first): comma list of auto/1/0, EngineConfig.prefill_graphs (auto: the "
-                        "engine's default, on for CUDA at tensor parallel 1)")
-    p.add_argument("--decode-first", default="auto",
-                   help="W4: comma list of auto/1/0, EngineConfig.decode_before_prefill (auto: on for CUDA; 0: the old "
-                        "order, prefill then decode)")
+    for flag, (name, default, tags, what) in SWITCHES.items():
+        p.add_argument(f"--{flag}", default=default, help=f"W4: comma list of {'auto/' if None in tags else ''}1/0, "
+                                                          f"EngineConfig.{name} ({what})")
     p.add_argument("--prefill-chunk-tokens", default="0",
                    help="W4: comma list of --prefill-chunk-tokens values to run side by side (0 = whole prompts)")
     p.add_argument("--max-prefill-tokens", type=int, default=None,

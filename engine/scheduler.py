@@ -341,9 +341,9 @@ class Scheduler:
         fewest tokens left in its budget, then the latest arrival. A parked row comes back when a
         slot frees, so parking the row that would end the batch last (the most tokens left) can
         stretch the whole batch's tail by its time parked; parking the one nearest its end cannot.
-        W3 on the H200 (docs/benchmarks.md note 26): low-priority throughput 0.934 of alone with
-        this rule against 0.907 with latest arrival, medians of three pairs on two different
-        machines, so not a clean A/B."""
+        W3 replayed through this scheduler (benchmarks/replay_scheduler.py, note 27): 528 decode
+        steps with this rule, as many as its low-priority work alone; 534 parking the latest
+        arrival; 660 parking the row with the most tokens left."""
         return r.priority, r.params.max_new_tokens - len(r.output_ids), -r.arrival_seq
 
     def _victim(self, exclude: tuple[Request, ...]) -> Request | None:
