@@ -9,6 +9,7 @@ reported as such (`fits: false`). Each batch also gets its step's GPU time by ki
 """
 from __future__ import annotations
 
+import bisect
 import random
 import statistics
 import time
@@ -38,6 +39,23 @@ def _median_step(runner, steps: int = 25, skip: int = 5) -> float:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times[skip:])
+
+
+def _replay_ms(paged, batch: int, steps: int = 25, skip: int = 5) -> dict:
+    """The paged step's CUDA graph replayed alone (its inputs as the last step left them): the
+    step's time less what the host does around it (row order, page table, block-mask refresh,
+    copies), to say whether the time past the kernels is inside the graph or before it."""
+    if paged is None or not paged.use_graphs:
+        return {}
+    graph, _ = paged.graphs[paged.row_buckets[bisect.bisect_left(paged.row_buckets, batch)]]
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {"replay_ms": 1000 * statistics.median(times[skip:])}
 
 
 KERNEL_KINDS = (("attention", ("flex_attention", "flash", "attention")),
@@ -99,7 +117,7 @@ def _decode_chat(model, tokenizer, spec, layout: str, batches: tuple[int, ...], 
                 continue
             _fill(engine, lengths)
             paged = engine.runner.paged
-            for sort in ((True, False) if paged is not None and epilogues else (None,)):
+            for sort in ((True, False) if epilogues else (True,)) if paged is not None else (None,):
                 if paged is not None:
                     paged.sort_rows = sort
                 grown = engine.slab.lengths[0] - lengths[0]   # steps run so far on these rows
@@ -111,7 +129,8 @@ def _decode_chat(model, tokenizer, spec, layout: str, batches: tuple[int, ...], 
                     "real_tokens": sum(lengths),
                     "padded_tokens": batch * max(lengths), "step_ms": 1000 * step,
                     "real_floor_ms": 1000 * floor, "ratio_to_real_floor": step / floor,
-                    "weights_floor_ms": 1000 * weights / bandwidth, **kernel_breakdown(engine.runner)}
+                    "weights_floor_ms": 1000 * weights / bandwidth, **_replay_ms(paged, batch),
+                    **kernel_breakdown(engine.runner)}
             if paged is not None:
                 paged.sort_rows = True
             for row_id in list(engine.slab.row_ids):

@@ -135,7 +135,8 @@ for s in "$@"; do
 import json, sys
 for k, v in json.load(open(sys.argv[1])).items():
     if k.startswith('decode_chat') and v.get('fits'):
-        print(' ', k, round(v['step_ms'], 2), 'ms', round(v['ratio_to_real_floor'], 2), 'x floor', v['kernel_ms_by_kind'])
+        print(' ', k, round(v['step_ms'], 2), 'ms', round(v['ratio_to_real_floor'], 2), 'x floor; graph replay',
+              round(v.get('replay_ms', 0), 2), 'kernels', v['kernel_ms'], v['kernel_ms_by_kind'])
 " $R/llama2-7b-h200-decode-chat.json ;;
     w4-split)
       stage w4-split 420 $R/llama2-7b-h200-w4-split.json python3 -m benchmarks.bench --preset llama2-7b \
