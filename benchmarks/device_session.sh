@@ -21,6 +21,7 @@
 #   w4-overlap  W4 at 10 req/s, paged, decode launched before the prefill vs after (note 26)  ~150
 #   w4-order    W4 at 10 req/s, paged: decode first vs prefill first x prefill graphs off/on  ~260
 #   w4          W4 at W4_RATES (10,20) req/s, paged, the engine's defaults                  ~150
+#   w4-serve    W4 at W4_SERVE_RATES (10) req/s through gRPC and the engine process (issue 12's target)  ~150
 #   w4-sort     W4 at W4_RATES (10) req/s, paged: decode rows longest first vs in row order     ~150
 #   w4-graphs   W4 at 10 and 20 req/s, paged, prefill graphs off vs on (note 26)            ~330
 #   decode-chat decode step at batch 48-256, chat lengths, paged, rows longest first and in row order,
@@ -124,6 +125,10 @@ for s in "$@"; do
       stage w4 400 $R/llama2-7b-h200-w4.json python3 -m benchmarks.bench --preset llama2-7b \
         --tokenizer $TOK --max-batch-size 256 --kv-layout paged --runs w4 \
         --rates ${W4_RATES:-10,20} --requests 192 --same-process --name $R/llama2-7b-h200-w4 ;;
+    w4-serve)   # W4 at W4_SERVE_RATES (10) req/s through the engine process as `baton serve` runs it
+      stage w4-serve 300 $R/llama2-7b-h200-grpc-w4.json python3 -m benchmarks.bench --preset llama2-7b \
+        --tokenizer $TOK --max-batch-size 256 --kv-layout paged --runs grpc-w4 \
+        --rates ${W4_SERVE_RATES:-10} --requests 192 --name $R/llama2-7b-h200-grpc-w4 ;;
     w4-graphs)   # prefill_graphs off vs on, W4 at 10 and 20 req/s, whole prompts (note 26's prediction)
       stage w4-graphs 420 $R/llama2-7b-h200-w4-graphs.json python3 -m benchmarks.bench --preset llama2-7b \
         --tokenizer $TOK --max-batch-size 256 --kv-layout paged --prefill-graphs 0,1 --runs w4 --rates 10,20 \

@@ -127,6 +127,11 @@ class PagedKV:
     # ---- decode ----------------------------------------------------------------------------
     def prepare_decode(self) -> torch.Tensor:
         """Give every row the slot of its next token. -> write slots [n] long (on the device)."""
+        return self.prepare_decode_host().to(self.data.device, non_blocking=True)
+
+    def prepare_decode_host(self) -> torch.Tensor:
+        """`prepare_decode` without the copy: -> write slots [n] long on the host (the fused paged
+        step packs them with its other inputs into one copy)."""
         for r, (row_id, n) in enumerate(zip(self.row_ids, self.lengths)):
             if n + 1 > self.max_len:
                 raise RuntimeError("row longer than the context limit")
@@ -134,11 +139,15 @@ class PagedKV:
             if new:                                 # the next token starts a page
                 self._table[r, n // self.page_size] = new[0]
         lengths = torch.tensor(self.lengths, dtype=torch.long)[:, None]            # [n, 1]
-        return self._slots(lengths)[:, 0].to(self.data.device, non_blocking=True)
+        return self._slots(lengths)[:, 0]
 
     def advance(self) -> None:
         """After a decode step wrote every row's slot."""
         self.lengths = [n + 1 for n in self.lengths]
+
+    def host_page_table(self, rows: int) -> torch.Tensor:
+        """[rows, max_pages_per_row] long on the host: the first rows of `page_table`, no copy."""
+        return self._table[:rows]
 
     def page_table(self, rows: int | None = None, width: int | None = None) -> torch.Tensor:
         """[rows, width] long on the device: row r's pages in order (entries past its pages, and

@@ -1,10 +1,11 @@
 """The fused decode step over paged K/V: rows padded to a bucket, attention over each row's own
 pages only (FlexAttention), optionally captured once per row bucket as a CUDA graph.
 
-Everything a step changes lives in static buffers read inside the step (so a captured graph stays
-valid): ids [S, 1] and positions [S, 1] of each row, its write slot [S], and the attention's page
-table and lengths (engine/paged_attention.py). Padding rows (past the live ones, up to the
-bucket) have length 0, attend nothing and write to the pool's scratch page, never a live slot.
+Everything a step changes lives in one static buffer read inside the step (so a captured graph
+stays valid): per row its input token, position, attended length, write slot, where its logits go
+back to, and its page table (see `ID`..`TABLE`); the step itself derives the attention's tables
+from it (engine/paged_attention.py). Padding rows (past the live ones, up to the bucket) have
+length 0, attend nothing and write to the pool's scratch page, never a live slot.
 Unlike the slab's graphs, the shapes do not depend on the context: one graph per row bucket.
 """
 from __future__ import annotations
@@ -22,28 +23,46 @@ from engine.paged_attention import PagedDecodeAttention
 # nothing, so padding up to 2x rows costs little, while each bucket is one FlexAttention compile.
 ROW_BUCKETS = (8, 32, 64, 128, 256, 512)
 
+# Columns of the step's inputs, one row per row of the bucket in the order the step runs them:
+# input token, position (K/V length before the step), tokens attended (position + 1; 0 for
+# padding), write slot, where the row's logits go back to (the inverse of the run order), then
+# the row's page table.
+ID, POS, LEN, WRITE, INV, TABLE = range(6)
+
 
 class PagedDecoder:
     def __init__(self, fused: FusedDecoder, kv: PagedKV, device: torch.device, graphs: bool, compile: bool,
                  split_kv: int = 0, sort_rows: bool = True) -> None:
         self.fused, self.kv, self.device = fused, kv, device
         self.sort_rows = sort_rows   # run each step's rows longest first (see decode)
-        S = kv.max_rows
+        S, P = kv.max_rows, kv.max_pages_per_row
         self.row_buckets = buckets(S, ROW_BUCKETS)
         self.attention = PagedDecodeAttention(
             fused.num_heads, fused.num_kv_heads, fused.head_dim, kv.page_size, max_rows=S,
-            max_pages_per_row=kv.max_pages_per_row, device=device, compile=compile, num_pages=kv.num_pages + 1,
+            max_pages_per_row=P, device=device, compile=compile, num_pages=kv.num_pages + 1,
             kernel_options={"SPLIT_KV": split_kv} if split_kv else None)
-        self.ids = torch.zeros(S, 1, dtype=torch.long, device=device)
-        self.positions = torch.zeros(S, 1, dtype=torch.long, device=device)
-        self.write = torch.full((S,), kv.scratch_slot, dtype=torch.long, device=device)
+        # The step's inputs (columns above), read inside the step; a padding row (past the live
+        # ones, up to the bucket) attends nothing and writes to the pool's scratch slot.
+        self.padding = torch.zeros(S, TABLE + P, dtype=torch.long)
+        self.padding[:, WRITE] = kv.scratch_slot
+        self.padding[:, INV] = torch.arange(S)
+        self.inputs = self.padding.to(device)
+        on_cuda = device.type == "cuda"
+        # Staged on the host (pinned) and sent in one copy; the event says the copy has left it.
+        self.staged = self.padding.pin_memory() if on_cuda else None
+        self.copied = torch.cuda.Event() if on_cuda else None
         self.use_graphs = graphs
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def _forward(self, rows: int) -> torch.Tensor:
-        attend = PagedAttend(self.kv.data, self.write[:rows], self.attention, rows, self.fused.scaling)
-        return self.fused(self.ids[:rows], self.positions[:rows], attend)              # [rows, V]
+        """The whole step from the inputs buffer: the attention's tables, the forward, the logits
+        back in the rows' own order. Captured whole, so a step is one copy and one replay."""
+        x = self.inputs[:rows]
+        self.attention.update(x[:, TABLE:], x[:, LEN], rows)
+        attend = PagedAttend(self.kv.data, x[:, WRITE], self.attention, rows, self.fused.scaling)
+        logits = self.fused(x[:, ID:ID + 1], x[:, POS:POS + 1], attend)                  # [rows, V]
+        return logits.index_select(0, x[:, INV])
 
     def _graph(self, rows: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         if rows not in self.graphs:
@@ -52,9 +71,8 @@ class PagedDecoder:
 
     @torch.inference_mode()   # as every decode runs: no autograd (FlexAttention's backward needs more tables)
     def capture_all(self) -> int:
-        """Capture every row bucket now (largest first, so the shared pool is sized once)."""
-        self.attention.update(self.kv.page_table(self.kv.max_rows), torch.zeros(self.kv.max_rows, dtype=torch.long,
-                                                                                   device=self.device), self.kv.max_rows)
+        """Capture every row bucket now (largest first, so the shared pool is sized once); the
+        inputs are all padding meanwhile."""
         with capturing():
             for rows in reversed(self.row_buckets):
                 self._graph(rows)
@@ -64,36 +82,39 @@ class PagedDecoder:
     def decode(self, input_ids: list[int]) -> torch.Tensor:
         """One step for every live row; row r's input is input_ids[r]. -> logits [n, V].
 
-        With `sort_rows` the step runs its rows longest first (the inputs, write slots and page
-        table permuted on the way in, the logits back on the way out; rows are independent in a
-        decode step). FlexAttention's decode kernel runs one program per (row, kv head) that walks
-        the row's whole K/V, launched in row order: a long row that starts late sets the layer's
-        time while the other SMs idle. Longest first is the classic greedy schedule for that
-        (longest processing time first), note 27."""
+        The host builds the step's inputs (a few small CPU ops), sends them in one copy and
+        replays the bucket's graph, which refreshes the attention's tables itself: the GPU idles
+        only for that (note 28: ~45 small launches outside the graph had cost ~1.1 ms a step).
+
+        With `sort_rows` the step runs its rows longest first (the inputs permuted on the way in,
+        the logits back on the way out; rows are independent in a decode step). FlexAttention's
+        decode kernel runs one program per (row, kv head) that walks the row's whole K/V,
+        launched in row order: a long row that starts late sets the layer's time while the other
+        SMs idle. Longest first is the classic greedy schedule for that (longest processing time
+        first), note 27."""
         kv = self.kv
         n = kv.num_rows
-        write = kv.prepare_decode()                                                     # [n]
+        write = kv.prepare_decode_host()                                                # [n]
         rows = self.row_buckets[bisect.bisect_left(self.row_buckets, n)]
-        pad = rows - n
-        lengths = kv.lengths
-        order = sorted(range(n), key=lambda r: -lengths[r]) if self.sort_rows else list(range(n))
-        inverse = [0] * n
-        for i, r in enumerate(order):
-            inverse[r] = i
-        host = torch.tensor([[input_ids[r] for r in order] + [0] * pad, [lengths[r] for r in order] + [0] * pad,
-                             order + list(range(n, rows)), inverse + [0] * pad], dtype=torch.long)   # [4, rows]
-        host = host.pin_memory() if self.device.type == "cuda" else host
-        ids, positions, order_d, inverse_d = host.to(self.device, non_blocking=True)
-        self.ids[:rows, 0].copy_(ids)
-        self.positions[:rows, 0].copy_(positions)
-        self.write[:n].copy_(write.index_select(0, order_d[:n]))
-        self.write[n:rows].fill_(kv.scratch_slot)
-        step_lengths = torch.where(torch.arange(rows, device=self.device) < n, positions + 1, 0)   # [rows]
-        self.attention.update(kv.page_table(rows).index_select(0, order_d), step_lengths, rows)
+        lengths = torch.tensor(kv.lengths, dtype=torch.long)                             # [n]
+        order = torch.argsort(lengths, descending=True, stable=True) if self.sort_rows else torch.arange(n)
+        if self.copied is not None:
+            self.copied.synchronize()            # the last step's copy has left the staging buffer
+        x = (self.staged if self.staged is not None else self.inputs)[:rows]
+        x[:n, ID] = torch.tensor(input_ids, dtype=torch.long)[order]
+        x[:n, POS] = lengths[order]
+        x[:n, LEN] = x[:n, POS] + 1
+        x[:n, WRITE] = write[order]
+        x[:n, INV].index_copy_(0, order, torch.arange(n))
+        x[:n, TABLE:] = kv.host_page_table(n)[order]
+        x[n:] = self.padding[n:rows]
+        if self.staged is not None:
+            self.inputs[:rows].copy_(x, non_blocking=True)
+            self.copied.record()
         if self.use_graphs:
             graph, logits = self._graph(rows)
             graph.replay()
         else:
             logits = self._forward(rows)
         kv.advance()
-        return logits[:n].index_select(0, inverse_d[:n])
+        return logits[:n]
