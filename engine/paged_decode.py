@@ -46,7 +46,7 @@ class PagedDecoder:
         self.padding = torch.zeros(S, TABLE + P, dtype=torch.long)
         self.padding[:, WRITE] = kv.scratch_slot
         self.padding[:, INV] = torch.arange(S)
-        self.inputs = self.padding.to(device)
+        self.inputs = self.padding.to(device, copy=True)   # never the template itself (CPU: .to is a no-op)
         on_cuda = device.type == "cuda"
         # Staged on the host (pinned) and sent in one copy; the event says the copy has left it.
         self.staged = self.padding.pin_memory() if on_cuda else None

@@ -185,6 +185,43 @@ def test_paged_step_runs_rows_longest_first_with_the_same_results(tiny_model_dir
     assert kv.lengths == [n + 1 for n in lengths]
 
 
+def test_paged_step_rows_that_leave_become_padding(tiny_model_dir):
+    """The step's inputs live in one buffer rewritten each step; rows past the live ones take the
+    padding template (length 0, write to the scratch slot). After a step of five rows, a step of
+    two must leave the three former rows' K/V alone and give the two rows what a fresh decoder
+    gives them (a template that a step had overwritten made former rows attend and write again)."""
+    loaded = model_loader.load(tiny_model_dir("llama"), CPU, torch.float32)
+    engine, _ = make_engine(loaded, max_batch_size=8, max_seq_len=128, fused_decode=True,
+                            kv_layout="paged", kv_page_size=16)
+    kv, paged = engine.slab, engine.runner.paged
+    L, H, D = kv.dims
+    g = torch.Generator().manual_seed(4)
+    lengths = [9, 40, 17, 33, 2]
+    for i, n in enumerate(lengths):
+        kv.add_row(f"r{i}", torch.randn(L, 2, H, n, D, generator=g))
+    template = paged.padding.clone()
+    paged.decode([11, 23, 5, 42, 7])
+    assert torch.equal(paged.padding, template)
+    for i in (4, 3, 2):
+        kv.remove_row(f"r{i}")
+    data = kv.data.clone()
+    others = kv.data.clone()
+    logits = paged.decode([3, 8])
+    rows = [kv.row_kv(f"r{i}").clone() for i in range(2)]
+    kv.data.copy_(data)
+    kv.lengths = [n - 1 for n in kv.lengths]
+    paged.padding.copy_(template)
+    paged.inputs.copy_(template)
+    fresh = paged.decode([3, 8])
+    torch.testing.assert_close(logits, fresh, rtol=1e-6, atol=1e-6)
+    for i, row in enumerate(rows):
+        torch.testing.assert_close(kv.row_kv(f"r{i}"), row, rtol=1e-6, atol=1e-6)
+    held = torch.zeros(kv.data.shape[3], dtype=torch.bool)   # slots of the two live rows
+    for i in range(2):
+        held[kv._slots(torch.arange(kv.lengths[i])[None], first_row=i)[0]] = True
+    torch.testing.assert_close(kv.data[:, :, :, ~held], others[:, :, :, ~held])   # nothing else written
+
+
 def test_fused_epilogues_drop_kernels_and_keep_the_tokens(tiny_model_dir):
     """fused_epilogues (the default): each residual add inside the o and down GEMMs (addmm: two
     operations a layer fewer, each a kernel launch on CUDA) and each RMSNorm's scale inside
