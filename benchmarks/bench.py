@@ -54,6 +54,8 @@ SWITCHES = {
     "prefill-graphs": ("prefill_graphs", "auto", {None: "", True: "_prefillgraphs", False: "_noprefillgraphs"},
                        "whole-prompt prefill forwards replay CUDA graphs; auto: on for CUDA at tensor parallel 1; "
                        "w3-paired takes the first"),
+    "overlap-decode": ("overlap_decode", "auto", {None: "", True: "_overlap", False: "_nooverlap"},
+                       "a steady step launches the next decode before its events; auto: on for CUDA"),
     "decode-sort": ("decode_sort_rows", "1", {True: "", False: "_rowordered"},
                     "paged decode runs rows longest first; decode-chat runs both"),
     "fused-epilogues": ("fused_epilogues", "1", {True: "", False: "_plainepilogues"},

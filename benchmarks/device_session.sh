@@ -9,7 +9,7 @@
 # Llama-2 tokenizer folder). Every stage has its own time limit, writes its JSON to $OUT and
 # prints a summary line per variant; a stage that fails prints its last error lines and the
 # next stage still runs. Stages and their rough cost on an H200 (seconds):
-#   gpu-test    one -k expression of tests/test_gpu.py (GPU_TEST)
+#   gpu-test    one -k expression (GPU_TEST) of tests/test_gpu.py (or GPU_TEST_FILES)
 #   gpu-tests   tests/test_gpu.py (bf16 checks incl. packed chunks)                      ~150
 #   w4-chunks   W4 at 10 req/s, paged, chunks 0, 512, 1024 (W4_CHUNKS), one forward a step   ~240
 #   w3-paired   W3 and W3 alone, alternating, W3_PAIRS (3) pairs; W3_BOUND (2048), W3_CHUNK (0),
@@ -21,6 +21,7 @@
 #   w4-overlap  W4 at 10 req/s, paged, decode launched before the prefill vs after (note 26)  ~150
 #   w4-order    W4 at 10 req/s, paged: decode first vs prefill first x prefill graphs off/on  ~260
 #   w4          W4 at W4_RATES (10,20) req/s, paged, the engine's defaults                  ~150
+#   w4-async    W4 at W4_RATES (10,20) req/s, paged: next decode launched before a steady step's events, on vs off  ~300
 #   w4-serve    W4 at W4_SERVE_RATES (10) req/s through gRPC and the engine process (issue 12's target)  ~150
 #   w4-sort     W4 at W4_RATES (10) req/s, paged: decode rows longest first vs in row order     ~150
 #   w4-graphs   W4 at 10 and 20 req/s, paged, prefill graphs off vs on (note 26)            ~330
@@ -75,7 +76,7 @@ R=$OUT   # results straight to $OUT: a run cut by the call's limit still returns
 for s in "$@"; do
   case $s in
     gpu-test)    # one test of tests/test_gpu.py: GPU_TEST=<-k expression>
-      stage gpu-test 200 "" python3 -m pytest -q tests/test_gpu.py -k "${GPU_TEST}"
+      stage gpu-test 200 "" python3 -m pytest -q ${GPU_TEST_FILES:-tests/test_gpu.py} -k "${GPU_TEST}"
       tail -3 "$OUT/gpu-test.txt" ;;
     gpu-tests)
       stage gpu-tests 240 "" python3 -m pytest -q tests/test_gpu.py
@@ -113,6 +114,10 @@ for s in "$@"; do
       stage w4-overlap 300 $R/llama2-7b-h200-w4-overlap.json python3 -m benchmarks.bench --preset llama2-7b \
         --tokenizer $TOK --max-batch-size 256 --kv-layout paged --decode-first 1,0 --runs w4 --rates 10 \
         --requests 192 --same-process --name $R/llama2-7b-h200-w4-overlap ;;
+    w4-async)   # overlap_decode on vs off (note 28), W4 at W4_RATES (10,20) req/s, in process
+      stage w4-async 420 $R/llama2-7b-h200-w4-async.json python3 -m benchmarks.bench --preset llama2-7b \
+        --tokenizer $TOK --max-batch-size 256 --kv-layout paged --overlap-decode 1,0 --runs w4 \
+        --rates ${W4_RATES:-10,20} --requests 192 --same-process --name $R/llama2-7b-h200-w4-async ;;
     w4-order)   # decode first vs prefill first, x prefill graphs off/on, W4 at 10 req/s (note 27)
       stage w4-order 460 $R/llama2-7b-h200-w4-order.json python3 -m benchmarks.bench --preset llama2-7b \
         --tokenizer $TOK --max-batch-size 256 --kv-layout paged --decode-first 1,0 --prefill-graphs 0,1 --runs w4 \

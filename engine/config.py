@@ -55,6 +55,9 @@ class EngineConfig:
     decode_before_prefill: bool | None = None   # a step with prefill work launches its decode step first, so
                                           # the host issues the prefill while the GPU decodes (LLMEngine.step_phases);
                                           # None = on CUDA only (on CPU nothing overlaps: new rows would just wait a step)
+    overlap_decode: bool | None = None    # a steady step launches the next decode step before its detokenising and
+                                          # events, so the GPU decodes while the host does them (LLMEngine.step_phases);
+                                          # None = on CUDA only (on CPU nothing overlaps), note 28
 
     @property
     def use_prefill_graphs(self) -> bool:

@@ -21,6 +21,7 @@ under the request's id with its `index`, and the request's stream ends with its 
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ class _Counters:
     seconds_restore: float = 0.0
     prefill_tokens: int = 0
     prefill_chunks: int = 0
+    overlapped_steps: int = 0
 
 
 def length_groups(requests, max_waste: float = 1.0) -> list[list[Request]]:
@@ -94,12 +96,17 @@ class LLMEngine:
                  eos_token_ids: tuple[int, ...], seed: int = 0, pressure: Callable[[], bool] = lambda: False,
                  pinned_arena_bytes: int = 0, prefill_max_waste: float = 1.0,
                  prefix_cache: PrefixCache | None = None, grammars: Grammars | None = None,
-                 shards: Shards | None = None, decode_before_prefill: bool = True) -> None:
+                 shards: Shards | None = None, decode_before_prefill: bool = True,
+                 overlap_decode: bool = False) -> None:
         """`grammars`: compiles structured-output requests' grammars (None: none may come).
         `shards`: tensor parallelism; every K/V operation and forward is sent to the other ranks
-        before this rank runs it (engine/tensor_parallel.py). `decode_before_prefill`: see
-        step_phases."""
+        before this rank runs it (engine/tensor_parallel.py). `decode_before_prefill`,
+        `overlap_decode`: see step_phases."""
         self.decode_before_prefill = decode_before_prefill
+        self.overlap_decode = overlap_decode
+        # The next step's decode, launched early by a steady step (see step_phases): (rows, logits, seconds)
+        self._inflight: tuple[list[Request], torch.Tensor, float] | None = None
+        self._stashed: Events = ()   # events of a decode drained inside a command, out with the next step
         self.runner = runner
         self.slab: KVSlab = runner.slab
         self.scheduler = scheduler
@@ -139,8 +146,9 @@ class LLMEngine:
     def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> Events:
         """End a request now, all its completions (rows or parked K/V are freed at the next step).
         -> their final events (the last one ends the stream). Raises UnknownRequest / RequestFinished."""
-        return tuple(self._final(self.scheduler.cancel(r.request_id, reason))
-                     for r in self.scheduler.members(request_id))
+        with self._drained() as drained:
+            rows = self.scheduler.members(request_id)
+        return drained + tuple(self._final(self.scheduler.cancel(r.request_id, reason)) for r in rows)
 
     def preempt(self, request_id: str, action: PreemptAction, priority: int | None = None,
                 owner: str | None = None) -> tuple[RequestState, Events]:
@@ -148,6 +156,12 @@ class LLMEngine:
         UnknownRequest, RequestFinished, NotOwner or HostPoolFull; on a raise nothing changed.
         A request of n completions: the call acts on all its unfinished completions (one state
         event each, with its index); the state returned is the first one's."""
+        with self._drained() as drained:
+            state, events = self._preempt(request_id, action, priority, owner)
+        return state, drained + events
+
+    def _preempt(self, request_id: str, action: PreemptAction, priority: int | None,
+                 owner: str | None) -> tuple[RequestState, Events]:
         rows = self.scheduler.members(request_id)
         if owner is not None and rows[0].owner != owner:
             raise NotOwner(f"request_id {request_id!r} belongs to another caller")
@@ -166,7 +180,29 @@ class LLMEngine:
         return rows[0].state, ()
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._stashed)
+
+    def drain(self) -> Events:
+        """Finish the decode step a steady step launched early, if any (see step_phases): sample
+        it, append each row's token, end the rows that stop. -> their events. The command loop
+        calls this before a command that acts on running requests, so that their K/V and their
+        outputs agree (a parked row must hold the token its K/V was computed for) and the events
+        go out at once; `abort` and `preempt` drain too, for callers that do not."""
+        if self._inflight is None:
+            return ()
+        launched, self._inflight = self._inflight, None
+        return self._finish_decode(*launched, overlap=False)
+
+    @contextlib.contextmanager
+    def _drained(self) -> Iterator[Events]:
+        """A command's first move: drain; the events go before the command's own, or, if the
+        command raises, out with the next step."""
+        drained = self.drain()
+        try:
+            yield drained
+        except BaseException:
+            self._stashed += drained
+            raise
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> StepOutput:
@@ -182,7 +218,25 @@ class LLMEngine:
         after the prefill: the host issues the prefill forward (eager, ~20-40 ms of host time on
         an H200, note 26) while the GPU runs the decode step, instead of after it. The rows that
         this step's prefill adds take their first decode step in the next one (their first token
-        comes from the prefill, as always)."""
+        comes from the prefill, as always).
+
+        With `overlap_decode` (on CUDA by default) a steady step launches the next step's decode
+        as soon as its tokens are sampled, before it detokenises them, checks stop sequences and
+        builds and sends their events: the GPU decodes while the host does that (~1 ms a step of
+        idle GPU otherwise, note 28). Steady: nothing for the scheduler to do (no request waiting,
+        no row to free or park, no prompt in chunks, no memory pressure) and no row of the step
+        stopping or able to stop on its text (stop sequences, grammars). The next step is then
+        that decode alone; if anything arrived meanwhile it only finishes it, and the step after
+        schedules as usual. Commands that act on running requests drain it first (`drain`).
+        Each row's tokens are the same either way: rows are independent in a decode step."""
+        if self._stashed:
+            stashed, self._stashed = self._stashed, ()
+            yield stashed
+        if self._inflight is not None:   # this step is the decode the last one launched early
+            launched, self._inflight = self._inflight, None
+            yield self._finish_decode(*launched, overlap=self._steady())
+            self._counts.steps += 1
+            return
         sched = self.scheduler.schedule(time.monotonic(), pressure=self._pressure())
         yield self._membership(sched)
         whole, cached = list(sched.prefill), []
@@ -208,9 +262,9 @@ class LLMEngine:
             for request, start, end in chunks:
                 yield self._prefill_chunk(request, start, end)
         if launched is not None:
-            yield self._finish_decode(*launched)
+            yield self._finish_decode(*launched, overlap=self._steady())
         elif self.slab.num_rows:
-            yield self._finish_decode(*self._launch_decode())
+            yield self._finish_decode(*self._launch_decode(), overlap=self._steady())
         self._counts.steps += 1
 
     def _hold_first_chunks(self, whole: list[Request], hits: list, chunks: list) -> tuple[list, list]:
@@ -410,16 +464,36 @@ class LLMEngine:
         return rows, logits, time.monotonic() - started
 
     @torch.inference_mode()
-    def _finish_decode(self, rows: list[Request], logits: torch.Tensor, launch_seconds: float) -> Events:
+    def _finish_decode(self, rows: list[Request], logits: torch.Tensor, launch_seconds: float,
+                       overlap: bool = False) -> Events:
+        """Sample the step, append each row's token, end the rows that stop. -> their events.
+        With `overlap` (a steady step) the next decode is launched once the tokens are appended,
+        unless a row may stop (see step_phases)."""
         started = time.monotonic()
         tokens = self._sample(rows, logits)
         self._counts.seconds_decode += launch_seconds + time.monotonic() - started
+        for request, token in zip(rows, tokens):
+            self._record(request, token)
+        if overlap and all(self._runs_on(request, token) for request, token in zip(rows, tokens)):
+            self._inflight = self._launch_decode()
+            self._counts.overlapped_steps += 1
         events = []
         for request, token in zip(rows, tokens):
-            event = self._finish(request) if self._append(request, token) else self._flush(request)
+            event = self._finish(request) if self._stops(request, token) else self._flush(request)
             if event is not None:
                 events.append(event)
         return tuple(events)
+
+    def _steady(self) -> bool:
+        """Nothing for the scheduler to do before the next decode (see step_phases)."""
+        return (self.overlap_decode and bool(self.slab.num_rows) and not self._partial
+                and self.scheduler.steady() and not self._pressure())
+
+    def _runs_on(self, request: Request, token: int) -> bool:
+        """After `_record`: the row surely takes another decode step (no rule on counts stops it,
+        and it has no stop sequences or grammar, whose rules need the text)."""
+        return (not request.params.stop and self._live[request.request_id].grammar is None
+                and self._count_rule(request, token) is None)
 
     def fail_batch(self, exc: BaseException) -> Events:
         """A step raised: end the requests that were in the batch (their rows may be half updated)
@@ -428,6 +502,7 @@ class LLMEngine:
         Under tensor parallelism raises ShardLost instead: a rank died, or the ranks may be out
         of step (one may wait in a collective that this rank will never join)."""
         self._counts.step_errors += 1
+        self._inflight = None                  # its rows are ended below with the rest
         if self.shards is not None:
             raise self.shards.lost(exc) from exc
         out_of_memory = isinstance(exc, torch.OutOfMemoryError)
@@ -438,7 +513,7 @@ class LLMEngine:
                   if r.state == RequestState.RUNNING
                   or (r.state in (RequestState.PREEMPTED, RequestState.SUSPENDED)
                       and r.num_preemptions and r.request_id not in self.parked)]
-        events = []
+        events, self._stashed = list(self._stashed), ()
         for request in broken:
             request.error = message
             self.scheduler.cancel(request.request_id, FinishReason.ERROR)
@@ -460,7 +535,8 @@ class LLMEngine:
             seconds_offload=c.seconds_offload, seconds_restore=c.seconds_restore,
             kv_relocations=self.slab.num_relocations,
             kv_pages_used=self.slab.num_pages_used, kv_pages_free=self.slab.num_pages_free,
-            prefill_tokens=c.prefill_tokens, prefill_chunks=c.prefill_chunks, **self._prefix_stats())
+            prefill_tokens=c.prefill_tokens, prefill_chunks=c.prefill_chunks, overlapped_steps=c.overlapped_steps,
+            **self._prefix_stats())
 
     def _prefix_stats(self) -> dict:
         cache = self.prefix_cache
@@ -473,6 +549,7 @@ class LLMEngine:
 
     def close(self) -> None:
         """Release device memory now (slab, graphs), even if references to the engine linger."""
+        self._inflight = None
         self.runner.graphs = None
         self.slab.data = torch.empty(0, device=self.slab.data.device)
         self.parked.clear()
@@ -555,23 +632,38 @@ class LLMEngine:
 
     def _append(self, request: Request, token: int) -> bool:
         """Record one sampled token; return True when the request must stop."""
+        self._record(request, token)
+        return self._stops(request, token)
+
+    def _record(self, request: Request, token: int) -> None:
         if request.first_token_time is None:
             request.first_token_time = time.monotonic()
         request.output_ids.append(token)
+        self._live[request.request_id].new_ids.append(token)
+
+    def _stops(self, request: Request, token: int) -> bool:
+        """After `_record`: detokenise the token and apply the stopping rules. -> True when the
+        request must stop (its finish_reason set)."""
         live = self._live[request.request_id]
-        live.new_ids.append(token)
         live.new_text += live.detok.push([token])
-        p = request.params
         if live.grammar is not None and live.grammar.error is not None:
             request.error, request.finish_reason = live.grammar.error, FinishReason.ERROR
         elif live.detok.stopped:
             request.finish_reason = FinishReason.STOP_SEQUENCE
-        elif ((token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids) \
-                and len(request.output_ids) >= p.min_new_tokens:
-            request.finish_reason = FinishReason.EOS
-        elif len(request.output_ids) >= p.max_new_tokens or not self.scheduler.kv.can_grow(request):
-            request.finish_reason = FinishReason.LENGTH
+        else:
+            request.finish_reason = self._count_rule(request, token)
         return request.finish_reason is not None
+
+    def _count_rule(self, request: Request, token: int) -> FinishReason | None:
+        """The stopping rules that need no text: EOS or a stop token (past min_new_tokens), then
+        max_new_tokens or no room to grow."""
+        p = request.params
+        if ((token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids) \
+                and len(request.output_ids) >= p.min_new_tokens:
+            return FinishReason.EOS
+        if len(request.output_ids) >= p.max_new_tokens or not self.scheduler.kv.can_grow(request):
+            return FinishReason.LENGTH
+        return None
 
     def _finish(self, request: Request) -> RequestOutput:
         """A row met a stopping rule: it leaves the batch now. -> its final event."""

@@ -160,6 +160,8 @@ class EngineLoop:
         while (command := self.source.poll()) is not None:
             if type(command) is Stop:
                 return False
+            if type(command) in (Abort, Preempt):
+                self._drain()
             try:
                 self._run(command)
             except Exception as exc:  # noqa: BLE001 - a bad command must not kill the loop
@@ -204,6 +206,17 @@ class EngineLoop:
             error = (EngineInternalError.__name__, repr(exc))
         self._flush()   # the stream's own events (e.g. SUSPENDED) go before the reply
         self.send(Reply(command.call_id, state=state, error=error))
+
+    def _drain(self) -> None:
+        """Before a command acts on running requests: the decode a steady step launched early
+        ends first, its events out at once (LLMEngine.drain); failing, it fails the batch as a
+        failing step does (outside the commands' guard: under TP that raises and ends the loop)."""
+        try:
+            self._outbox.extend(self.engine.drain())
+        except Exception as exc:  # noqa: BLE001 - as in _step
+            log.error("engine_step_failed", error=repr(exc), traceback=traceback.format_exc())
+            self._outbox.extend(self.engine.fail_batch(exc))
+        self._flush()
 
     def _step(self) -> None:
         """One engine step; each phase's events go out when the phase is done. A failing step

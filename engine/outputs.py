@@ -37,6 +37,7 @@ class EngineStats(msgspec.Struct, frozen=True, array_like=True):
     prefix_hit_tokens_host: int = 0     # of those, found in its host tier
     prefix_bytes_device: int = 0     # K/V bytes the prefix cache holds on the device
     prefix_bytes_host: int = 0       # K/V bytes the prefix cache holds in host memory
+    overlapped_steps: int = 0        # decode steps launched before the last one's events (overlap_decode)
     seconds_idle: float = 0.0        # the engine loop waiting for work (finished waits, see `settled`)
     waiting_since: Optional[float] = None   # monotonic time the current wait began; None while busy
 

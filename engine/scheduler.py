@@ -308,6 +308,12 @@ class Scheduler:
         """Waiting for their first admission (parked requests not counted)."""
         return sum(r.state == RequestState.QUEUED for r in self.waiting)
 
+    def steady(self) -> bool:
+        """`schedule` (without memory pressure) would decode the running rows and nothing else: no
+        request waiting, no row to free or park, no prompt in chunks, every row able to grow."""
+        return (not self.waiting and not self._free and not self._park and not self.prefilling
+                and self.kv.fits(self.running, 0))
+
     def has_work(self) -> bool:
         return bool(self.running or self.waiting or self._free or self._park)
 

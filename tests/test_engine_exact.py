@@ -44,8 +44,11 @@ def _check_against_hf(loaded, engine, outputs, arrivals):
 
 
 # Both K/V layouts pass the same exactness tests; pages of 16 tokens so that rows span several.
-LAYOUTS = [dict(kv_layout="slab"), dict(kv_layout="paged", kv_page_size=16)]
-LAYOUT_IDS = ["slab", "paged"]
+# "paged-overlap": steady steps launch the next decode before their events (on CUDA by default,
+# forced here; LLMEngine.step_phases).
+LAYOUTS = [dict(kv_layout="slab"), dict(kv_layout="paged", kv_page_size=16),
+           dict(kv_layout="paged", kv_page_size=16, overlap_decode=True)]
+LAYOUT_IDS = ["slab", "paged", "paged-overlap"]
 
 
 @pytest.mark.slow
@@ -67,6 +70,7 @@ def test_tiny_random_models_match_hf(family, layout, tiny_model_dir):
     arrivals = _arrivals(lengths=[20, 35, 8, 16, 27, 5], steps=[0, 1, 2, 4, 4, 13], ignore_eos=True)
     outputs = drive(engine, limits, arrivals)
     _check_against_hf(loaded, engine, outputs, arrivals)
+    assert (engine.stats().overlapped_steps > 0) == bool(layout.get("overlap_decode"))
 
 
 def test_rows_leave_and_cache_shrinks(tiny_model_dir):

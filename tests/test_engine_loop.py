@@ -63,6 +63,7 @@ def _script(handle) -> dict:
         "first_state": {rid: s[0].state for rid, s in streams.items()},
         "states_r2": [e.state for e in streams["r2"] if e.state is not None],
         "stats": (stats.rows_on_device, stats.rows_parked, stats.requests_waiting, stats.kv_bytes_on_host),
+        "overlapped_steps": stats.overlapped_steps,
     }
 
 
@@ -83,10 +84,14 @@ def reference(llama_dir):
     return {rid: outputs[rid].token_ids for rid in ("r0", "r2")}
 
 
-@pytest.mark.parametrize("transport", ["thread", "process"])
+# "thread-overlap": steady steps launch the next decode before their events (the CUDA default),
+# so the script's commands meet decodes in flight, which the loop drains first.
+@pytest.mark.parametrize("transport", ["thread", "process", "thread-overlap"])
 def test_the_same_script_gives_the_same_events_through_each_transport(transport, llama_dir, reference):
-    config = EngineConfig(model=llama_dir, device="cpu", max_batch_size=2, max_seq_len=128, warmup=False)
-    handle = EngineClient(config) if transport == "thread" else EngineProcess(config)
+    overlap = transport.endswith("-overlap")
+    config = EngineConfig(model=llama_dir, device="cpu", max_batch_size=2, max_seq_len=128, warmup=False,
+                          overlap_decode=overlap)
+    handle = EngineClient(config) if transport.startswith("thread") else EngineProcess(config)
     handle.start()
     try:
         got = _script(handle)
@@ -101,6 +106,7 @@ def test_the_same_script_gives_the_same_events_through_each_transport(transport,
     assert {rid: got["tokens"][rid] for rid in ("r0", "r2")} == reference   # parking changes no token
     assert RequestState.SUSPENDED in got["states_r2"] and got["states_r2"][-1] == RequestState.FINISHED
     assert got["stats"] == (0, 0, 0, 0)
+    assert (got["overlapped_steps"] > 0) == overlap
     assert not handle.alive
 
 

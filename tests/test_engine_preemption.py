@@ -15,8 +15,9 @@ PROMPTS = ["The capital of France is", "Once upon a time there", "1, 2, 3,", "Wh
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
-@pytest.mark.parametrize("layout", [dict(kv_layout="slab"), dict(kv_layout="paged", kv_page_size=16)],
-                         ids=["slab", "paged"])
+@pytest.mark.parametrize("layout", [dict(kv_layout="slab"), dict(kv_layout="paged", kv_page_size=16),
+                                    dict(kv_layout="paged", kv_page_size=16, overlap_decode=True)],
+                         ids=["slab", "paged", "paged-overlap"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_preemption_and_suspend_cycles_are_exact(tiny_model_dir, device, layout):
     loaded = model_loader.load(tiny_model_dir("llama"), torch.device(device), torch.float32)
@@ -51,3 +52,5 @@ def test_preemption_and_suspend_cycles_are_exact(tiny_model_dir, device, layout)
     assert "SUSPENDED" in states and "PREEMPTED" in states or states.count("SUSPENDED") == 2
     assert outputs["high0"].final.stats.queued_seconds >= 0
     assert sum(outputs[f"low{i}"].final.stats.num_preemptions for i in range(2)) >= 3
+    if layout.get("overlap_decode"):   # the commands above met decodes launched early, and drained them
+        assert stats.overlapped_steps > 0
