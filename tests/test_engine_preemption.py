@@ -16,8 +16,8 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 
 @pytest.mark.parametrize("layout", [dict(kv_layout="slab"), dict(kv_layout="paged", kv_page_size=16),
-                                    dict(kv_layout="paged", kv_page_size=16, overlap_decode=True)],
-                         ids=["slab", "paged", "paged-overlap"])
+                                    dict(kv_layout="paged", kv_page_size=16, overlap_decode=True, decode_before_prefill=True)],
+                         ids=["slab", "paged", "paged-overlap"])   # the last: CUDA's step order, on CPU too
 @pytest.mark.parametrize("device", DEVICES)
 def test_preemption_and_suspend_cycles_are_exact(tiny_model_dir, device, layout):
     loaded = model_loader.load(tiny_model_dir("llama"), torch.device(device), torch.float32)
@@ -38,8 +38,10 @@ def test_preemption_and_suspend_cycles_are_exact(tiny_model_dir, device, layout)
 
     outputs = drive(engine, limits, {0: low, 5: [high[0]], 12: [high[1]]}, on_step=poke)
     stats = engine.stats()
-    # two preemptions by the high-priority arrivals, two suspends
-    assert stats.preemptions >= 4
+    # two suspends and one or two preemptions by the high-priority arrivals: whether the second
+    # arrival finds a row to take or a free one depends on where the arrivals fall between decode
+    # steps, which CUDA's step order (decode before prefill, steady steps launched early) moves
+    assert stats.preemptions >= 3
     assert stats.bytes_restored == stats.bytes_offloaded > 0
     assert max(host_bytes) > 0 and len(engine.parked) == 0
     assert stats.kv_bytes_on_host == 0 and stats.rows_parked == 0
@@ -52,5 +54,7 @@ def test_preemption_and_suspend_cycles_are_exact(tiny_model_dir, device, layout)
     assert "SUSPENDED" in states and "PREEMPTED" in states or states.count("SUSPENDED") == 2
     assert outputs["high0"].final.stats.queued_seconds >= 0
     assert sum(outputs[f"low{i}"].final.stats.num_preemptions for i in range(2)) >= 3
+    assert any(e.state is not None and e.state.name == "PREEMPTED"
+               for i in range(2) for e in outputs[f"low{i}"].events)   # a preemption by priority
     if layout.get("overlap_decode"):   # the commands above met decodes launched early, and drained them
         assert stats.overlapped_steps > 0
