@@ -156,6 +156,7 @@ def run_engine(model, tokenizer, spec, reqs: list[BenchRequest], *, cuda_graphs:
                  preemptions=delta("preemptions"), prefill_tokens=delta("prefill_tokens"),
                  seconds_prefill=delta("seconds_prefill"),
                  seconds_decode=delta("seconds_decode"), slab_relocations=delta("kv_relocations"),
+                 overlapped_steps=delta("overlapped_steps"),
                  offload_GBps=delta("bytes_offloaded") / offload_s / 1e9 if offload_s else None,
                  restore_GBps=delta("bytes_restored") / restore_s / 1e9 if restore_s else None)
     stats.update(decode_step_figures(decodes, weights_bytes(model), bandwidth))
