@@ -155,19 +155,26 @@ def test_decode_split_kv_reaches_the_paged_attention(tiny_model_dir):
     assert default.runner.paged.attention.kernel_options is None
 
 
+def _paged_rows(tiny_model_dir, lengths: list[int], seed: int):
+    """A fused paged engine (tiny Llama, pages of 16, up to 8 rows) holding rows r0.. of random K/V
+    of these lengths. -> (its PagedKV, its PagedDecoder)."""
+    loaded = model_loader.load(tiny_model_dir("llama"), CPU, torch.float32)
+    engine, _ = make_engine(loaded, max_batch_size=8, max_seq_len=128, fused_decode=True,
+                            kv_layout="paged", kv_page_size=16)
+    kv = engine.slab
+    L, H, D = kv.dims
+    g = torch.Generator().manual_seed(seed)
+    for i, n in enumerate(lengths):
+        kv.add_row(f"r{i}", torch.randn(L, 2, H, n, D, generator=g))
+    return kv, engine.runner.paged
+
+
 def test_paged_step_runs_rows_longest_first_with_the_same_results(tiny_model_dir):
     """The paged step runs its rows longest first (flex's decode programs are launched in row
     order, so a long row that starts last sets the layer's time: note 27) and hands back logits
     and writes K/V in the rows' own order: the same as the step in row order."""
-    loaded = model_loader.load(tiny_model_dir("llama"), CPU, torch.float32)
-    engine, _ = make_engine(loaded, max_batch_size=8, max_seq_len=128, fused_decode=True,
-                            kv_layout="paged", kv_page_size=16)
-    kv, paged = engine.slab, engine.runner.paged
-    L, H, D = kv.dims
-    g = torch.Generator().manual_seed(3)
     lengths = [9, 40, 17, 33, 2]   # out of order, across page boundaries
-    for i, n in enumerate(lengths):
-        kv.add_row(f"r{i}", torch.randn(L, 2, H, n, D, generator=g))
+    kv, paged = _paged_rows(tiny_model_dir, lengths, seed=3)
     ids = [11, 23, 5, 42, 7]
     data, before = kv.data.clone(), list(kv.lengths)
     results = {}
@@ -190,15 +197,7 @@ def test_paged_step_rows_that_leave_become_padding(tiny_model_dir):
     padding template (length 0, write to the scratch slot). After a step of five rows, a step of
     two must leave the three former rows' K/V alone and give the two rows what a fresh decoder
     gives them (a template that a step had overwritten made former rows attend and write again)."""
-    loaded = model_loader.load(tiny_model_dir("llama"), CPU, torch.float32)
-    engine, _ = make_engine(loaded, max_batch_size=8, max_seq_len=128, fused_decode=True,
-                            kv_layout="paged", kv_page_size=16)
-    kv, paged = engine.slab, engine.runner.paged
-    L, H, D = kv.dims
-    g = torch.Generator().manual_seed(4)
-    lengths = [9, 40, 17, 33, 2]
-    for i, n in enumerate(lengths):
-        kv.add_row(f"r{i}", torch.randn(L, 2, H, n, D, generator=g))
+    kv, paged = _paged_rows(tiny_model_dir, [9, 40, 17, 33, 2], seed=4)
     template = paged.padding.clone()
     paged.decode([11, 23, 5, 42, 7])
     assert torch.equal(paged.padding, template)
