@@ -201,11 +201,12 @@ def _drive(engine, reqs: list[BenchRequest], bar, device,
     decodes: list[tuple[float, int, int]] = []
     peak_rows = 0
 
-    def deliver(events, now: float) -> None:
+    def deliver(events, now: float, step_prefill: int) -> None:
         for out in events:
             rec = by_id[out.request_id, out.index]
             if out.token_ids:
                 rec["times"].extend([now] * len(out.token_ids))
+                rec["step_prefill"].extend([step_prefill] * len(out.token_ids))
                 if bar is not None:
                     bar.update(len(out.token_ids))
             if out.completion_finished:
@@ -220,16 +221,18 @@ def _drive(engine, reqs: list[BenchRequest], bar, device,
             r = reqs[i]
             for k in range(r.n):
                 records[i if r.n == 1 else (i, k)] = by_id[f"b{i}", k] = {
-                    "arrival": start + r.arrival_s, "times": [], "priority": r.priority}
+                    "arrival": start + r.arrival_s, "times": [], "step_prefill": [], "priority": r.priority}
             params = SamplingParams(**{"max_new_tokens": r.max_new_tokens, "ignore_eos": True, **r.sampling})
             engine.add_request(Request(f"b{i}", list(r.prompt_ids), params, priority=r.priority, n=r.n))
         if engine.has_work():
             before = engine.stats()
             t0 = mark = time.monotonic()
+            step_prefill = 0   # prompt tokens this step has run so far (its prefill comes before its decode)
             for events in engine.step_phases():
                 ended = time.monotonic()
-                deliver(events, ended)
                 after = engine.stats()
+                step_prefill += after.prefill_tokens - before.prefill_tokens
+                deliver(events, ended, step_prefill)
                 if after.seconds_decode > before.seconds_decode:   # this phase was the decode
                     decodes.append((ended - mark, before.rows_on_device, before.kv_bytes_on_device))
                 peak_rows = max(peak_rows, after.rows_on_device)
@@ -267,6 +270,7 @@ def summarize(records: dict, wall: float, step_times: list[float], slo: tuple[fl
         last = pct([r["times"][0] - r["arrival"] for r in by_arrival[-quarter:]], 50)
         out.update(ttft_p50_first_quarter_s=first, ttft_p50_last_quarter_s=last,
                    ttft_growth=last / first if first > 0 else float("nan"))
+    out.update(itl_by_step_prefill(records))
     by_prio: dict[int, list[float]] = {}
     for r in records.values():
         if r["times"]:
@@ -293,6 +297,28 @@ def summarize(records: dict, wall: float, step_times: list[float], slo: tuple[fl
         out.update(slo_ttft_s=slo_ttft, slo_tpot_s=slo_tpot,
                    goodput_requests_fraction=len(good) / len(records) if records else float("nan"),
                    goodput_tok_per_s=sum(r["tokens"] for r in good) / wall)
+    return out
+
+
+# the prefill forward sizes an interval between two tokens is split by: none, one that fits the
+# prefill graphs' largest bucket (1,280 tokens: replayed), and larger (eager)
+ITL_PREFILL_BINS = (("none", 0, 0), ("graphed", 1, 1280), ("eager", 1281, 1 << 40))
+
+
+def itl_by_step_prefill(records: dict) -> dict:
+    """What sets the ITL tail (issue 13): each interval between two tokens of a stream, by the
+    prompt tokens the step that ended it ran before its decode (records from `_drive`, which tags
+    each token with them; none elsewhere). -> per bin: its share of the intervals and its ITL
+    p50 / p99."""
+    tagged = [(b - a, k) for r in records.values() if len(r.get("step_prefill", ())) == len(r["times"])
+              for a, b, k in zip(r["times"], r["times"][1:], r["step_prefill"][1:])]
+    if not tagged:
+        return {}
+    out = {}
+    for name, lo, hi in ITL_PREFILL_BINS:
+        gaps = [g for g, k in tagged if lo <= k <= hi]
+        out[f"itl_prefill_{name}"] = {"share": len(gaps) / len(tagged), "p50_s": pct(gaps, 50) if gaps else None,
+                                      "p99_s": pct(gaps, 99) if gaps else None}
     return out
 
 
