@@ -10,7 +10,9 @@ a prefill group's first tokens can reach their streams before the batch's decode
      host memory, parked rows are restored (no recompute);
   2. one phase per prefill group: newcomers of similar length are prefilled together, on their
      own, and their K/V embedded into the batch (Baton's prefill/decode separation);
-  3. decode: one token for every row of the batch; finished rows leave at once.
+  3. decode: one token for every row of the batch; finished rows leave at once. On CUDA a steady
+     step launches the next step's decode before it detokenises and emits this one's tokens,
+     and the next step is that decode alone (`overlap_decode`, see `step_phases`; `drain`).
 
 n completions (params.n > 1): the prompt is prefilled once, in its prefill group like any other;
 then the request is forked into n completion rows (Scheduler.fork), the prompt's K/V embedded
