@@ -271,6 +271,7 @@ def summarize(records: dict, wall: float, step_times: list[float], slo: tuple[fl
         out.update(ttft_p50_first_quarter_s=first, ttft_p50_last_quarter_s=last,
                    ttft_growth=last / first if first > 0 else float("nan"))
     out.update(itl_by_step_prefill(records))
+    out.update(late_delivery(records))
     by_prio: dict[int, list[float]] = {}
     for r in records.values():
         if r["times"]:
@@ -793,13 +794,30 @@ class Bench:
 
 def with_offered(figures: dict, reqs: list[BenchRequest]) -> dict:
     """A run's figures with what was offered, the output tokens over the span of the arrivals
-    (from the run's start to the last one), beside what was delivered (tok_per_s)."""
+    (from the run's start to the last one), beside what was delivered (tok_per_s, whose wall
+    time includes the drain after the last arrival) and what was delivered while requests kept
+    arriving (see `late_delivery`): about 1 when the engine keeps up, below when a queue grows."""
     if "tok_per_s" in figures:
         span = max(r.arrival_s for r in reqs)
         offered = sum(r.max_new_tokens for r in reqs) / span if span > 0 else float("inf")
         figures.update(offered_tok_per_s=offered, delivered_tok_per_s=figures["tok_per_s"],
                        delivered_over_offered=figures["tok_per_s"] / offered)
+        if figures.get("late_arrivals_tok_per_s"):
+            figures["delivered_over_offered_while_arriving"] = figures["late_arrivals_tok_per_s"] / offered
     return figures
+
+
+def late_delivery(records: dict) -> dict:
+    """Tokens delivered per second over the last three quarters of the arrivals' span (the first
+    quarter is the batch filling up), from every stream's token times: in a steady state that
+    keeps up, the offered rate; below it when requests queue. -> {} without arrivals to span."""
+    arrivals = [r["arrival"] for r in records.values()]
+    if len(arrivals) < 2 or max(arrivals) <= min(arrivals):
+        return {}
+    start = min(arrivals) + (max(arrivals) - min(arrivals)) / 4
+    end = max(arrivals)
+    tokens = sum(1 for r in records.values() for t in r["times"] if start <= t <= end)
+    return {"late_arrivals_tok_per_s": tokens / (end - start)}
 
 
 PREFILL_PATHS = {"auto": None, "packed": True, "hf": False}   # --prefill -> EngineConfig.packed_prefill

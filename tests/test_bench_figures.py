@@ -16,3 +16,15 @@ def test_itl_is_split_by_the_prefill_of_the_step_that_ended_it():
     assert got["itl_prefill_graphed"]["share"] == 0.25 and abs(got["itl_prefill_graphed"]["p50_s"] - 0.040) < 1e-9
     assert got["itl_prefill_eager"]["share"] == 0.25 and abs(got["itl_prefill_eager"]["p50_s"] - 0.090) < 1e-9
     assert itl_by_step_prefill({1: {"times": [0.0, 1.0]}}) == {}
+
+
+def test_delivery_while_requests_arrive_is_the_offered_rate_when_it_keeps_up():
+    from benchmarks.bench import late_delivery
+    # one arrival a second for 9 s, each stream 10 tokens at 0.1 s apart from its arrival: 10
+    # tokens a second in the steady state; then a run where every stream starts 5 s late in a
+    # queue that grows (arrival i served from 2 i s): fewer tokens while requests still arrive
+    keeps_up = {i: {"arrival": float(i), "times": [i + 0.1 * (k + 1) for k in range(10)]} for i in range(10)}
+    late = {i: {"arrival": float(i), "times": [2 * i + 0.1 * (k + 1) for k in range(10)]} for i in range(10)}
+    assert abs(late_delivery(keeps_up)["late_arrivals_tok_per_s"] - 10) < 0.8
+    assert late_delivery(late)["late_arrivals_tok_per_s"] < 7
+    assert late_delivery({0: {"arrival": 0.0, "times": [1.0]}}) == {}
