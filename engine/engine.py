@@ -236,7 +236,7 @@ class LLMEngine:
             yield stashed
         if self._inflight is not None:   # this step is the decode the last one launched early
             launched, self._inflight = self._inflight, None
-            yield self._finish_decode(*launched, overlap=self._steady())
+            yield self._finish_decode(*launched, overlap=True)
             self._counts.steps += 1
             return
         sched = self.scheduler.schedule(time.monotonic(), pressure=self._pressure())
@@ -264,9 +264,9 @@ class LLMEngine:
             for request, start, end in chunks:
                 yield self._prefill_chunk(request, start, end)
         if launched is not None:
-            yield self._finish_decode(*launched, overlap=self._steady())
+            yield self._finish_decode(*launched, overlap=True)
         elif self.slab.num_rows:
-            yield self._finish_decode(*self._launch_decode(), overlap=self._steady())
+            yield self._finish_decode(*self._launch_decode(), overlap=True)
         self._counts.steps += 1
 
     def _hold_first_chunks(self, whole: list[Request], hits: list, chunks: list) -> tuple[list, list]:
@@ -469,14 +469,15 @@ class LLMEngine:
     def _finish_decode(self, rows: list[Request], logits: torch.Tensor, launch_seconds: float,
                        overlap: bool = False) -> Events:
         """Sample the step, append each row's token, end the rows that stop. -> their events.
-        With `overlap` (a steady step) the next decode is launched once the tokens are appended,
-        unless a row may stop (see step_phases)."""
+        With `overlap` the next decode is launched once the tokens are appended, if the engine is
+        then steady and no row may stop (see step_phases): judged with this step's tokens counted,
+        so the ledger's budget covers the next decode's K/V column as schedule() would."""
         started = time.monotonic()
         tokens = self._sample(rows, logits)
         self._counts.seconds_decode += launch_seconds + time.monotonic() - started
         for request, token in zip(rows, tokens):
             self._record(request, token)
-        if overlap and all(self._runs_on(request, token) for request, token in zip(rows, tokens)):
+        if overlap and self._steady() and all(self._runs_on(r, t) for r, t in zip(rows, tokens)):
             self._inflight = self._launch_decode()
             self._counts.overlapped_steps += 1
         events = []
