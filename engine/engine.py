@@ -477,12 +477,14 @@ class LLMEngine:
         self._counts.seconds_decode += launch_seconds + time.monotonic() - started
         for request, token in zip(rows, tokens):
             self._record(request, token)
-        if overlap and self._steady() and all(self._runs_on(r, t) for r, t in zip(rows, tokens)):
+        by_count = [self._count_rule(r, t) for r, t in zip(rows, tokens)]   # per row alone: evaluated once
+        if overlap and self._steady() and all(
+                reason is None and self._no_text_rules(r) for r, reason in zip(rows, by_count)):
             self._inflight = self._launch_decode()
             self._counts.overlapped_steps += 1
         events = []
-        for request, token in zip(rows, tokens):
-            event = self._finish(request) if self._stops(request, token) else self._flush(request)
+        for request, token, reason in zip(rows, tokens, by_count):
+            event = self._finish(request) if self._stops(request, token, reason) else self._flush(request)
             if event is not None:
                 events.append(event)
         return tuple(events)
@@ -492,11 +494,10 @@ class LLMEngine:
         return (self.overlap_decode and bool(self.slab.num_rows) and not self._partial
                 and self.scheduler.steady() and not self._pressure())
 
-    def _runs_on(self, request: Request, token: int) -> bool:
-        """After `_record`: the row surely takes another decode step (no rule on counts stops it,
-        and it has no stop sequences or grammar, whose rules need the text)."""
-        return (not request.params.stop and self._live[request.request_id].grammar is None
-                and self._count_rule(request, token) is None)
+    def _no_text_rules(self, request: Request) -> bool:
+        """No stopping rule of this row needs its text (stop sequences, a grammar): with none of
+        the rules on counts met, it surely takes another decode step."""
+        return not request.params.stop and self._live[request.request_id].grammar is None
 
     def fail_batch(self, exc: BaseException) -> Events:
         """A step raised: end the requests that were in the batch (their rows may be half updated)
@@ -636,7 +637,7 @@ class LLMEngine:
     def _append(self, request: Request, token: int) -> bool:
         """Record one sampled token; return True when the request must stop."""
         self._record(request, token)
-        return self._stops(request, token)
+        return self._stops(request, token, self._count_rule(request, token))
 
     def _record(self, request: Request, token: int) -> None:
         if request.first_token_time is None:
@@ -644,9 +645,9 @@ class LLMEngine:
         request.output_ids.append(token)
         self._live[request.request_id].new_ids.append(token)
 
-    def _stops(self, request: Request, token: int) -> bool:
-        """After `_record`: detokenise the token and apply the stopping rules. -> True when the
-        request must stop (its finish_reason set)."""
+    def _stops(self, request: Request, token: int, by_count: FinishReason | None) -> bool:
+        """After `_record`: detokenise the token and apply the stopping rules, `by_count` being
+        `_count_rule`'s verdict. -> True when the request must stop (its finish_reason set)."""
         live = self._live[request.request_id]
         live.new_text += live.detok.push([token])
         if live.grammar is not None and live.grammar.error is not None:
@@ -654,12 +655,12 @@ class LLMEngine:
         elif live.detok.stopped:
             request.finish_reason = FinishReason.STOP_SEQUENCE
         else:
-            request.finish_reason = self._count_rule(request, token)
+            request.finish_reason = by_count
         return request.finish_reason is not None
 
     def _count_rule(self, request: Request, token: int) -> FinishReason | None:
         """The stopping rules that need no text: EOS or a stop token (past min_new_tokens), then
-        max_new_tokens or no room to grow."""
+        max_new_tokens or no room to grow (in context: the row's own tokens, no other row's)."""
         p = request.params
         if ((token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids) \
                 and len(request.output_ids) >= p.min_new_tokens:

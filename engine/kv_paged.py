@@ -126,12 +126,8 @@ class PagedKV:
 
     # ---- decode ----------------------------------------------------------------------------
     def prepare_decode(self) -> torch.Tensor:
-        """Give every row the slot of its next token. -> write slots [n] long (on the device)."""
-        return self.prepare_decode_host().to(self.data.device, non_blocking=True)
-
-    def prepare_decode_host(self) -> torch.Tensor:
-        """`prepare_decode` without the copy: -> write slots [n] long on the host (the fused paged
-        step packs them with its other inputs into one copy)."""
+        """Give every row the slot of its next token. -> write slots [n] long, on the host (the
+        fused paged step packs them with its other inputs into one copy)."""
         for r, (row_id, n) in enumerate(zip(self.row_ids, self.lengths)):
             if n + 1 > self.max_len:
                 raise RuntimeError("row longer than the context limit")
@@ -145,16 +141,10 @@ class PagedKV:
         """After a decode step wrote every row's slot."""
         self.lengths = [n + 1 for n in self.lengths]
 
-    def host_page_table(self, rows: int) -> torch.Tensor:
-        """[rows, max_pages_per_row] long on the host: the first rows of `page_table`, no copy."""
+    def page_table(self, rows: int) -> torch.Tensor:
+        """[rows, max_pages_per_row] long on the host, no copy: row r's pages in order (entries
+        past its pages hold stale page ids: callers mask them by length)."""
         return self._table[:rows]
-
-    def page_table(self, rows: int | None = None, width: int | None = None) -> torch.Tensor:
-        """[rows, width] long on the device: row r's pages in order (entries past its pages, and
-        rows past the live ones, hold stale page ids: callers mask them by length)."""
-        rows = self.num_rows if rows is None else rows
-        width = self.max_pages_per_row if width is None else width
-        return self._table[:rows, :width].to(self.data.device, non_blocking=True)
 
     def _slots(self, positions: torch.Tensor, first_row: int = 0) -> torch.Tensor:
         """The one mapping from token positions to pool slots: positions [n, W] (host, long) of

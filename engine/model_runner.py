@@ -196,7 +196,7 @@ class ModelRunner:
         if self.paged is not None:
             return self.paged.decode(input_ids)
         kv: PagedKV = self.slab
-        write_slots = kv.prepare_decode()                                                 # [n]
+        write_slots = kv.prepare_decode().to(self.device, non_blocking=True)             # [n]
         gather, mask = kv.gathered_window()                                               # [n, W], [n, 1, 1, W]
         positions = torch.tensor(kv.lengths, dtype=torch.long, device=self.device)[:, None]   # [n, 1]
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)[:, None]

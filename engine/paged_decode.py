@@ -94,7 +94,7 @@ class PagedDecoder:
         first), note 27."""
         kv = self.kv
         n = kv.num_rows
-        write = kv.prepare_decode_host()                                                # [n]
+        write = kv.prepare_decode()                                                     # [n], host
         rows = self.row_buckets[bisect.bisect_left(self.row_buckets, n)]
         lengths = torch.tensor(kv.lengths, dtype=torch.long)                             # [n]
         order = torch.argsort(lengths, descending=True, stable=True) if self.sort_rows else torch.arange(n)
@@ -106,7 +106,7 @@ class PagedDecoder:
         x[:n, LEN] = x[:n, POS] + 1
         x[:n, WRITE] = write[order]
         x[:n, INV].index_copy_(0, order, torch.arange(n))
-        x[:n, TABLE:] = kv.host_page_table(n)[order]
+        x[:n, TABLE:] = kv.page_table(n)[order]
         x[n:] = self.padding[n:rows]
         if self.staged is not None:
             self.inputs[:rows].copy_(x, non_blocking=True)
