@@ -50,8 +50,9 @@ class EngineConfig:
     decode_sort_rows: bool = True         # paged decode: each step runs its rows longest first (note 27)
     fused_epilogues: bool = True          # fused step: RMSNorm scales and residual adds inside their kernels (note 27)
     prefill_graphs: bool | None = None    # packed whole-prompt prefill forwards of up to 1,280 tokens replay a CUDA
-                                          # graph per token bucket (fused_prefill.StaticPrefill); None = on for CUDA
-                                          # at tensor_parallel 1 (not measured under TP), note 27
+                                          # graph per token bucket (fused_prefill.StaticPrefill), and so do one
+                                          # prompt's chunks at a time (StaticChunk); None = on for CUDA at
+                                          # tensor_parallel 1 (not measured under TP), notes 27 and 29
     decode_before_prefill: bool | None = None   # a step with prefill work launches its decode step first, so
                                           # the host issues the prefill while the GPU decodes (LLMEngine.step_phases);
                                           # None = on CUDA only (on CPU nothing overlaps: new rows would just wait a step)

@@ -419,6 +419,11 @@ class LLMEngine:
                 request.cached_prompt_tokens_host = hit.host_tokens
         return kv, max(start, request.cached_prompt_tokens)
 
+    def _drop_partial(self, request_id: str) -> None:
+        partial = self._partial.pop(request_id, None)
+        if partial is not None:
+            self.runner.release_partial(partial)
+
     def _count_chunk(self, request: Request, start: int, end: int) -> None:
         if end - start < len(request.prompt_ids):   # part of a prompt (a chunk, or the rest after a cached prefix)
             self._counts.prefill_chunks += 1
@@ -428,7 +433,7 @@ class LLMEngine:
         """A prompt's last chunk is done (`logits` [1, V] of its last token): its first token and,
         unless that ends it, its row, embedded from the partial K/V like a whole prefill."""
         prompt = request.prompt_ids
-        del self._partial[request.request_id]
+        self._drop_partial(request.request_id)   # its workspace is reused only after these copies (stream order)
         prompt_kv = kv[:, :, 0, :, :len(prompt)]
         if self.prefix_cache is not None:
             self._mirror(CacheInsert(prompt, partial=request.request_id))
@@ -523,7 +528,8 @@ class LLMEngine:
             self.scheduler.cancel(request.request_id, FinishReason.ERROR)
             events.append(self._final(request, out_of_memory=out_of_memory))
         self.scheduler.clear_pending()   # their rows are removed right here
-        self._partial.clear()
+        for request_id in list(self._partial):
+            self._drop_partial(request_id)
         for row_id in list(self.slab.row_ids):
             self.slab.remove_row(row_id)
         return tuple(events)
@@ -612,7 +618,7 @@ class LLMEngine:
 
     def _drop_kv(self, request_id: str) -> None:
         self._mirror(Drop(request_id))
-        self._partial.pop(request_id, None)
+        self._drop_partial(request_id)
         if request_id in self.slab.row_ids:
             self.slab.remove_row(request_id)
         self.parked.drop(request_id)

@@ -138,6 +138,7 @@ class FusedPrefill:
         self.varlen = _varlen() if self.device.type == "cuda" and kv.data.dtype in (torch.float16, torch.bfloat16) \
             else None
         self.static = StaticPrefill(self, max_tokens, graphs=True) if graphs and self.varlen is not None else None
+        self.chunk_static = StaticChunk(self, max_tokens, graphs=True) if self.static is not None else None
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], row_ids: list[str],
@@ -158,11 +159,35 @@ class FusedPrefill:
         bounds = [0]
         for p in prompts:
             bounds.append(bounds[-1] + len(p))
+        graphed = {}   # chunks that replay the chunk graph (their partial K/V is its workspace)
+        if self.chunk_static is not None:
+            for j, (partial, chunk_ids, start) in enumerate(chunks):
+                if self.chunk_static.holds(partial) and (bucket := self.chunk_static.bucket(len(chunk_ids))):
+                    graphed[j] = bucket
+        eager = [c for j, c in enumerate(chunks) if j not in graphed]
+        out = self._forward(prompts, slots, bounds, eager) if prompts or eager else None
+        if not graphed:
+            return out
+        # the graphed chunks' logits, in their places among the eager forward's (whole prompts, then chunks)
+        parts, taken = [out[:len(prompts)]] if out is not None else [], len(prompts)
+        for j, (partial, chunk_ids, start) in enumerate(chunks):
+            if j in graphed:
+                parts.append(self.chunk_static.run(graphed[j], chunk_ids, start))
+            else:
+                parts.append(out[taken:taken + 1])
+                taken += 1
+        return torch.cat(parts)
+
+    def _forward(self, prompts: list[list[int]], slots: list[torch.Tensor], bounds: list[int],
+                 chunks: list[tuple[torch.Tensor, list[int], int]]) -> torch.Tensor:
+        """The whole prompts (their K/V slots `slots`, packed at `bounds`) and the chunks through
+        one forward: a prefill graph's where one fits, else eagerly. -> logits [m + len(chunks), V]."""
         ids = [t for p in prompts for t in p]
         positions = [torch.arange(len(p)) for p in prompts]
         last = [b - 1 for b in bounds[1:]]
         if not chunks and self.static is not None and (bucket := self.static.bucket(len(ids), len(prompts))):
             return self.static.run(bucket, ids, torch.cat(positions), torch.cat(slots), bounds)
+        kv = self.kv
         dev = self.device
         # non_blocking: a blocking host-to-device copy waits for the stream, and the decode step
         # launched before this forward is still running on it (LLMEngine.step_phases)
@@ -284,3 +309,139 @@ class StaticPrefill:
         else:
             logits = self._forward(T)
         return logits[:m]
+
+
+class StaticChunk:
+    """One prompt's chunk through a CUDA graph per token bucket (PREFILL_BUCKETS), so a long
+    prompt in chunks pays a graph launch a chunk instead of the eager forward's ~40 ms of host time
+    (note 28: with eager chunks no step's prefill could stay under ~40 ms, so the stream's ITL p99
+    was bound to it).
+
+    Its partial K/V is a static workspace [L, 2, C, H, D] (token-major, so variable-length
+    attention reads a layer's keys in place), C = the context plus the largest bucket (a padded
+    chunk's last tokens are written past the prompt's end). One prompt at a time holds it
+    (`acquire` / `release`, through ModelRunner.new_partial_kv / release_partial); the partial K/V
+    the engine handles is a view [L, 2, 1, H, P, D] of it, so every other path (the eager chunk,
+    the prefix cache's load and insert, embedding the finished prompt into pages) is unchanged.
+    Static buffers: token ids and positions [T] (a chunk of c tokens at `start`: positions start +
+    j, the padding continuing past the chunk with ids 0), each token's K/V to workspace column =
+    its position, key bounds cu_k [2] = [0, start + T], keep [1] = c - 1. The chunk's T queries
+    attend keys [0, start + T) causally aligned to the end (query j sees columns <= start + j), so
+    the real queries never see the padding's K/V, which later chunks overwrite and nobody else
+    reads. Without varlen attention (CPU tests, `graphs` False) the same padded forward runs
+    eagerly with SDPA over the host's copy of the bounds."""
+
+    def __init__(self, packed: FusedPrefill, max_tokens: int, graphs: bool,
+                 steps: tuple[int, ...] = PREFILL_BUCKETS) -> None:
+        self.packed, self.fused = packed, packed.fused
+        kv, dev = packed.kv, packed.device
+        self.buckets = buckets(min(max_tokens, steps[-1]), steps)
+        top = self.buckets[-1]
+        L, H, D = kv.dims
+        self.max_prompt = kv.max_len
+        self.workspace = torch.zeros(L, 2, self.max_prompt + top, H, D, dtype=kv.data.dtype, device=dev)
+        self.ids = torch.zeros(top, 1, dtype=torch.long, device=dev)
+        self.positions = torch.arange(top, dtype=torch.long, device=dev)[:, None]
+        self.cu_k = torch.tensor([0, top], dtype=torch.int32, device=dev)
+        self.keep = torch.zeros(1, dtype=torch.long, device=dev)
+        self.end = top                     # the host's copy of cu_k[1] (the eager SDPA fallback)
+        self.held = False
+        self.use_graphs = graphs
+        self.pool = packed.static.pool if graphs and packed.static is not None else (
+            torch.cuda.graph_pool_handle() if graphs else None)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._cu_q = {}                    # bucket -> [0, T] int32 (constant)
+
+    # ---- the workspace --------------------------------------------------------------------
+    def acquire(self, prompt_len: int) -> torch.Tensor | None:
+        """The workspace as a prompt's partial K/V [L, 2, 1, H, P, D] (P = prompt_len rounded up
+        to 16, as ModelRunner.new_partial_kv), or None while another prompt holds it or the prompt
+        is longer than the context it was sized for."""
+        if self.held or prompt_len > self.max_prompt:
+            return None
+        self.held = True
+        P = min(-(-prompt_len // 16) * 16, self.workspace.shape[2])
+        return self.workspace.permute(0, 1, 3, 2, 4)[:, :, None, :, :P]
+
+    def holds(self, partial: torch.Tensor) -> bool:
+        return self.held and partial.data_ptr() == self.workspace.data_ptr()
+
+    def release(self, partial: torch.Tensor) -> None:
+        if self.holds(partial):
+            self.held = False
+
+    # ---- the forward ----------------------------------------------------------------------
+    def bucket(self, tokens: int) -> int | None:
+        if tokens > self.buckets[-1]:
+            return None
+        return self.buckets[bisect.bisect_left(self.buckets, tokens)]
+
+    def _attend(self, T: int):
+        ws, cu_k, scale, varlen = self.workspace, self.cu_k, self.fused.scaling, self.packed.varlen
+        cols = self.positions[:T, 0]
+        if T not in self._cu_q:
+            self._cu_q[T] = torch.tensor([0, T], dtype=torch.int32, device=ws.device)
+        cu_q = self._cu_q[T]
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            keys, values = ws[layer, 0], ws[layer, 1]                       # [C, H, D]
+            keys.index_copy_(0, cols, k[:, :, 0])
+            values.index_copy_(0, cols, v[:, :, 0])
+            q = q[:, :, 0]                                                  # [T, hq, d]
+            hq, hkv, d = q.shape[1], keys.shape[1], q.shape[2]
+            if hkv != hq:
+                keys, values = keys.repeat_interleave(hq // hkv, dim=1), values.repeat_interleave(hq // hkv, dim=1)
+            if varlen is not None:
+                fn, causal = varlen
+                out = fn(q, keys, values, cu_q, cu_k, T, keys.shape[0], scale=scale, **causal)
+                return out.reshape(T, hq * d)
+            from torch.nn.attention.bias import causal_lower_right
+            end = self.end
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], keys[:end].transpose(0, 1)[None], values[:end].transpose(0, 1)[None],
+                attn_mask=causal_lower_right(T, end), scale=scale)          # [1, hq, T, d]
+            return out[0].transpose(0, 1).reshape(T, hq * d)
+
+        return attend
+
+    def _forward(self, T: int) -> torch.Tensor:
+        return self.fused(self.ids[:T], self.positions[:T], self._attend(T), keep=self.keep)   # [1, V]
+
+    def _graph(self, T: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        if T not in self.graphs:
+            self.graphs[T] = capture(lambda: self._forward(T), self.pool)
+        return self.graphs[T]
+
+    @torch.inference_mode()
+    def capture_all(self) -> int:
+        """Capture every bucket now, largest first. Resting state: a chunk at 0 (nobody holds the
+        workspace while the engine starts)."""
+        top = self.buckets[-1]
+        self.positions.copy_(torch.arange(top, device=self.positions.device)[:, None])
+        self.cu_k.copy_(torch.tensor([0, top], dtype=torch.int32))
+        with capturing():
+            for T in reversed(self.buckets):
+                self._graph(T)
+        return len(self.graphs)
+
+    def run(self, T: int, ids: list[int], start: int) -> torch.Tensor:
+        """Prompt tokens [start, start + len(ids)) of the prompt holding the workspace through
+        bucket T. -> logits [1, V] of the chunk's last token (a copy)."""
+        c = len(ids)
+        host = torch.zeros(2 * T + 3, dtype=torch.long)
+        host[:c] = torch.tensor(ids, dtype=torch.long)
+        host[T:2 * T] = torch.arange(start, start + T)
+        host[2 * T:] = torch.tensor([0, start + T, c - 1])
+        if self.packed.device.type == "cuda":
+            host = host.pin_memory()
+        host = host.to(self.packed.device, non_blocking=True)
+        self.ids[:T, 0].copy_(host[:T])
+        self.positions[:T, 0].copy_(host[T:2 * T])
+        self.cu_k.copy_(host[2 * T:2 * T + 2])
+        self.keep.copy_(host[2 * T + 2:])
+        self.end = start + T
+        if self.use_graphs:
+            graph, logits = self._graph(T)
+            graph.replay()
+            return logits.clone()
+        return self._forward(T)

@@ -78,9 +78,10 @@ class ModelRunner:
         if self.packed is not None and self.packed.static is not None:
             try:
                 self.packed.static.capture_all()
+                self.packed.chunk_static.capture_all()
             except Exception as exc:  # noqa: BLE001 - a capture that fails leaves the eager prefill
                 log.warning("prefill_graphs_capture_failed", error=repr(exc)[:500])
-                self.packed.static = None
+                self.packed.static = self.packed.chunk_static = None
                 torch.cuda.synchronize()
 
     @property
@@ -90,7 +91,10 @@ class ModelRunner:
 
     @property
     def num_prefill_graphs(self) -> int:
-        return len(self.packed.static.graphs) if self.packed is not None and self.packed.static is not None else 0
+        if self.packed is None or self.packed.static is None:
+            return 0
+        chunks = self.packed.chunk_static
+        return len(self.packed.static.graphs) + (len(chunks.graphs) if chunks is not None else 0)
 
     def describe(self) -> str:
         """How decode steps run, for the start-up log: e.g. 'fused+compiled, cuda graphs (52)'."""
@@ -144,10 +148,22 @@ class ModelRunner:
     def new_partial_kv(self, prompt_len: int) -> torch.Tensor:
         """K/V of one prompt prefilled in chunks: [L, 2, 1, H, P, D], P = prompt_len rounded up to
         16 (as `prefill` rounds). Zeroed: columns past the written ones are masked, but a masked
-        NaN would still poison the weighted sum."""
+        NaN would still poison the weighted sum. With prefill graphs, the chunk graphs' workspace
+        (fused_prefill.StaticChunk) while no other prompt holds it: finite, never NaN. Give it back
+        with `release_partial`."""
+        if self.packed is not None and self.packed.chunk_static is not None:
+            held = self.packed.chunk_static.acquire(prompt_len)   # the chunk graphs' workspace, if free
+            if held is not None:
+                return held
         L, H, D = self.slab.dims
         P = -(-prompt_len // 16) * 16
         return torch.zeros(L, 2, 1, H, P, D, dtype=self.slab.data.dtype, device=self.device)
+
+    def release_partial(self, kv: torch.Tensor) -> None:
+        """A partial K/V from `new_partial_kv` is no longer used (its prompt is in pages, or was
+        dropped): the chunk graphs' workspace, if it was that, is free for the next prompt."""
+        if self.packed is not None and self.packed.chunk_static is not None:
+            self.packed.chunk_static.release(kv)
 
     @torch.inference_mode()
     def prefill_chunk(self, kv: torch.Tensor, ids: list[int], start: int) -> torch.Tensor:

@@ -15,7 +15,9 @@ Invariants:
   plans at most `prefill_chunk_tokens` prompt tokens, in admission order (priority first), so a
   higher-priority arrival's prompt goes before the rest of a lower one's. A prompt that fits the
   step's remaining budget whole is prefilled in the grouped forward (`prefill`), a longer one in
-  chunks. A row still prefilling is never parked: it is not a row yet; SUSPEND drops its partial
+  chunks; at most `max_prompts_in_chunks` prompts are in chunks at once (a prompt of higher
+  priority than all of them may start anyway; one that may not waits, and a later prompt that
+  fits the step's budget whole still goes). A row still prefilling is never parked: it is not a row yet; SUSPEND drops its partial
   K/V and it is prefilled again on RESUME.
 - n completions (`Request.n` > 1): until its prompt is prefilled a request counts as n rows of
   the batch and n times its K/V (it is admitted whole or not at all); after the prefill the engine
@@ -64,6 +66,9 @@ class SchedulerConfig:
     kv_page_size: int = 1               # device K/V is allocated in pages of this many tokens
     prefill_chunk_tokens: int = 0       # prompt tokens planned per step (0 = whole prompts, no chunks)
     prefill_padded: bool = True         # a forward pads its prompts to the longest (HF); False: packed, their sum
+    # prompts in chunks at once (each holds a partial K/V; the engine's chunk graphs have one
+    # workspace, fused_prefill.StaticChunk); a higher-priority prompt may start past the limit
+    max_prompts_in_chunks: int = 1
 
     def __post_init__(self) -> None:
         # A row may grow to max_row_tokens; if that cannot fit alone, it would block the queue forever.
@@ -257,17 +262,23 @@ class Scheduler:
         budget = self.config.prefill_chunk_tokens
         whole: list[Request] = []
         chunks: list[tuple[Request, int, int]] = []
+        in_chunks = [r for r in self.prefilling if r.prefilled]   # their partial K/V exist
         for request in sorted(self.prefilling, key=lambda r: self._admission_key(r, now)):
             if budget <= 0:
                 break
             start = request.prefilled
             end = min(len(request.prompt_ids), start + budget)
+            if (start == 0 and end < len(request.prompt_ids) and len(in_chunks) >= self.config.max_prompts_in_chunks
+                    and not all(request.priority > r.priority for r in in_chunks)):
+                continue   # it would start a partial K/V while others are open: next step (a shorter one may fit whole)
             budget -= end - start
             request.prefilled = end
             if start == 0 and end == len(request.prompt_ids):
                 whole.append(request)
             else:
                 chunks.append((request, start, end))
+                if start == 0:
+                    in_chunks.append(request)
         self.prefilling = [r for r in self.prefilling if r.prefilled < len(r.prompt_ids)]
         return whole, chunks
 

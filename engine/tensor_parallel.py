@@ -431,7 +431,7 @@ class Follower:
         elif kind is Restore:
             kv.add_row(message.row_id, self.parked.pop(message.row_id).to(self.device))
         elif kind is Drop:
-            self.partial.pop(message.row_id, None)
+            self._drop_partial(message.row_id)
             self.parked.pop(message.row_id, None)
             if message.row_id in kv.row_ids:
                 kv.remove_row(message.row_id)
@@ -449,11 +449,18 @@ class Follower:
                 source = self.prefilled.row_kv(message.index)
             self.prefix_cache.insert(message.token_ids, source)
         elif kind is EmbedChunked:
-            partial = self.partial[message.source] if message.source else self.partial.pop(message.row_id)
+            partial = self.partial[message.source] if message.source else self.partial[message.row_id]
             kv.reserve(message.length)
             kv.add_row(message.row_id, partial[:, :, 0, :, :message.length])
+            if not message.source:
+                self._drop_partial(message.row_id)
         else:
             raise TypeError(f"unknown tensor-parallel message {message!r}")
+
+    def _drop_partial(self, row_id: str) -> None:
+        partial = self.partial.pop(row_id, None)
+        if partial is not None:
+            self.runner.release_partial(partial)
 
     def _partial(self, row_id: str, prompt_len: int) -> torch.Tensor:
         """The partial K/V of a prompt prefilled in chunks (made at its first chunk, or by CacheLoad)."""

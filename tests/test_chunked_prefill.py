@@ -58,6 +58,33 @@ def test_higher_priority_prompt_goes_before_the_rest_of_a_lower_one():
     assert [(r.request_id, b, e) for r, b, e in out.chunks] == [("high", 64, 100), ("low", 64, 92)]
 
 
+def test_one_prompt_in_chunks_at_a_time_unless_a_higher_priority_one_comes():
+    """max_prompts_in_chunks (1): a long prompt does not start its chunks while another prompt's
+    are open (the engine's chunk graphs have one workspace), even with budget left over, and a
+    higher-priority one starts anyway."""
+    s = _sched(chunk=100)
+    s.add(_req("a", 150))
+    s.schedule(0.0)                                   # a: 0-100
+    s.add(_req("b", 300))
+    out = s.schedule(0.0)
+    # a's last 50; b, admitted, would start a second partial K/V in the same forward: it waits
+    assert [(r.request_id, x, y) for r, x, y in out.chunks] == [("a", 100, 150)] and out.prefill == ()
+    out = s.schedule(0.0)
+    assert [(r.request_id, x, y) for r, x, y in out.chunks] == [("b", 0, 100)]
+    s.add(_req("d", 300))
+    s.add(_req("high", 300, prio=5))
+    out = s.schedule(0.0)
+    assert [(r.request_id, x, y) for r, x, y in out.chunks] == [("high", 0, 100)]
+    out = s.schedule(0.0)                             # d (priority 0) waits for b and high
+    assert [(r.request_id, x, y) for r, x, y in out.chunks] == [("high", 100, 200)]
+    s2 = _sched(chunk=100, max_prompts_in_chunks=2)
+    s2.add(_req("a", 150))
+    s2.schedule(0.0)
+    s2.add(_req("b", 300))
+    out = s2.schedule(0.0)
+    assert [(r.request_id, x, y) for r, x, y in out.chunks] == [("a", 100, 150), ("b", 0, 50)]
+
+
 def test_rows_still_prefilling_are_never_preempted_and_suspend_drops_their_partial_kv():
     s = _sched(chunk=10, max_batch_size=2)
     s.add(_req("a", 40))

@@ -213,3 +213,69 @@ def test_a_steps_prompts_and_chunks_are_one_forward(loaded):
     steps = [step for step, _, _ in calls]
     assert len(steps) == len(set(steps)), "a step ran more than one prefill forward"
     assert any(m and k for _, m, k in calls), "no step had both a whole prompt and a chunk"
+
+
+def test_static_chunk_padded_to_a_bucket_equals_the_eager_chunk(loaded):
+    """A chunk through the chunk graphs' forward (fused_prefill.StaticChunk, run eagerly here;
+    the CUDA capture with varlen attention is checked in tests/test_gpu.py): its tokens padded to
+    a bucket, its K/V in the workspace: the same logits and prompt K/V as the unpadded chunk into
+    a partial K/V of its own, for chunks that split pages (16) and buckets; the workspace is one
+    prompt's at a time and free again once released."""
+    from engine.fused_prefill import StaticChunk
+    engine, _ = _engine(loaded, max_batch_size=4, max_seq_len=128)
+    runner, packed = engine.runner, engine.runner.packed
+    static = packed.chunk_static = StaticChunk(packed, max_tokens=40, graphs=False)
+    try:
+        assert static.buckets == [40] and static.bucket(40) == 40 and static.bucket(41) is None
+        static.buckets = [8, 16, 40]   # smaller buckets than PREFILL_BUCKETS, so chunks pad
+        prompt = torch.randint(5, 200, (75,), generator=torch.Generator().manual_seed(2)).tolist()
+        ours = runner.new_partial_kv(len(prompt))
+        assert static.holds(ours) and runner.new_partial_kv(10).data_ptr() != ours.data_ptr()
+        packed.chunk_static = None      # the reference: the eager chunk into a zeroed partial K/V
+        ref = runner.new_partial_kv(len(prompt))
+        packed.chunk_static = static
+        used, run = [], static.run
+        static.run = lambda T, ids, start: used.append(T) or run(T, ids, start)
+        for start, end in ((0, 13), (13, 29), (29, 69), (69, 75)):   # pads 13→16, 16, 40→40, 6→8
+            logits = runner.prefill_chunk(ours, prompt[start:end], start)
+            packed.chunk_static = None
+            try:
+                expected = runner.prefill_chunk(ref, prompt[start:end], start)
+            finally:
+                packed.chunk_static = static
+            torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(ours[..., :end, :], ref[..., :end, :], rtol=1e-4, atol=1e-4)
+        assert used == [16, 16, 40, 8]
+        runner.release_partial(ref)     # not the workspace: nothing changes
+        assert static.held
+        runner.release_partial(ours)
+        assert not static.held and static.holds(runner.new_partial_kv(128))
+        assert runner.new_partial_kv(129) is not None and static.acquire(10) is None
+    finally:
+        packed.chunk_static = None
+
+
+def _with_chunk_graph(engine, max_tokens: int):
+    """Give the engine's packed prefill the chunk graphs' forward (StaticChunk, eager on CPU);
+    -> (it, the (bucket, chunk tokens, start) of each chunk it ran)."""
+    from engine.fused_prefill import StaticChunk
+    packed = engine.runner.packed
+    static = packed.chunk_static = StaticChunk(packed, max_tokens=max_tokens, graphs=False)
+    used, run = [], static.run
+    static.run = lambda T, ids, start: used.append((T, len(ids), start)) or run(T, ids, start)
+    return static, used
+
+
+def test_engine_with_chunk_graphs_matches_hf_generate(loaded):
+    """The engine with its prompts' chunks through the chunk graphs' forward (eager here): HF
+    generate's tokens, chunks padded to the bucket and later chunks of a prompt through it too,
+    and the workspace free at the end."""
+    engine, limits = _engine(loaded, max_batch_size=3, max_seq_len=128, prefill_chunk_tokens=16)
+    static, used = _with_chunk_graph(engine, 16)
+    arrivals = _arrivals(lengths=[20, 35, 8, 16, 27, 5], steps=[0, 0, 2, 4, 4, 13], ignore_eos=True)
+    outputs = drive(engine, limits, arrivals)
+    _check_against_hf(loaded, engine, outputs, arrivals)
+    assert used and all(T == 16 for T, _, _ in used)
+    assert any(c < 16 for _, c, _ in used) and any(start for _, _, start in used)   # padded; later chunks
+    assert not static.held and not engine._partial
+    assert engine.slab.num_rows == 0 and engine.slab.num_pages_used == 0

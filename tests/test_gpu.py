@@ -238,7 +238,9 @@ def test_bf16_graphed_prefill_close_to_eager_packed_prefill(tiny_model_dir):
                             fused_decode=True, prefill_graphs=True, max_prefill_tokens=512)
     runner, kv, packed = engine.runner, engine.slab, engine.runner.packed
     static = packed.static
-    assert static is not None and static.use_graphs and runner.num_prefill_graphs == len(static.buckets)
+    chunks = packed.chunk_static
+    assert static is not None and static.use_graphs and chunks is not None and chunks.use_graphs
+    assert runner.num_prefill_graphs == len(static.buckets) + len(chunks.buckets)
     g = torch.Generator().manual_seed(5)
     for n, lengths in enumerate(((23, 90), (7, 30, 21), (200, 150, 3))):
         prompts = [torch.randint(5, 200, (m,), generator=g).tolist() for m in lengths]
@@ -256,6 +258,58 @@ def test_bf16_graphed_prefill_close_to_eager_packed_prefill(tiny_model_dir):
         for i in range(len(prompts)):   # max_batch_size 8: each round's rows leave before the next
             kv.remove_row(f"g{n}.{i}")
             kv.remove_row(f"e{n}.{i}")
+
+
+def test_bf16_graphed_chunks_close_to_eager_chunks(tiny_model_dir):
+    """A prompt in chunks through the chunk graphs (fused_prefill.StaticChunk: padded to a
+    bucket, varlen attention over the workspace, causal aligned to the end) against the eager
+    chunks of the same prompt into a partial K/V of its own: same argmax, logits and K/V within
+    bf16 rounding, chunks that split pages and buckets."""
+    loaded = model_loader.load(tiny_model_dir("llama"), CUDA, torch.bfloat16)
+    engine, _ = make_engine(loaded, max_batch_size=8, max_seq_len=512, kv_layout="paged", kv_page_size=16,
+                            fused_decode=True, prefill_graphs=True, max_prefill_tokens=256)
+    runner, packed = engine.runner, engine.runner.packed
+    static = packed.chunk_static
+    assert static is not None and static.use_graphs and len(static.graphs) == len(static.buckets)
+    prompt = torch.randint(5, 200, (420,), generator=torch.Generator().manual_seed(6)).tolist()
+    ours = runner.new_partial_kv(len(prompt))
+    assert static.holds(ours)
+    packed.chunk_static = None
+    ref = runner.new_partial_kv(len(prompt))
+    packed.chunk_static = static
+    used, run = [], static.run
+    static.run = lambda T, ids, start: used.append(T) or run(T, ids, start)
+    for start, end in ((0, 37), (37, 200), (200, 330), (330, 420)):
+        logits = runner.prefill_chunk(ours, prompt[start:end], start)
+        packed.chunk_static = None
+        try:
+            expected = runner.prefill_chunk(ref, prompt[start:end], start)
+        finally:
+            packed.chunk_static = static
+        assert torch.equal(logits.argmax(-1), expected.argmax(-1)), (start, end)
+        torch.testing.assert_close(logits.float(), expected.float(), rtol=0.05, atol=0.05)
+        torch.testing.assert_close(ours[..., :end, :].float(), ref[..., :end, :].float(), rtol=0.05, atol=0.05)
+    assert used == [64, 256, 256, 128]
+    runner.release_partial(ours)
+    assert not static.held
+
+
+def test_bf16_engine_with_chunk_graphs_equals_eager_chunks(tiny_model_dir):
+    """The engine prefilling in chunks with the chunk graphs gives the same greedy tokens as the
+    same engine with eager chunks (prefill graphs off), staggered arrivals, decode graphs on."""
+    loaded = model_loader.load(tiny_model_dir("llama"), CUDA, torch.bfloat16)
+    outputs = []
+    for graphs in (True, False):
+        engine, limits = make_engine(loaded, max_batch_size=4, max_seq_len=256, kv_layout="paged", kv_page_size=16,
+                                     fused_decode=True, prefill_graphs=graphs, prefill_chunk_tokens=16)
+        assert (engine.runner.packed.chunk_static is not None) == graphs
+        arrivals = {step: [GenerateInput(request_id=f"r{step}.{i}", prompt=" ".join(PROMPTS[i:] + PROMPTS[:i]) * 2,
+                                         max_new_tokens=12, ignore_eos=True) for i in range(2)]
+                    for step in (0, 3, 9)}   # prompts of ~60 tokens: 4 chunks each
+        outputs.append(drive(engine, limits, arrivals))
+        assert engine.stats().prefill_chunks > 0 and not engine._partial
+    for rid, got in outputs[0].items():
+        assert got.token_ids == outputs[1][rid].token_ids, rid
 
 
 def test_bf16_fused_epilogues_close_to_plain_epilogues(tiny_model_dir):

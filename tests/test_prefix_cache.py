@@ -113,6 +113,23 @@ def test_cache_hits_give_the_same_tokens(tiny, layout, mode, device_blocks, chun
     three_conversations(engine, limits, tiny, host_tier=mode == "device+host")
 
 
+@pytest.mark.parametrize("chunk", [0, 12])
+def test_cache_hits_through_the_chunk_graph(tiny, chunk):
+    """The conversations with the rests after cached prefixes (and chunks) through the chunk
+    graphs' forward (fused_prefill.StaticChunk, eager on CPU): the cached prefix is loaded into
+    its workspace, from the device tier and the host tier, and the tokens equal HF generate."""
+    from tests.test_fused_prefill import _with_chunk_graph
+    _, _, spec = tiny
+    engine, limits = make_engine(tiny, max_batch_size=3, max_seq_len=256, prefix_cache="device+host",
+                                 prefix_cache_device_bytes=3 * block_bytes(spec.num_layers, spec.num_kv_heads,
+                                                                           spec.head_dim),
+                                 prefix_cache_host_bytes=1 << 24, prefill_chunk_tokens=chunk, **LAYOUTS["packed"])
+    static, used = _with_chunk_graph(engine, 64)
+    three_conversations(engine, limits, tiny, host_tier=True)
+    assert any(start for _, _, start in used), "no rest after a cached prefix went through the chunk graph"
+    assert not static.held and not engine._partial
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_cache_hits_with_decode_launched_before_prefill(tiny, layout):
     """The same conversations with the step order CUDA uses (decode_before_prefill: the running
