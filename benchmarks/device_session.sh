@@ -50,7 +50,7 @@ d = json.load(open(sys.argv[1]))
 keys = ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "itl_p99_s", "tok_per_s", "delivered_over_offered",
         "delivered_over_offered_while_arriving", "overlapped_steps",
         "goodput_requests_fraction", "peak_rows_on_device", "seconds_prefill", "decode_step_p50_ms",
-        "floor_per_gpu_p50_ms", "decode_step_vs_real_floor_p50", "low_priority_tok_per_s", "ttft_growth")
+        "floor_per_gpu_p50_ms", "step_p50_ms", "step_over_floor_p50", "decode_step_vs_real_floor_p50", "low_priority_tok_per_s", "ttft_growth")
 for k, v in d.items():
     if isinstance(v, dict) and "tpot_p50_s" in v:
         prio = {p: round(q["p99_s"], 3) for p, q in v.get("ttft_by_priority", {}).items()}
@@ -159,7 +159,7 @@ for k, v in json.load(open(sys.argv[1])).items():
         --same-process --name $R/llama2-7b-h200-w4-rows ;;
     tp7)
       stage tp7 330 $OUT/tp7.json python3 -m benchmarks.tp_bench --preset llama2-7b --tokenizer $TOK --tp 2 \
-        --batch 32 --max-output 128 --variants tp1,tpN,tpN-eager --out $OUT/tp7.json ;;
+        --batch 32 --max-output 128 --variants ${TP7_VARIANTS:-tp1,tpN,tpN-eager} --out $OUT/tp7.json ;;
     tp70)
       stage tp70 240 $OUT/tp70.json python3 -m benchmarks.tp_bench --preset llama2-70b --tokenizer $TOK --tp 2 \
         --lazy --variants tpN --batch 32 --max-output 64 --out $OUT/tp70.json ;;
