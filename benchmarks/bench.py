@@ -989,10 +989,17 @@ def stage_w5(b: Bench) -> dict:
     per_token = 2 * b.spec.num_layers * b.spec.num_kv_heads * b.spec.head_dim * itemsize
     working_set = count * (SYSTEM_TOKENS + turns * (USER_TOKENS + ANSWER_TOKENS)) * per_token
     out = {}
-    variants = (("off", "off", 0), ("device_full", "device", 2 * working_set),
-                ("device_squeezed", "device", working_set // 4), ("device_host_squeezed", "device+host", working_set // 4))
+    variants = {"off": ("off", 0), "device_full": ("device", 2 * working_set),
+                "device_squeezed": ("device", working_set // 4),
+                "device_host_squeezed": ("device+host", working_set // 4),
+                "device_squeezed16": ("device", working_set // 16),
+                "device_host_squeezed16": ("device+host", working_set // 16)}
+    names = b.args.w5_variants.split(",")
+    if unknown := [n for n in names if n not in variants]:
+        raise SystemExit(f"--w5-variants: unknown {', '.join(unknown)} (choose from {', '.join(variants)})")
     for layout in b.layouts:
-        for name, mode, device_bytes in variants:
+        for name in names:
+            mode, device_bytes = variants[name]
             kw = dict(max_seq_len=b.w4_context, kv_layout=layout, prefix_cache=mode, fused_decode=b.fused,
                       prefix_cache_device_bytes=device_bytes,
                       prefix_cache_host_bytes=min(2 * working_set, 24 << 30),
@@ -1001,6 +1008,14 @@ def stage_w5(b: Bench) -> dict:
                               run_w5(b.model, b.tokenizer, b.spec, count=count, turns=turns, config_kw=kw,
                                      vocab=b.vocab, device=b.device)))
             _free(b.device)
+        # issue 13: how much of the full device tier's TTFT gain (mean TTFT p50 of turns 2 on,
+        # against the cache off) each squeezed variant keeps
+        mean = {n: out[f"w5_{layout}_{n}"]["mean_ttft_p50_turns_2_on_s"] for n in names}
+        if "off" in mean and "device_full" in mean and mean["off"] > mean["device_full"]:
+            gain = mean["off"] - mean["device_full"]
+            for n in names:
+                if "squeezed" in n:
+                    out[f"w5_{layout}_{n}_gain_over_full_gain"] = (mean["off"] - mean[n]) / gain
     return out
 
 
@@ -1112,6 +1127,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--w3-pairs", type=int, default=3, help="w3-paired: pairs of (W3, its low-priority work alone)")
     p.add_argument("--w5-conversations", type=int, default=32, help="W5: conversations at once")
     p.add_argument("--w5-turns", type=int, default=8, help="W5: turns per conversation")
+    p.add_argument("--w5-variants", default="off,device_full,device_squeezed,device_host_squeezed",
+                   help="W5: prefix-cache variants (off, device_full, device_squeezed, device_host_squeezed: "
+                        "the device tier at a quarter of the conversations' K/V; ..._squeezed16: a sixteenth)")
     p.add_argument("--api-batch", type=int, default=32, help="api: requests at once per variant (and batch size)")
     p.add_argument("--api-prompt-tokens", type=int, default=256, help="api: prompt tokens of each batch request")
     p.add_argument("--api-n", type=int, default=8, help="api: completions of the one request (vs as many requests)")

@@ -30,6 +30,7 @@
 #   w4-split    W4 at 10 and 20 req/s, paged, SPLIT_KV 0 (flex's) and $SPLIT_KV (default 8)     ~300
 #   rows        W4 at 40 req/s, batch up to 512 at 4,096 context: peak concurrent rows (issue 12:
 #               >= 250 rows of ~600 tokens where the slab holds 53)                       ~200
+#   w5          W5 multi-turn chat (16 x 8 turns), prefix cache variants W5_VARIANTS, chunks W5_CHUNK  ~400
 #   tp7         (2 GPUs) 7B: tp1, tpN (fused + graphs, packed prefill), tpN-eager         ~200
 #   tp70        (2 GPUs) 70B shape on the meta device: tpN                                ~150
 #   tp70-serve  (2 GPUs) 70B through `baton serve --tensor-parallel 2`: W1 and W4 @ 2/s   ~400
@@ -157,6 +158,19 @@ for k, v in json.load(open(sys.argv[1])).items():
       stage rows 300 $R/llama2-7b-h200-w4-rows.json python3 -m benchmarks.bench --preset llama2-7b \
         --tokenizer $TOK --max-batch-size 512 --kv-layout paged --runs w4 --rates 40 --requests 600 \
         --same-process --name $R/llama2-7b-h200-w4-rows ;;
+    w5)   # W5 multi-turn chat, prefix cache variants (W5_VARIANTS), 16 conversations x 8 turns, paged
+      stage w5 560 $R/llama2-7b-h200-w5.json python3 -m benchmarks.bench --preset llama2-7b --tokenizer $TOK \
+        --kv-layout paged --runs w5 --w5-conversations ${W5_CONVERSATIONS:-16} --w5-turns 8 --same-process \
+        --prefill-chunk-tokens ${W5_CHUNK:-0} \
+        --w5-variants ${W5_VARIANTS:-off,device_full,device_squeezed,device_host_squeezed} --name $R/llama2-7b-h200-w5
+      python3 -c "
+import json,sys; d=json.load(open(sys.argv[1]))
+for k,v in d.items():
+    if isinstance(v,dict) and 'mean_ttft_p50_turns_2_on_s' in v:
+        print(' ',k,'mean ttft p50 turns 2+',round(v['mean_ttft_p50_turns_2_on_s'],4),'turn1',round(v['ttft_by_turn']['1']['ttft_p50_s'],4),
+              'computed',v['prefill_tokens_computed'],'dev',v['cached_tokens_device'],'host',v['cached_tokens_host'],'wall',round(v['wall_s'],1))
+    elif k.endswith('gain_over_full_gain'): print(' ',k,round(v,3))
+" $R/llama2-7b-h200-w5.json ;;
     tp7)
       stage tp7 330 $OUT/tp7.json python3 -m benchmarks.tp_bench --preset llama2-7b --tokenizer $TOK --tp 2 \
         --batch 32 --max-output 128 --variants ${TP7_VARIANTS:-tp1,tpN,tpN-eager} --out $OUT/tp7.json ;;

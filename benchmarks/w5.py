@@ -77,8 +77,10 @@ def run_w5(model, tokenizer, spec, *, count: int, turns: int, config_kw: dict, v
     per_turn = {str(t + 1): {"ttft_p50_s": statistics.median(v), "ttft_p99_s": sorted(v)[int(0.99 * (len(v) - 1))]}
                 for t, v in ttft.items() if v}
     first, last = per_turn.get("1"), per_turn.get(str(turns))
+    later = [v["ttft_p50_s"] for t, v in per_turn.items() if t != "1"]
     return {
         "conversations": count, "turns": turns, "wall_s": wall, "ttft_by_turn": per_turn,
+        "mean_ttft_p50_turns_2_on_s": statistics.mean(later) if later else None,
         "last_over_first_ttft_p50": last["ttft_p50_s"] / first["ttft_p50_s"] if first and last else None,
         "prompt_tokens_offered": offered,
         "prefill_tokens_computed": after.prefill_tokens - before.prefill_tokens,

@@ -15,14 +15,22 @@ tier copies the block back up (so a second hit is a device hit). Blocks are copi
 pages: a cached prefix is never written, so preempting, suspending or cancelling the request it
 came from cannot change it.
 
-Invariants: every indexed hash has exactly one slot in exactly one tier; a slot is free or holds
-exactly one indexed hash; a block is indexed only after its predecessor (a chain has no holes).
+Copies down a tier run on a stream of their own (CUDA), so they overlap the model's work instead
+of stalling it (note 29): with a host tier the device tier keeps `reserve` slots ahead, whose
+blocks were moved down early; their slots are written again only after their copy is done (an
+event the compute stream waits on, long passed by then), and a host block still being copied down
+is read only after that copy. Which blocks sit in which tier never depends on timing (a
+tensor-parallel follower's cache makes the same moves as rank 0's).
+
+Invariants: every indexed hash has exactly one slot in exactly one tier; a slot is free, draining
+(its block moved down, the copy maybe in flight) or holds exactly one indexed hash; a block is
+indexed only after its predecessor (a chain has no holes).
 """
 from __future__ import annotations
 
 import hashlib
 from array import array
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import torch
@@ -69,7 +77,9 @@ class PrefixHit:
 
 class PrefixCache:
     def __init__(self, mode: str, block_size: int, dims: tuple[int, int, int], dtype: torch.dtype,
-                 device: torch.device, device_bytes: int, host_bytes: int) -> None:
+                 device: torch.device, device_bytes: int, host_bytes: int, reserve: int | None = None) -> None:
+        """`reserve`: device slots kept free ahead with a host tier (None: on CUDA, an eighth of the
+        device tier up to 4; elsewhere 0, every block moved down when its slot is needed)."""
         if mode not in MODES:
             raise ValueError(f"prefix_cache must be one of {MODES}, got {mode!r}")
         L, H, D = dims
@@ -80,6 +90,13 @@ class PrefixCache:
         host_slots = host_bytes // block_bytes if mode == "device+host" else 0
         self.host_tier = _Tier("host", host_slots, shape, dtype, torch.device("cpu"),
                                pin=device.type == "cuda" and host_slots > 0)
+        on_cuda = device.type == "cuda" and host_slots > 0
+        self._copies = torch.cuda.Stream(device) if on_cuda else None   # copies down a tier
+        if reserve is None:
+            reserve = min(4, self.device_tier.capacity // 8) if on_cuda else 0
+        self.reserve = reserve if host_slots else 0
+        self._draining: deque[tuple[int, object]] = deque()   # (device slot, event of its copy down)
+        self._host_copied: dict[int, object] = {}              # host slot -> event of its copy down
         self.lookup_tokens = 0                        # prompt tokens looked up
         self.hit_tokens = {"device": 0, "host": 0}    # of those, found in each tier
 
@@ -114,6 +131,8 @@ class PrefixCache:
         else:
             for i, (h, name) in enumerate(zip(hashes, tiers)):
                 tier = self.device_tier if name == "device" else self.host_tier
+                if name == "host":
+                    self._wait(self._host_copied.pop(tier.lru[h], None))   # its copy down, if in flight
                 out[..., i * B:(i + 1) * B, :].copy_(tier.data[tier.lru[h]], non_blocking=True)
         # Only now (the copies are queued) move blocks: promoting one may push another down.
         for h, name in zip(hashes, tiers):
@@ -122,6 +141,7 @@ class PrefixCache:
         for i, (h, name) in enumerate(zip(hashes, tiers)):
             if name == "host" and h in self.host_tier.lru:
                 self._promote(h, out[..., i * B:(i + 1) * B, :])
+        self._refill()
         hit = PrefixHit(len(hashes) * B, tiers.count("device") * B, tiers.count("host") * B)
         self.hit_tokens["device"] += hit.device_tokens
         self.hit_tokens["host"] += hit.host_tokens
@@ -143,21 +163,54 @@ class PrefixCache:
                 return
             self.device_tier.data[slot].copy_(kv[..., i * B:(i + 1) * B, :])
             self.device_tier.lru[h] = slot
+        self._refill()
 
     def _device_slot(self) -> int | None:
-        """A free device slot, moving the least recently used block down a tier if need be."""
+        """A device slot to write now: a free one, else one drained ahead (after its copy down),
+        else the least recently used block's, moved down a tier first."""
         tier = self.device_tier
         if tier.free:
             return tier.free.pop()
-        if not tier.lru:
+        if not self._draining and tier.lru:
+            self._draining.append(self._move_down())
+        if not self._draining:
             return None
-        h, slot = tier.lru.popitem(last=False)
-        host_slot = self._host_slot()
-        if host_slot is not None:
-            # pinned on CUDA: asynchronous, ordered on the stream before any later use of either slot
-            self.host_tier.data[host_slot].copy_(tier.data[slot], non_blocking=True)
-            self.host_tier.lru[h] = host_slot
+        slot, copied = self._draining.popleft()
+        self._wait(copied)
         return slot
+
+    def _move_down(self) -> tuple[int, object]:
+        """Move the least recently used device block to the host tier (dropped without one).
+        -> (its device slot, the event of the copy, or None)."""
+        h, slot = self.device_tier.lru.popitem(last=False)
+        host_slot = self._host_slot()
+        if host_slot is None:
+            return slot, None
+        src, dst = self.device_tier.data[slot], self.host_tier.data[host_slot]
+        self.host_tier.lru[h] = host_slot
+        if self._copies is None:   # CPU: in order on the one stream
+            dst.copy_(src)
+            return slot, None
+        # after everything queued so far (the block's writes, reads of the host slot's old block);
+        # pinned: asynchronous, on the copy engine while the compute stream goes on
+        self._copies.wait_stream(torch.cuda.current_stream(src.device))
+        with torch.cuda.stream(self._copies):
+            dst.copy_(src, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self._copies)
+        self._host_copied[host_slot] = copied
+        return slot, copied
+
+    def _refill(self) -> None:
+        """Keep `reserve` device slots free or draining (their blocks moved down ahead)."""
+        tier = self.device_tier
+        while len(tier.free) + len(self._draining) < self.reserve and tier.lru:
+            self._draining.append(self._move_down())
+
+    @staticmethod
+    def _wait(copied) -> None:
+        if copied is not None:   # the compute stream waits for that copy (no host sync)
+            torch.cuda.current_stream().wait_event(copied)
 
     def _host_slot(self) -> int | None:
         tier = self.host_tier
@@ -186,8 +239,10 @@ class PrefixCache:
 
     def check(self) -> None:
         """The invariants (tests)."""
-        for tier in (self.device_tier, self.host_tier):
+        for tier, draining in ((self.device_tier, [s for s, _ in self._draining]), (self.host_tier, [])):
             slots = list(tier.lru.values())
-            assert len(slots) == len(set(slots)) and not set(slots) & set(tier.free)
-            assert len(slots) + len(tier.free) == tier.capacity
+            assert len(slots) == len(set(slots)) and not set(slots) & set(tier.free) and not set(slots) & set(draining)
+            assert len(slots) + len(tier.free) + len(draining) == tier.capacity
+        assert len(self.device_tier.free) + len(self._draining) >= min(self.reserve, self.device_tier.capacity) \
+            or not self.device_tier.lru
         assert not set(self.device_tier.lru) & set(self.host_tier.lru)

@@ -27,10 +27,10 @@ def _kv(tokens: list[int], block: int = 4) -> torch.Tensor:
     return t[None, None, None, :, None].expand(1, 2, 1, len(tokens), 2).clone()
 
 
-def _cache(mode: str, device_blocks: int, host_blocks: int, block: int = 4) -> PrefixCache:
+def _cache(mode: str, device_blocks: int, host_blocks: int, block: int = 4, reserve: int | None = None) -> PrefixCache:
     block_bytes = 1 * 2 * 1 * block * 2 * 4
     return PrefixCache(mode, block, (1, 1, 2), torch.float32, CPU, device_blocks * block_bytes,
-                       host_blocks * block_bytes)
+                       host_blocks * block_bytes, reserve=reserve)
 
 
 def test_hashes_chain_over_the_whole_prefix():
@@ -65,10 +65,30 @@ def test_device_blocks_move_to_host_and_come_back():
     cache.check()
 
 
+def test_the_device_tier_keeps_slots_free_ahead_with_a_host_tier():
+    """reserve 2: the device tier moves its least recently used blocks down before their slots
+    are needed (on CUDA those copies run on a stream of their own, off the compute stream), so it
+    holds at most capacity - 2 blocks; moved blocks come back from host, and without a host tier
+    nothing is moved ahead."""
+    cache = _cache("device+host", 4, 8, reserve=2)
+    prompts = [list(range(k * 100, k * 100 + 8)) for k in range(3)]   # 2 blocks each
+    for p in prompts:
+        cache.insert(p, _kv(p))
+        cache.check()
+    assert len(cache.device_tier.lru) == 2 and len(cache.device_tier.free) + len(cache._draining) == 2
+    assert len(cache.host_tier.lru) == 4   # the first two prompts' blocks, moved ahead
+    out = torch.zeros(1, 2, 1, 9, 2)
+    hit = cache.load(prompts[0] + [1], out)
+    assert (hit.tokens, hit.host_tokens) == (8, 8) and torch.equal(out[..., :8, :], _kv(prompts[0]))
+    cache.check()
+    assert _cache("device", 4, 0, reserve=2).reserve == 0
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_random_use_keeps_invariants_and_returns_what_was_inserted(seed):
     rng = random.Random(seed)
-    cache = _cache(rng.choice(["device", "device+host"]), rng.randint(0, 5), rng.randint(0, 6))
+    cache = _cache(rng.choice(["device", "device+host"]), rng.randint(0, 5), rng.randint(0, 6),
+                   reserve=rng.choice([0, 1, 2]))
     prefixes = [[rng.randint(1, 5) for _ in range(rng.randint(1, 20))] for _ in range(6)]
     for _ in range(200):
         tokens = rng.choice(prefixes) + [rng.randint(1, 5) for _ in range(rng.randint(0, 8))]
