@@ -8,29 +8,29 @@ their K/V copied into its prefill K/V and prefills only the rest (engine/engine.
 its last prompt token is always computed (its logits give the first output token).
 
 Tiers: a block store in device memory (`device_bytes`, preallocated beside the K/V pool) and,
-with "device+host", one in host memory (`host_bytes`; pinned on CUDA). New blocks go to the device
-tier; the least recently used device block moves down to the host tier when the device tier is
-full, and the least recently used host block is dropped when that is full. A hit from the host
-tier copies the block back up (so a second hit is a device hit). Blocks are copies, not shared
-pages: a cached prefix is never written, so preempting, suspending or cancelling the request it
-came from cannot change it.
+with "device+host", one in host memory (`host_bytes`; pinned on CUDA). The host tier is inclusive
+(write-through): a block new to the cache goes to the device tier and is copied down to the host
+tier at once, on a stream of its own (CUDA: the copy engine, while the model runs), so when the
+device tier is full its least recently used block is simply dropped there: no copy on the compute
+stream at the moment a slot is needed (note 29: copying down then stalled every running stream,
+and the host tier read as cost, note 22). A hit from the host tier copies the block back up (a
+second hit is a device hit), and a block that a request's own K/V holds again (a finished turn's
+history) goes back to the device tier from them, without crossing the host link. Every use of a
+block moves it to the recent end of both tiers' orders. Blocks are copies, not shared pages: a
+cached prefix is never written, so preempting, suspending or cancelling the request it came from
+cannot change it. Which blocks sit in which tier never depends on timing (a tensor-parallel
+follower's cache makes the same moves as rank 0's); a slot is rewritten, and a host block read,
+only after the copy down that involves it (an event the compute stream waits on, long passed).
 
-Copies down a tier run on a stream of their own (CUDA), so they overlap the model's work instead
-of stalling it (note 29): with a host tier the device tier keeps `reserve` slots ahead, whose
-blocks were moved down early; their slots are written again only after their copy is done (an
-event the compute stream waits on, long passed by then), and a host block still being copied down
-is read only after that copy. Which blocks sit in which tier never depends on timing (a
-tensor-parallel follower's cache makes the same moves as rank 0's).
-
-Invariants: every indexed hash has exactly one slot in exactly one tier; a slot is free, draining
-(its block moved down, the copy maybe in flight) or holds exactly one indexed hash; a block is
-indexed only after its predecessor (a chain has no holes).
+Invariants: every indexed hash has one slot in the device tier, the host tier or both (the host
+tier may drop a device block's copy when it is full); a slot is free or holds exactly one indexed
+hash; a block is indexed only after its predecessor (a chain has no holes).
 """
 from __future__ import annotations
 
 import hashlib
 from array import array
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -77,9 +77,7 @@ class PrefixHit:
 
 class PrefixCache:
     def __init__(self, mode: str, block_size: int, dims: tuple[int, int, int], dtype: torch.dtype,
-                 device: torch.device, device_bytes: int, host_bytes: int, reserve: int | None = None) -> None:
-        """`reserve`: device slots kept free ahead with a host tier (None: on CUDA, an eighth of the
-        device tier up to 4; elsewhere 0, every block moved down when its slot is needed)."""
+                 device: torch.device, device_bytes: int, host_bytes: int) -> None:
         if mode not in MODES:
             raise ValueError(f"prefix_cache must be one of {MODES}, got {mode!r}")
         L, H, D = dims
@@ -90,13 +88,8 @@ class PrefixCache:
         host_slots = host_bytes // block_bytes if mode == "device+host" else 0
         self.host_tier = _Tier("host", host_slots, shape, dtype, torch.device("cpu"),
                                pin=device.type == "cuda" and host_slots > 0)
-        on_cuda = device.type == "cuda" and host_slots > 0
-        self._copies = torch.cuda.Stream(device) if on_cuda else None   # copies down a tier
-        if reserve is None:
-            reserve = min(4, self.device_tier.capacity // 8) if on_cuda else 0
-        self.reserve = reserve if host_slots else 0
-        self._draining: deque[tuple[int, object]] = deque()   # (device slot, event of its copy down)
-        self._host_copied: dict[int, object] = {}              # host slot -> event of its copy down
+        self._copies = torch.cuda.Stream(device) if device.type == "cuda" and host_slots > 0 else None
+        self._copied: dict[tuple[str, int], object] = {}   # (tier, slot) -> event of the copy down that used it
         self.lookup_tokens = 0                        # prompt tokens looked up
         self.hit_tokens = {"device": 0, "host": 0}    # of those, found in each tier
 
@@ -132,16 +125,14 @@ class PrefixCache:
             for i, (h, name) in enumerate(zip(hashes, tiers)):
                 tier = self.device_tier if name == "device" else self.host_tier
                 if name == "host":
-                    self._wait(self._host_copied.pop(tier.lru[h], None))   # its copy down, if in flight
+                    self._wait("host", tier.lru[h])   # its copy down, if still in flight
                 out[..., i * B:(i + 1) * B, :].copy_(tier.data[tier.lru[h]], non_blocking=True)
-        # Only now (the copies are queued) move blocks: promoting one may push another down.
-        for h, name in zip(hashes, tiers):
-            if name == "device":
-                self.device_tier.lru.move_to_end(h)
+        # Only now (the copies are queued) move blocks: bringing one up may drop another.
+        for h in hashes:
+            self._touch(h)
         for i, (h, name) in enumerate(zip(hashes, tiers)):
-            if name == "host" and h in self.host_tier.lru:
-                self._promote(h, out[..., i * B:(i + 1) * B, :])
-        self._refill()
+            if name == "host":
+                self._to_device(h, out[..., i * B:(i + 1) * B, :])
         hit = PrefixHit(len(hashes) * B, tiers.count("device") * B, tiers.count("host") * B)
         self.hit_tokens["device"] += hit.device_tokens
         self.hit_tokens["host"] += hit.host_tokens
@@ -149,68 +140,71 @@ class PrefixCache:
 
     # ---- inserts ---------------------------------------------------------------------------
     def insert(self, token_ids: list[int], kv: torch.Tensor) -> None:
-        """Keep the K/V ([L, 2, H, >= n, D]) of every full block of `token_ids` not cached yet."""
+        """Keep the K/V ([L, 2, H, >= n, D], on the device) of every full block of `token_ids`: new
+        blocks to the device tier (and down to the host tier), blocks only the host tier holds back
+        up to the device tier from `kv`."""
         B = self.block_size
         for i, h in enumerate(block_hashes(token_ids, B)):
             if h in self.device_tier.lru:
-                self.device_tier.lru.move_to_end(h)
+                self._touch(h)
                 continue
+            block = kv[..., i * B:(i + 1) * B, :]
             if h in self.host_tier.lru:
-                self.host_tier.lru.move_to_end(h)
+                self._touch(h)
+                self._to_device(h, block)
                 continue
             slot = self._device_slot()
             if slot is None:
                 return
-            self.device_tier.data[slot].copy_(kv[..., i * B:(i + 1) * B, :])
+            self.device_tier.data[slot].copy_(block)
             self.device_tier.lru[h] = slot
-        self._refill()
+            self._copy_down(h, slot)
+
+    def _touch(self, h: bytes) -> None:
+        for tier in (self.device_tier, self.host_tier):
+            if h in tier.lru:
+                tier.lru.move_to_end(h)
+
+    def _to_device(self, h: bytes, on_device: torch.Tensor) -> None:
+        """A block the host tier holds, also in the device tier now, from `on_device` (a copy of
+        it already on the device: a load's, or a request's own K/V)."""
+        slot = self._device_slot()
+        if slot is None:   # no device tier at all: it stays in host memory
+            return
+        self.device_tier.data[slot].copy_(on_device)
+        self.device_tier.lru[h] = slot
 
     def _device_slot(self) -> int | None:
-        """A device slot to write now: a free one, else one drained ahead (after its copy down),
-        else the least recently used block's, moved down a tier first."""
+        """A device slot to write now: a free one, else the least recently used block's (dropped:
+        the host tier holds its copy, or it is gone)."""
         tier = self.device_tier
         if tier.free:
-            return tier.free.pop()
-        if not self._draining and tier.lru:
-            self._draining.append(self._move_down())
-        if not self._draining:
+            slot = tier.free.pop()
+        elif tier.lru:
+            _h, slot = tier.lru.popitem(last=False)
+        else:
             return None
-        slot, copied = self._draining.popleft()
-        self._wait(copied)
+        self._wait("device", slot)   # a copy down still reading it
         return slot
 
-    def _move_down(self) -> tuple[int, object]:
-        """Move the least recently used device block to the host tier (dropped without one).
-        -> (its device slot, the event of the copy, or None)."""
-        h, slot = self.device_tier.lru.popitem(last=False)
+    def _copy_down(self, h: bytes, slot: int) -> None:
+        """The host tier's copy of device block `slot` (hash h), if it has a host tier."""
         host_slot = self._host_slot()
         if host_slot is None:
-            return slot, None
+            return
         src, dst = self.device_tier.data[slot], self.host_tier.data[host_slot]
         self.host_tier.lru[h] = host_slot
         if self._copies is None:   # CPU: in order on the one stream
             dst.copy_(src)
-            return slot, None
-        # after everything queued so far (the block's writes, reads of the host slot's old block);
-        # pinned: asynchronous, on the copy engine while the compute stream goes on
-        self._copies.wait_stream(torch.cuda.current_stream(src.device))
+            return
+        # after everything queued so far (the block's own write; reads of the host slot's old
+        # block); pinned: asynchronous, on the copy engine while the compute stream goes on
+        self._copies.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._copies):
             dst.copy_(src, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record(self._copies)
-        self._host_copied[host_slot] = copied
-        return slot, copied
-
-    def _refill(self) -> None:
-        """Keep `reserve` device slots free or draining (their blocks moved down ahead)."""
-        tier = self.device_tier
-        while len(tier.free) + len(self._draining) < self.reserve and tier.lru:
-            self._draining.append(self._move_down())
-
-    @staticmethod
-    def _wait(copied) -> None:
-        if copied is not None:   # the compute stream waits for that copy (no host sync)
-            torch.cuda.current_stream().wait_event(copied)
+        self._copied["device", slot] = self._copied["host", host_slot] = copied
 
     def _host_slot(self) -> int | None:
         tier = self.host_tier
@@ -218,20 +212,13 @@ class PrefixCache:
             return tier.free.pop()
         if not tier.lru:
             return None
-        _h, slot = tier.lru.popitem(last=False)   # dropped from the cache
+        _h, slot = tier.lru.popitem(last=False)   # dropped from the host tier (the device may keep it)
         return slot
 
-    def _promote(self, h: bytes, on_device: torch.Tensor) -> None:
-        """Move a host block up to the device tier (its host slot is freed), from `on_device`, the
-        copy of it the load just made (so it crosses the host link once)."""
-        host_slot = self.host_tier.lru.pop(h)
-        slot = self._device_slot()
-        if slot is None:   # no device tier at all: stay in host memory
-            self.host_tier.lru[h] = host_slot
-            return
-        self.device_tier.data[slot].copy_(on_device)
-        self.device_tier.lru[h] = slot
-        self.host_tier.free.append(host_slot)
+    def _wait(self, tier: str, slot: int) -> None:
+        copied = self._copied.pop((tier, slot), None)
+        if copied is not None:   # the compute stream waits for that copy (no host sync)
+            torch.cuda.current_stream().wait_event(copied)
 
     # ---- figures ---------------------------------------------------------------------------
     def bytes_used(self) -> dict[str, int]:
@@ -239,10 +226,7 @@ class PrefixCache:
 
     def check(self) -> None:
         """The invariants (tests)."""
-        for tier, draining in ((self.device_tier, [s for s, _ in self._draining]), (self.host_tier, [])):
+        for tier in (self.device_tier, self.host_tier):
             slots = list(tier.lru.values())
-            assert len(slots) == len(set(slots)) and not set(slots) & set(tier.free) and not set(slots) & set(draining)
-            assert len(slots) + len(tier.free) + len(draining) == tier.capacity
-        assert len(self.device_tier.free) + len(self._draining) >= min(self.reserve, self.device_tier.capacity) \
-            or not self.device_tier.lru
-        assert not set(self.device_tier.lru) & set(self.host_tier.lru)
+            assert len(slots) == len(set(slots)) and not set(slots) & set(tier.free)
+            assert len(slots) + len(tier.free) == tier.capacity

@@ -27,10 +27,10 @@ def _kv(tokens: list[int], block: int = 4) -> torch.Tensor:
     return t[None, None, None, :, None].expand(1, 2, 1, len(tokens), 2).clone()
 
 
-def _cache(mode: str, device_blocks: int, host_blocks: int, block: int = 4, reserve: int | None = None) -> PrefixCache:
+def _cache(mode: str, device_blocks: int, host_blocks: int, block: int = 4) -> PrefixCache:
     block_bytes = 1 * 2 * 1 * block * 2 * 4
     return PrefixCache(mode, block, (1, 1, 2), torch.float32, CPU, device_blocks * block_bytes,
-                       host_blocks * block_bytes, reserve=reserve)
+                       host_blocks * block_bytes)
 
 
 def test_hashes_chain_over_the_whole_prefix():
@@ -65,30 +65,32 @@ def test_device_blocks_move_to_host_and_come_back():
     cache.check()
 
 
-def test_the_device_tier_keeps_slots_free_ahead_with_a_host_tier():
-    """reserve 2: the device tier moves its least recently used blocks down before their slots
-    are needed (on CUDA those copies run on a stream of their own, off the compute stream), so it
-    holds at most capacity - 2 blocks; moved blocks come back from host, and without a host tier
-    nothing is moved ahead."""
-    cache = _cache("device+host", 4, 8, reserve=2)
-    prompts = [list(range(k * 100, k * 100 + 8)) for k in range(3)]   # 2 blocks each
-    for p in prompts:
-        cache.insert(p, _kv(p))
-        cache.check()
-    assert len(cache.device_tier.lru) == 2 and len(cache.device_tier.free) + len(cache._draining) == 2
-    assert len(cache.host_tier.lru) == 4   # the first two prompts' blocks, moved ahead
-    out = torch.zeros(1, 2, 1, 9, 2)
-    hit = cache.load(prompts[0] + [1], out)
-    assert (hit.tokens, hit.host_tokens) == (8, 8) and torch.equal(out[..., :8, :], _kv(prompts[0]))
+def test_the_host_tier_holds_a_copy_of_every_new_block():
+    """Write-through: a block new to the cache goes to the device tier and down to the host tier
+    at once, so a full device tier drops its least recently used block (no copy then) and it
+    comes back from host; a request's own K/V bring a block the host tier alone holds back up."""
+    cache = _cache("device+host", 2, 8)
+    first, second = list(range(10, 18)), list(range(50, 58))
+    cache.insert(first, _kv(first))
+    assert len(cache.device_tier.lru) == 2 and len(cache.host_tier.lru) == 2   # both tiers
+    cache.insert(second, _kv(second))              # `first` dropped from the device tier only
+    assert set(cache.device_tier.lru) == set(block_hashes(second, 4)) and len(cache.host_tier.lru) == 4
     cache.check()
-    assert _cache("device", 4, 0, reserve=2).reserve == 0
+    out = torch.zeros(1, 2, 1, 9, 2)
+    hit = cache.load(first + [1], out)
+    assert (hit.tokens, hit.host_tokens) == (8, 8) and torch.equal(out[..., :8, :], _kv(first))
+    assert set(cache.device_tier.lru) == set(block_hashes(first, 4))   # brought up
+    cache.insert(second + [7], _kv(second + [7]))  # a finished request's history: back up from its K/V
+    assert set(cache.device_tier.lru) == set(block_hashes(second, 4)) and len(cache.host_tier.lru) == 4
+    hit = cache.load(second + [1], torch.zeros(1, 2, 1, 9, 2))
+    assert (hit.device_tokens, hit.host_tokens) == (8, 0)
+    cache.check()
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_random_use_keeps_invariants_and_returns_what_was_inserted(seed):
     rng = random.Random(seed)
-    cache = _cache(rng.choice(["device", "device+host"]), rng.randint(0, 5), rng.randint(0, 6),
-                   reserve=rng.choice([0, 1, 2]))
+    cache = _cache(rng.choice(["device", "device+host"]), rng.randint(0, 5), rng.randint(0, 6))
     prefixes = [[rng.randint(1, 5) for _ in range(rng.randint(1, 20))] for _ in range(6)]
     for _ in range(200):
         tokens = rng.choice(prefixes) + [rng.randint(1, 5) for _ in range(rng.randint(0, 8))]
