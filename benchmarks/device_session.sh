@@ -17,6 +17,7 @@
 #   chunks-probe  benchmarks/profile_chunks.py: first-run vs later runs, synced or not      ~150
 #   prefill-probe  benchmarks/probe_prefill.py: a packed prefill forward eager vs graphed buckets  ~150
 #   epilogues-probe  benchmarks/probe_epilogues.py: the fused step, fused epilogues on vs off        ~90
+#   host-probe  benchmarks/probe_host_copy.py: a prefix-cache load of 16 host blocks, the link's rate  ~40
 #   flex-probe  benchmarks/probe_flex_decode.py: paged decode attention, flex's SPLIT_KV etc.  ~200
 #   w4-overlap  W4 at 10 req/s, paged, decode launched before the prefill vs after (note 26)  ~150
 #   w4-order    W4 at 10 req/s, paged: decode first vs prefill first x prefill graphs off/on  ~260
@@ -108,6 +109,10 @@ for s in "$@"; do
       stage epilogues-probe 200 "" python3 -m benchmarks.probe_epilogues
       cp "$OUT/epilogues-probe.txt" "$OUT/probe-epilogues.jsonl"
       cat "$OUT/epilogues-probe.txt" ;;
+    host-probe)   # benchmarks/probe_host_copy.py: a prefix-cache load of 16 host blocks, and the link's rate
+      stage host-probe 200 "" python3 -m benchmarks.probe_host_copy
+      cp "$OUT/host-probe.txt" "$OUT/probe-host-copy.jsonl"
+      cut -c1-300 "$OUT/host-probe.txt" ;;
     flex-probe)
       stage flex-probe 300 "" python3 -m benchmarks.probe_flex_decode
       cp "$OUT/flex-probe.txt" "$OUT/probe-flex-decode.jsonl"
