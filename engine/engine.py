@@ -247,6 +247,8 @@ class LLMEngine:
             whole = [r for r in whole if r not in cached]
         hits = [(r, 0, len(r.prompt_ids)) for r in cached]
         chunks = list(sched.chunks)
+        for request, start, _end in hits:   # their cached prefixes load (host copies) while the decode runs
+            self._partial_kv(request, start)
         launched = None
         if self.decode_before_prefill and self.slab.num_rows and (whole or hits or chunks):
             launched = self._launch_decode()
@@ -318,6 +320,8 @@ class LLMEngine:
                     chunks.append((request, start, end, partial))
             if not group and not chunks:   # every token of these chunks came from the cache
                 return ()
+            if self.prefix_cache is not None:
+                self.prefix_cache.ready()   # the cached prefixes' copies into the partial K/V
             self._mirror(PackedPrefill(prompts, row_ids, [(r.request_id, len(r.prompt_ids), r.prompt_ids[a:b], a)
                                                           for r, a, b, _ in chunks]))
             logits = self.runner.packed.prefill(prompts, row_ids, [(kv, r.prompt_ids[a:b], a)
@@ -398,6 +402,8 @@ class LLMEngine:
         kv, start = self._partial_kv(request, start)
         if start >= end:   # this chunk's tokens all came from the cache
             return ()
+        if self.prefix_cache is not None:
+            self.prefix_cache.ready()
         self._mirror(Chunk(request.request_id, len(prompt), prompt[start:end], start))
         logits = self.runner.prefill_chunk(kv, prompt[start:end], start)
         self._count_chunk(request, start, end)

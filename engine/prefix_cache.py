@@ -21,6 +21,9 @@ cached prefix is never written, so preempting, suspending or cancelling the requ
 cannot change it. Which blocks sit in which tier never depends on timing (a tensor-parallel
 follower's cache makes the same moves as rank 0's); a slot is rewritten, and a host block read,
 only after the copy down that involves it (an event the compute stream waits on, long passed).
+A load's copies (host blocks up, device blocks gathered) run on a second stream after the work
+queued before it, so the engine loads a step's hits before it launches the step's decode and the
+link works while the GPU decodes; `ready` orders the reader (the prefill forward) after them.
 
 Invariants: every indexed hash has one slot in the device tier, the host tier or both (the host
 tier may drop a device block's copy when it is full); a slot is free or holds exactly one indexed
@@ -88,7 +91,10 @@ class PrefixCache:
         host_slots = host_bytes // block_bytes if mode == "device+host" else 0
         self.host_tier = _Tier("host", host_slots, shape, dtype, torch.device("cpu"),
                                pin=device.type == "cuda" and host_slots > 0)
-        self._copies = torch.cuda.Stream(device) if device.type == "cuda" and host_slots > 0 else None
+        streams = device.type == "cuda" and host_slots > 0
+        self._copies = torch.cuda.Stream(device) if streams else None   # copies down (device -> host)
+        self._loads = torch.cuda.Stream(device) if streams else None    # loads (host -> device, and gathers)
+        self._loaded = None                           # event: the last load's copies are done
         self._copied: dict[tuple[str, int], object] = {}   # (tier, slot) -> event of the copy down that used it
         self.lookup_tokens = 0                        # prompt tokens looked up
         self.hit_tokens = {"device": 0, "host": 0}    # of those, found in each tier
@@ -109,11 +115,36 @@ class PrefixCache:
 
     def load(self, prompt_ids: list[int], out: torch.Tensor) -> PrefixHit:
         """Copy the cached prefix of `prompt_ids` into out[..., :n, :] (out: [L, 2, H, >= n, D], on
-        the device) and count the lookup. -> what was found."""
+        the device) and count the lookup. -> what was found. With a host tier on CUDA the copies
+        run on a stream of their own, after the work queued so far (so a decode step queued after
+        this call runs beside them, note 29): call `ready` before reading `out`."""
         hashes, tiers = self.match(prompt_ids)
         self.lookup_tokens += len(prompt_ids)
         if not hashes:
             return PrefixHit(0, 0, 0)
+        if self._loads is None:
+            self._load(hashes, tiers, out)
+        else:
+            self._loads.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._loads):
+                self._load(hashes, tiers, out)
+                out.record_stream(self._loads)   # its memory is not reused before these copies end
+                self._loaded = torch.cuda.Event()
+                self._loaded.record(self._loads)
+        B = self.block_size
+        hit = PrefixHit(len(hashes) * B, tiers.count("device") * B, tiers.count("host") * B)
+        self.hit_tokens["device"] += hit.device_tokens
+        self.hit_tokens["host"] += hit.host_tokens
+        return hit
+
+    def ready(self) -> None:
+        """The current stream waits for the loads' copies (no host sync): before anything reads
+        what `load` wrote, or writes the device tier."""
+        if self._loaded is not None:
+            torch.cuda.current_stream().wait_event(self._loaded)
+            self._loaded = None
+
+    def _load(self, hashes: list[bytes], tiers: list[str], out: torch.Tensor) -> None:
         B = self.block_size
         if "host" not in tiers:   # one gather: [n_blocks, L, 2, H, B, D] -> [L, 2, H, n_blocks * B, D]
             data = self.device_tier.data
@@ -133,16 +164,13 @@ class PrefixCache:
         for i, (h, name) in enumerate(zip(hashes, tiers)):
             if name == "host":
                 self._to_device(h, out[..., i * B:(i + 1) * B, :])
-        hit = PrefixHit(len(hashes) * B, tiers.count("device") * B, tiers.count("host") * B)
-        self.hit_tokens["device"] += hit.device_tokens
-        self.hit_tokens["host"] += hit.host_tokens
-        return hit
 
     # ---- inserts ---------------------------------------------------------------------------
     def insert(self, token_ids: list[int], kv: torch.Tensor) -> None:
         """Keep the K/V ([L, 2, H, >= n, D], on the device) of every full block of `token_ids`: new
         blocks to the device tier (and down to the host tier), blocks only the host tier holds back
         up to the device tier from `kv`."""
+        self.ready()   # a load's copies may still write the device tier
         B = self.block_size
         for i, h in enumerate(block_hashes(token_ids, B)):
             if h in self.device_tier.lru:

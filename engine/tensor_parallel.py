@@ -418,6 +418,8 @@ class Follower:
         elif kind is Prefill:
             self.prefilled = self.runner.prefill(message.prompts)
         elif kind is PackedPrefill:
+            if self.prefix_cache is not None:
+                self.prefix_cache.ready()   # a CacheLoad's copies into the partial K/V
             chunks = [(self._partial(row_id, prompt_len), ids, start)
                       for row_id, prompt_len, ids, start in message.chunks]
             self.runner.packed.prefill(message.prompts, message.row_ids, chunks)
@@ -436,6 +438,8 @@ class Follower:
             if message.row_id in kv.row_ids:
                 kv.remove_row(message.row_id)
         elif kind is Chunk:
+            if self.prefix_cache is not None:
+                self.prefix_cache.ready()
             self.runner.prefill_chunk(self._partial(message.row_id, message.prompt_len), message.ids, message.start)
         elif kind is CacheLoad:
             partial = self.partial[message.row_id] = self.runner.new_partial_kv(len(message.prompt_ids))
