@@ -154,9 +154,14 @@ def prefill_reserve_bytes(config: EngineConfig, model_config, max_seq_len: int, 
     """Device memory a prefill needs beside the K/V pool, left free when the pool is sized: the
     forward's own K/V (a grouped forward's tokens; chunked, also the partial K/V of up to two
     prompts in progress) and its activations (per token: the residual and q/k/v/o in hidden
-    size, gate/up/act in intermediate size; doubled for the allocator's slack)."""
+    size, gate/up/act in intermediate size; doubled for the allocator's slack); with prefill
+    graphs, also the chunk graphs' workspace (fused_prefill.StaticChunk: a context plus the
+    largest bucket)."""
+    from engine.fused_prefill import PREFILL_BUCKETS
     tokens = config.prefill_chunk_tokens or config.max_prefill_tokens
     kv_tokens = tokens + (2 * max_seq_len if config.prefill_chunk_tokens else 0)
+    if config.use_prefill_graphs:
+        kv_tokens += max_seq_len + PREFILL_BUCKETS[-1]
     hidden = getattr(model_config, "hidden_size", 0)
     intermediate = getattr(model_config, "intermediate_size", None) or 4 * hidden
     activations = 2 * tokens * (6 * hidden + 3 * intermediate) * itemsize

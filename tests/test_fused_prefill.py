@@ -279,3 +279,16 @@ def test_engine_with_chunk_graphs_matches_hf_generate(loaded):
     assert any(c < 16 for _, c, _ in used) and any(start for _, _, start in used)   # padded; later chunks
     assert not static.held and not engine._partial
     assert engine.slab.num_rows == 0 and engine.slab.num_pages_used == 0
+
+
+def test_the_pool_leaves_room_for_the_chunk_workspace():
+    """With prefill graphs the K/V pool is sized leaving the chunk graphs' workspace free (a
+    context plus the largest bucket of K/V), beside the prefill's own reserve."""
+    from types import SimpleNamespace
+    from engine.build import prefill_reserve_bytes
+    from engine.config import EngineConfig
+    from engine.fused_prefill import PREFILL_BUCKETS
+    model = SimpleNamespace(hidden_size=64, intermediate_size=128)
+    on = prefill_reserve_bytes(EngineConfig(prefill_graphs=True), model, 4096, 1000, 2)
+    off = prefill_reserve_bytes(EngineConfig(prefill_graphs=False), model, 4096, 1000, 2)
+    assert on - off == (4096 + PREFILL_BUCKETS[-1]) * 1000
