@@ -120,7 +120,8 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
     runner = ModelRunner(hf_model, kv, device, pad_token_id=pad, cuda_graphs=graphs,
                          fused_decode=fused, packed_prefill=packed, decode_split_kv=config.decode_split_kv,
                          decode_sort_rows=config.decode_sort_rows, fused_epilogues=config.fused_epilogues,
-                         prefill_graphs=config.use_prefill_graphs, max_prefill_tokens=config.max_prefill_tokens)
+                         prefill_graphs=config.use_prefill_graphs, max_prefill_tokens=config.max_prefill_tokens,
+                         chunk_graphs=config.tensor_parallel == 1)
     scheduler = Scheduler(SchedulerConfig(
         max_batch_size=num_slots, max_prefill_tokens=config.max_prefill_tokens,
         kv_budget_tokens=min(kv_budget, kv.total_bytes) // bytes_per_token, max_row_tokens=max_seq_len,
@@ -160,7 +161,7 @@ def prefill_reserve_bytes(config: EngineConfig, model_config, max_seq_len: int, 
     from engine.fused_prefill import PREFILL_BUCKETS
     tokens = config.prefill_chunk_tokens or config.max_prefill_tokens
     kv_tokens = tokens + (2 * max_seq_len if config.prefill_chunk_tokens else 0)
-    if config.use_prefill_graphs:
+    if config.use_prefill_graphs and config.tensor_parallel == 1:
         kv_tokens += max_seq_len + PREFILL_BUCKETS[-1]
     hidden = getattr(model_config, "hidden_size", 0)
     intermediate = getattr(model_config, "intermediate_size", None) or 4 * hidden

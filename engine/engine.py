@@ -247,8 +247,11 @@ class LLMEngine:
             whole = [r for r in whole if r not in cached]
         hits = [(r, 0, len(r.prompt_ids)) for r in cached]
         chunks = list(sched.chunks)
-        for request, start, _end in hits:   # their cached prefixes load (host copies) while the decode runs
-            self._partial_kv(request, start)
+        # the hits' cached prefixes load (a host tier's copies) while the decode runs; a prompt that
+        # starts its chunks this step keeps the chunk graphs' workspace (a hit needs it one step)
+        starting = any(start == 0 for _r, start, _e in chunks)
+        for request, start, _end in hits:
+            self._partial_kv(request, start, workspace=not starting)
         launched = None
         if self.decode_before_prefill and self.slab.num_rows and (whole or hits or chunks):
             launched = self._launch_decode()
@@ -411,13 +414,13 @@ class LLMEngine:
         self._counts.seconds_prefill += time.monotonic() - started
         return events
 
-    def _partial_kv(self, request: Request, start: int) -> tuple[torch.Tensor, int]:
+    def _partial_kv(self, request: Request, start: int, workspace: bool = True) -> tuple[torch.Tensor, int]:
         """The partial K/V of a prompt prefilled in chunks (made at its first chunk, with the cached
         prefix copied in), and where this chunk's computed tokens start (past the cached ones)."""
         prompt = request.prompt_ids
         kv = self._partial.get(request.request_id)
         if kv is None:
-            kv = self._partial[request.request_id] = self.runner.new_partial_kv(len(prompt))
+            kv = self._partial[request.request_id] = self.runner.new_partial_kv(len(prompt), workspace)
             if self.prefix_cache is not None:   # copy the cached prefix in; never the last token
                 self._mirror(CacheLoad(request.request_id, prompt))
                 hit = self.prefix_cache.load(prompt, kv[:, :, 0])

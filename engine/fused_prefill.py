@@ -130,7 +130,8 @@ class MixedAttend:
 
 
 class FusedPrefill:
-    def __init__(self, fused: FusedDecoder, kv: PagedKV, graphs: bool = False, max_tokens: int = 8192) -> None:
+    def __init__(self, fused: FusedDecoder, kv: PagedKV, graphs: bool = False, max_tokens: int = 8192,
+                 chunk_graphs: bool = True) -> None:
         """`graphs`: whole-prompt forwards of up to `max_tokens` tokens replay a CUDA graph per
         token bucket (`StaticPrefill`; capture with `capture_all`). Needs varlen attention."""
         self.fused, self.kv = fused, kv
@@ -138,7 +139,8 @@ class FusedPrefill:
         self.varlen = _varlen() if self.device.type == "cuda" and kv.data.dtype in (torch.float16, torch.bfloat16) \
             else None
         self.static = StaticPrefill(self, max_tokens, graphs=True) if graphs and self.varlen is not None else None
-        self.chunk_static = StaticChunk(self, max_tokens, graphs=True) if self.static is not None else None
+        self.chunk_static = StaticChunk(self, max_tokens, graphs=True) if self.static is not None and chunk_graphs \
+            else None
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], row_ids: list[str],

@@ -37,13 +37,15 @@ class ModelRunner:
     def __init__(self, hf_model, slab: KVSlab, device: torch.device, pad_token_id: int = 0,
                  cuda_graphs: bool = False, fused_decode: bool = False, packed_prefill: bool = True,
                  decode_split_kv: int = 0, prefill_graphs: bool = False, max_prefill_tokens: int = 8192,
-                 decode_sort_rows: bool = True, fused_epilogues: bool = True) -> None:
+                 decode_sort_rows: bool = True, fused_epilogues: bool = True, chunk_graphs: bool = True) -> None:
         """`packed_prefill`: with the fused step on pages, prefill newcomers through
         engine/fused_prefill.py (`self.packed`) rather than the HF forward. `decode_split_kv`: the
         fused paged step's SPLIT_KV (0: flex's choice); `decode_sort_rows`: it runs rows longest
         first; `fused_epilogues`: see FusedDecoder. `prefill_graphs` (with CUDA graphs, on CUDA):
         that packed prefill's whole-prompt forwards of up to `max_prefill_tokens` tokens replay a
-        CUDA graph per token bucket (fused_prefill.StaticPrefill)."""
+        CUDA graph per token bucket (fused_prefill.StaticPrefill), and with `chunk_graphs` one
+        prompt's chunks at a time too (StaticChunk; off under tensor parallelism, where every rank
+        would have to give its one workspace to the same prompt)."""
         self.model = hf_model
         self.slab = slab
         self.device = device
@@ -63,7 +65,7 @@ class ModelRunner:
         if paged and self.fused is not None and packed_prefill:
             from engine.fused_prefill import FusedPrefill
             self.packed = FusedPrefill(self.fused, slab, graphs=prefill_graphs and cuda_graphs and device.type == "cuda",
-                                       max_tokens=max_prefill_tokens)
+                                       max_tokens=max_prefill_tokens, chunk_graphs=chunk_graphs)
         if paged and self.fused is not None:
             from engine.paged_decode import PagedDecoder
             on_cuda = device.type == "cuda"
@@ -78,7 +80,8 @@ class ModelRunner:
         if self.packed is not None and self.packed.static is not None:
             try:
                 self.packed.static.capture_all()
-                self.packed.chunk_static.capture_all()
+                if self.packed.chunk_static is not None:
+                    self.packed.chunk_static.capture_all()
             except Exception as exc:  # noqa: BLE001 - a capture that fails leaves the eager prefill
                 log.warning("prefill_graphs_capture_failed", error=repr(exc)[:500])
                 self.packed.static = self.packed.chunk_static = None
@@ -145,13 +148,13 @@ class ModelRunner:
         )
         return PrefillResult(logits=out.logits[:, -1], kv=kv, lengths=lengths)
 
-    def new_partial_kv(self, prompt_len: int) -> torch.Tensor:
+    def new_partial_kv(self, prompt_len: int, workspace: bool = True) -> torch.Tensor:
         """K/V of one prompt prefilled in chunks: [L, 2, 1, H, P, D], P = prompt_len rounded up to
         16 (as `prefill` rounds). Zeroed: columns past the written ones are masked, but a masked
         NaN would still poison the weighted sum. With prefill graphs, the chunk graphs' workspace
-        (fused_prefill.StaticChunk) while no other prompt holds it: finite, never NaN. Give it back
-        with `release_partial`."""
-        if self.packed is not None and self.packed.chunk_static is not None:
+        (fused_prefill.StaticChunk) while no other prompt holds it (and `workspace`): finite, never
+        NaN. Give it back with `release_partial`."""
+        if workspace and self.packed is not None and self.packed.chunk_static is not None:
             held = self.packed.chunk_static.acquire(prompt_len)   # the chunk graphs' workspace, if free
             if held is not None:
                 return held

@@ -527,7 +527,7 @@ def follow(conn, rank: int, world: int, port: int, config, loader, setup=None) -
                                         decode_sort_rows=config.decode_sort_rows,
                                         fused_epilogues=config.fused_epilogues,
                                         prefill_graphs=config.use_prefill_graphs,
-                                        max_prefill_tokens=config.max_prefill_tokens),
+                                        max_prefill_tokens=config.max_prefill_tokens, chunk_graphs=False),
                           kv, device, cache)
         while type(message := _decode(conn.recv_bytes())) is not Stop:
             follower.apply(message)

@@ -152,6 +152,29 @@ def test_cache_hits_through_the_chunk_graph(tiny, chunk):
     assert not static.held and not engine._partial
 
 
+def test_a_prompt_starting_its_chunks_keeps_the_chunk_workspace_from_a_hit(tiny):
+    """A step with a cache hit (a whole prompt) and a long prompt starting its chunks: the long
+    prompt gets the chunk graphs' workspace (it needs it for several steps; the hit for one)."""
+    from engine.request import Request, SamplingParams
+    from tests.test_fused_prefill import _with_chunk_graph
+    engine, _ = make_engine(tiny, max_batch_size=3, max_seq_len=256, prefix_cache="device", prefill_chunk_tokens=64,
+                            **LAYOUTS["packed"])
+    static, used = _with_chunk_graph(engine, 64)
+    first = list(range(20, 60))                                        # 40 tokens: 2 blocks of 16
+    engine.add_request(Request("a", first, SamplingParams(max_new_tokens=2, ignore_eos=True)))
+    while engine.has_work():
+        engine.step()
+    engine.add_request(Request("hit", first + [7, 8, 9], SamplingParams(max_new_tokens=2, ignore_eos=True)))
+    engine.add_request(Request("long", list(range(100, 200)), SamplingParams(max_new_tokens=2, ignore_eos=True)))
+    engine.step()
+    assert engine.stats().prefix_hit_tokens_device == 32
+    assert static.holds(engine._partial["long"]) and "hit" not in engine._partial
+    while engine.has_work():
+        engine.step()
+    assert [(T, c, start) for T, c, start in used] == [(64, 21, 0), (64, 64, 21), (64, 15, 85)]
+    assert not static.held
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_cache_hits_with_decode_launched_before_prefill(tiny, layout):
     """The same conversations with the step order CUDA uses (decode_before_prefill: the running
