@@ -225,7 +225,46 @@ PREFILL_BUCKETS = (64, 128, 256, 384, 512, 640, 768, 896, 1024, 1280)
 PREFILL_GRAPH_PROMPTS = 64   # prompts one graphed forward takes (more: the eager forward)
 
 
-class StaticPrefill:
+class _BucketGraphs:
+    """A forward per token bucket over static buffers, captured once as a CUDA graph and replayed
+    (or, without `use_graphs`, run eagerly): what StaticPrefill and StaticChunk share. Each
+    defines `_forward(T)` and `_rest()`, the buffers' resting state for the captures."""
+    buckets: list[int]
+    use_graphs: bool
+    pool: object
+    graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]]
+
+    def _forward(self, T: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _rest(self) -> None:
+        raise NotImplementedError
+
+    def _graph(self, T: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        if T not in self.graphs:
+            self.graphs[T] = capture(lambda: self._forward(T), self.pool)
+        return self.graphs[T]
+
+    @torch.inference_mode()
+    def capture_all(self) -> int:
+        """Capture every bucket now, largest first (the pool is sized once), from the resting state."""
+        self._rest()
+        with capturing():
+            for T in reversed(self.buckets):
+                self._graph(T)
+        return len(self.graphs)
+
+    def _replay(self, T: int) -> torch.Tensor:
+        """Bucket T's forward over the buffers as they are now: its graph's output (a static
+        tensor the next replay rewrites), or an eager forward's."""
+        if not self.use_graphs:
+            return self._forward(T)
+        graph, out = self._graph(T)
+        graph.replay()
+        return out
+
+
+class StaticPrefill(_BucketGraphs):
     """The packed whole-prompt prefill over static buffers, one shape per token bucket, so each
     bucket's forward can be captured once as a CUDA graph and replayed: the eager forward's host
     time (~1,300 kernel launches and two compiled-region calls a layer: 20-40 ms for a 7B on an
@@ -268,22 +307,10 @@ class StaticPrefill:
                               self.packed.varlen, longest=T)
         return self.fused(self.ids[:T], self.positions[:T], attend, keep=self.keep)   # [prompts, V]
 
-    def _graph(self, T: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        if T not in self.graphs:
-            self.graphs[T] = capture(lambda: self._forward(T), self.pool)
-        return self.graphs[T]
-
-    @torch.inference_mode()
-    def capture_all(self) -> int:
-        """Capture every bucket now, largest first (the pool is sized once). The buffers'
-        resting state (every token a padding token, every prompt empty) writes only to the
-        scratch slot."""
+    def _rest(self) -> None:
+        """Every token a padding token, every prompt empty: the captures write only the scratch slot."""
         self.slots.fill_(self.kv.scratch_slot)
         self.cu.zero_()
-        with capturing():
-            for T in reversed(self.buckets):
-                self._graph(T)
-        return len(self.graphs)
 
     def run(self, T: int, ids: list[int], positions: torch.Tensor, slots: torch.Tensor, bounds: list[int]) -> torch.Tensor:
         """The prompts (packed: ids, positions, K/V slots; prompt i is tokens [bounds[i],
@@ -305,15 +332,10 @@ class StaticPrefill:
         self.cu.copy_(meta[:self.cu.shape[0]])
         self.keep.copy_(meta[self.cu.shape[0]:])
         self.bounds = bounds + ([T] if n < T else [])
-        if self.use_graphs:
-            graph, logits = self._graph(T)
-            graph.replay()
-        else:
-            logits = self._forward(T)
-        return logits[:m]
+        return self._replay(T)[:m]
 
 
-class StaticChunk:
+class StaticChunk(_BucketGraphs):
     """One prompt's chunk through a CUDA graph per token bucket (PREFILL_BUCKETS), so a long
     prompt in chunks pays a graph launch a chunk instead of the eager forward's ~40 ms of host time
     (note 28: with eager chunks no step's prefill could stay under ~40 ms, so the stream's ITL p99
@@ -409,22 +431,11 @@ class StaticChunk:
     def _forward(self, T: int) -> torch.Tensor:
         return self.fused(self.ids[:T], self.positions[:T], self._attend(T), keep=self.keep)   # [1, V]
 
-    def _graph(self, T: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        if T not in self.graphs:
-            self.graphs[T] = capture(lambda: self._forward(T), self.pool)
-        return self.graphs[T]
-
-    @torch.inference_mode()
-    def capture_all(self) -> int:
-        """Capture every bucket now, largest first. Resting state: a chunk at 0 (nobody holds the
-        workspace while the engine starts)."""
+    def _rest(self) -> None:
+        """A chunk at 0 (nobody holds the workspace while the engine starts)."""
         top = self.buckets[-1]
         self.positions.copy_(torch.arange(top, device=self.positions.device)[:, None])
         self.cu_k.copy_(torch.tensor([0, top], dtype=torch.int32))
-        with capturing():
-            for T in reversed(self.buckets):
-                self._graph(T)
-        return len(self.graphs)
 
     def run(self, T: int, ids: list[int], start: int) -> torch.Tensor:
         """Prompt tokens [start, start + len(ids)) of the prompt holding the workspace through
@@ -442,8 +453,4 @@ class StaticChunk:
         self.cu_k.copy_(host[2 * T:2 * T + 2])
         self.keep.copy_(host[2 * T + 2:])
         self.end = start + T
-        if self.use_graphs:
-            graph, logits = self._graph(T)
-            graph.replay()
-            return logits.clone()
-        return self._forward(T)
+        return self._replay(T).clone()

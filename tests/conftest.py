@@ -2,6 +2,7 @@
 and a helper that drives an LLMEngine step by step (no thread) with arrivals at chosen steps."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -223,3 +224,25 @@ def server(tmp_path_factory):
     running = start_server(tmp_path_factory.mktemp("server"))
     yield running
     running.stop()
+
+
+@contextlib.contextmanager
+def without(obj, name: str):
+    """obj.<name> is None inside (e.g. a runner's packed prefill: its reference path runs)."""
+    kept = getattr(obj, name)
+    setattr(obj, name, None)
+    try:
+        yield
+    finally:
+        setattr(obj, name, kept)
+
+
+def chunk_pairs(runner, ours, ref, prompt: list[int], spans, reference):
+    """Each (start, end) of `spans`: prompt[start:end] through runner.prefill_chunk into the
+    partial K/V `ours`, then inside `reference()` into `ref`. Yields (end, logits, expected)."""
+    for start, end in spans:
+        logits = runner.prefill_chunk(ours, prompt[start:end], start)
+        with reference():
+            expected = runner.prefill_chunk(ref, prompt[start:end], start)
+        yield end, logits, expected
+

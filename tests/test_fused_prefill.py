@@ -13,7 +13,7 @@ import torch
 
 from engine import model_loader
 from engine.kv_pages import OutOfPages
-from tests.conftest import CPU, drive, make_engine
+from tests.conftest import CPU, chunk_pairs, drive, make_engine, without
 from tests.test_engine_exact import _arrivals, _check_against_hf
 
 
@@ -169,14 +169,9 @@ def test_packed_chunks_equal_hf_chunks(loaded):
     runner = engine.runner
     prompt = torch.randint(5, 200, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     ours, ref = runner.new_partial_kv(len(prompt)), runner.new_partial_kv(len(prompt))
-    packed = runner.packed
-    for start, end in ((0, 13), (13, 29), (29, 40)):   # chunks ending mid-page (pages of 16)
-        logits = runner.prefill_chunk(ours, prompt[start:end], start)
-        runner.packed = None                          # the HF forward's chunk
-        try:
-            expected = runner.prefill_chunk(ref, prompt[start:end], start)
-        finally:
-            runner.packed = packed
+    # chunks ending mid-page (pages of 16), against the HF forward's chunks
+    for end, logits, expected in chunk_pairs(runner, ours, ref, prompt, ((0, 13), (13, 29), (29, 40)),
+                                             lambda: without(runner, "packed")):
         torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(ours[..., :end, :], ref[..., :end, :], rtol=1e-4, atol=1e-4)
 
@@ -236,13 +231,9 @@ def test_static_chunk_padded_to_a_bucket_equals_the_eager_chunk(loaded):
         packed.chunk_static = static
         used, run = [], static.run
         static.run = lambda T, ids, start: used.append(T) or run(T, ids, start)
-        for start, end in ((0, 13), (13, 29), (29, 69), (69, 75)):   # pads 13→16, 16, 40→40, 6→8
-            logits = runner.prefill_chunk(ours, prompt[start:end], start)
-            packed.chunk_static = None
-            try:
-                expected = runner.prefill_chunk(ref, prompt[start:end], start)
-            finally:
-                packed.chunk_static = static
+        spans = ((0, 13), (13, 29), (29, 69), (69, 75))   # pads 13→16, 16, 40→40, 6→8
+        for end, logits, expected in chunk_pairs(runner, ours, ref, prompt, spans,
+                                                 lambda: without(packed, "chunk_static")):
             torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(ours[..., :end, :], ref[..., :end, :], rtol=1e-4, atol=1e-4)
         assert used == [16, 16, 40, 8]

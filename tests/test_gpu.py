@@ -12,7 +12,7 @@ import torch
 
 from engine import model_loader
 from engine.inputs import GenerateInput
-from tests.conftest import drive, hf_reference, make_engine
+from tests.conftest import chunk_pairs, drive, hf_reference, make_engine, without
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -137,14 +137,8 @@ def test_bf16_packed_chunks_close_to_hf_chunks(tiny_model_dir):
     runner = engine.runner
     prompt = torch.randint(5, 200, (150,), generator=torch.Generator().manual_seed(1)).tolist()
     ours, ref = runner.new_partial_kv(len(prompt)), runner.new_partial_kv(len(prompt))
-    packed = runner.packed
-    for start, end in ((0, 37), (37, 100), (100, 150)):
-        logits = runner.prefill_chunk(ours, prompt[start:end], start)
-        runner.packed = None
-        try:
-            expected = runner.prefill_chunk(ref, prompt[start:end], start)
-        finally:
-            runner.packed = packed
+    for _end, logits, expected in chunk_pairs(runner, ours, ref, prompt, ((0, 37), (37, 100), (100, 150)),
+                                              lambda: without(runner, "packed")):
         assert torch.equal(logits.argmax(-1), expected.argmax(-1))
         torch.testing.assert_close(logits.float(), expected.float(), rtol=0.05, atol=0.05)
     torch.testing.assert_close(ours[..., :150, :].float(), ref[..., :150, :].float(), rtol=0.05, atol=0.05)
@@ -281,14 +275,9 @@ def test_bf16_graphed_chunks_close_to_eager_chunks(tiny_model_dir):
     packed.chunk_static = static
     used, run = [], static.run
     static.run = lambda T, ids, start: used.append(T) or run(T, ids, start)
-    for start, end in ((0, 37), (37, 200), (200, 330), (330, 420)):
-        logits = runner.prefill_chunk(ours, prompt[start:end], start)
-        packed.chunk_static = None
-        try:
-            expected = runner.prefill_chunk(ref, prompt[start:end], start)
-        finally:
-            packed.chunk_static = static
-        assert torch.equal(logits.argmax(-1), expected.argmax(-1)), (start, end)
+    spans = ((0, 37), (37, 200), (200, 330), (330, 420))
+    for end, logits, expected in chunk_pairs(runner, ours, ref, prompt, spans, lambda: without(packed, "chunk_static")):
+        assert torch.equal(logits.argmax(-1), expected.argmax(-1)), end
         torch.testing.assert_close(logits.float(), expected.float(), rtol=0.05, atol=0.05)
         torch.testing.assert_close(ours[..., :end, :].float(), ref[..., :end, :].float(), rtol=0.05, atol=0.05)
     assert used == [64, 256, 256, 128]
