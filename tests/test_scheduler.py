@@ -764,11 +764,20 @@ def _random_run(seed: int) -> None:
         elif op in ("schedule", "pressure"):
             budget_before_schedule = s.kv_tokens_running
             prefilling_before = list(s.prefilling)
+            prefilled_before = {id(r): r.prefilled for r in s.prefilling}
             running_before = set(map(id, s.running))
             out = s.schedule(now, pressure=(op == "pressure"))
             planned = s.config.prefill_chunk_tokens
             if planned:   # at most the chunk budget of prompt tokens, in admission order
                 assert sum(len(r.prompt_ids) for r in out.prefill) + sum(e - b for _, b, e in out.chunks) <= planned
+                # a prompt starts its chunks (a partial K/V) only while fewer than the limit are
+                # open, or with a higher priority than every open one
+                open_ = [r for r in prefilling_before if prefilled_before[id(r)] > 0]
+                for r, b, e in out.chunks:
+                    if b == 0 and e < len(r.prompt_ids):
+                        assert len(open_) < s.config.max_prompts_in_chunks or \
+                            all(r.priority > o.priority for o in open_), (r.request_id, [o.request_id for o in open_])
+                        open_.append(r)
             assert set(map(id, out.free)) == set(map(id, cancelled_since))
             cancelled_since.clear()
             for v in out.park:
