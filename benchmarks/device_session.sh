@@ -32,6 +32,7 @@
 #   rows        W4 at 40 req/s, batch up to 512 at 4,096 context: peak concurrent rows (issue 12:
 #               >= 250 rows of ~600 tokens where the slab holds 53)                       ~200
 #   w5          W5 multi-turn chat (16 x 8 turns), prefix cache variants W5_VARIANTS, chunks W5_CHUNK  ~400
+#   allreduce-probe  (2 GPUs) the TP step's all-reduces in one graph: NCCL, symm-mem one-shot, copy  ~60
 #   tp7         (2 GPUs) 7B: tp1, tpN (fused + graphs, packed prefill), tpN-eager         ~200
 #   tp70        (2 GPUs) 70B shape on the meta device: tpN                                ~150
 #   tp70-serve  (2 GPUs) 70B through `baton serve --tensor-parallel 2`: W1 and W4 @ 2/s   ~400
@@ -176,6 +177,10 @@ for k,v in d.items():
               'computed',v['prefill_tokens_computed'],'dev',v['cached_tokens_device'],'host',v['cached_tokens_host'],'wall',round(v['wall_s'],1))
     elif k.endswith('gain_over_full_gain'): print(' ',k,round(v,3))
 " $R/llama2-7b-h200-w5.json ;;
+    allreduce-probe)   # (2 GPUs) benchmarks/probe_allreduce.py: the TP step's all-reduces in a graph, NCCL vs one-shot vs copy
+      stage allreduce-probe 150 "" torchrun --nproc-per-node 2 -m benchmarks.probe_allreduce
+      cp "$OUT/allreduce-probe.txt" "$OUT/probe-allreduce.jsonl"
+      cut -c1-300 "$OUT/allreduce-probe.txt" ;;
     tp7)
       stage tp7 330 $OUT/tp7.json python3 -m benchmarks.tp_bench --preset llama2-7b --tokenizer $TOK --tp 2 \
         --batch 32 --max-output 128 --variants ${TP7_VARIANTS:-tp1,tpN,tpN-eager} --out $OUT/tp7.json ;;
