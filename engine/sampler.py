@@ -233,7 +233,7 @@ def _filter_width(x: torch.Tensor, rows: _RowParams, width: int) -> _Kept | None
     row having top-k or top-p; None unless every column left out is provably removed, so that the
     result equals the dense one. Reads the data (a device wait)."""
     vocab = x.shape[1]
-    k_on, p_on = rows.top_k[:, None] < vocab, rows.threshold >= 0              # [m, 1] each
+    k_on = rows.top_k[:, None] < vocab                                         # [m, 1]
     values, ids = x.topk(width + 1, dim=-1)                                    # [m, C+1] descending
     left_out = values[:, -1:]                                                  # [m, 1] best column left out
     values, ids = values[:, :-1], ids[:, :-1]                                  # [m, C]

@@ -257,15 +257,23 @@ def _with_chunk_graph(engine, max_tokens: int):
     return static, used
 
 
-def test_engine_with_chunk_graphs_matches_hf_generate(loaded):
+@pytest.mark.parametrize("chunk, top", [(16, 16), (12, 8)], ids=["fits-the-bucket", "over-the-bucket"])
+def test_engine_with_chunk_graphs_matches_hf_generate(loaded, chunk, top):
     """The engine with its prompts' chunks through the chunk graphs' forward (eager here): HF
     generate's tokens, chunks padded to the bucket and later chunks of a prompt through it too,
-    and the workspace free at the end."""
-    engine, limits = _engine(loaded, max_batch_size=3, max_seq_len=128, prefill_chunk_tokens=16)
-    static, used = _with_chunk_graph(engine, 16)
+    and the workspace free at the end; chunks larger than the largest bucket run the eager chunk
+    on the workspace."""
+    engine, limits = _engine(loaded, max_batch_size=3, max_seq_len=128, prefill_chunk_tokens=chunk)
+    static, used = _with_chunk_graph(engine, top)
+    held, acquire = [], static.acquire
+    static.acquire = lambda n: held.append(n) or acquire(n)
     arrivals = _arrivals(lengths=[20, 35, 8, 16, 27, 5], steps=[0, 0, 2, 4, 4, 13], ignore_eos=True)
     outputs = drive(engine, limits, arrivals)
     _check_against_hf(loaded, engine, outputs, arrivals)
+    assert held and engine.stats().prefill_chunks > 0
+    if chunk > top:   # the full chunks ran eagerly on the workspace, only short last ones through it
+        assert all(c <= top for _, c, _ in used) and not static.held
+        return
     assert used and all(T == 16 for T, _, _ in used)
     assert any(c < 16 for _, c, _ in used) and any(start for _, _, start in used)   # padded; later chunks
     assert not static.held and not engine._partial
