@@ -371,8 +371,7 @@ class StaticChunk(_BucketGraphs):
         self.end = top                     # the host's copy of cu_k[1] (the eager SDPA fallback)
         self.held = False
         self.use_graphs = graphs
-        self.pool = packed.static.pool if graphs and packed.static is not None else (
-            torch.cuda.graph_pool_handle() if graphs else None)
+        self.pool = packed.static.pool if graphs else None   # the whole-prompt graphs' pool (never replayed at once)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._cu_q = {}                    # bucket -> [0, T] int32 (constant)
 

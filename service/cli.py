@@ -44,7 +44,8 @@ SERVE_FLAGS = [
                                 "each: GPUs 0..N-1 over NCCL on cuda, gloo on cpu"),
     ("max-prefill-tokens", int, 8192, "prompt tokens one prefill forward computes (padded to the longest, unless packed)"),
     ("prefill-chunk-tokens", int, 0, "prompt tokens prefilled per step, interleaved with decode steps, so no "
-                                     "stream waits longer than one chunk between two tokens (0 = whole prompts)"),
+                                     "stream waits longer than one chunk between two tokens (0 = whole prompts; 768 measured "
+                                     "for chat traffic on an H200, README)"),
     ("prefix-cache", str, "off", "off | device | device+host: keep prompts' and finished requests' K/V by "
                                  "token prefix (blocks of --kv-page-size tokens); a request starting with a "
                                  "cached prefix prefills only the rest"),
