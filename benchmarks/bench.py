@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import hashlib
 import itertools
 import json
 import platform
@@ -206,6 +207,7 @@ def _drive(engine, reqs: list[BenchRequest], bar, device,
             rec = by_id[out.request_id, out.index]
             if out.token_ids:
                 rec["times"].extend([now] * len(out.token_ids))
+                rec["ids"].extend(out.token_ids)
                 rec["step_prefill"].extend([step_prefill] * len(out.token_ids))
                 if bar is not None:
                     bar.update(len(out.token_ids))
@@ -221,7 +223,7 @@ def _drive(engine, reqs: list[BenchRequest], bar, device,
             r = reqs[i]
             for k in range(r.n):
                 records[i if r.n == 1 else (i, k)] = by_id[f"b{i}", k] = {
-                    "arrival": start + r.arrival_s, "times": [], "step_prefill": [], "priority": r.priority}
+                    "arrival": start + r.arrival_s, "times": [], "ids": [], "step_prefill": [], "priority": r.priority}
             params = SamplingParams(**{"max_new_tokens": r.max_new_tokens, "ignore_eos": True, **r.sampling})
             engine.add_request(Request(f"b{i}", list(r.prompt_ids), params, priority=r.priority, n=r.n))
         if engine.has_work():
@@ -245,8 +247,11 @@ def _drive(engine, reqs: list[BenchRequest], bar, device,
     wall = time.monotonic() - start
     if bar is not None:
         bar.close()
+    # every completion's tokens in request order, hashed: two variants that must agree (e.g. two
+    # all-reduce kinds, benchmarks/tp_bench.py) compare this
+    digest = hashlib.sha256(json.dumps([records[k]["ids"] for k in sorted(records, key=str)]).encode()).hexdigest()
     return {**summarize(records, wall, step_times, slo), "peak_rows_on_device": peak_rows,
-            "finish_reasons": dict(finish_reasons)}, decodes
+            "finish_reasons": dict(finish_reasons), "tokens_sha256": digest}, decodes
 
 
 def summarize(records: dict, wall: float, step_times: list[float], slo: tuple[float, float] | None = None) -> dict:

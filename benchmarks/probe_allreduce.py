@@ -2,13 +2,15 @@
 
     torchrun --nproc-per-node 2 -m benchmarks.probe_allreduce
 
-For the 7B shape's step (64 all-reduces of [32, 4096] bf16) and the 70B shape's (160 of [32,
-8192]), captures one graph of that many all-reduces of each kind and times its replay (median of
-20 replays, after 3): c10d NCCL `all_reduce`; symmetric memory's one-shot all-reduce (P2P reads
-over NVLink, no multicast: TORCH_SYMM_MEM_DISABLE_MULTICAST=1 stays set), skipped with its
-error where this torch or machine has none; and a same-size device copy (the floor of touching
-the data). Rank 0 prints JSON lines: microseconds a graph and an op. Exits without tearing the
-process group down (after a capture that hangs, docs/benchmarks.md note 23).
+For the 7B shape's step (64 all-reduces of [32, 4096] bf16), the 70B shape's (160 of [32, 8192])
+and a scan of sizes (80 all-reduces of [rows, 8192], rows 8 to 512: where the one-shot stops
+paying), captures one graph of that many all-reduces of each kind and times its replay (median
+of 20 replays, after 3): c10d NCCL `all_reduce`; the engine's `auto` sum
+(engine.tensor_parallel.sum_over_ranks: symmetric memory's one-shot all-reduce, P2P reads over
+NVLink, no multicast: TORCH_SYMM_MEM_DISABLE_MULTICAST=1 stays set; here for sizes up to 8 MiB);
+and a same-size device copy (the floor of touching the data). Checks that the one-shot's sum
+equals NCCL's, bit for bit. Rank 0 prints JSON lines: microseconds a graph and an op. Exits
+without tearing the process group down (after a capture that hangs, docs/benchmarks.md note 23).
 """
 from __future__ import annotations
 
@@ -54,35 +56,36 @@ def _time(g) -> float:
 def main() -> None:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    from engine.tensor_parallel import sum_over_ranks
     rank = int(os.environ["RANK"])
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
-    name = dist.group.WORLD.group_name
+    group = dist.group.WORLD
     if rank == 0:
         print(json.dumps({"torch": torch.__version__, "device": torch.cuda.get_device_name(),
                           "world": dist.get_world_size()}), flush=True)
-    for label, n, rows, hidden in (("7B", 64, 32, 4096), ("70B", 160, 32, 8192)):
-        x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
-        kinds = {"nccl": lambda: dist.all_reduce(x), "copy": lambda: y.copy_(x)}
+    one_shot = sum_over_ranks(group, "cuda", torch.bfloat16, "auto", max_bytes=8 << 20)
+    cases = [("7B", 64, 32, 4096), ("70B", 160, 32, 8192)] + [(f"scan{r}", 80, r, 8192) for r in (8, 128, 256, 512)]
+    for label, n, rows, hidden in cases:
+        gen = torch.Generator(device="cuda").manual_seed(rank * 1000 + rows)
+        x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16, generator=gen)
         y = torch.empty_like(x)
-        try:
-            import torch.distributed._symmetric_memory as symm_mem
-            buf = symm_mem.empty((rows, hidden), dtype=torch.bfloat16, device="cuda")
-            symm_mem.rendezvous(buf, name)
-            kinds["symm_one_shot"] = lambda: torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", name)
-        except Exception as exc:  # noqa: BLE001 - report why the kind is missing
-            if rank == 0:
-                print(json.dumps({"shape": label, "kind": "symm_one_shot", "error": repr(exc)[:300]}), flush=True)
+        ref = x.clone()
+        dist.all_reduce(ref)
+        same = bool(torch.equal(one_shot(x.clone()), ref))
+        kinds = {"nccl": lambda: dist.all_reduce(x), "auto_one_shot": lambda: one_shot(x), "copy": lambda: y.copy_(x)}
         for kind, fn in kinds.items():
             try:
                 seconds = _time(_graph(fn, n))
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - report why the kind could not run
                 if rank == 0:
                     print(json.dumps({"shape": label, "kind": kind, "error": repr(exc)[:300]}), flush=True)
                 continue
             if rank == 0:
                 print(json.dumps({"shape": label, "kind": kind, "ops": n, "bytes": x.numel() * 2,
-                                  "graph_us": 1e6 * seconds, "op_us": 1e6 * seconds / n}), flush=True)
+                                  "graph_us": round(1e6 * seconds, 1), "op_us": round(1e6 * seconds / n, 2),
+                                  **({"equal_to_nccl": same, "as": one_shot.kind} if kind == "auto_one_shot" else {})}),
+                      flush=True)
     sys.stdout.flush()
     os._exit(0)
 

@@ -7,6 +7,8 @@ or the built-in model, and runs the same batch of W1-style requests (all at once
   - tp1-hf:      one rank, the HF forward, eager;
   - tpN:         --tensor-parallel N, the engine's defaults (on CUDA the fused step, each rank
                  replaying CUDA graphs that hold its NCCL all-reduces; on CPU the HF forward);
+  - tpN-nccl:    as tpN with every all-reduce through NCCL (tpN sums a decode step's partial
+                 outputs by symmetric memory's one-shot all-reduce: EngineConfig.tp_allreduce);
   - tpN-eager:   the fused step on every rank, eager;
   - tpN-hf:      the HF forward on every rank, eager (one all-reduce after attention and one
                  after the MLP).
@@ -37,7 +39,7 @@ def rank_weight_bytes(model) -> int:
     return sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in model.parameters())
 
 
-def run(tp: int, fused: bool | None, graphs: bool, args, reqs, tokenizer_dir) -> dict:
+def run(tp: int, fused: bool | None, graphs: bool, allreduce: str, args, reqs, tokenizer_dir) -> dict:
     from engine import model_loader
     from engine.build import build_engine
     from engine.config import EngineConfig
@@ -49,7 +51,7 @@ def run(tp: int, fused: bool | None, graphs: bool, args, reqs, tokenizer_dir) ->
     max_seq = max(len(r.prompt_ids) + r.max_new_tokens for r in reqs) + 8
     config = EngineConfig(device=args.device, max_batch_size=len(reqs), max_seq_len=max_seq, warmup=False,
                           cuda_graphs=graphs, fused_decode=fused, tensor_parallel=tp, kv_layout=args.kv_layout,
-                          aging_seconds=0, decode_split_kv=args.decode_split_kv)
+                          aging_seconds=0, decode_split_kv=args.decode_split_kv, tp_allreduce=allreduce)
     t0 = time.monotonic()
     engine, info, _tok = build_engine(config, loader)
     built = time.monotonic() - t0
@@ -70,7 +72,9 @@ def run(tp: int, fused: bool | None, graphs: bool, args, reqs, tokenizer_dir) ->
                            decode_step_p50_ms=1000 * steps[len(steps) // 2],
                            floor_per_gpu_p50_ms=1000 * floor,
                            step_over_floor_p50=figures["step_p50_ms"] / (1000 * floor))
-        figures.update(tensor_parallel=tp, decode=info.decode, build_s=built)
+        shards = getattr(engine.runner.model, "_baton_tp", None)
+        figures.update(tensor_parallel=tp, decode=info.decode, build_s=built,
+                       allreduce=getattr(shards.all_reduce, "kind", "?") if shards is not None else None)
         return figures
     finally:
         engine.close()
@@ -95,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     argv = list(argv if argv is not None else sys.argv[1:])
     reqs = workloads.w1(args.batch, vocab=32000, prompt=(128, 512), output=(args.max_output, args.max_output))
-    table = {"tp1": (1, None, True), "tp1-hf": (1, False, False), "tpN": (args.tp, None, True),
-             "tpN-eager": (args.tp, True, False), "tpN-hf": (args.tp, False, False)}
+    table = {"tp1": (1, None, True, "auto"), "tp1-hf": (1, False, False, "auto"), "tpN": (args.tp, None, True, "auto"),
+             "tpN-nccl": (args.tp, None, True, "nccl"), "tpN-eager": (args.tp, True, False, "auto"),
+             "tpN-hf": (args.tp, False, False, "auto")}
     names = args.variants.split(",")
     if unknown := [n for n in names if n not in table]:
         p.error(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(table)})")
@@ -123,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         for ref in ("tp1", "tp1-hf"):
             if name.startswith("tpN") and "tpot_p50_s" in mine and "tpot_p50_s" in out.get(ref, {}):
                 out[f"{name}_over_{ref}_tpot_p50"] = mine["tpot_p50_s"] / out[ref]["tpot_p50_s"]
+    ones, nccl = out.get(f"tp{args.tp}", {}), out.get(f"tp{args.tp}-nccl", {})
+    if "tokens_sha256" in ones and "tokens_sha256" in nccl:   # the one-shot's sums equal NCCL's: same tokens
+        out["tpN_same_tokens_as_tpN-nccl"] = ones["tokens_sha256"] == nccl["tokens_sha256"]
     text = json.dumps(out, indent=1)
     if args.out:
         with open(args.out, "w") as f:

@@ -45,6 +45,8 @@ class EngineConfig:
     prefix_cache_device_bytes: int = 1 << 30   # its device tier (taken before the K/V pool is sized)
     prefix_cache_host_bytes: int = 4 << 30     # its host tier (device+host)
     tensor_parallel: int = 1              # ranks the model is sharded over (one engine worker process each)
+    tp_allreduce: str = "auto"            # auto | nccl: how the ranks sum a row-parallel linear's outputs; auto =
+                                          # symmetric memory's one-shot for a decode step's (CUDA), NCCL for the rest
     decode_split_kv: int = 0              # paged decode: programs per row and kv head in flex's decode kernel
                                           # (SPLIT_KV); 0 = flex's choice (docs/benchmarks.md note 25)
     decode_sort_rows: bool = True         # paged decode: each step runs its rows longest first (note 27)
@@ -92,5 +94,7 @@ class EngineConfig:
             raise ValueError(f"decode_split_kv must be >= 0, got {self.decode_split_kv}")
         if self.tensor_parallel < 1:
             raise ValueError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
+        if self.tp_allreduce not in ("auto", "nccl"):
+            raise ValueError(f"tp_allreduce must be one of ('auto', 'nccl'), got {self.tp_allreduce!r}")
         if self.aging_seconds < 0:
             raise ValueError(f"aging_seconds must be >= 0, got {self.aging_seconds}")

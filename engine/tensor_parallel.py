@@ -152,10 +152,11 @@ _decode = msgspec.msgpack.Decoder(Message).decode
 
 
 # ---- sharding -------------------------------------------------------------------------------------
-def shard_model(hf_model, mesh) -> None:
+def shard_model(hf_model, mesh, allreduce: str = "auto") -> None:
     """Shard the model in place over `mesh` with PyTorch's tensor-parallel styles, following the
     model family's own plan (transformers' `base_model_tp_plan`). Raises ValueError when the
-    family has no plain column/row plan or its heads do not divide among the ranks."""
+    family has no plain column/row plan or its heads do not divide among the ranks. `allreduce`:
+    how a row-parallel linear's partial outputs are summed (EngineConfig.tp_allreduce)."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
     cfg, n = hf_model.config, mesh.size()
     plan = getattr(cfg, "base_model_tp_plan", None) or {}
@@ -174,7 +175,8 @@ def shard_model(hf_model, mesh) -> None:
         device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
         materialize_random(hf_model, device)
     hf_model._baton_tp = _run_on_local_shards(hf_model.model, mesh,
-                                              {name for name, style in plan.items() if style == "rowwise"})
+                                              {name for name, style in plan.items() if style == "rowwise"},
+                                              sum_over_ranks(mesh.get_group(), mesh.device_type, hf_model.dtype, allreduce))
 
 
 @dataclass(frozen=True)
@@ -186,20 +188,60 @@ class LocalShards:
     rowwise_bias: bool
 
 
-def _run_on_local_shards(inner, mesh, rowwise_patterns: set[str]) -> LocalShards:
+TP_ALLREDUCE = ("auto", "nccl")
+ONE_SHOT_MAX_BYTES = 1 << 20   # partial outputs up to this size take the one-shot all-reduce (auto)
+
+
+def sum_over_ranks(group, device_type: str, dtype: torch.dtype, choice: str = "auto",
+                   max_bytes: int = ONE_SHOT_MAX_BYTES):
+    """-> f(tensor) -> the sum of `tensor` over the ranks of `group` (may be `tensor` itself, summed
+    in place). "nccl" (and always on CPU): c10d's all_reduce (NCCL / gloo). "auto" on CUDA: partial
+    outputs of up to `max_bytes` (a decode step's) take symmetric memory's one-shot
+    all-reduce: each rank copies its part into its buffer, then reads its peers' straight over
+    NVLink (P2P, no multicast: TORCH_SYMM_MEM_DISABLE_MULTICAST stays set) and sums, one kernel with
+    a barrier on each side, captured in the decode step's CUDA graph like NCCL's. Larger ones (a
+    prefill's) stay with NCCL. The sum of two ranks' parts is the same either way (one rounding of
+    a + b). Falls back to NCCL (logged) where this torch has no symmetric memory."""
+    import torch.distributed as dist
+
+    def nccl(tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor, group=group)
+        return tensor
+    if choice not in TP_ALLREDUCE:
+        raise ValueError(f"tp_allreduce must be one of {TP_ALLREDUCE}, got {choice!r}")
+    nccl.kind = "nccl"
+    if choice == "nccl" or device_type != "cuda":
+        return nccl
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+        op = torch.ops.symm_mem.one_shot_all_reduce_copy
+        if hasattr(symm_mem, "get_backend") and symm_mem.get_backend(torch.device("cuda")) != "CUDA":
+            symm_mem.set_backend("CUDA")   # CUDA's own P2P buffers (not NVSHMEM): the ops below are its
+        buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype,
+                                device=torch.device("cuda", torch.cuda.current_device()))
+    except (ImportError, AttributeError, RuntimeError) as exc:   # the same on every rank: same torch, same host
+        log.warning("tp_allreduce_nccl", reason=repr(exc)[:300])
+        return nccl
+    symm_mem.rendezvous(buffer, group.group_name)
+    name, limit = group.group_name, buffer.numel()
+
+    def one_shot(tensor: torch.Tensor) -> torch.Tensor:
+        n = tensor.numel()
+        if n > limit or tensor.dtype != buffer.dtype or not tensor.is_contiguous():
+            return nccl(tensor)
+        return op(buffer[:n], tensor.view(-1), "sum", name).view(tensor.shape)
+    one_shot.kind = "one_shot"
+    return one_shot
+
+
+def _run_on_local_shards(inner, mesh, rowwise_patterns: set[str], all_reduce) -> LocalShards:
     """After parallelize_module: each parameter becomes its rank's local shard (a plain tensor)
     and the styles' hooks go; a row-parallel linear's partial output is summed over the ranks by
     one all_reduce (then its bias, if any, is added once). The same arithmetic and collectives as
     the DTensor forward, without DTensor's per-op sharding propagation, which cost ~10 ms a linear
-    on CPU when the decode batch's shape changes every step (benchmarks/profile_tp.py, note 22)."""
+    on CPU when the decode batch's shape changes every step (benchmarks/profile_tp.py, note 22).
+    `all_reduce`: sum_over_ranks' function."""
     import fnmatch
-
-    import torch.distributed as dist
-    group = mesh.get_group()
-
-    def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor, group=group)
-        return tensor
     rowwise_bias = False
     for name, module in inner.named_modules():
         params = dict(module.named_parameters(recurse=False))
@@ -508,7 +550,7 @@ def follow(conn, rank: int, world: int, port: int, config, loader, setup=None) -
         else:
             hf_model, _tokenizer, _spec = loader()
         store.set(f"loaded/{rank}", "1")
-        shard_model(hf_model, mesh)
+        shard_model(hf_model, mesh, config.tp_allreduce)
         geometry = _decode(conn.recv_bytes())
         dtype = hf_model.dtype
         if geometry.layout == "slab":

@@ -42,6 +42,8 @@ SERVE_FLAGS = [
     ("kv-page-size", int, 128, "tokens per K/V page with --kv-layout paged"),
     ("tensor-parallel", int, 1, "ranks the model is sharded over (Llama/Mistral/Qwen2), one engine worker process "
                                 "each: GPUs 0..N-1 over NCCL on cuda, gloo on cpu"),
+    ("tp-allreduce", str, "auto", "auto | nccl: how the ranks sum their partial outputs (auto: a decode step's by "
+                                  "symmetric memory's one-shot all-reduce over NVLink, the rest by NCCL)"),
     ("max-prefill-tokens", int, 8192, "prompt tokens one prefill forward computes (padded to the longest, unless packed)"),
     ("prefill-chunk-tokens", int, 0, "prompt tokens prefilled per step, interleaved with decode steps, so no "
                                      "stream waits longer than one chunk between two tokens (0 = whole prompts; 768 measured "
@@ -105,7 +107,8 @@ def serve(args: argparse.Namespace) -> int:
             prefix_cache=args.prefix_cache, prefix_cache_device_bytes=args.prefix_cache_device_bytes,
             prefix_cache_host_bytes=args.prefix_cache_host_bytes,
             host_kv_budget_bytes=args.host_kv_budget_bytes, pinned_arena_bytes=args.pinned_arena_bytes,
-            aging_seconds=args.aging_seconds, tensor_parallel=args.tensor_parallel, fused_decode={"auto": None, "fused": True, "hf": False}[args.decode],
+            aging_seconds=args.aging_seconds, tensor_parallel=args.tensor_parallel, tp_allreduce=args.tp_allreduce,
+            fused_decode={"auto": None, "fused": True, "hf": False}[args.decode],
             warmup=not args.no_warmup)
         server_config = ServerConfig(
             host=args.host, port=args.port, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
