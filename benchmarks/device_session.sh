@@ -183,10 +183,10 @@ for k,v in d.items():
       cut -c1-300 "$OUT/allreduce-probe.txt" ;;
     tp7)
       stage tp7 330 $OUT/tp7.json python3 -m benchmarks.tp_bench --preset llama2-7b --tokenizer $TOK --tp 2 \
-        --batch 32 --max-output 128 --variants ${TP7_VARIANTS:-tp1,tpN,tpN-nccl} --out $OUT/tp7.json ;;
+        --batch 32 --max-output 128 --variants ${TP7_VARIANTS:-tp1,tpN,tpN-nccl} ${TP_ARGS:-} --out $OUT/tp7.json ;;
     tp70)
       stage tp70 240 $OUT/tp70.json python3 -m benchmarks.tp_bench --preset llama2-70b --tokenizer $TOK --tp 2 \
-        --lazy --variants ${TP70_VARIANTS:-tpN} --batch 32 --max-output 64 --out $OUT/tp70.json ;;
+        --lazy --variants ${TP70_VARIANTS:-tpN} --batch 32 --max-output 64 ${TP_ARGS:-} --out $OUT/tp70.json ;;
     tp70-serve)
       stage tp70-serve 560 $R/llama2-70b-2xh200-serve.json python3 -m benchmarks.bench --preset llama2-70b \
         --tokenizer $TOK --tensor-parallel 2 --runs grpc,grpc-w4 --rates 2 --requests 64 --max-batch-size 128 \

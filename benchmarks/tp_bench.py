@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import workloads
-from benchmarks.bench import _drive, copy_bandwidth, load_model, versions
+from benchmarks.bench import _drive, copy_bandwidth, load_model, sync, versions
 
 
 def rank_weight_bytes(model) -> int:
@@ -72,12 +72,66 @@ def run(tp: int, fused: bool | None, graphs: bool, allreduce: str, args, reqs, t
                            decode_step_p50_ms=1000 * steps[len(steps) // 2],
                            floor_per_gpu_p50_ms=1000 * floor,
                            step_over_floor_p50=figures["step_p50_ms"] / (1000 * floor))
+        if args.profile_steps and engine.runner.device.type == "cuda":
+            figures["profile"] = profile_decode(engine, args.profile_steps)
         shards = getattr(engine.runner.model, "_baton_tp", None)
         figures.update(tensor_parallel=tp, decode=info.decode, build_s=built,
                        allreduce=getattr(shards.all_reduce, "kind", "?") if shards is not None else None)
         return figures
     finally:
         engine.close()
+
+
+KERNEL_KINDS = (("collective", ("nccl", "all_reduce", "allreduce")), ("attention", ("flex", "attention", "attn")),
+                ("gemm", ("gemm", "gemv", "sm90", "cutlass", "cublas", "xmma", "matmul", "nvjet")))
+
+
+def profile_decode(engine, steps: int) -> dict:
+    """Rank 0's kernels over `steps` steady decode steps (torch.profiler, CUPTI sees the kernels
+    a graph replays): per step, the kernel time by kind (collectives, attention, GEMMs, the rest),
+    the time the GPU was busy (the union of its kernels) and the wall time. A collective's kernel
+    on rank 0 includes any wait for a peer that is late to it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine.request import Request, SamplingParams
+    reqs = workloads.w1(32, vocab=32000, prompt=(128, 512), output=(steps + 8, steps + 8))
+    for i, r in enumerate(reqs):
+        engine.add_request(Request(f"prof{i}", list(r.prompt_ids),
+                                   SamplingParams(max_new_tokens=r.max_new_tokens, ignore_eos=True)))
+    device = engine.runner.device
+    for _ in range(4):   # the prefills and a few steps first
+        engine.step()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.monotonic()
+        for _ in range(steps):
+            engine.step()
+        sync(device)
+        wall = time.monotonic() - t0
+    while engine.has_work():
+        engine.step()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_kind: dict[str, float] = {}
+    names: dict[str, float] = {}
+    spans = []
+    for e in kernels:
+        us = e.time_range.elapsed_us()
+        low = e.name.lower()
+        kind = next((k for k, keys in KERNEL_KINDS if any(key in low for key in keys)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + us
+        names[e.name[:80]] = names.get(e.name[:80], 0.0) + us
+        spans.append((e.time_range.start, e.time_range.end))
+    spans.sort()
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    top = sorted(names.items(), key=lambda kv: -kv[1])[:12]
+    return {"steps": steps, "wall_ms_per_step": 1000 * wall / steps, "gpu_busy_ms_per_step": busy / 1000 / steps,
+            "kernels_per_step": len(kernels) / steps,
+            "kernel_ms_per_step": {k: v / 1000 / steps for k, v in sorted(by_kind.items())},
+            "top_kernels_ms_per_step": {k: round(v / 1000 / steps, 3) for k, v in top}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lazy", action="store_true",
                    help="tensor parallel: build the preset on the meta device, then each rank's shards (a model "
                         "larger than one GPU)")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="CUDA: after the run, profile this many steady decode steps on rank 0 (kernel time by kind)")
     p.add_argument("--out", default=None, help="write the JSON here too")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)   # internal: run one variant, write its figures here
     args = p.parse_args(argv)
