@@ -33,8 +33,8 @@
 #               >= 250 rows of ~600 tokens where the slab holds 53)                       ~200
 #   w5          W5 multi-turn chat (16 x 8 turns), prefix cache variants W5_VARIANTS, chunks W5_CHUNK  ~400
 #   allreduce-probe  (2 GPUs) the TP step's all-reduces in one graph: NCCL, symm-mem one-shot, copy  ~60
-#   tp7         (2 GPUs) 7B: tp1, tpN (fused + graphs, one-shot all-reduce), tpN-nccl (TP7_VARIANTS)  ~200
-#   tp70        (2 GPUs) 70B shape on the meta device: tpN (TP70_VARIANTS, e.g. tpN,tpN-nccl)  ~150
+#   tp7         (2 GPUs) 7B: tp1, tpN (fused + graphs), tpN-unfused (TP7_VARIANTS; also tpN-one-shot)  ~200
+#   tp70        (2 GPUs) 70B shape on the meta device: tpN (TP70_VARIANTS, e.g. tpN,tpN-unfused)  ~150
 #   tp70-serve  (2 GPUs) 70B through `baton serve --tensor-parallel 2`: W1 and W4 @ 2/s   ~400
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -183,7 +183,7 @@ for k,v in d.items():
       cut -c1-300 "$OUT/allreduce-probe.txt" ;;
     tp7)
       stage tp7 330 $OUT/tp7.json python3 -m benchmarks.tp_bench --preset llama2-7b --tokenizer $TOK --tp 2 \
-        --batch 32 --max-output 128 --variants ${TP7_VARIANTS:-tp1,tpN,tpN-nccl} ${TP_ARGS:-} --out $OUT/tp7.json ;;
+        --batch 32 --max-output 128 --variants ${TP7_VARIANTS:-tp1,tpN,tpN-unfused} ${TP_ARGS:-} --out $OUT/tp7.json ;;
     tp70)
       stage tp70 240 $OUT/tp70.json python3 -m benchmarks.tp_bench --preset llama2-70b --tokenizer $TOK --tp 2 \
         --lazy --variants ${TP70_VARIANTS:-tpN} --batch 32 --max-output 64 ${TP_ARGS:-} --out $OUT/tp70.json ;;

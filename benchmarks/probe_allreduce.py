@@ -5,7 +5,7 @@
 For the 7B shape's step (64 all-reduces of [32, 4096] bf16), the 70B shape's (160 of [32, 8192])
 and a scan of sizes (80 all-reduces of [rows, 8192], rows 8 to 512: where the one-shot stops
 paying), captures one graph of that many all-reduces of each kind and times its replay (median
-of 20 replays, after 3): c10d NCCL `all_reduce`; the engine's `auto` sum
+of 20 replays, after 3): c10d NCCL `all_reduce`; the engine's `one-shot` sum
 (engine.tensor_parallel.sum_over_ranks: symmetric memory's one-shot all-reduce, P2P reads over
 NVLink, no multicast: TORCH_SYMM_MEM_DISABLE_MULTICAST=1 stays set; here for sizes up to 8 MiB);
 and a same-size device copy (the floor of touching the data). Checks that the one-shot's sum
@@ -64,7 +64,7 @@ def main() -> None:
     if rank == 0:
         print(json.dumps({"torch": torch.__version__, "device": torch.cuda.get_device_name(),
                           "world": dist.get_world_size()}), flush=True)
-    one_shot = sum_over_ranks(group, "cuda", torch.bfloat16, "auto", max_bytes=8 << 20)
+    one_shot = sum_over_ranks(group, "cuda", torch.bfloat16, "one-shot", max_bytes=8 << 20)
     cases = [("7B", 64, 32, 4096), ("70B", 160, 32, 8192)] + [(f"scan{r}", 80, r, 8192) for r in (8, 128, 256, 512)]
     for label, n, rows, hidden in cases:
         gen = torch.Generator(device="cuda").manual_seed(rank * 1000 + rows)
@@ -73,7 +73,7 @@ def main() -> None:
         ref = x.clone()
         dist.all_reduce(ref)
         same = bool(torch.equal(one_shot(x.clone()), ref))
-        kinds = {"nccl": lambda: dist.all_reduce(x), "auto_one_shot": lambda: one_shot(x), "copy": lambda: y.copy_(x)}
+        kinds = {"nccl": lambda: dist.all_reduce(x), "one_shot": lambda: one_shot(x), "copy": lambda: y.copy_(x)}
         for kind, fn in kinds.items():
             try:
                 seconds = _time(_graph(fn, n))
@@ -84,7 +84,7 @@ def main() -> None:
             if rank == 0:
                 print(json.dumps({"shape": label, "kind": kind, "ops": n, "bytes": x.numel() * 2,
                                   "graph_us": round(1e6 * seconds, 1), "op_us": round(1e6 * seconds / n, 2),
-                                  **({"equal_to_nccl": same, "as": one_shot.kind} if kind == "auto_one_shot" else {})}),
+                                  **({"equal_to_nccl": same, "as": one_shot.kind} if kind == "one_shot" else {})}),
                       flush=True)
     sys.stdout.flush()
     os._exit(0)

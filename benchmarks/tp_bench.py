@@ -7,8 +7,10 @@ or the built-in model, and runs the same batch of W1-style requests (all at once
   - tp1-hf:      one rank, the HF forward, eager;
   - tpN:         --tensor-parallel N, the engine's defaults (on CUDA the fused step, each rank
                  replaying CUDA graphs that hold its NCCL all-reduces; on CPU the HF forward);
-  - tpN-nccl:    as tpN with every all-reduce through NCCL (tpN sums a decode step's partial
-                 outputs by symmetric memory's one-shot all-reduce: EngineConfig.tp_allreduce);
+  - tpN-unfused: as tpN with each residual add and the RMSNorm after it as two kernels
+                 (EngineConfig.fused_add_norm off);
+  - tpN-one-shot: as tpN with a decode step's partial outputs summed by symmetric memory's
+                 one-shot all-reduce (EngineConfig.tp_allreduce; tpN: NCCL);
   - tpN-eager:   the fused step on every rank, eager;
   - tpN-hf:      the HF forward on every rank, eager (one all-reduce after attention and one
                  after the MLP).
@@ -39,7 +41,8 @@ def rank_weight_bytes(model) -> int:
     return sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in model.parameters())
 
 
-def run(tp: int, fused: bool | None, graphs: bool, allreduce: str, args, reqs, tokenizer_dir) -> dict:
+def run(tp: int, fused: bool | None, graphs: bool, allreduce: str, args, reqs, tokenizer_dir,
+        add_norm: bool | None = None) -> dict:
     from engine import model_loader
     from engine.build import build_engine
     from engine.config import EngineConfig
@@ -51,7 +54,8 @@ def run(tp: int, fused: bool | None, graphs: bool, allreduce: str, args, reqs, t
     max_seq = max(len(r.prompt_ids) + r.max_new_tokens for r in reqs) + 8
     config = EngineConfig(device=args.device, max_batch_size=len(reqs), max_seq_len=max_seq, warmup=False,
                           cuda_graphs=graphs, fused_decode=fused, tensor_parallel=tp, kv_layout=args.kv_layout,
-                          aging_seconds=0, decode_split_kv=args.decode_split_kv, tp_allreduce=allreduce)
+                          aging_seconds=0, decode_split_kv=args.decode_split_kv, tp_allreduce=allreduce,
+                          fused_add_norm=add_norm)
     t0 = time.monotonic()
     engine, info, _tok = build_engine(config, loader)
     built = time.monotonic() - t0
@@ -76,7 +80,8 @@ def run(tp: int, fused: bool | None, graphs: bool, allreduce: str, args, reqs, t
             figures["profile"] = profile_decode(engine, args.profile_steps)
         shards = getattr(engine.runner.model, "_baton_tp", None)
         figures.update(tensor_parallel=tp, decode=info.decode, build_s=built,
-                       allreduce=getattr(shards.all_reduce, "kind", "?") if shards is not None else None)
+                       allreduce=getattr(shards.all_reduce, "kind", "?") if shards is not None else None,
+                       add_norm=engine.runner.fused is not None and engine.runner.fused.add_norm is not None)
         return figures
     finally:
         engine.close()
@@ -155,15 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     argv = list(argv if argv is not None else sys.argv[1:])
     reqs = workloads.w1(args.batch, vocab=32000, prompt=(128, 512), output=(args.max_output, args.max_output))
-    table = {"tp1": (1, None, True, "auto"), "tp1-hf": (1, False, False, "auto"), "tpN": (args.tp, None, True, "auto"),
-             "tpN-nccl": (args.tp, None, True, "nccl"), "tpN-eager": (args.tp, True, False, "auto"),
-             "tpN-hf": (args.tp, False, False, "auto")}
+    table = {"tp1": (1, None, True, "nccl"), "tp1-hf": (1, False, False, "nccl"), "tpN": (args.tp, None, True, "nccl"),
+             "tpN-one-shot": (args.tp, None, True, "one-shot"), "tpN-unfused": (args.tp, None, True, "nccl", False),
+             "tpN-eager": (args.tp, True, False, "nccl"),
+             "tpN-hf": (args.tp, False, False, "nccl")}
     names = args.variants.split(",")
     if unknown := [n for n in names if n not in table]:
         p.error(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(table)})")
     if args.one:
         try:
-            figures = run(*table[names[0]], args, reqs, args.tokenizer)
+            tp, fused, graphs, allreduce, *add_norm = table[names[0]]
+            figures = run(tp, fused, graphs, allreduce, args, reqs, args.tokenizer, *add_norm)
         except Exception as exc:  # noqa: BLE001 - record why a variant could not run
             figures = {"error": repr(exc)[:1000]}
         Path(args.one).write_text(json.dumps(figures))
@@ -184,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         for ref in ("tp1", "tp1-hf"):
             if name.startswith("tpN") and "tpot_p50_s" in mine and "tpot_p50_s" in out.get(ref, {}):
                 out[f"{name}_over_{ref}_tpot_p50"] = mine["tpot_p50_s"] / out[ref]["tpot_p50_s"]
-    ones, nccl = out.get(f"tp{args.tp}", {}), out.get(f"tp{args.tp}-nccl", {})
+    nccl, ones = out.get(f"tp{args.tp}", {}), out.get(f"tp{args.tp}-one-shot", {})
     if "tokens_sha256" in ones and "tokens_sha256" in nccl:   # the one-shot's sums equal NCCL's: same tokens
-        out["tpN_same_tokens_as_tpN-nccl"] = ones["tokens_sha256"] == nccl["tokens_sha256"]
+        out["tpN-one-shot_same_tokens_as_tpN"] = ones["tokens_sha256"] == nccl["tokens_sha256"]
     text = json.dumps(out, indent=1)
     if args.out:
         with open(args.out, "w") as f:

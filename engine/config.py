@@ -45,12 +45,14 @@ class EngineConfig:
     prefix_cache_device_bytes: int = 1 << 30   # its device tier (taken before the K/V pool is sized)
     prefix_cache_host_bytes: int = 4 << 30     # its host tier (device+host)
     tensor_parallel: int = 1              # ranks the model is sharded over (one engine worker process each)
-    tp_allreduce: str = "auto"            # auto | nccl: how the ranks sum a row-parallel linear's outputs; auto =
-                                          # symmetric memory's one-shot for a decode step's (CUDA), NCCL for the rest
+    tp_allreduce: str = "nccl"            # nccl | one-shot: how the ranks sum a row-parallel linear's outputs; one-shot
+                                          # = symmetric memory's for a decode step's (CUDA), NCCL for the rest (note 30)
     decode_split_kv: int = 0              # paged decode: programs per row and kv head in flex's decode kernel
                                           # (SPLIT_KV); 0 = flex's choice (docs/benchmarks.md note 25)
     decode_sort_rows: bool = True         # paged decode: each step runs its rows longest first (note 27)
     fused_epilogues: bool = True          # fused step: RMSNorm scales and residual adds inside their kernels (note 27)
+    fused_add_norm: bool | None = None    # fused step: a residual add not inside a GEMM and the RMSNorm after it as one
+                                          # kernel (liger-kernel, CUDA); None = under tensor parallelism (note 30)
     prefill_graphs: bool | None = None    # packed whole-prompt prefill forwards of up to 1,280 tokens replay a CUDA
                                           # graph per token bucket (fused_prefill.StaticPrefill), and so do one
                                           # prompt's chunks at a time (StaticChunk); None = on for CUDA at
@@ -94,7 +96,7 @@ class EngineConfig:
             raise ValueError(f"decode_split_kv must be >= 0, got {self.decode_split_kv}")
         if self.tensor_parallel < 1:
             raise ValueError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
-        if self.tp_allreduce not in ("auto", "nccl"):
-            raise ValueError(f"tp_allreduce must be one of ('auto', 'nccl'), got {self.tp_allreduce!r}")
+        if self.tp_allreduce not in ("nccl", "one-shot"):
+            raise ValueError(f"tp_allreduce must be one of ('nccl', 'one-shot'), got {self.tp_allreduce!r}")
         if self.aging_seconds < 0:
             raise ValueError(f"aging_seconds must be >= 0, got {self.aging_seconds}")

@@ -67,6 +67,26 @@ def _rms_norm_scaled(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch
     return F.rms_norm(x, (x.shape[-1],), weight=weight, eps=eps)
 
 
+def liger_add_norm():
+    """-> add_norm(y, x, weight, eps) -> (x + y, RMSNorm(x + y) * weight) in one Triton kernel
+    (Liger-Kernel's fused add + RMSNorm: one program per row, its block the whole row, so a row's
+    result does not depend on the batch's size), or None where it cannot run (no CUDA, no
+    liger-kernel). HF's roundings: the sum rounded to the dtype (the residual), the normalised
+    value rounded before the scale."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from liger_kernel.transformers.functional import liger_fused_add_rms_norm
+    except Exception as exc:  # noqa: BLE001 - any import failure: the unfused pair instead
+        log.warning("fused_add_norm_unavailable", error=repr(exc)[:300])
+        return None
+
+    def add_norm(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float):
+        h, total = liger_fused_add_rms_norm(y, x, weight, eps, 0.0, "llama", False)
+        return total, h
+    return add_norm
+
+
 def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -114,11 +134,15 @@ class FusedDecoder:
     """decode(ids, positions, mask, data, rows, lo, hi, write_index) -> logits [B, V], reading and
     writing the slab `data` [L, 2, S, H, T, D] like kv_slab.SlabCache does for the HF forward."""
 
-    def __init__(self, model, compile: bool = False, fuse_epilogues: bool = True) -> None:
+    def __init__(self, model, compile: bool = False, fuse_epilogues: bool = True,
+                 add_norm: bool | None = None) -> None:
         """`fuse_epilogues`: each RMSNorm's scale inside its kernel, and (without tensor parallelism
         and without an o bias) each residual add inside the o and down GEMMs (addmm, beta 1): four
         kernels a layer fewer and one for the final norm (two a layer under tensor parallelism),
-        each a launch and a gap in the step (note 27)."""
+        each a launch and a gap in the step (note 27). `add_norm`: where a residual add is not
+        inside a GEMM, it and the RMSNorm after it run as one kernel (`liger_add_norm`; on CUDA
+        where liger-kernel imports); None = under tensor parallelism only (note 30: at 70B the
+        step's 160 RMSNorms and 160 adds took 1.8 ms of 27, ~1,560 kernels a step)."""
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"fused decode does not support this model: {reason}")
@@ -142,6 +166,9 @@ class FusedDecoder:
         self.norm = _rms_norm_scaled if fuse_epilogues else _rms_norm
         # under TP the residual is added after the all-reduce of the partial sums
         self.residual_in_gemm = fuse_epilogues and shards is None
+        if add_norm is None:
+            add_norm = shards is not None
+        self.add_norm = liger_add_norm() if add_norm and next(model.parameters()).is_cuda else None
         self.layers: list[_Layer] = []
         with torch.no_grad():
             for block in inner.layers:
@@ -208,22 +235,36 @@ class FusedDecoder:
         x = self.embed(input_ids[:, 0])                                     # [B, hidden]
         cos, sin = self.rotary(x, positions)                                # [B, 1, d] each
         cos, sin = cos[:, 0], sin[:, 0]
-        norm, fold = self.norm, self.residual_in_gemm
-        for i, layer in enumerate(self.layers):
-            h = norm(x, layer.ln1, layer.eps1)
+        norm, fold, layers = self.norm, self.residual_in_gemm, self.layers
+        final = (self.final_norm.weight, self.final_norm.variance_epsilon)
+        h = norm(x, layers[0].ln1, layers[0].eps1)
+        for i, layer in enumerate(layers):
             qkv = F.linear(h, layer.qkv_w, layer.qkv_b)
             q, k, v = self.qkv_rotary(qkv, cos, sin, hq, hkv, d)
             a = attend(i, q, k, v)
             if fold and layer.o_b is None:
                 x = torch.addmm(x, a, layer.o_w.t())                           # x + a @ o^T, one kernel
+                h = norm(x, layer.ln2, layer.eps2)
             else:
-                x = x + self.reduce(F.linear(a, layer.o_w, layer.o_b))
-            h = norm(x, layer.ln2, layer.eps2)
+                x, h = self._add_norm(self.reduce(F.linear(a, layer.o_w, layer.o_b)), x, layer.ln2, layer.eps2)
             m = self.silu_mul(F.linear(h, layer.gate_up_w))
-            x = torch.addmm(x, m, layer.down_w.t()) if fold else x + self.reduce(F.linear(m, layer.down_w))
+            # the next norm: the next layer's first, or the final one (row-wise: kept rows are selected after)
+            weight, eps = (layers[i + 1].ln1, layers[i + 1].eps1) if i + 1 < len(layers) else final
+            if fold:
+                x = torch.addmm(x, m, layer.down_w.t())
+                h = norm(x, weight, eps)
+            else:
+                x, h = self._add_norm(self.reduce(F.linear(m, layer.down_w)), x, weight, eps)
         if keep is not None:
-            x = x.index_select(0, keep)
-        return self.lm_head(norm(x, self.final_norm.weight, self.final_norm.variance_epsilon))
+            h = h.index_select(0, keep)
+        return self.lm_head(h)
+
+    def _add_norm(self, y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float):
+        """-> (x + y, the RMSNorm of it): one kernel with `add_norm`, else the add and the norm."""
+        if self.add_norm is not None:
+            return self.add_norm(y, x, weight, eps)
+        x = x + y
+        return x, self.norm(x, weight, eps)
 
 
 class SlabAttend:

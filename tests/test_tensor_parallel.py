@@ -318,23 +318,23 @@ def test_flag_and_env(monkeypatch):
     assert build_parser().parse_args(["serve", "--tensor-parallel", "4"]).tensor_parallel == 4
     monkeypatch.setenv("BATON_TENSOR_PARALLEL", "2")
     assert build_parser().parse_args(["serve"]).tensor_parallel == 2
-    assert build_parser().parse_args(["serve"]).tp_allreduce == "auto"
-    monkeypatch.setenv("BATON_TP_ALLREDUCE", "nccl")
     assert build_parser().parse_args(["serve"]).tp_allreduce == "nccl"
+    monkeypatch.setenv("BATON_TP_ALLREDUCE", "one-shot")
+    assert build_parser().parse_args(["serve"]).tp_allreduce == "one-shot"
 
 
 def test_allreduce_choice():
     """The one-shot all-reduce is CUDA's (symmetric memory); on CPU every choice sums through c10d
     (gloo), and an unknown choice is refused naming the setting. (On 2 GPUs the one-shot's sums
-    equal NCCL's bit for bit: benchmarks/probe_allreduce.py; tp_bench's tpN and tpN-nccl give the
+    equal NCCL's bit for bit: benchmarks/probe_allreduce.py; tp_bench's tpN and tpN-one-shot give the
     same tokens: docs/benchmarks.md note 30.)"""
     from engine.tensor_parallel import sum_over_ranks
-    for choice in ("auto", "nccl"):
+    for choice in ("nccl", "one-shot"):
         assert sum_over_ranks(None, "cpu", torch.float32, choice).kind == "nccl"
     with pytest.raises(ValueError, match="tp_allreduce must be one of"):
-        sum_over_ranks(None, "cuda", torch.bfloat16, "one-shot")
+        sum_over_ranks(None, "cuda", torch.bfloat16, "auto")
     with pytest.raises(ValueError, match="tp_allreduce must be one of"):
-        EngineConfig(device="cpu", tp_allreduce="one-shot")
+        EngineConfig(device="cpu", tp_allreduce="auto")
 
 
 @pytest.mark.slow
