@@ -158,10 +158,13 @@ def prefill_reserve_bytes(config: EngineConfig, model_config, max_seq_len: int, 
     prompts in progress) and its activations (per token: the residual and q/k/v/o in hidden
     size, gate/up/act in intermediate size; doubled for the allocator's slack); with prefill
     graphs, also the chunk graphs' workspace (fused_prefill.StaticChunk: a context plus the
-    largest bucket)."""
+    largest bucket); with a host tier, the partial K/V of prompts held while their cached prefix
+    comes up from host memory (the scheduler keeps them within another `max_prefill_tokens`)."""
     from engine.fused_prefill import PREFILL_BUCKETS
     tokens = config.prefill_chunk_tokens or config.max_prefill_tokens
     kv_tokens = tokens + (2 * max_seq_len if config.prefill_chunk_tokens else 0)
+    if config.prefix_cache == "device+host":
+        kv_tokens += config.max_prefill_tokens
     if config.use_prefill_graphs and config.tensor_parallel == 1:
         kv_tokens += max_seq_len + PREFILL_BUCKETS[-1]
     hidden = getattr(model_config, "hidden_size", 0)

@@ -122,6 +122,7 @@ class LLMEngine:
         self._pressure = pressure
         self._counts = _Counters()
         self._partial: dict[str, torch.Tensor] = {}   # chunked prefill: K/V of prompts not yet whole
+        self._loading: dict[str, Request] = {}   # held while their cached prefix comes up from host (in order)
         self.prefix_cache = prefix_cache
         self.shards = shards
         # Parked rows: a pinned arena on CUDA (blocks of 64 tokens), plain memory on CPU.
@@ -245,13 +246,21 @@ class LLMEngine:
         if self.prefix_cache is not None:   # a cached prefix: embed it, prefill only the rest
             cached = [r for r in whole if self.prefix_cache.match(r.prompt_ids)[0]]
             whole = [r for r in whole if r not in cached]
-        hits = [(r, 0, len(r.prompt_ids)) for r in cached]
         chunks = list(sched.chunks)
         # the hits' cached prefixes load (a host tier's copies) while the decode runs; a prompt that
         # starts its chunks this step keeps the chunk graphs' workspace (a hit needs it one step)
         starting = any(start == 0 for _r, start, _e in chunks)
-        for request, start, _end in hits:
-            self._partial_kv(request, start, workspace=not starting)
+        for request in cached:
+            # host blocks copied up on their own stream: it is prefilled once they have landed (a
+            # later step, unless it is this step's only prefill work), so the link works while the
+            # GPU decodes and prefills others (note 30); it holds no chunk workspace meanwhile
+            held = self.prefix_cache.async_loads and "host" in self.prefix_cache.match(request.prompt_ids)[1]
+            self._partial_kv(request, 0, workspace=not starting and not held)
+            if held:
+                self.scheduler.hold(request)
+                self._loading[request.request_id] = request
+        hits = [(r, 0, len(r.prompt_ids)) for r in cached if r.request_id not in self._loading]
+        hits += self._landed(alone=not (whole or hits or chunks))
         launched = None
         if self.decode_before_prefill and self.slab.num_rows and (whole or hits or chunks):
             launched = self._launch_decode()
@@ -273,6 +282,22 @@ class LLMEngine:
         elif self.slab.num_rows:
             yield self._finish_decode(*self._launch_decode(), overlap=True)
         self._counts.steps += 1
+
+    def _landed(self, alone: bool) -> list[tuple[Request, int, int]]:
+        """Held requests whose cached prefix has come up from host memory, in the order they were
+        held, for this step's prefill (their computed tokens within `max_prefill_tokens`; at least
+        one). When the step has no other prefill work, the first is taken even if its copies are
+        still in flight (the prefill then waits for them on the GPU, as a hit always did)."""
+        taken, budget = [], self.scheduler.config.max_prefill_tokens
+        for request_id, request in list(self._loading.items()):
+            if taken and budget <= 0:
+                break
+            if self.prefix_cache.loaded(request_id) or (alone and not taken):
+                del self._loading[request_id]
+                self.scheduler.release(request)
+                taken.append((request, 0, len(request.prompt_ids)))
+                budget -= len(request.prompt_ids) - request.cached_prompt_tokens
+        return taken
 
     def _hold_first_chunks(self, whole: list[Request], hits: list, chunks: list) -> tuple[list, list]:
         """-> (chunks for this step's forward, chunks for a second one). A chunk that starts a
@@ -323,8 +348,8 @@ class LLMEngine:
                     chunks.append((request, start, end, partial))
             if not group and not chunks:   # every token of these chunks came from the cache
                 return ()
-            if self.prefix_cache is not None:
-                self.prefix_cache.ready()   # the cached prefixes' copies into the partial K/V
+            if self.prefix_cache is not None:   # the cached prefixes' copies into the partial K/V
+                self.prefix_cache.ready([r.request_id for r, _a, _b, _kv in chunks])
             self._mirror(PackedPrefill(prompts, row_ids, [(r.request_id, len(r.prompt_ids), r.prompt_ids[a:b], a)
                                                           for r, a, b, _ in chunks]))
             logits = self.runner.packed.prefill(prompts, row_ids, [(kv, r.prompt_ids[a:b], a)
@@ -406,7 +431,7 @@ class LLMEngine:
         if start >= end:   # this chunk's tokens all came from the cache
             return ()
         if self.prefix_cache is not None:
-            self.prefix_cache.ready()
+            self.prefix_cache.ready([request.request_id])
         self._mirror(Chunk(request.request_id, len(prompt), prompt[start:end], start))
         logits = self.runner.prefill_chunk(kv, prompt[start:end], start)
         self._count_chunk(request, start, end)
@@ -423,12 +448,15 @@ class LLMEngine:
             kv = self._partial[request.request_id] = self.runner.new_partial_kv(len(prompt), workspace)
             if self.prefix_cache is not None:   # copy the cached prefix in; never the last token
                 self._mirror(CacheLoad(request.request_id, prompt))
-                hit = self.prefix_cache.load(prompt, kv[:, :, 0])
+                hit = self.prefix_cache.load(prompt, kv[:, :, 0], request.request_id)
                 request.cached_prompt_tokens = hit.tokens
                 request.cached_prompt_tokens_host = hit.host_tokens
         return kv, max(start, request.cached_prompt_tokens)
 
     def _drop_partial(self, request_id: str) -> None:
+        self._loading.pop(request_id, None)
+        if self.prefix_cache is not None:
+            self.prefix_cache.forget(request_id)   # a load still pending: never brought up
         partial = self._partial.pop(request_id, None)
         if partial is not None:
             self.runner.release_partial(partial)

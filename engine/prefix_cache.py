@@ -21,9 +21,14 @@ cached prefix is never written, so preempting, suspending or cancelling the requ
 cannot change it. Which blocks sit in which tier never depends on timing (a tensor-parallel
 follower's cache makes the same moves as rank 0's); a slot is rewritten, and a host block read,
 only after the copy down that involves it (an event the compute stream waits on, long passed).
-A load's copies (host blocks up, device blocks gathered) run on a second stream after the work
-queued before it, so the engine loads a step's hits before it launches the step's decode and the
-link works while the GPU decodes; `ready` orders the reader (the prefill forward) after them.
+A load gathers its device blocks at once, on the caller's stream, and copies its host blocks up
+on a second stream (CUDA: the host link works while the GPU runs the decode and other prefills);
+`loaded(key)` says whether a load's copies are done, and `ready(keys)` orders the reader (the
+prefill forward) after them and only then brings those blocks up into the device tier (on the
+caller's stream, like every write of the device tier, so no write of a slot races a read of it).
+A load may stay in flight across steps (the engine prefills a request whose prefix comes from
+host memory once its copies have landed, note 30): a copy down into a host slot that a load in
+flight still reads waits for that load.
 
 Invariants: every indexed hash has one slot in the device tier, the host tier or both (the host
 tier may drop a device block's copy when it is full); a slot is free or holds exactly one indexed
@@ -93,8 +98,10 @@ class PrefixCache:
                                pin=device.type == "cuda" and host_slots > 0)
         streams = device.type == "cuda" and host_slots > 0
         self._copies = torch.cuda.Stream(device) if streams else None   # copies down (device -> host)
-        self._loads = torch.cuda.Stream(device) if streams else None    # loads (host -> device, and gathers)
-        self._loaded = None                           # event: the last load's copies are done
+        self._loads = torch.cuda.Stream(device) if streams else None    # loads (host -> device)
+        self._pending: dict[str, tuple[object, torch.Tensor, list]] = {}   # key -> (event: its host copies
+        #                                               are done, where they went, [(hash, block index)])
+        self._reading: dict[int, object] = {}         # host slot -> event of the last load reading it
         self._copied: dict[tuple[str, int], object] = {}   # (tier, slot) -> event of the copy down that used it
         self.lookup_tokens = 0                        # prompt tokens looked up
         self.hit_tokens = {"device": 0, "host": 0}    # of those, found in each tier
@@ -113,56 +120,88 @@ class PrefixCache:
             tiers.append(tier)
         return hashes, tiers
 
-    def load(self, prompt_ids: list[int], out: torch.Tensor) -> PrefixHit:
+    @property
+    def async_loads(self) -> bool:
+        """Host blocks are copied up on a stream of their own: a load may still be in flight."""
+        return self._loads is not None
+
+    def load(self, prompt_ids: list[int], out: torch.Tensor, key: str = "") -> PrefixHit:
         """Copy the cached prefix of `prompt_ids` into out[..., :n, :] (out: [L, 2, H, >= n, D], on
-        the device) and count the lookup. -> what was found. With a host tier on CUDA the copies
-        run on a stream of their own, after the work queued so far (so a decode step queued after
-        this call runs beside them, note 29): call `ready` before reading `out`."""
+        the device) and count the lookup. -> what was found. Device blocks are gathered now, on
+        the current stream; with a host tier on CUDA the host blocks' copies run on a stream of
+        their own, after the work queued so far: call `ready([key])` before reading `out`."""
         hashes, tiers = self.match(prompt_ids)
         self.lookup_tokens += len(prompt_ids)
         if not hashes:
             return PrefixHit(0, 0, 0)
-        if self._loads is None:
-            self._load(hashes, tiers, out)
-        else:
-            self._loads.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self._loads):
-                self._load(hashes, tiers, out)
-                out.record_stream(self._loads)   # its memory is not reused before these copies end
-                self._loaded = torch.cuda.Event()
-                self._loaded.record(self._loads)
         B = self.block_size
-        hit = PrefixHit(len(hashes) * B, tiers.count("device") * B, tiers.count("host") * B)
+        self._gather([(h, i) for i, (h, t) in enumerate(zip(hashes, tiers)) if t == "device"], out)
+        up = [(h, i) for i, (h, t) in enumerate(zip(hashes, tiers)) if t == "host"]
+        if up and self._loads is None:
+            for h, i in up:
+                out[..., i * B:(i + 1) * B, :].copy_(self.host_tier.data[self.host_tier.lru[h]])
+        elif up:
+            self._loads.wait_stream(torch.cuda.current_stream())   # `out` is made on that stream
+            slots = [self.host_tier.lru[h] for h, _i in up]
+            with torch.cuda.stream(self._loads):
+                for (h, i), slot in zip(up, slots):
+                    self._wait("host", slot)   # its copy down, if still in flight
+                    out[..., i * B:(i + 1) * B, :].copy_(self.host_tier.data[slot], non_blocking=True)
+                out.record_stream(self._loads)   # its memory is not reused before these copies end
+                done = torch.cuda.Event()
+                done.record(self._loads)
+            self._reading.update((slot, done) for slot in slots)
+            self._pending[key] = (done, out, up)
+        for h in hashes:
+            self._touch(h)
+        if up and self._loads is None:
+            self._bring_up(out, up)
+        hit = PrefixHit(len(hashes) * B, tiers.count("device") * B, len(up) * B)
         self.hit_tokens["device"] += hit.device_tokens
         self.hit_tokens["host"] += hit.host_tokens
         return hit
 
-    def ready(self) -> None:
-        """The current stream waits for the loads' copies (no host sync): before anything reads
-        what `load` wrote, or writes the device tier."""
-        if self._loaded is not None:
-            torch.cuda.current_stream().wait_event(self._loaded)
-            self._loaded = None
+    def loaded(self, key: str) -> bool:
+        """The load `key`'s copies are done (no wait)."""
+        pending = self._pending.get(key)
+        return pending is None or pending[0].query()
 
-    def _load(self, hashes: list[bytes], tiers: list[str], out: torch.Tensor) -> None:
-        B = self.block_size
-        if "host" not in tiers:   # one gather: [n_blocks, L, 2, H, B, D] -> [L, 2, H, n_blocks * B, D]
-            data = self.device_tier.data
-            slots = torch.tensor([self.device_tier.lru[h] for h in hashes], device=data.device)
-            n = len(hashes) * B
-            blocks = data.index_select(0, slots).permute(1, 2, 3, 0, 4, 5)
-            out[..., :n, :].copy_(blocks.reshape(*out.shape[:3], n, out.shape[-1]))
+    def ready(self, keys=None) -> None:
+        """The current stream waits for the copies of the loads `keys` (all: None), no host sync,
+        and their host blocks go up to the device tier from where the copies landed."""
+        for key in list(self._pending) if keys is None else keys:
+            pending = self._pending.pop(key, None)
+            if pending is not None:
+                done, out, up = pending
+                torch.cuda.current_stream().wait_event(done)
+                self._bring_up(out, up)
+
+    def forget(self, key: str) -> None:
+        """The request of load `key` is gone before its prefill: its copies are not waited for (its
+        partial K/V is released only after them, record_stream) and its blocks not brought up."""
+        self._pending.pop(key, None)
+
+    def _gather(self, blocks: list[tuple[bytes, int]], out: torch.Tensor) -> None:
+        """Device blocks (hash, block index in the prompt) into `out`, on the current stream: one
+        gather when they are the prompt's first blocks (the usual case), else one copy each."""
+        if not blocks:
+            return
+        B, data = self.block_size, self.device_tier.data
+        if [i for _h, i in blocks] == list(range(len(blocks))):   # [n, L, 2, H, B, D] -> [L, 2, H, n * B, D]
+            slots = torch.tensor([self.device_tier.lru[h] for h, _i in blocks], device=data.device)
+            n = len(blocks) * B
+            gathered = data.index_select(0, slots).permute(1, 2, 3, 0, 4, 5)
+            out[..., :n, :].copy_(gathered.reshape(*out.shape[:3], n, out.shape[-1]))
         else:
-            for i, (h, name) in enumerate(zip(hashes, tiers)):
-                tier = self.device_tier if name == "device" else self.host_tier
-                if name == "host":
-                    self._wait("host", tier.lru[h])   # its copy down, if still in flight
-                out[..., i * B:(i + 1) * B, :].copy_(tier.data[tier.lru[h]], non_blocking=True)
-        # Only now (the copies are queued) move blocks: bringing one up may drop another.
-        for h in hashes:
-            self._touch(h)
-        for i, (h, name) in enumerate(zip(hashes, tiers)):
-            if name == "host":
+            for h, i in blocks:
+                out[..., i * B:(i + 1) * B, :].copy_(data[self.device_tier.lru[h]])
+
+    def _bring_up(self, out: torch.Tensor, up: list[tuple[bytes, int]]) -> None:
+        """Blocks copied up from the host tier (now in `out`) into the device tier too, unless it
+        holds them already (an insert since); one the host tier dropped meanwhile is still right."""
+        B = self.block_size
+        for h, i in up:
+            if h not in self.device_tier.lru:
                 self._to_device(h, out[..., i * B:(i + 1) * B, :])
 
     # ---- inserts ---------------------------------------------------------------------------
@@ -170,7 +209,6 @@ class PrefixCache:
         """Keep the K/V ([L, 2, H, >= n, D], on the device) of every full block of `token_ids`: new
         blocks to the device tier (and down to the host tier), blocks only the host tier holds back
         up to the device tier from `kv`."""
-        self.ready()   # a load's copies may still write the device tier
         B = self.block_size
         for i, h in enumerate(block_hashes(token_ids, B)):
             if h in self.device_tier.lru:
@@ -226,8 +264,12 @@ class PrefixCache:
             dst.copy_(src)
             return
         # after everything queued so far (the block's own write; reads of the host slot's old
-        # block); pinned: asynchronous, on the copy engine while the compute stream goes on
+        # block, a load in flight's among them); pinned: asynchronous, on the copy engine while
+        # the compute stream goes on
         self._copies.wait_stream(torch.cuda.current_stream())
+        reading = self._reading.pop(host_slot, None)
+        if reading is not None:
+            self._copies.wait_event(reading)
         with torch.cuda.stream(self._copies):
             dst.copy_(src, non_blocking=True)
             copied = torch.cuda.Event()

@@ -19,6 +19,11 @@ Invariants:
   priority than all of them may start anyway; one that may not waits, and a later prompt that
   fits the step's budget whole still goes). A row still prefilling is never parked: it is not a row yet; SUSPEND drops its partial
   K/V and it is prefilled again on RESUME.
+- A request whose prompt starts with K/V the prefix cache holds in host memory is admitted as
+  any other, then held (`hold`, in `running` and in `loading`) while those blocks are copied up;
+  the engine prefills it once they have landed (`release`). Like a prompt still prefilling, it is
+  no row yet: never parked, dropped and re-queued whole by SUSPEND. Held prompts count against
+  the step's prefill bound (twice `max_prefill_tokens` with them: their copies run a step ahead).
 - n completions (`Request.n` > 1): until its prompt is prefilled a request counts as n rows of
   the batch and n times its K/V (it is admitted whole or not at all); after the prefill the engine
   calls `fork`, which replaces it by n completion rows (`groups`). From then on each completion is
@@ -84,6 +89,7 @@ class Scheduler:
         self.waiting: list[Request] = []      # QUEUED or PREEMPTED, in arrival order
         self.suspended: list[Request] = []
         self.prefilling: list[Request] = []   # admitted (in running), prompt not yet all planned
+        self.loading: list[Request] = []      # admitted (in running), its cached prefix coming up from host
         self.by_id: dict[str, Request] = {}
         self.groups: dict[str, list[Request]] = {}   # a forked request's id -> its completion rows
         self.kv = KVLedger(config.kv_budget_tokens, config.max_row_tokens, config.kv_bytes_per_token,
@@ -145,7 +151,7 @@ class Scheduler:
         rows = self.members(request_id)
         planned = 0
         for r in rows:
-            if r.state == RequestState.RUNNING and r not in self.prefilling:
+            if r.state == RequestState.RUNNING and not self._rowless(r):
                 if not self.kv.host_can_take(r, already=planned):
                     raise HostPoolFull("host K/V pool is full; cannot suspend now")
                 planned += self.kv.parked_bytes(r)
@@ -162,10 +168,12 @@ class Scheduler:
         request = self.get(request_id)
         if request.state == RequestState.SUSPENDED:
             return request
-        if request in self.prefilling:
+        if self._rowless(request):
             # Not a row yet: drop the partial K/V (via `free`) and prefill it again on RESUME.
             self.running.remove(request)
-            self.prefilling.remove(request)
+            for pool in (self.prefilling, self.loading):
+                if request in pool:
+                    pool.remove(request)
             self._free.append(request)
             request.prefilled = 0
             request.parked_since = now
@@ -218,6 +226,7 @@ class Scheduler:
         restore: list[Request] = []
         prefill: list[Request] = []
         prefill_longest = prefill_sum = 0   # of the prompts in this step's prefill forward
+        held = sum(len(r.prompt_ids) for r in self.loading)   # prompts held for their host blocks
         chunked = cfg.prefill_chunk_tokens > 0
         pending = sum(len(r.prompt_ids) - r.prefilled for r in self.prefilling)
         for candidate in sorted(self.waiting, key=lambda r: self._admission_key(r, now)):
@@ -229,6 +238,8 @@ class Scheduler:
                 break  # this step's prefill budget is spoken for; it waits (holding no K/V budget)
             if is_new and not chunked and prefill and self._prefill_cost(len(prefill), prefill_longest, prefill_sum, candidate) > cfg.max_prefill_tokens:
                 break  # keep this prefill forward bounded; the rest go next step
+            if is_new and not chunked and held and held + prefill_sum + len(candidate.prompt_ids) > 2 * cfg.max_prefill_tokens:
+                break  # prompts held for their host blocks: these and this step's stay within two forwards' worth
             if not self._fits(need, candidate.n):
                 self._make_room_for(candidate, need, exclude=(*restore, *prefill), now=now)
             if not self._fits(need, candidate.n):
@@ -288,6 +299,20 @@ class Scheduler:
         n = len(candidate.prompt_ids)
         return max(longest, n) * (count + 1) if self.config.prefill_padded else total + n
 
+    def hold(self, request: Request) -> None:
+        """The engine copies `request`'s cached prefix up from host memory before its prefill: it
+        stays admitted but is no row yet (never parked) until `release`."""
+        self.loading.append(request)
+
+    def release(self, request: Request) -> None:
+        """`request`'s prefix has landed: the engine prefills it this step."""
+        self.loading.remove(request)
+
+    def _rowless(self, request: Request) -> bool:
+        """Admitted but not a row of the batch yet: its prompt is being prefilled in chunks, or its
+        cached prefix is coming up from host memory."""
+        return request in self.prefilling or request in self.loading
+
     def _outranks_prefilling(self, candidate: Request) -> bool:
         """A newcomer of higher priority than a prompt being prefilled goes before its remaining chunks."""
         return any(candidate.priority > r.priority for r in self.prefilling)
@@ -323,7 +348,7 @@ class Scheduler:
         """`schedule` (without memory pressure) would decode the running rows and nothing else: no
         request waiting, no row to free or park, no prompt in chunks, every row able to grow."""
         return (not self.waiting and not self._free and not self._park and not self.prefilling
-                and self.kv.fits(self.running, 0))
+                and not self.loading and self.kv.fits(self.running, 0))
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting or self._free or self._park)
@@ -365,14 +390,14 @@ class Scheduler:
 
     def _victim(self, exclude: tuple[Request, ...]) -> Request | None:
         """The one place that picks whom to preempt under memory pressure (see _victim_order)."""
-        pool = [r for r in self.running if r not in exclude and r not in self.prefilling]
+        pool = [r for r in self.running if r not in exclude and not self._rowless(r)]
         return min(pool, key=self._victim_order) if pool else None
 
     def _make_room_for(self, candidate: Request, need: int, exclude: tuple[Request, ...], now: float) -> None:
         """Preempt strictly lower-priority rows, lowest first, but only if that makes `need` fit."""
         cfg = self.config
         victims, planned_host = [], 0
-        pool = sorted((r for r in self.running if r not in exclude and r not in self.prefilling
+        pool = sorted((r for r in self.running if r not in exclude and not self._rowless(r)
                        and r.priority < candidate.priority), key=self._victim_order)
 
         def room() -> bool:
@@ -415,7 +440,7 @@ class Scheduler:
         self.running.append(request)
 
     def _detach(self, request: Request) -> None:
-        for pool in (self.running, self.waiting, self.suspended, self.prefilling):
+        for pool in (self.running, self.waiting, self.suspended, self.prefilling, self.loading):
             if request in pool:
                 pool.remove(request)
         if request in self._park:  # parked this step but not yet copied out: nothing to copy now

@@ -462,8 +462,8 @@ class Follower:
         elif kind is Prefill:
             self.prefilled = self.runner.prefill(message.prompts)
         elif kind is PackedPrefill:
-            if self.prefix_cache is not None:
-                self.prefix_cache.ready()   # a CacheLoad's copies into the partial K/V
+            if self.prefix_cache is not None:   # CacheLoads' copies into these chunks' partial K/V
+                self.prefix_cache.ready([row_id for row_id, _n, _ids, _start in message.chunks])
             chunks = [(self._partial(row_id, prompt_len), ids, start)
                       for row_id, prompt_len, ids, start in message.chunks]
             self.runner.packed.prefill(message.prompts, message.row_ids, chunks)
@@ -483,11 +483,11 @@ class Follower:
                 kv.remove_row(message.row_id)
         elif kind is Chunk:
             if self.prefix_cache is not None:
-                self.prefix_cache.ready()
+                self.prefix_cache.ready([message.row_id])
             self.runner.prefill_chunk(self._partial(message.row_id, message.prompt_len), message.ids, message.start)
         elif kind is CacheLoad:
             partial = self.partial[message.row_id] = self.runner.new_partial_kv(len(message.prompt_ids))
-            self.prefix_cache.load(message.prompt_ids, partial[:, :, 0])
+            self.prefix_cache.load(message.prompt_ids, partial[:, :, 0], message.row_id)
         elif kind is CacheInsert:
             if message.row_id:
                 source = kv.row_kv(message.row_id)
@@ -506,6 +506,8 @@ class Follower:
             raise TypeError(f"unknown tensor-parallel message {message!r}")
 
     def _drop_partial(self, row_id: str) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.forget(row_id)   # a load still pending: never brought up (as on rank 0)
         partial = self.partial.pop(row_id, None)
         if partial is not None:
             self.runner.release_partial(partial)

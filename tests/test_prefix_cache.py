@@ -242,3 +242,94 @@ def test_hit_while_the_prefix_owner_is_suspended_then_cancelled(tiny, layout):
     assert outputs["owner"].final.finish_reason.name == "CANCELLED"
     assert outputs["other"].final.cached_prompt_tokens > 0
     assert outputs["other"].token_ids == _expect(tiny, p_other, 15)
+
+
+# ---- host copies in flight across steps (CUDA's async loads, simulated) ------------------------
+def _slow_link(engine, monkeypatch, polls: int = 3) -> list[str]:
+    """Make the engine's prefix cache report each load with host blocks as still in flight for its
+    first `polls` `loaded` checks, as CUDA's copy stream does (on CPU the copies are synchronous,
+    so the data is already right: this exercises the engine's and scheduler's holding of those
+    requests). -> the ids held, in order."""
+    from engine.prefix_cache import PrefixCache
+    cache, left, held = engine.prefix_cache, {}, []
+    monkeypatch.setattr(PrefixCache, "async_loads", property(lambda self: True))
+    load, hold = cache.load, engine.scheduler.hold
+
+    def slow_load(prompt_ids, out, key=""):
+        hit = load(prompt_ids, out, key)
+        if hit.host_tokens:
+            left[key] = polls
+        return hit
+
+    def loaded(key):
+        left[key] = left.get(key, 0) - 1
+        return left[key] < 0
+
+    def recording_hold(request):
+        held.append(request.request_id)
+        hold(request)
+    monkeypatch.setattr(cache, "load", slow_load)
+    monkeypatch.setattr(cache, "loaded", loaded)
+    monkeypatch.setattr(engine.scheduler, "hold", recording_hold)
+    return held
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_host_hits_held_until_their_copies_land(tiny, layout, monkeypatch):
+    """Requests whose cached prefix comes from the host tier wait, admitted, for their copies
+    while the engine decodes and prefills others, then are prefilled: the same tokens as HF
+    generate; two such requests of one step (the second held past it), and the conversations."""
+    _, _, spec = tiny
+    engine, limits = make_engine(tiny, max_batch_size=4, max_seq_len=256, prefix_cache="device+host",
+                                 prefix_cache_device_bytes=1 * block_bytes(spec.num_layers, spec.num_kv_heads,
+                                                                           spec.head_dim),
+                                 prefix_cache_host_bytes=1 << 24, **LAYOUTS[layout])
+    held = _slow_link(engine, monkeypatch)
+    three_conversations(engine, limits, tiny, host_tier=True)
+    assert held, "no request was held for its host blocks"
+    prompts = {f"q{i}": SYSTEM + q for i, q in enumerate(("Count to five.", "Name two colours.", "Say hello."))}
+    outputs = drive(engine, limits, {0: [GenerateInput(request_id=rid, prompt=p, max_new_tokens=8, ignore_eos=True)
+                                         for rid, p in prompts.items()]})
+    for rid, prompt in prompts.items():
+        assert outputs[rid].token_ids == _expect(tiny, prompt, 8), rid
+    assert {"q0", "q1", "q2"} <= set(held) and not engine._loading and not engine.scheduler.loading
+    engine.prefix_cache.check()
+    assert engine.stats().kv_pages_used == 0 and engine._partial == {}
+
+
+@pytest.mark.parametrize("action", ["cancel", "suspend"])
+def test_a_held_request_cancelled_or_suspended(tiny, action, monkeypatch):
+    """A request held for its host blocks is cancelled, or SUSPENDed and RESUMEd, before its
+    copies land: its partial K/V and pending load go, nobody else is affected, and a resumed one
+    is loaded again and gives HF generate's tokens."""
+    _, _, spec = tiny
+    engine, limits = make_engine(tiny, max_batch_size=4, max_seq_len=256, prefix_cache="device+host",
+                                 prefix_cache_device_bytes=1 * block_bytes(spec.num_layers, spec.num_kv_heads,
+                                                                           spec.head_dim),
+                                 prefix_cache_host_bytes=1 << 24, **LAYOUTS["paged"])
+    held = _slow_link(engine, monkeypatch, polls=50)
+    warm, new, late = SYSTEM + "Warm the cache.", "A different prompt entirely, with no shared prefix.", SYSTEM + "Go."
+    drive(engine, limits, {0: [GenerateInput(request_id="warm", prompt=warm, max_new_tokens=2, ignore_eos=True)]})
+    state = {}
+
+    def commands(step, eng, out):
+        if step == 1 and "late" in eng._loading:   # held behind `new`, a whole prompt of the same step
+            state["held"] = True
+            if action == "cancel":
+                return eng.abort("late")
+            return eng.preempt("late", PreemptAction.SUSPEND)[1]
+        if step == 2 and action == "suspend":
+            assert "late" not in eng._loading and "late" not in eng._partial
+            return eng.preempt("late", PreemptAction.RESUME)[1]
+
+    outputs = drive(engine, limits, {0: [GenerateInput(request_id="new", prompt=new, max_new_tokens=6, ignore_eos=True),
+                                         GenerateInput(request_id="late", prompt=late, max_new_tokens=6, ignore_eos=True)]},
+                    on_step=commands)
+    assert state.get("held") and "late" in held
+    assert outputs["new"].token_ids == _expect(tiny, new, 6)
+    if action == "cancel":
+        assert outputs["late"].final.finish_reason.name == "CANCELLED"
+    else:
+        assert outputs["late"].token_ids == _expect(tiny, late, 6) and held.count("late") == 2
+    assert not engine._loading and not engine.scheduler.loading and engine._partial == {}
+    engine.prefix_cache.check()
