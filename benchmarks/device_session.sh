@@ -12,6 +12,7 @@
 #   gpu-test    one -k expression (GPU_TEST) of tests/test_gpu.py (or GPU_TEST_FILES)
 #   gpu-tests   tests/test_gpu.py (bf16 checks incl. packed chunks)                      ~150
 #   w4-chunks   W4 at 10 req/s, paged, chunks 0, 512, 1024 (W4_CHUNKS), one forward a step   ~240
+#   w1-chunks   W1 in process, paged, once per chunk size in W1_CHUNKS (0,768)                ~120
 #   w3-paired   W3 and W3 alone, alternating, W3_PAIRS (3) pairs; W3_BOUND (2048), W3_CHUNK (0),
 #               W3_GRAPHS (auto: the engine's default; 0 off, 1 on)                                ~120
 #   chunks-probe  benchmarks/profile_chunks.py: first-run vs later runs, synced or not      ~150
@@ -90,6 +91,12 @@ for s in "$@"; do
         --tokenizer $TOK --max-batch-size 256 --kv-layout paged --prefill-chunk-tokens ${W4_CHUNKS:-0,512,1024} --runs w4 --rates 10 \
         --max-prefill-tokens ${W4_BOUND:-8192} \
         --requests 192 --same-process --name $R/llama2-7b-h200-w4-fused-chunks${W4_BOUND:+-bound$W4_BOUND} ;;
+    w1-chunks)   # W1 (128 requests at once) in process, paged, once per --prefill-chunk-tokens in W1_CHUNKS (0,768)
+      for c in $(echo ${W1_CHUNKS:-0,768} | tr , ' '); do
+        stage w1-chunks$c 170 $R/llama2-7b-h200-w1-chunks$c.json python3 -m benchmarks.bench --preset llama2-7b \
+          --tokenizer $TOK --runs engine --kv-layout paged --max-batch-size 256 --prefill-chunk-tokens $c \
+          --name $R/llama2-7b-h200-w1-chunks$c
+      done ;;
     w3-paired)   # W3_BOUND (default 2048) and W3_CHUNK (default 0): one configuration, W3_PAIRS pairs
       n=llama2-7b-h200-w3-paired-bound${W3_BOUND:-2048}-chunk${W3_CHUNK:-0}${W3_GRAPHS:+-graphs$W3_GRAPHS}
       stage w3-paired 300 $R/$n.json python3 -m benchmarks.bench --preset llama2-7b --tokenizer $TOK \

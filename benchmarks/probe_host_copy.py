@@ -5,7 +5,10 @@ block). Fills a PrefixCache ("device+host", device tier of 8 blocks) with 40 blo
 ones are in host memory only, then times `load` of 16 host blocks (2,048 tokens) into a partial
 K/V laid out as ModelRunner.new_partial_kv makes it and into the chunk graphs' token-major
 workspace (fused_prefill.StaticChunk), and a plain pinned -> device copy of one block for the
-link's rate. Prints JSON lines (seconds, GB/s).
+link's rate. Then whether a small pinned copy on the compute stream (a decode step's inputs, 4
+KiB) waits behind a load's copies queued on another stream (one DMA engine serves both
+directions' queues in order?): its latency alone and while 16 host blocks load, with the load's
+copies whole (64 MiB each) and cut per layer (2 MiB). Prints JSON lines (seconds, GB/s, ms).
 """
 from __future__ import annotations
 
@@ -56,6 +59,35 @@ def main() -> None:
         assert torch.equal(out[..., :n, :], kv[..., :n, :])
         print(json.dumps({"load_16_host_blocks": name, "seconds": s, "GBps": 16 * block_bytes / s / 1e9,
                           "us_per_token": 1e6 * s / n}), flush=True)
+    small_src = torch.zeros(4096, dtype=torch.uint8).pin_memory()
+    small_dst = torch.empty(4096, dtype=torch.uint8, device=dev)
+    side = torch.cuda.Stream()
+    blocks = [cache.host_tier.data[i] for i in range(16)]
+
+    def contended(pieces: int | None) -> tuple[float, float]:
+        torch.cuda.synchronize()
+        l0, l1, e0, e1 = (torch.cuda.Event(enable_timing=True) for _ in range(4))
+        if pieces is not None:
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                l0.record()
+                for i, block in enumerate(blocks):
+                    dst = partial[..., i * B:(i + 1) * B, :]
+                    step = L // pieces
+                    for a in range(0, L, step):
+                        dst[a:a + step].copy_(block[a:a + step], non_blocking=True)
+                l1.record()
+        time.sleep(0.002)   # the load is under way
+        e0.record()
+        small_dst.copy_(small_src, non_blocking=True)
+        e1.record()
+        torch.cuda.synchronize()
+        return e0.elapsed_time(e1), (l0.elapsed_time(l1) if pieces is not None else 0.0)
+    for pieces in (None, 1, L):
+        runs = sorted(contended(pieces) for _ in range(5))
+        small, load_ms = runs[len(runs) // 2]
+        print(json.dumps({"small_copy_ms": small, "during_load": pieces is not None,
+                          "load_copy_pieces_per_block": pieces, "load_ms": load_ms}), flush=True)
     host = cache.host_tier.data[0]
     dst = torch.empty(host.shape, dtype=dtype, device=dev)
     s = _timed(lambda: dst.copy_(host, non_blocking=True))
