@@ -181,7 +181,8 @@ import json,sys; d=json.load(open(sys.argv[1]))
 for k,v in d.items():
     if isinstance(v,dict) and 'mean_ttft_p50_turns_2_on_s' in v:
         print(' ',k,'mean ttft p50 turns 2+',round(v['mean_ttft_p50_turns_2_on_s'],4),'turn1',round(v['ttft_by_turn']['1']['ttft_p50_s'],4),
-              'computed',v['prefill_tokens_computed'],'dev',v['cached_tokens_device'],'host',v['cached_tokens_host'],'wall',round(v['wall_s'],1))
+              'computed',v['prefill_tokens_computed'],'dev',v['cached_tokens_device'],'host',v['cached_tokens_host'],'wall',round(v['wall_s'],1),
+              v.get('prefix_cache_counts', ''))
     elif k.endswith('gain_over_full_gain'): print(' ',k,round(v,3))
 " $R/llama2-7b-h200-w5.json ;;
     allreduce-probe)   # (2 GPUs) benchmarks/probe_allreduce.py: the TP step's all-reduces in a graph, NCCL vs one-shot vs copy

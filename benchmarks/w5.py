@@ -73,6 +73,7 @@ def run_w5(model, tokenizer, spec, *, count: int, turns: int, config_kw: dict, v
                         send(c)
     wall = time.monotonic() - start
     after = engine.stats()
+    counts = dict(engine.prefix_cache.counts) if engine.prefix_cache is not None else {}
     engine.close()
     per_turn = {str(t + 1): {"ttft_p50_s": statistics.median(v), "ttft_p99_s": sorted(v)[int(0.99 * (len(v) - 1))]}
                 for t, v in ttft.items() if v}
@@ -86,5 +87,6 @@ def run_w5(model, tokenizer, spec, *, count: int, turns: int, config_kw: dict, v
         "prefill_tokens_computed": after.prefill_tokens - before.prefill_tokens,
         "cached_tokens_device": after.prefix_hit_tokens_device - before.prefix_hit_tokens_device,
         "cached_tokens_host": after.prefix_hit_tokens_host - before.prefix_hit_tokens_host,
+        "prefix_cache_counts": counts,   # evictions, copies down, blocks brought up, waits on a copy down
         "config": {k: v for k, v in config_kw.items()},
     }

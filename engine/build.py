@@ -132,7 +132,8 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
     prefix_cache = None
     if config.prefix_cache != "off":
         prefix_cache = PrefixCache(config.prefix_cache, config.kv_page_size, kv.dims, dtype, device,
-                                   config.prefix_cache_device_bytes, config.prefix_cache_host_bytes)
+                                   config.prefix_cache_device_bytes, config.prefix_cache_host_bytes,
+                                   bring_up=config.prefix_cache_bring_up)
     engine = LLMEngine(runner, scheduler, tokenizer, spec.eos_token_ids, seed=config.seed, prefix_cache=prefix_cache,
                        pressure=monitor.pressure,
                        pinned_arena_bytes=min(config.pinned_arena_bytes, config.host_kv_budget_bytes),

@@ -85,7 +85,10 @@ class PrefixHit:
 
 class PrefixCache:
     def __init__(self, mode: str, block_size: int, dims: tuple[int, int, int], dtype: torch.dtype,
-                 device: torch.device, device_bytes: int, host_bytes: int) -> None:
+                 device: torch.device, device_bytes: int, host_bytes: int, bring_up: bool = True) -> None:
+        """`bring_up`: a block found in the host tier alone goes back to the device tier (from a
+        load's copy, or from a finished request's own K/V); off, the device tier takes new blocks
+        only (note 30: a device tier much smaller than a burst's histories turns over with them)."""
         if mode not in MODES:
             raise ValueError(f"prefix_cache must be one of {MODES}, got {mode!r}")
         L, H, D = dims
@@ -103,6 +106,10 @@ class PrefixCache:
         #                                               are done, where they went, [(hash, block index)])
         self._reading: dict[int, object] = {}         # host slot -> event of the last load reading it
         self._copied: dict[tuple[str, int], object] = {}   # (tier, slot) -> event of the copy down that used it
+        self.bring_up = bring_up
+        # what the tiers did (benchmarks): device slots reused (evictions), copies down, blocks
+        # brought back up, and writes of a device slot (CUDA) that found its copy down still running
+        self.counts = {"evictions": 0, "copies_down": 0, "brought_up": 0, "waits_on_copy_down": 0}
         self.lookup_tokens = 0                        # prompt tokens looked up
         self.hit_tokens = {"device": 0, "host": 0}    # of those, found in each tier
 
@@ -201,7 +208,7 @@ class PrefixCache:
         holds them already (an insert since); one the host tier dropped meanwhile is still right."""
         B = self.block_size
         for h, i in up:
-            if h not in self.device_tier.lru:
+            if self.bring_up and h not in self.device_tier.lru:
                 self._to_device(h, out[..., i * B:(i + 1) * B, :])
 
     # ---- inserts ---------------------------------------------------------------------------
@@ -217,7 +224,8 @@ class PrefixCache:
             block = kv[..., i * B:(i + 1) * B, :]
             if h in self.host_tier.lru:
                 self._touch(h)
-                self._to_device(h, block)
+                if self.bring_up:
+                    self._to_device(h, block)
                 continue
             slot = self._device_slot()
             if slot is None:
@@ -239,6 +247,7 @@ class PrefixCache:
             return
         self.device_tier.data[slot].copy_(on_device)
         self.device_tier.lru[h] = slot
+        self.counts["brought_up"] += 1
 
     def _device_slot(self) -> int | None:
         """A device slot to write now: a free one, else the least recently used block's (dropped:
@@ -248,8 +257,12 @@ class PrefixCache:
             slot = tier.free.pop()
         elif tier.lru:
             _h, slot = tier.lru.popitem(last=False)
+            self.counts["evictions"] += 1
         else:
             return None
+        copied = self._copied.get(("device", slot))
+        if copied is not None and not copied.query():
+            self.counts["waits_on_copy_down"] += 1
         self._wait("device", slot)   # a copy down still reading it
         return slot
 
@@ -260,6 +273,7 @@ class PrefixCache:
             return
         src, dst = self.device_tier.data[slot], self.host_tier.data[host_slot]
         self.host_tier.lru[h] = host_slot
+        self.counts["copies_down"] += 1
         if self._copies is None:   # CPU: in order on the one stream
             dst.copy_(src)
             return

@@ -566,7 +566,8 @@ def follow(conn, rank: int, world: int, port: int, config, loader, setup=None) -
         if config.prefix_cache != "off":   # the same sizes as rank 0's: the same slots, evictions, hits
             from engine.prefix_cache import PrefixCache
             cache = PrefixCache(config.prefix_cache, config.kv_page_size, kv.dims, dtype, device,
-                                config.prefix_cache_device_bytes, config.prefix_cache_host_bytes)
+                                config.prefix_cache_device_bytes, config.prefix_cache_host_bytes,
+                                bring_up=config.prefix_cache_bring_up)
         follower = Follower(ModelRunner(hf_model, kv, device, pad_token_id=geometry.pad_token_id,
                                         fused_decode=geometry.fused, packed_prefill=geometry.packed,
                                         cuda_graphs=geometry.graphs, decode_split_kv=geometry.split_kv,

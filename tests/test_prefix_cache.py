@@ -87,6 +87,25 @@ def test_the_host_tier_holds_a_copy_of_every_new_block():
     cache.check()
 
 
+def test_without_bring_up_host_blocks_stay_in_host_and_new_ones_go_to_the_device():
+    """prefix_cache_bring_up off: a hit from the host tier, and a finished history holding a block
+    the host tier alone has, leave that block in host memory; new blocks still go to the device
+    tier (and down). The counts say what the tiers did."""
+    cache = PrefixCache("device+host", 4, (1, 1, 2), torch.float32, CPU, 2 * 64, 8 * 64, bring_up=False)
+    first, second = list(range(10, 18)), list(range(50, 58))
+    cache.insert(first, _kv(first))
+    cache.insert(second, _kv(second))              # `first` dropped from the device tier only
+    out = torch.zeros(1, 2, 1, 9, 2)
+    hit = cache.load(first + [1], out)
+    assert (hit.tokens, hit.host_tokens) == (8, 8) and torch.equal(out[..., :8, :], _kv(first))
+    cache.insert(first + [1, 2, 3, 4], _kv(first + [1, 2, 3, 4]))   # its history: one new block
+    assert set(block_hashes(first, 4)).isdisjoint(cache.device_tier.lru)
+    assert block_hashes(first + [1, 2, 3, 4], 4)[2] in cache.device_tier.lru
+    assert cache.load(first + [1], torch.zeros(1, 2, 1, 9, 2)).host_tokens == 8
+    assert cache.counts == {"evictions": 3, "copies_down": 5, "brought_up": 0, "waits_on_copy_down": 0}
+    cache.check()
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_random_use_keeps_invariants_and_returns_what_was_inserted(seed):
     rng = random.Random(seed)
@@ -121,17 +140,20 @@ LAYOUTS = {"slab": dict(kv_layout="slab", kv_page_size=16), "paged": dict(kv_lay
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("mode, device_blocks, chunk", [("device", 1000, 0), ("device+host", 3, 0),
-                                                       ("device+host", 3, 12)],
-                         ids=["device", "host-tier", "host-tier-chunked"])
-def test_cache_hits_give_the_same_tokens(tiny, layout, mode, device_blocks, chunk):
+@pytest.mark.parametrize("mode, device_blocks, chunk, bring_up", [("device", 1000, 0, True), ("device+host", 3, 0, True),
+                                                                 ("device+host", 3, 12, True),
+                                                                 ("device+host", 3, 0, False)],
+                         ids=["device", "host-tier", "host-tier-chunked", "host-tier-no-bring-up"])
+def test_cache_hits_give_the_same_tokens(tiny, layout, mode, device_blocks, chunk, bring_up):
     """Three conversations sharing a system prompt, then the first one's second turn (its history
-    with the model's own answer). With a device tier of 3 blocks, blocks go to host and back."""
+    with the model's own answer). With a device tier of 3 blocks, blocks go to host and back (or,
+    without bringing up, stay there)."""
     _, _, spec = tiny
     engine, limits = make_engine(tiny, max_batch_size=3, max_seq_len=256, prefix_cache=mode,
                                  prefix_cache_device_bytes=device_blocks * block_bytes(spec.num_layers,
                                                                                        spec.num_kv_heads, spec.head_dim),
-                                 prefix_cache_host_bytes=1 << 24, prefill_chunk_tokens=chunk, **LAYOUTS[layout])
+                                 prefix_cache_host_bytes=1 << 24, prefill_chunk_tokens=chunk,
+                                 prefix_cache_bring_up=bring_up, **LAYOUTS[layout])
     three_conversations(engine, limits, tiny, host_tier=mode == "device+host")
 
 
