@@ -178,6 +178,28 @@ def test_tp2_prefix_cache_hits_equal_hf(tiny_model_dir, layout):
         engine.close()
 
 
+def test_tp2_host_hits_held_for_their_copies_equal_hf(tiny_model_dir, monkeypatch):
+    """Requests held while their host blocks come up (CUDA's copies in flight, simulated on rank
+    0, tests/test_prefix_cache.py `_slow_link`) under TP 2: the followers' loads, readiness and
+    bringing up follow rank 0's messages, and the tokens equal HF generate."""
+    from tests.test_prefix_cache import _slow_link, block_bytes, three_conversations
+    folder = tiny_model_dir("llama")
+    loaded = model_loader.load(folder, CPU, torch.float32)
+    spec = loaded[2]
+    engine, info, _ = build_engine(EngineConfig(
+        model=folder, device="cpu", tensor_parallel=2, max_batch_size=3, max_seq_len=256, warmup=False,
+        kv_page_size=16, kv_layout="paged", fused_decode=True, prefix_cache="device+host",
+        prefix_cache_host_bytes=1 << 24,
+        prefix_cache_device_bytes=1 * block_bytes(spec.num_layers, spec.num_kv_heads // 2, spec.head_dim)))
+    try:
+        held = _slow_link(engine, monkeypatch)
+        three_conversations(engine, Limits(info.max_context_length, 256, 4096, info.vocab_size), loaded,
+                            host_tier=True)
+        assert held and not engine._loading
+    finally:
+        engine.close()
+
+
 def test_tp2_n_completions_from_packed_pages_equal_hf(tiny_model_dir):
     """n = 3 over the packed prefill at TP 2: each rank's prompt row is copied to the three
     completion rows (Embed from pages) and then dropped; every completion is HF's greedy text."""
