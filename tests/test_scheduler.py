@@ -33,16 +33,27 @@ def make_req(rid: str, plen: int = 4, prio: int = 0, max_new: int = 8, t: float 
                    priority=prio, arrival_time=t)
 
 
-def execute(s: Scheduler, out: SchedulerOutput) -> list[Request]:
-    """What the engine does with a schedule: tokens from the prefill, then one decode of every row."""
+def execute(s: Scheduler, out: SchedulerOutput, rng: random.Random | None = None) -> list[Request]:
+    """What the engine does with a schedule: tokens from the prefill, then one decode of every row.
+    With `rng`, as the engine with host-tier cache hits: some newcomers are held (their cached
+    prefix coming up from host memory) and held ones land, at random, and are prefilled then."""
     finished: list[Request] = []
     completed = [r for r, _start, end in out.chunks if end == len(r.prompt_ids)]
-    for r in (*out.prefill, *completed):
+    prefilled = list(out.prefill)
+    if rng is not None:
+        landed = [r for r in s.loading if rng.random() < 0.5]
+        for r in landed:
+            s.release(r)
+        held = [r for r in prefilled if rng.random() < 0.3]
+        for r in held:
+            s.hold(r)
+        prefilled = [r for r in prefilled if r not in held] + landed
+    for r in (*prefilled, *completed):
         r.output_ids.append(0)
         if len(r.output_ids) >= r.params.max_new_tokens:
             finished.append(r)
     for r in out.decode:
-        if r in finished or r.prefilled < len(r.prompt_ids):   # still prefilling: not a row yet
+        if r in finished or r.prefilled < len(r.prompt_ids) or r in s.loading:   # not a row yet
             continue
         r.output_ids.append(0)
         if len(r.output_ids) >= r.params.max_new_tokens:
@@ -700,10 +711,12 @@ def test_no_preemption_when_it_cannot_make_room():
 def check_invariants(s: Scheduler, reqs: list[Request], admitted: bool = False) -> None:
     """`admitted`: the last schedule took someone into the batch."""
     cfg = s.config
-    for pool in (s.running, s.waiting, s.suspended, s.prefilling):
+    for pool in (s.running, s.waiting, s.suspended, s.prefilling, s.loading):
         assert len(pool) == len(set(map(id, pool)))
     for r in s.prefilling:   # admitted, prompt not all planned yet
         assert r in s.running and r.prefilled < len(r.prompt_ids)
+    for r in s.loading:      # admitted, held for its cached prefix: no row yet
+        assert r in s.running and r not in s.prefilling and not r.output_ids
     for r in s.running:
         assert r in s.prefilling or r.prefilled == len(r.prompt_ids)
     for r in reqs:
@@ -745,6 +758,7 @@ def _random_run(seed: int) -> None:
                prefill_chunk_tokens=rng.choice([0, 0, 3, 7, 50]), prefill_padded=rng.random() < 0.5)
     cfg["host_budget_bytes"] = rng.choice([0, 30, 100, 10**9]) * cfg["kv_bytes_per_token"]
     s = make_sched(**cfg)
+    holds = rng.random() < 0.5   # the engine holds some newcomers for their host blocks
     reqs: list[Request] = []
     cancelled_since: list[Request] = []
     suspended_since: list[Request] = []
@@ -780,6 +794,7 @@ def _random_run(seed: int) -> None:
                         open_.append(r)
             assert set(map(id, out.free)) == set(map(id, cancelled_since))
             cancelled_since.clear()
+            assert not set(map(id, out.park)) & set(map(id, s.loading))   # a held request is never parked
             for v in out.park:
                 if v in suspended_since:
                     continue
@@ -797,13 +812,13 @@ def _random_run(seed: int) -> None:
                 assert out.restore == () and all(r in prefilling_before for r in out.prefill)
             suspended_since.clear()
             check_invariants(s, reqs, admitted=bool(set(map(id, s.running)) - running_before))
-            execute(s, out)
+            execute(s, out, rng if holds else None)
             out = None
         else:
             r = rng.choice(live)
             if op == "suspend":
                 was = r.state
-                was_prefilling = r in s.prefilling
+                was_prefilling = r in s.prefilling or r in s.loading
                 try:
                     s.suspend(r.request_id, now)
                 except HostPoolFull:
@@ -839,7 +854,7 @@ def _random_run(seed: int) -> None:
         running_before = set(map(id, s.running))
         out = s.schedule(now)
         check_invariants(s, reqs, admitted=bool(set(map(id, s.running)) - running_before))
-        execute(s, out)
+        execute(s, out, rng if holds else None)
         check_invariants(s, reqs)
     assert not s.by_id and not s.running and not s.waiting and not s.suspended
     assert all(r.state == RequestState.FINISHED for r in reqs)
