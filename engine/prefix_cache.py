@@ -85,10 +85,12 @@ class PrefixHit:
 
 class PrefixCache:
     def __init__(self, mode: str, block_size: int, dims: tuple[int, int, int], dtype: torch.dtype,
-                 device: torch.device, device_bytes: int, host_bytes: int, bring_up: bool = True) -> None:
-        """`bring_up`: a block found in the host tier alone goes back to the device tier (from a
-        load's copy, or from a finished request's own K/V); off, the device tier takes new blocks
-        only (note 30: a device tier much smaller than a burst's histories turns over with them)."""
+                 device: torch.device, device_bytes: int, host_bytes: int, bring_up: float = 1.0) -> None:
+        """`bring_up`: blocks found in the host tier alone go back to the device tier (from a
+        load's copy, or from a finished request's own K/V), at most this fraction of the device
+        tier's slots for one load or insert (1: all of them; 0: never, the device tier takes new
+        blocks only). Note 30: a device tier much smaller than a burst's histories turns over with
+        them when every history comes back up."""
         if mode not in MODES:
             raise ValueError(f"prefix_cache must be one of {MODES}, got {mode!r}")
         L, H, D = dims
@@ -106,6 +108,8 @@ class PrefixCache:
         #                                               are done, where they went, [(hash, block index)])
         self._reading: dict[int, object] = {}         # host slot -> event of the last load reading it
         self._copied: dict[tuple[str, int], object] = {}   # (tier, slot) -> event of the copy down that used it
+        if not 0.0 <= bring_up <= 1.0:
+            raise ValueError(f"prefix_cache_bring_up must be within [0, 1], got {bring_up}")
         self.bring_up = bring_up
         # what the tiers did (benchmarks): device slots reused (evictions), copies down, blocks
         # brought back up, and writes of a device slot (CUDA) that found its copy down still running
@@ -206,17 +210,22 @@ class PrefixCache:
     def _bring_up(self, out: torch.Tensor, up: list[tuple[bytes, int]]) -> None:
         """Blocks copied up from the host tier (now in `out`) into the device tier too, unless it
         holds them already (an insert since); one the host tier dropped meanwhile is still right."""
-        B = self.block_size
+        B, budget = self.block_size, self._bring_up_budget()
         for h, i in up:
-            if self.bring_up and h not in self.device_tier.lru:
+            if budget > 0 and h not in self.device_tier.lru:
                 self._to_device(h, out[..., i * B:(i + 1) * B, :])
+                budget -= 1
+
+    def _bring_up_budget(self) -> float:
+        """Blocks one load or insert may bring back up to the device tier (1: no limit)."""
+        return float("inf") if self.bring_up >= 1.0 else int(self.bring_up * self.device_tier.capacity)
 
     # ---- inserts ---------------------------------------------------------------------------
     def insert(self, token_ids: list[int], kv: torch.Tensor) -> None:
         """Keep the K/V ([L, 2, H, >= n, D], on the device) of every full block of `token_ids`: new
         blocks to the device tier (and down to the host tier), blocks only the host tier holds back
         up to the device tier from `kv`."""
-        B = self.block_size
+        B, budget = self.block_size, self._bring_up_budget()
         for i, h in enumerate(block_hashes(token_ids, B)):
             if h in self.device_tier.lru:
                 self._touch(h)
@@ -224,8 +233,9 @@ class PrefixCache:
             block = kv[..., i * B:(i + 1) * B, :]
             if h in self.host_tier.lru:
                 self._touch(h)
-                if self.bring_up:
+                if budget > 0:
                     self._to_device(h, block)
+                    budget -= 1
                 continue
             slot = self._device_slot()
             if slot is None:

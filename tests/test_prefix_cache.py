@@ -88,10 +88,10 @@ def test_the_host_tier_holds_a_copy_of_every_new_block():
 
 
 def test_without_bring_up_host_blocks_stay_in_host_and_new_ones_go_to_the_device():
-    """prefix_cache_bring_up off: a hit from the host tier, and a finished history holding a block
+    """prefix_cache_bring_up 0: a hit from the host tier, and a finished history holding a block
     the host tier alone has, leave that block in host memory; new blocks still go to the device
     tier (and down). The counts say what the tiers did."""
-    cache = PrefixCache("device+host", 4, (1, 1, 2), torch.float32, CPU, 2 * 64, 8 * 64, bring_up=False)
+    cache = PrefixCache("device+host", 4, (1, 1, 2), torch.float32, CPU, 2 * 64, 8 * 64, bring_up=0.0)
     first, second = list(range(10, 18)), list(range(50, 58))
     cache.insert(first, _kv(first))
     cache.insert(second, _kv(second))              # `first` dropped from the device tier only
@@ -103,6 +103,25 @@ def test_without_bring_up_host_blocks_stay_in_host_and_new_ones_go_to_the_device
     assert block_hashes(first + [1, 2, 3, 4], 4)[2] in cache.device_tier.lru
     assert cache.load(first + [1], torch.zeros(1, 2, 1, 9, 2)).host_tokens == 8
     assert cache.counts == {"evictions": 3, "copies_down": 5, "brought_up": 0, "waits_on_copy_down": 0}
+    cache.check()
+
+
+def test_bring_up_at_most_a_fraction_of_the_device_tier_a_request():
+    """prefix_cache_bring_up 0.5 with a device tier of 4 blocks: a load of 4 host-only blocks, and
+    a finished history holding 4 of them, each bring at most 2 back up (the first ones)."""
+    cache = PrefixCache("device+host", 4, (1, 1, 2), torch.float32, CPU, 4 * 64, 16 * 64, bring_up=0.5)
+    first, second = list(range(10, 26)), list(range(50, 66))      # 4 blocks each
+    cache.insert(first, _kv(first))
+    cache.insert(second, _kv(second))              # `first` is in the host tier alone
+    out = torch.zeros(1, 2, 1, 17, 2)
+    assert cache.load(first + [1], out).host_tokens == 16 and torch.equal(out[..., :16, :], _kv(first))
+    assert cache.counts["brought_up"] == 2
+    assert [h in cache.device_tier.lru for h in block_hashes(first, 4)] == [True, True, False, False]
+    cache.insert(second, _kv(second))   # its first 2 blocks had been dropped: back up, dropping its last 2
+    assert cache.counts["brought_up"] == 4
+    assert [h in cache.device_tier.lru for h in block_hashes(second, 4)] == [True, True, False, False]
+    with pytest.raises(ValueError, match="prefix_cache_bring_up"):
+        PrefixCache("device+host", 4, (1, 1, 2), torch.float32, CPU, 64, 64, bring_up=1.5)
     cache.check()
 
 
@@ -140,9 +159,9 @@ LAYOUTS = {"slab": dict(kv_layout="slab", kv_page_size=16), "paged": dict(kv_lay
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("mode, device_blocks, chunk, bring_up", [("device", 1000, 0, True), ("device+host", 3, 0, True),
-                                                                 ("device+host", 3, 12, True),
-                                                                 ("device+host", 3, 0, False)],
+@pytest.mark.parametrize("mode, device_blocks, chunk, bring_up", [("device", 1000, 0, 1.0), ("device+host", 3, 0, 1.0),
+                                                                 ("device+host", 3, 12, 1.0),
+                                                                 ("device+host", 3, 0, 0.0)],
                          ids=["device", "host-tier", "host-tier-chunked", "host-tier-no-bring-up"])
 def test_cache_hits_give_the_same_tokens(tiny, layout, mode, device_blocks, chunk, bring_up):
     """Three conversations sharing a system prompt, then the first one's second turn (its history
