@@ -98,6 +98,8 @@ class EngineConfig:
             raise ValueError(f"decode_split_kv must be >= 0, got {self.decode_split_kv}")
         if self.tensor_parallel < 1:
             raise ValueError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
+        if not 0.0 <= self.prefix_cache_bring_up <= 1.0:
+            raise ValueError(f"prefix_cache_bring_up must be within [0, 1], got {self.prefix_cache_bring_up}")
         if self.tp_allreduce not in ("nccl", "one-shot"):
             raise ValueError(f"tp_allreduce must be one of ('nccl', 'one-shot'), got {self.tp_allreduce!r}")
         if self.aging_seconds < 0:

@@ -122,6 +122,9 @@ def test_bring_up_at_most_a_fraction_of_the_device_tier_a_request():
     assert [h in cache.device_tier.lru for h in block_hashes(second, 4)] == [True, True, False, False]
     with pytest.raises(ValueError, match="prefix_cache_bring_up"):
         PrefixCache("device+host", 4, (1, 1, 2), torch.float32, CPU, 64, 64, bring_up=1.5)
+    from engine.config import EngineConfig
+    with pytest.raises(ValueError, match="prefix_cache_bring_up"):
+        EngineConfig(device="cpu", prefix_cache_bring_up=-0.1)
     cache.check()
 
 
