@@ -160,17 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     argv = list(argv if argv is not None else sys.argv[1:])
     reqs = workloads.w1(args.batch, vocab=32000, prompt=(128, 512), output=(args.max_output, args.max_output))
-    table = {"tp1": (1, None, True, "nccl"), "tp1-hf": (1, False, False, "nccl"), "tpN": (args.tp, None, True, "nccl"),
-             "tpN-one-shot": (args.tp, None, True, "one-shot"), "tpN-unfused": (args.tp, None, True, "nccl", False),
-             "tpN-eager": (args.tp, True, False, "nccl"),
-             "tpN-hf": (args.tp, False, False, "nccl")}
+    # name: (ranks, fused decode, CUDA graphs, all-reduce, fused add-norm)
+    table = {"tp1": (1, None, True, "nccl", None), "tp1-hf": (1, False, False, "nccl", None),
+             "tpN": (args.tp, None, True, "nccl", None), "tpN-one-shot": (args.tp, None, True, "one-shot", None),
+             "tpN-unfused": (args.tp, None, True, "nccl", False), "tpN-eager": (args.tp, True, False, "nccl", None),
+             "tpN-hf": (args.tp, False, False, "nccl", None)}
     names = args.variants.split(",")
     if unknown := [n for n in names if n not in table]:
         p.error(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(table)})")
     if args.one:
         try:
-            tp, fused, graphs, allreduce, *add_norm = table[names[0]]
-            figures = run(tp, fused, graphs, allreduce, args, reqs, args.tokenizer, *add_norm)
+            tp, fused, graphs, allreduce, add_norm = table[names[0]]
+            figures = run(tp, fused, graphs, allreduce, args, reqs, args.tokenizer, add_norm)
         except Exception as exc:  # noqa: BLE001 - record why a variant could not run
             figures = {"error": repr(exc)[:1000]}
         Path(args.one).write_text(json.dumps(figures))

@@ -242,24 +242,28 @@ class LLMEngine:
             return
         sched = self.scheduler.schedule(time.monotonic(), pressure=self._pressure())
         yield self._membership(sched)
-        whole, cached = list(sched.prefill), []
+        whole, cached, held = list(sched.prefill), [], set()
         if self.prefix_cache is not None:   # a cached prefix: embed it, prefill only the rest
-            cached = [r for r in whole if self.prefix_cache.match(r.prompt_ids)[0]]
+            for request in whole:
+                hashes, tiers = self.prefix_cache.match(request.prompt_ids)
+                if hashes:
+                    cached.append(request)
+                    # host blocks copied up on their own stream: it is prefilled once they have
+                    # landed (a later step, unless it is this step's only prefill work), so the link
+                    # works while the GPU decodes and prefills others (note 30)
+                    if self.prefix_cache.async_loads and "host" in tiers:
+                        held.add(request.request_id)
             whole = [r for r in whole if r not in cached]
         chunks = list(sched.chunks)
         # the hits' cached prefixes load (a host tier's copies) while the decode runs; a prompt that
         # starts its chunks this step keeps the chunk graphs' workspace (a hit needs it one step)
         starting = any(start == 0 for _r, start, _e in chunks)
-        for request in cached:
-            # host blocks copied up on their own stream: it is prefilled once they have landed (a
-            # later step, unless it is this step's only prefill work), so the link works while the
-            # GPU decodes and prefills others (note 30); it holds no chunk workspace meanwhile
-            held = self.prefix_cache.async_loads and "host" in self.prefix_cache.match(request.prompt_ids)[1]
-            self._partial_kv(request, 0, workspace=not starting and not held)
-            if held:
+        for request in cached:   # a held request holds no chunk workspace meanwhile
+            self._partial_kv(request, 0, workspace=not starting and request.request_id not in held)
+            if request.request_id in held:
                 self.scheduler.hold(request)
                 self._loading[request.request_id] = request
-        hits = [(r, 0, len(r.prompt_ids)) for r in cached if r.request_id not in self._loading]
+        hits = [(r, 0, len(r.prompt_ids)) for r in cached if r.request_id not in held]
         hits += self._landed(alone=not (whole or hits or chunks))
         launched = None
         if self.decode_before_prefill and self.slab.num_rows and (whole or hits or chunks):

@@ -177,10 +177,10 @@ class PrefixCache:
         pending = self._pending.get(key)
         return pending is None or pending[0].query()
 
-    def ready(self, keys=None) -> None:
-        """The current stream waits for the copies of the loads `keys` (all: None), no host sync,
-        and their host blocks go up to the device tier from where the copies landed."""
-        for key in list(self._pending) if keys is None else keys:
+    def ready(self, keys: list[str]) -> None:
+        """The current stream waits for the copies of the loads `keys` (no host sync), and their
+        host blocks go up to the device tier from where the copies landed."""
+        for key in keys:
             pending = self._pending.pop(key, None)
             if pending is not None:
                 done, out, up = pending
