@@ -999,12 +999,14 @@ def stage_w5(b: Bench) -> dict:
                 "device_host_squeezed": ("device+host", working_set // 4),
                 "device_squeezed16": ("device", working_set // 16),
                 "device_host_squeezed16": ("device+host", working_set // 16),
-                # the same bringing host-only blocks back up to the device tier never (_nb), or at
-                # most a quarter of its slots a request (_q) (note 30)
+                # the same bringing host-only blocks back up to the device tier never (_nb), at most
+                # a quarter of its slots a request (_q: the default since note 31), or all (_all)
                 "device_host_squeezed_nb": ("device+host", working_set // 4),
                 "device_host_squeezed16_nb": ("device+host", working_set // 16),
                 "device_host_squeezed_q": ("device+host", working_set // 4),
-                "device_host_squeezed16_q": ("device+host", working_set // 16)}
+                "device_host_squeezed16_q": ("device+host", working_set // 16),
+                "device_host_squeezed_all": ("device+host", working_set // 4),
+                "device_host_squeezed16_all": ("device+host", working_set // 16)}
     names = b.args.w5_variants.split(",")
     if unknown := [n for n in names if n not in variants]:
         raise SystemExit(f"--w5-variants: unknown {', '.join(unknown)} (choose from {', '.join(variants)})")
@@ -1012,7 +1014,7 @@ def stage_w5(b: Bench) -> dict:
         for name in names:
             mode, device_bytes = variants[name]
             kw = dict(max_seq_len=b.w4_context, kv_layout=layout, prefix_cache=mode, fused_decode=b.fused,
-                      prefix_cache_device_bytes=device_bytes, prefix_cache_bring_up={"nb": 0.0, "q": 0.25}.get(name.rsplit("_", 1)[-1], 1.0),
+                      prefix_cache_device_bytes=device_bytes, prefix_cache_bring_up={"nb": 0.0, "q": 0.25, "all": 1.0}.get(name.rsplit("_", 1)[-1], 0.25),
                       prefix_cache_host_bytes=min(2 * working_set, 24 << 30),
                       prefill_chunk_tokens=b.common["prefill_chunk_tokens"])
             out.update(b.keep(f"w5_{layout}_{name}",
@@ -1141,8 +1143,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--w5-variants", default="off,device_full,device_squeezed,device_host_squeezed",
                    help="W5: prefix-cache variants (off, device_full, device_squeezed, device_host_squeezed: "
                         "the device tier at a quarter of the conversations' K/V; ..._squeezed16: a sixteenth; "
-                        "device_host_squeezed{,16}_nb / _q: host-only blocks brought back up never / at most a "
-                        "quarter of the device tier a request)")
+                        "device_host_squeezed{,16}_nb / _q / _all: host-only blocks brought back up never / at "
+                        "most a quarter of the device tier a request (the default) / all)")
     p.add_argument("--api-batch", type=int, default=32, help="api: requests at once per variant (and batch size)")
     p.add_argument("--api-prompt-tokens", type=int, default=256, help="api: prompt tokens of each batch request")
     p.add_argument("--api-n", type=int, default=8, help="api: completions of the one request (vs as many requests)")

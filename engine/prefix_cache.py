@@ -85,7 +85,7 @@ class PrefixHit:
 
 class PrefixCache:
     def __init__(self, mode: str, block_size: int, dims: tuple[int, int, int], dtype: torch.dtype,
-                 device: torch.device, device_bytes: int, host_bytes: int, bring_up: float = 1.0) -> None:
+                 device: torch.device, device_bytes: int, host_bytes: int, bring_up: float = 0.25) -> None:
         """`bring_up`: blocks found in the host tier alone go back to the device tier (from a
         load's copy, or from a finished request's own K/V), at most this fraction of the device
         tier's slots for one load or insert (1: all of them; 0: never, the device tier takes new
@@ -217,8 +217,11 @@ class PrefixCache:
                 budget -= 1
 
     def _bring_up_budget(self) -> float:
-        """Blocks one load or insert may bring back up to the device tier (1: no limit)."""
-        return float("inf") if self.bring_up >= 1.0 else int(self.bring_up * self.device_tier.capacity)
+        """Blocks one load or insert may bring back up to the device tier (1: no limit; a fraction
+        above 0 allows at least one block, however small the tier)."""
+        if self.bring_up >= 1.0 or self.bring_up <= 0.0:
+            return float("inf") if self.bring_up >= 1.0 else 0
+        return max(1, int(self.bring_up * self.device_tier.capacity))
 
     # ---- inserts ---------------------------------------------------------------------------
     def insert(self, token_ids: list[int], kv: torch.Tensor) -> None:
