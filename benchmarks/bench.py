@@ -78,10 +78,12 @@ def build_preset(name: str, device: torch.device, dtype: torch.dtype, **override
 
 
 def load_model(preset: str | None, model: str | None, tokenizer_folder: str | None, device: torch.device,
-               dtype: torch.dtype):
+               dtype: torch.dtype, shard: int = 1):
     """-> (model, tokenizer, spec): a preset with random weights, or a local/built-in model. Module
     level, so functools.partial of it can be sent to an engine process (run_grpc). On the "meta"
-    device a preset costs nothing: for its spec alone."""
+    device a preset costs nothing: for its spec alone. `shard` N: the preset cut to what one rank
+    of N holds under tensor parallelism (1/N of the heads, kv heads and MLP width; the same hidden
+    size, embeddings and LM head), a model of its own: one GPU's share of the work, no collectives."""
     from engine import model_loader
     if not preset:
         return model_loader.load(model, device, dtype)
@@ -93,7 +95,11 @@ def load_model(preset: str | None, model: str | None, tokenizer_folder: str | No
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, local_files_only=True)
     # The vocabulary must cover the tokenizer's ids (the gRPC path sends text): 49,152 for the
     # built-in tokenizer instead of Llama-2's 32,000 (+0.28 GB of weights, counted in the floor).
-    hf_model = build_preset(preset, device, dtype, vocab_size=max(PRESETS[preset]["vocab_size"], len(tokenizer)))
+    shape = PRESETS[preset]
+    cut = {} if shard == 1 else dict(
+        num_attention_heads=shape["num_attention_heads"] // shard, num_key_value_heads=shape["num_key_value_heads"] // shard,
+        intermediate_size=shape["intermediate_size"] // shard, head_dim=shape["hidden_size"] // shape["num_attention_heads"])
+    hf_model = build_preset(preset, device, dtype, vocab_size=max(shape["vocab_size"], len(tokenizer)), **cut)
     spec = model_loader.spec_of(hf_model, tokenizer, preset)
     return hf_model, tokenizer, type(spec)(**{**spec.__dict__, "eos_token_ids": ()})
 

@@ -11,6 +11,13 @@ or the built-in model, and runs the same batch of W1-style requests (all at once
                  (EngineConfig.fused_add_norm off);
   - tpN-one-shot: as tpN with a decode step's partial outputs summed by symmetric memory's
                  one-shot all-reduce (EngineConfig.tp_allreduce; tpN: NCCL);
+  - tpN-split2, tpN-split4: as tpN with the paged decode attention's flex SPLIT_KV at 2 / 4
+                 (flex's own choice is 1 at 32 rows x 16 kv heads a rank);
+  - tp1-shard:   one rank, the engine's defaults, on the preset cut to one rank's shard of N (1/N of
+                 the heads and the MLP; engine and K/V the same): a TP N rank's work with no
+                 collectives, so tpN - tp1-shard is what the all-reduces and the ranks' skew cost;
+  - tp1-rope-off, tpN-rope-off: as tp1 / tpN with each layer's rotary embedding and K/V write as
+                 the four kernels they were before engine/rope_store.py;
   - tpN-eager:   the fused step on every rank, eager;
   - tpN-hf:      the HF forward on every rank, eager (one all-reduce after attention and one
                  after the MLP).
@@ -28,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,8 +49,20 @@ def rank_weight_bytes(model) -> int:
     return sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in model.parameters())
 
 
-def run(tp: int, fused: bool | None, graphs: bool, allreduce: str, args, reqs, tokenizer_dir,
-        add_norm: bool | None = None) -> dict:
+@dataclass(frozen=True)
+class Variant:
+    ranks: int
+    fused: bool | None = None          # the fused decode step (None: the engine's default)
+    graphs: bool = True
+    allreduce: str = "nccl"
+    add_norm: bool | None = None       # EngineConfig.fused_add_norm
+    split_kv: int | None = None        # the paged decode's SPLIT_KV (None: --decode-split-kv)
+    shard: int = 1                     # the preset cut to one rank's shard of this many
+    rope_store: bool | None = None     # EngineConfig.fused_rope_store
+
+
+def run(v: Variant, args, reqs, tokenizer_dir) -> dict:
+    tp, fused, graphs, allreduce, add_norm = v.ranks, v.fused, v.graphs, v.allreduce, v.add_norm
     from engine import model_loader
     from engine.build import build_engine
     from engine.config import EngineConfig
@@ -50,12 +70,12 @@ def run(tp: int, fused: bool | None, graphs: bool, allreduce: str, args, reqs, t
     dtype = model_loader.resolve_dtype("auto", device)
     # --lazy: every rank builds the preset on the meta device; sharding then allocates only its shards
     loader = functools.partial(load_model, args.preset, None, tokenizer_dir,
-                               torch.device("meta") if args.lazy and tp > 1 else device, dtype)
+                               torch.device("meta") if args.lazy and tp > 1 else device, dtype, v.shard)
     max_seq = max(len(r.prompt_ids) + r.max_new_tokens for r in reqs) + 8
     config = EngineConfig(device=args.device, max_batch_size=len(reqs), max_seq_len=max_seq, warmup=False,
                           cuda_graphs=graphs, fused_decode=fused, tensor_parallel=tp, kv_layout=args.kv_layout,
-                          aging_seconds=0, decode_split_kv=args.decode_split_kv, tp_allreduce=allreduce,
-                          fused_add_norm=add_norm)
+                          aging_seconds=0, decode_split_kv=args.decode_split_kv if v.split_kv is None else v.split_kv, tp_allreduce=allreduce,
+                          fused_add_norm=add_norm, fused_rope_store=v.rope_store)
     t0 = time.monotonic()
     engine, info, _tok = build_engine(config, loader)
     built = time.monotonic() - t0
@@ -81,7 +101,8 @@ def run(tp: int, fused: bool | None, graphs: bool, allreduce: str, args, reqs, t
         shards = getattr(engine.runner.model, "_baton_tp", None)
         figures.update(tensor_parallel=tp, decode=info.decode, build_s=built,
                        allreduce=getattr(shards.all_reduce, "kind", "?") if shards is not None else None,
-                       add_norm=engine.runner.fused is not None and engine.runner.fused.add_norm is not None)
+                       add_norm=engine.runner.fused is not None and engine.runner.fused.add_norm is not None,
+                       rope_store=engine.runner.fused is not None and engine.runner.fused.rope_store is not None)
         return figures
     finally:
         engine.close()
@@ -160,18 +181,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     argv = list(argv if argv is not None else sys.argv[1:])
     reqs = workloads.w1(args.batch, vocab=32000, prompt=(128, 512), output=(args.max_output, args.max_output))
-    # name: (ranks, fused decode, CUDA graphs, all-reduce, fused add-norm)
-    table = {"tp1": (1, None, True, "nccl", None), "tp1-hf": (1, False, False, "nccl", None),
-             "tpN": (args.tp, None, True, "nccl", None), "tpN-one-shot": (args.tp, None, True, "one-shot", None),
-             "tpN-unfused": (args.tp, None, True, "nccl", False), "tpN-eager": (args.tp, True, False, "nccl", None),
-             "tpN-hf": (args.tp, False, False, "nccl", None)}
+    n = args.tp
+    table = {"tp1": Variant(1), "tp1-hf": Variant(1, fused=False, graphs=False), "tp1-shard": Variant(1, shard=n),
+             "tpN": Variant(n), "tpN-one-shot": Variant(n, allreduce="one-shot"),
+             "tpN-unfused": Variant(n, add_norm=False), "tpN-split2": Variant(n, split_kv=2),
+             "tpN-split4": Variant(n, split_kv=4), "tp1-rope-off": Variant(1, rope_store=False),
+             "tpN-rope-off": Variant(n, rope_store=False), "tpN-eager": Variant(n, fused=True, graphs=False),
+             "tpN-hf": Variant(n, fused=False, graphs=False)}
     names = args.variants.split(",")
     if unknown := [n for n in names if n not in table]:
         p.error(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(table)})")
     if args.one:
         try:
-            tp, fused, graphs, allreduce, add_norm = table[names[0]]
-            figures = run(tp, fused, graphs, allreduce, args, reqs, args.tokenizer, add_norm)
+            figures = run(table[names[0]], args, reqs, args.tokenizer)
         except Exception as exc:  # noqa: BLE001 - record why a variant could not run
             figures = {"error": repr(exc)[:1000]}
         Path(args.one).write_text(json.dumps(figures))
@@ -187,11 +209,14 @@ def main(argv: list[str] | None = None) -> int:
             key = name.replace("N", str(args.tp))
             out[key] = json.loads(part.read_text()) if part.exists() else {"error": f"exit code {code}"}
             print(name, json.dumps(out[key])[:1500], flush=True)
-    for name in args.variants.split(","):   # every TP N variant's TPOT over TP 1's and TP 1 HF's
+    for name in args.variants.split(","):   # every TP N variant's (and the shard's) TPOT and step over TP 1's
         mine = out.get(name.replace("N", str(args.tp)), {})
         for ref in ("tp1", "tp1-hf"):
-            if name.startswith("tpN") and "tpot_p50_s" in mine and "tpot_p50_s" in out.get(ref, {}):
+            if (name.startswith("tpN") or name == "tp1-shard") and ref != name and "tpot_p50_s" in mine \
+                    and "tpot_p50_s" in out.get(ref, {}):
                 out[f"{name}_over_{ref}_tpot_p50"] = mine["tpot_p50_s"] / out[ref]["tpot_p50_s"]
+                if "step_p50_ms" in mine and "step_p50_ms" in out[ref]:
+                    out[f"{name}_over_{ref}_step_p50"] = mine["step_p50_ms"] / out[ref]["step_p50_ms"]
     nccl, ones = out.get(f"tp{args.tp}", {}), out.get(f"tp{args.tp}-one-shot", {})
     if "tokens_sha256" in ones and "tokens_sha256" in nccl:   # the one-shot's sums equal NCCL's: same tokens
         out["tpN-one-shot_same_tokens_as_tpN"] = ones["tokens_sha256"] == nccl["tokens_sha256"]

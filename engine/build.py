@@ -120,7 +120,7 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
     runner = ModelRunner(hf_model, kv, device, pad_token_id=pad, cuda_graphs=graphs,
                          fused_decode=fused, packed_prefill=packed, decode_split_kv=config.decode_split_kv,
                          decode_sort_rows=config.decode_sort_rows, fused_epilogues=config.fused_epilogues,
-                         fused_add_norm=config.fused_add_norm,
+                         fused_add_norm=config.fused_add_norm, fused_rope_store=config.fused_rope_store,
                          prefill_graphs=config.use_prefill_graphs, max_prefill_tokens=config.max_prefill_tokens,
                          chunk_graphs=config.tensor_parallel == 1)
     scheduler = Scheduler(SchedulerConfig(

@@ -55,6 +55,8 @@ class EngineConfig:
     fused_epilogues: bool = True          # fused step: RMSNorm scales and residual adds inside their kernels (note 27)
     fused_add_norm: bool | None = None    # fused step: a residual add not inside a GEMM and the RMSNorm after it as one
                                           # kernel (liger-kernel, CUDA); None = under tensor parallelism (note 30)
+    fused_rope_store: bool | None = None  # paged fused decode: rotary and the K/V write as one Triton kernel a layer
+                                          # (engine/rope_store.py); None = on CUDA (note 31)
     prefill_graphs: bool | None = None    # packed whole-prompt prefill forwards of up to 1,280 tokens replay a CUDA
                                           # graph per token bucket (fused_prefill.StaticPrefill), and so do one
                                           # prompt's chunks at a time (StaticChunk); None = on for CUDA at

@@ -30,6 +30,8 @@ import torch
 import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 
+from engine.rope_store import rope_store as rope_store_kernel
+
 log = structlog.get_logger("baton.engine")
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
@@ -135,14 +137,16 @@ class FusedDecoder:
     writing the slab `data` [L, 2, S, H, T, D] like kv_slab.SlabCache does for the HF forward."""
 
     def __init__(self, model, compile: bool = False, fuse_epilogues: bool = True,
-                 add_norm: bool | None = None) -> None:
+                 add_norm: bool | None = None, rope_store: bool | None = None) -> None:
         """`fuse_epilogues`: each RMSNorm's scale inside its kernel, and (without tensor parallelism
         and without an o bias) each residual add inside the o and down GEMMs (addmm, beta 1): four
         kernels a layer fewer and one for the final norm (two a layer under tensor parallelism),
         each a launch and a gap in the step (note 27). `add_norm`: where a residual add is not
         inside a GEMM, it and the RMSNorm after it run as one kernel (`liger_add_norm`; on CUDA
         where liger-kernel imports); None = under tensor parallelism only (note 30: at 70B the
-        step's 160 RMSNorms and 160 adds took 1.8 ms of 27, ~1,560 kernels a step)."""
+        step's 160 RMSNorms and 160 adds took 1.8 ms of 27, ~1,560 kernels a step). `rope_store`:
+        on pages, each layer's rotary embedding and K/V write as one kernel instead of four
+        (engine/rope_store.py); None = on CUDA where Triton runs, True = wherever it runs."""
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"fused decode does not support this model: {reason}")
@@ -168,7 +172,9 @@ class FusedDecoder:
         self.residual_in_gemm = fuse_epilogues and shards is None
         if add_norm is None:
             add_norm = shards is not None
-        self.add_norm = liger_add_norm() if add_norm and next(model.parameters()).is_cuda else None
+        on_cuda = next(model.parameters()).is_cuda
+        self.add_norm = liger_add_norm() if add_norm and on_cuda else None
+        self.rope_store = rope_store_kernel() if rope_store or (rope_store is None and on_cuda) else None
         self.layers: list[_Layer] = []
         with torch.no_grad():
             for block in inner.layers:
@@ -238,10 +244,14 @@ class FusedDecoder:
         norm, fold, layers = self.norm, self.residual_in_gemm, self.layers
         final = (self.final_norm.weight, self.final_norm.variance_epsilon)
         h = norm(x, layers[0].ln1, layers[0].eps1)
+        fused_store = getattr(attend, "rope_store", None) is not None
         for i, layer in enumerate(layers):
             qkv = F.linear(h, layer.qkv_w, layer.qkv_b)
-            q, k, v = self.qkv_rotary(qkv, cos, sin, hq, hkv, d)
-            a = attend(i, q, k, v)
+            if fused_store:   # rotary and the K/V write in one kernel (PagedAttend with rope_store)
+                a = attend.rotate_store_attend(i, qkv, cos, sin, hq, hkv, d)
+            else:
+                q, k, v = self.qkv_rotary(qkv, cos, sin, hq, hkv, d)
+                a = attend(i, q, k, v)
             if fold and layer.o_b is None:
                 x = torch.addmm(x, a, layer.o_w.t())                           # x + a @ o^T, one kernel
                 h = norm(x, layer.ln2, layer.eps2)
@@ -294,14 +304,25 @@ class SlabAttend:
 class PagedAttend:
     """The paged attention: the new K/V go to each row's own slot of the pool [2, H, N, D]; each row
     attends only its own pages (FlexAttention, engine/paged_attention.py; its tables are updated
-    once per step by the caller)."""
+    once per step by the caller). With `rope_store` (engine/rope_store.py) the step hands it each
+    layer's qkv instead, and one kernel rotates q and k and writes k and v."""
 
-    def __init__(self, data: torch.Tensor, write_slots: torch.Tensor, attention, rows: int, scale: float) -> None:
+    def __init__(self, data: torch.Tensor, write_slots: torch.Tensor, attention, rows: int, scale: float,
+                 rope_store=None) -> None:
         self.data, self.write_slots, self.attention, self.rows, self.scale = data, write_slots, attention, rows, scale
+        self.rope_store = rope_store
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         pool = self.data[layer]                                             # [2, H, N, D]
         pool[0].index_copy_(1, self.write_slots, k[:, :, 0].transpose(0, 1))   # [H, B, D] at slots [B]
         pool[1].index_copy_(1, self.write_slots, v[:, :, 0].transpose(0, 1))
+        return self._attend(pool, q)
+
+    def rotate_store_attend(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                            hq: int, hkv: int, d: int) -> torch.Tensor:
+        pool = self.data[layer]
+        return self._attend(pool, self.rope_store(qkv, cos, sin, pool, self.write_slots, hq, hkv, d))
+
+    def _attend(self, pool: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         out = self.attention(q, pool[0], pool[1], self.rows, self.scale)   # [B, hq, 1, d]
         return out.reshape(out.shape[0], -1)

@@ -38,11 +38,11 @@ class ModelRunner:
                  cuda_graphs: bool = False, fused_decode: bool = False, packed_prefill: bool = True,
                  decode_split_kv: int = 0, prefill_graphs: bool = False, max_prefill_tokens: int = 8192,
                  decode_sort_rows: bool = True, fused_epilogues: bool = True, chunk_graphs: bool = True,
-                 fused_add_norm: bool | None = None) -> None:
+                 fused_add_norm: bool | None = None, fused_rope_store: bool | None = None) -> None:
         """`packed_prefill`: with the fused step on pages, prefill newcomers through
         engine/fused_prefill.py (`self.packed`) rather than the HF forward. `decode_split_kv`: the
         fused paged step's SPLIT_KV (0: flex's choice); `decode_sort_rows`: it runs rows longest
-        first; `fused_epilogues`, `fused_add_norm` (its `add_norm`): see FusedDecoder. `prefill_graphs` (with CUDA graphs, on CUDA):
+        first; `fused_epilogues`, `fused_add_norm`, `fused_rope_store` (its `add_norm`, `rope_store`): see FusedDecoder. `prefill_graphs` (with CUDA graphs, on CUDA):
         that packed prefill's whole-prompt forwards of up to `max_prefill_tokens` tokens replay a
         CUDA graph per token bucket (fused_prefill.StaticPrefill), and with `chunk_graphs` one
         prompt's chunks at a time too (StaticChunk; off under tensor parallelism, where every rank
@@ -60,7 +60,7 @@ class ModelRunner:
         if fused_decode:
             from engine.fused_decode import FusedDecoder
             self.fused = FusedDecoder(hf_model, compile=device.type == "cuda", fuse_epilogues=fused_epilogues,
-                                      add_norm=fused_add_norm)
+                                      add_norm=fused_add_norm, rope_store=fused_rope_store)
         self.graphs = None
         self.paged = None     # the fused paged step (FlexAttention over each row's own pages)
         self.packed = None    # prefill straight into pages (engine/fused_prefill.py)

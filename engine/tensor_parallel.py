@@ -573,7 +573,7 @@ def follow(conn, rank: int, world: int, port: int, config, loader, setup=None) -
                                         cuda_graphs=geometry.graphs, decode_split_kv=geometry.split_kv,
                                         decode_sort_rows=config.decode_sort_rows,
                                         fused_epilogues=config.fused_epilogues,
-                                        fused_add_norm=config.fused_add_norm,
+                                        fused_add_norm=config.fused_add_norm, fused_rope_store=config.fused_rope_store,
                                         prefill_graphs=config.use_prefill_graphs,
                                         max_prefill_tokens=config.max_prefill_tokens, chunk_graphs=False),
                           kv, device, cache)

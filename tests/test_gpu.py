@@ -349,3 +349,35 @@ def test_bf16_fused_add_norm_close_to_the_pair_and_batch_invariant(tiny_model_di
     fused = {on: FusedDecoder(model, compile=True, fuse_epilogues=False, add_norm=on) for on in (True, False)}
     assert fused[True].add_norm is not None and fused[False].add_norm is None
     _steps_agree(fused)
+
+
+def test_bf16_rope_store_equals_the_compiled_rotary_and_copies(tiny_model_dir):
+    """engine/rope_store.py (on by default on CUDA) against what it replaces, bf16 at a 7B TP 2
+    rank's heads: the compiled rotary (q, k) and the two index copies of k and v into the pool, with
+    the write slots a column of the step's inputs as the paged step holds them. Equal up to the
+    rounding of one fused multiply-add (both are Triton, fp32 inside)."""
+    from engine.fused_decode import FusedDecoder, _qkv_split_rotary
+    from engine.rope_store import rope_store
+    store = rope_store()
+    assert store is not None
+    compiled = torch.compile(_qkv_split_rotary, dynamic=True, fullgraph=True)
+    hq, hkv, d, b, n = 16, 8, 128, 32, 200
+    g = torch.Generator(device=CUDA).manual_seed(5)
+    qkv = torch.randn(b, (hq + 2 * hkv) * d, device=CUDA, generator=g, dtype=torch.bfloat16)
+    angle = torch.rand(b, d // 2, device=CUDA, generator=g) * 1000
+    cos, sin = (torch.cat([f(angle)] * 2, -1).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+    inputs = torch.zeros(b, 7, dtype=torch.long, device=CUDA)
+    inputs[:, 3] = torch.randperm(n, device=CUDA, generator=g)[:b]
+    pool = torch.zeros(2, hkv, n, d, device=CUDA, dtype=torch.bfloat16)
+    expected = pool.clone()
+    with torch.inference_mode():
+        q = store(qkv, cos, sin, pool, inputs[:, 3], hq, hkv, d)
+        q_ref, k_ref, v_ref = compiled(qkv, cos, sin, hq, hkv, d)
+        expected[0].index_copy_(1, inputs[:, 3], k_ref[:, :, 0].transpose(0, 1))
+        expected[1].index_copy_(1, inputs[:, 3], v_ref[:, :, 0].transpose(0, 1))
+    assert torch.equal(pool[1], expected[1])                            # v: copied as it is
+    for ours, ref in ((q, q_ref), (pool[0], expected[0])):
+        assert (ours == ref).float().mean() >= 0.99
+        torch.testing.assert_close(ours.float(), ref.float(), rtol=1 / 128, atol=1 / 128)
+    model = model_loader.load(tiny_model_dir("llama"), CUDA, torch.bfloat16)[0]
+    assert FusedDecoder(model, compile=True).rope_store is not None      # the engine's default on CUDA
