@@ -1006,7 +1006,7 @@ def stage_w5(b: Bench) -> dict:
                 "device_squeezed16": ("device", working_set // 16),
                 "device_host_squeezed16": ("device+host", working_set // 16),
                 # the same bringing host-only blocks back up to the device tier never (_nb), at most
-                # a quarter of its slots a request (_q: the default since note 31), or all (_all)
+                # a quarter of its slots a request (_q), or all (_all: the default, note 31)
                 "device_host_squeezed_nb": ("device+host", working_set // 4),
                 "device_host_squeezed16_nb": ("device+host", working_set // 16),
                 "device_host_squeezed_q": ("device+host", working_set // 4),
@@ -1020,7 +1020,7 @@ def stage_w5(b: Bench) -> dict:
         for name in names:
             mode, device_bytes = variants[name]
             kw = dict(max_seq_len=b.w4_context, kv_layout=layout, prefix_cache=mode, fused_decode=b.fused,
-                      prefix_cache_device_bytes=device_bytes, prefix_cache_bring_up={"nb": 0.0, "q": 0.25, "all": 1.0}.get(name.rsplit("_", 1)[-1], 0.25),
+                      prefix_cache_device_bytes=device_bytes, prefix_cache_bring_up={"nb": 0.0, "q": 0.25, "all": 1.0}.get(name.rsplit("_", 1)[-1], 1.0),
                       prefix_cache_host_bytes=min(2 * working_set, 24 << 30),
                       prefill_chunk_tokens=b.common["prefill_chunk_tokens"])
             out.update(b.keep(f"w5_{layout}_{name}",
@@ -1150,7 +1150,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="W5: prefix-cache variants (off, device_full, device_squeezed, device_host_squeezed: "
                         "the device tier at a quarter of the conversations' K/V; ..._squeezed16: a sixteenth; "
                         "device_host_squeezed{,16}_nb / _q / _all: host-only blocks brought back up never / at "
-                        "most a quarter of the device tier a request (the default) / all)")
+                        "most a quarter of the device tier a request / all (the default))")
     p.add_argument("--api-batch", type=int, default=32, help="api: requests at once per variant (and batch size)")
     p.add_argument("--api-prompt-tokens", type=int, default=256, help="api: prompt tokens of each batch request")
     p.add_argument("--api-n", type=int, default=8, help="api: completions of the one request (vs as many requests)")

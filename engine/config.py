@@ -44,8 +44,8 @@ class EngineConfig:
     prefix_cache: str = "off"             # off | device | device+host: K/V of prefixes kept across requests
     prefix_cache_device_bytes: int = 1 << 30   # its device tier (taken before the K/V pool is sized)
     prefix_cache_host_bytes: int = 4 << 30     # its host tier (device+host)
-    prefix_cache_bring_up: float = 0.25   # host-only blocks one load or insert brings back to the device tier, as a
-                                          # fraction of its slots (1: all; 0: never); a quarter: note 31
+    prefix_cache_bring_up: float = 1.0    # host-only blocks one load or insert brings back to the device tier, as a
+                                          # fraction of its slots (1: all; 0: never), notes 30-31
     tensor_parallel: int = 1              # ranks the model is sharded over (one engine worker process each)
     tp_allreduce: str = "nccl"            # nccl | one-shot: how the ranks sum a row-parallel linear's outputs; one-shot
                                           # = symmetric memory's for a decode step's (CUDA), NCCL for the rest (note 30)

@@ -85,7 +85,7 @@ class PrefixHit:
 
 class PrefixCache:
     def __init__(self, mode: str, block_size: int, dims: tuple[int, int, int], dtype: torch.dtype,
-                 device: torch.device, device_bytes: int, host_bytes: int, bring_up: float = 0.25) -> None:
+                 device: torch.device, device_bytes: int, host_bytes: int, bring_up: float = 1.0) -> None:
         """`bring_up`: blocks found in the host tier alone go back to the device tier (from a
         load's copy, or from a finished request's own K/V), at most this fraction of the device
         tier's slots for one load or insert (1: all of them; 0: never, the device tier takes new

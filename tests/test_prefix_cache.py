@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from engine import model_loader
-from engine.config import EngineConfig
 from engine.inputs import GenerateInput
 from engine.prefix_cache import PrefixCache, block_hashes
 from engine.request import PreemptAction
@@ -29,7 +28,6 @@ def _kv(tokens: list[int], block: int = 4) -> torch.Tensor:
 
 
 def _cache(mode: str, device_blocks: int, host_blocks: int, block: int = 4, bring_up: float = 1.0) -> PrefixCache:
-    """The tiers' mechanics, every host-only block brought back up (the engine's default limits it)."""
     block_bytes = 1 * 2 * 1 * block * 2 * 4
     return PrefixCache(mode, block, (1, 1, 2), torch.float32, CPU, device_blocks * block_bytes,
                        host_blocks * block_bytes, bring_up=bring_up)
@@ -68,8 +66,8 @@ def test_device_blocks_move_to_host_and_come_back():
 
 
 def test_a_fraction_of_a_small_device_tier_still_brings_one_block_up():
-    """The default quarter of a 2-block device tier rounds to no block; it brings one up a load."""
-    cache = _cache("device+host", 2, 4, bring_up=EngineConfig().prefix_cache_bring_up)
+    """A quarter of a 2-block device tier rounds to no block; it brings one up a load."""
+    cache = _cache("device+host", 2, 4, bring_up=0.25)
     first, second = list(range(10, 18)), list(range(50, 58))
     cache.insert(first, _kv(first))
     cache.insert(second, _kv(second))              # `first` only in the host tier now
@@ -136,6 +134,7 @@ def test_bring_up_at_most_a_fraction_of_the_device_tier_a_request():
     assert [h in cache.device_tier.lru for h in block_hashes(second, 4)] == [True, True, False, False]
     with pytest.raises(ValueError, match="prefix_cache_bring_up"):
         PrefixCache("device+host", 4, (1, 1, 2), torch.float32, CPU, 64, 64, bring_up=1.5)
+    from engine.config import EngineConfig
     with pytest.raises(ValueError, match="prefix_cache_bring_up"):
         EngineConfig(device="cpu", prefix_cache_bring_up=-0.1)
     cache.check()
