@@ -1016,26 +1016,43 @@ def stage_w5(b: Bench) -> dict:
     names = b.args.w5_variants.split(",")
     if unknown := [n for n in names if n not in variants]:
         raise SystemExit(f"--w5-variants: unknown {', '.join(unknown)} (choose from {', '.join(variants)})")
+    repeats = b.args.w5_repeats
     for layout in b.layouts:
-        for name in names:
+        for name, rep in [(n, r) for r in range(repeats) for n in names]:   # round by round
             mode, device_bytes = variants[name]
             kw = dict(max_seq_len=b.w4_context, kv_layout=layout, prefix_cache=mode, fused_decode=b.fused,
                       prefix_cache_device_bytes=device_bytes, prefix_cache_bring_up={"nb": 0.0, "q": 0.25, "all": 1.0}.get(name.rsplit("_", 1)[-1], 1.0),
                       prefix_cache_host_bytes=min(2 * working_set, 24 << 30),
                       prefill_chunk_tokens=b.common["prefill_chunk_tokens"])
-            out.update(b.keep(f"w5_{layout}_{name}",
+            out.update(b.keep(f"w5_{layout}_{name}" + (f"_r{rep}" if repeats > 1 else ""),
                               run_w5(b.model, b.tokenizer, b.spec, count=count, turns=turns, config_kw=kw,
                                      vocab=b.vocab, device=b.device)))
             _free(b.device)
-        # issue 13: how much of the full device tier's TTFT gain (mean TTFT p50 of turns 2 on,
-        # against the cache off) each squeezed variant keeps
-        mean = {n: out[f"w5_{layout}_{n}"]["mean_ttft_p50_turns_2_on_s"] for n in names}
-        if "off" in mean and "device_full" in mean and mean["off"] > mean["device_full"]:
-            gain = mean["off"] - mean["device_full"]
-            for n in names:
-                if "squeezed" in n:
-                    out[f"w5_{layout}_{n}_gain_over_full_gain"] = (mean["off"] - mean[n]) / gain
+        out.update(w5_gains(out, layout, names, repeats))
     return out
+
+
+def w5_gains(out: dict, layout: str, names: list[str], repeats: int) -> dict:
+    """Issue 13: how much of the full device tier's TTFT gain (against the cache off) each squeezed
+    variant keeps, by the mean of turns 2 on's TTFT p50s (`_gain_over_full_gain`) and by the mean
+    TTFT of all their requests (`_by_mean`); with repeats, each round's (`_rounds`, its own off and
+    full) and their median."""
+    gains: dict = {}
+    for stat, suffix in (("mean_ttft_p50_turns_2_on_s", ""), ("mean_ttft_turns_2_on_s", "_by_mean")):
+        rounds: dict[str, list[float]] = {}
+        for rep in range(repeats):
+            tag = f"_r{rep}" if repeats > 1 else ""
+            mean = {n: out[f"w5_{layout}_{n}{tag}"].get(stat) for n in names}
+            if mean.get("off") is None or mean.get("device_full") is None or mean["off"] <= mean["device_full"]:
+                continue
+            for n in names:
+                if "squeezed" in n and mean[n] is not None:
+                    rounds.setdefault(n, []).append((mean["off"] - mean[n]) / (mean["off"] - mean["device_full"]))
+        for n, values in rounds.items():
+            gains[f"w5_{layout}_{n}_gain_over_full_gain{suffix}"] = statistics.median(values)
+            if repeats > 1:
+                gains[f"w5_{layout}_{n}_gain_over_full_gain{suffix}_rounds"] = values
+    return gains
 
 
 # `--runs` names stages from this table; they run in the order given
@@ -1146,6 +1163,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--w3-pairs", type=int, default=3, help="w3-paired: pairs of (W3, its low-priority work alone)")
     p.add_argument("--w5-conversations", type=int, default=32, help="W5: conversations at once")
     p.add_argument("--w5-turns", type=int, default=8, help="W5: turns per conversation")
+    p.add_argument("--w5-repeats", type=int, default=1,
+                   help="W5: rounds of all variants (round by round); gains per round and their median")
     p.add_argument("--w5-variants", default="off,device_full,device_squeezed,device_host_squeezed",
                    help="W5: prefix-cache variants (off, device_full, device_squeezed, device_host_squeezed: "
                         "the device tier at a quarter of the conversations' K/V; ..._squeezed16: a sixteenth; "

@@ -32,7 +32,8 @@
 #   w4-split    W4 at 10 and 20 req/s, paged, SPLIT_KV 0 (flex's) and $SPLIT_KV (default 8)     ~300
 #   rows        W4 at 40 req/s, batch up to 512 at 4,096 context: peak concurrent rows (issue 12:
 #               >= 250 rows of ~600 tokens where the slab holds 53)                       ~200
-#   w5          W5 multi-turn chat (16 x 8 turns), prefix cache variants W5_VARIANTS, chunks W5_CHUNK  ~400
+#   w5          W5 multi-turn chat (16 x 8 turns), prefix cache variants W5_VARIANTS, chunks W5_CHUNK,
+#               W5_REPEATS rounds of them (gains per round and their median)          ~20 a variant
 #   allreduce-probe  (2 GPUs) the TP step's all-reduces in one graph: NCCL, symm-mem one-shot, copy  ~60
 #   tp7         (2 GPUs) 7B: tp1, tpN (fused + graphs), tpN-unfused (TP7_VARIANTS; also tpN-one-shot)  ~200
 #   tp70        (2 GPUs) 70B shape on the meta device: tpN (TP70_VARIANTS, e.g. tpN,tpN-unfused)  ~150
@@ -174,6 +175,7 @@ for k, v in json.load(open(sys.argv[1])).items():
     w5)   # W5 multi-turn chat, prefix cache variants (W5_VARIANTS), 16 conversations x 8 turns, paged
       stage w5 560 $R/llama2-7b-h200-w5.json python3 -m benchmarks.bench --preset llama2-7b --tokenizer $TOK \
         --kv-layout paged --runs w5 --w5-conversations ${W5_CONVERSATIONS:-16} --w5-turns 8 --same-process \
+        --w5-repeats ${W5_REPEATS:-1} \
         --prefill-chunk-tokens ${W5_CHUNK:-0} \
         --w5-variants ${W5_VARIANTS:-off,device_full,device_squeezed,device_host_squeezed} --name $R/llama2-7b-h200-w5
       python3 -c "
@@ -183,7 +185,7 @@ for k,v in d.items():
         print(' ',k,'mean ttft p50 turns 2+',round(v['mean_ttft_p50_turns_2_on_s'],4),'turn1',round(v['ttft_by_turn']['1']['ttft_p50_s'],4),
               'computed',v['prefill_tokens_computed'],'dev',v['cached_tokens_device'],'host',v['cached_tokens_host'],'wall',round(v['wall_s'],1),
               v.get('prefix_cache_counts', ''))
-    elif k.endswith('gain_over_full_gain'): print(' ',k,round(v,3))
+    elif 'gain_over_full_gain' in k: print(' ',k,[round(x,3) for x in v] if isinstance(v,list) else round(v,3))
 " $R/llama2-7b-h200-w5.json ;;
     allreduce-probe)   # (2 GPUs) benchmarks/probe_allreduce.py: the TP step's all-reduces in a graph, NCCL vs one-shot vs copy
       stage allreduce-probe 150 "" torchrun --nproc-per-node 2 -m benchmarks.probe_allreduce
