@@ -14,6 +14,7 @@ triton), and the step keeps the four kernels. TRITON_INTERPRET=1 runs the kernel
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import structlog
@@ -22,6 +23,7 @@ import torch
 log = structlog.get_logger("baton.engine")
 
 
+@functools.cache   # one JIT function (and its compiled variants) per process
 def _kernel():
     import triton
     import triton.language as tl
