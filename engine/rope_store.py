@@ -2,8 +2,9 @@
 
 Per layer the fused step turned the qkv GEMM's output into a rotated q, a rotated k and v (two
 compiled point-wise kernels) and wrote k and v into the page pool (two index copies): four small
-kernels, each a launch and a gap in a step of ~550 that does not shrink with tensor parallelism
-(note 31: one rank's shard alone, no collectives, still takes 0.71x of the whole model's step).
+kernels, each a launch and a gap in a step of ~550 whose gaps do not shrink with tensor
+parallelism (note 31: one rank's shard alone, no collectives, took 0.71x of the whole model's
+step before this kernel, 0.63x with it).
 Here one program per (row, head) reads the head from qkv, rotates it if it is a q or k head, and
 stores it: q to a new tensor, k and v straight into the row's write slot of the pool.
 
@@ -33,6 +34,7 @@ def _kernel():
                    pool_kv, pool_head, pool_slot, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
         row = tl.program_id(0)
         head = tl.program_id(1)                       # q heads, then k heads, then v heads
+        kv_head = (head - HQ).to(tl.int64)            # pool offsets in 64 bits: a layer's pool can pass 2**31 elements
         offs = tl.arange(0, D)
         src = qkv_ptr + row * qkv_row + head * D
         x = tl.load(src + offs)
@@ -47,10 +49,10 @@ def _kernel():
                 tl.store(q_ptr + (row * HQ + head) * D + offs, y)
             else:
                 slot = tl.load(slot_ptr + row * slot_row)
-                tl.store(pool_ptr + (head - HQ) * pool_head + slot * pool_slot + offs, y)
+                tl.store(pool_ptr + kv_head * pool_head + slot * pool_slot + offs, y)
         else:                                         # v: as it is
             slot = tl.load(slot_ptr + row * slot_row)
-            tl.store(pool_ptr + pool_kv + (head - HQ - HKV) * pool_head + slot * pool_slot + offs, x)
+            tl.store(pool_ptr + pool_kv + (kv_head - HKV) * pool_head + slot * pool_slot + offs, x)
 
     return rope_store
 
@@ -73,7 +75,8 @@ def rope_store():
         b = qkv.shape[0]
         q = torch.empty(b, hq, 1, d, dtype=qkv.dtype, device=qkv.device)
         if b:
-            assert qkv.stride(1) == 1 and cos.stride(1) == 1 and sin.stride(0) == cos.stride(0) and pool.stride(3) == 1
+            assert qkv.stride(1) == 1 and cos.stride(1) == sin.stride(1) == 1 and sin.stride(0) == cos.stride(0) \
+                and pool.stride(3) == 1
             kernel[(b, hq + 2 * hkv)](qkv, cos, sin, q, pool, slots, qkv.stride(0), cos.stride(0), slots.stride(0),
                                       pool.stride(0), pool.stride(1), pool.stride(2), HQ=hq, HKV=hkv, D=d)
         return q
