@@ -8,7 +8,7 @@ arithmetic on the same weights with:
   - q/k/v as one GEMM and gate/up as one GEMM (the HF modules' weights become views into the
     concatenated tensors, so no extra memory and prefill keeps using the HF modules);
   - RMSNorm as PyTorch's fused row-wise kernel, its scale inside it, and each residual add inside
-    the o and down GEMMs (addmm, beta 1; not under tensor parallelism, where the residual is added
+    the o and down GEMMs (addmm_ in place, beta 1; not under tensor parallelism, where the residual is added
     after the all-reduce): `fuse_epilogues`; the q/k/v split with the rotary embedding, and
     SiLU(gate) * up, each compiled by torch.compile into one or two kernels (`compile=True`).
     Only point-wise work is compiled: its per-element result does not depend on the kernel
@@ -253,7 +253,9 @@ class FusedDecoder:
                 q, k, v = self.qkv_rotary(qkv, cos, sin, hq, hkv, d)
                 a = attend(i, q, k, v)
             if fold and layer.o_b is None:
-                x = torch.addmm(x, a, layer.o_w.t())                           # x + a @ o^T, one kernel
+                # x + a @ o^T, one kernel, in place: out of place PyTorch first copies x into the
+                # result (one more kernel a GEMM; pytorch/pytorch#153590); x is this step's own
+                x = x.addmm_(a, layer.o_w.t())
                 h = norm(x, layer.ln2, layer.eps2)
             else:
                 x, h = self._add_norm(self.reduce(F.linear(a, layer.o_w, layer.o_b)), x, layer.ln2, layer.eps2)
@@ -261,7 +263,7 @@ class FusedDecoder:
             # the next norm: the next layer's first, or the final one (row-wise: kept rows are selected after)
             weight, eps = (layers[i + 1].ln1, layers[i + 1].eps1) if i + 1 < len(layers) else final
             if fold:
-                x = torch.addmm(x, m, layer.down_w.t())
+                x = x.addmm_(m, layer.down_w.t())
                 h = norm(x, weight, eps)
             else:
                 x, h = self._add_norm(self.reduce(F.linear(m, layer.down_w)), x, weight, eps)

@@ -222,7 +222,7 @@ def test_paged_step_rows_that_leave_become_padding(tiny_model_dir):
 
 
 def test_fused_epilogues_drop_kernels_and_keep_the_tokens(tiny_model_dir):
-    """fused_epilogues (the default): each residual add inside the o and down GEMMs (addmm: two
+    """fused_epilogues (the default): each residual add inside the o and down GEMMs (addmm_: two
     operations a layer fewer, each a kernel launch on CUDA) and each RMSNorm's scale inside
     rms_norm (on CUDA PyTorch's one fused kernel takes the weight; on CPU rms_norm decomposes, so
     no count shows it here), with the same logits in fp32 and the same greedy tokens as HF
@@ -233,10 +233,11 @@ def test_fused_epilogues_drop_kernels_and_keep_the_tokens(tiny_model_dir):
     class Count(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.ops = 0
+            self.ops, self.names = 0, []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.ops += 1
+            self.names.append(func.__name__)
             return func(*args, **(kwargs or {}))
 
     loaded = model_loader.load(tiny_model_dir("llama"), CPU, torch.float32)
@@ -250,12 +251,15 @@ def test_fused_epilogues_drop_kernels_and_keep_the_tokens(tiny_model_dir):
     def attend(layer, q, k, v):   # any attention will do: the epilogues are around it
         return q.reshape(q.shape[0], -1)
 
-    counts, logits = {}, {}
+    counts, logits, names = {}, {}, {}
     for on in (True, False):
         with Count() as mode:
             logits[on] = fused[on](ids, positions, attend)
-        counts[on] = mode.ops
+        counts[on], names[on] = mode.ops, mode.names
     assert counts[False] - counts[True] == 2 * len(fused[True].layers), counts
+    # in place: an out-of-place addmm first copies the residual into its result on CUDA (a kernel
+    # more a GEMM, pytorch/pytorch#153590)
+    assert names[True].count("addmm_.default") == 2 * len(fused[True].layers) and "addmm.default" not in names[True]
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
     engine, limits = engines[True]
     arrivals = _arrivals(lengths=[20, 35, 8, 16], steps=[0, 1, 2, 4], ignore_eos=True)
