@@ -35,6 +35,8 @@
 #   w5          W5 multi-turn chat (16 x 8 turns), prefix cache variants W5_VARIANTS, chunks W5_CHUNK,
 #               W5_REPEATS rounds of them (gains per round and their median)          ~20 a variant
 #   allreduce-probe  (2 GPUs) the TP step's all-reduces in one graph: NCCL, symm-mem one-shot, copy  ~60
+#   allreduce-norm-probe  (2 GPUs) one kernel for all-reduce + residual add + RMSNorm (symmetric memory)
+#               against NCCL + liger: exact? faster in a graph, back to back and between GEMMs?  ~60
 #   tp7         (2 GPUs) 7B: tp1, tpN (fused + graphs), tpN-unfused (TP7_VARIANTS; also tpN-one-shot)  ~200
 #   tp70        (2 GPUs) 70B shape on the meta device: tpN (TP70_VARIANTS, e.g. tpN,tpN-unfused)  ~150
 #   tp70-serve  (2 GPUs) 70B through `baton serve --tensor-parallel 2`: W1 and W4 @ 2/s   ~400
@@ -191,6 +193,10 @@ for k,v in d.items():
       stage allreduce-probe 150 "" torchrun --nproc-per-node 2 -m benchmarks.probe_allreduce
       cp "$OUT/allreduce-probe.txt" "$OUT/probe-allreduce.jsonl"
       cut -c1-300 "$OUT/allreduce-probe.txt" ;;
+    allreduce-norm-probe)   # (2 GPUs) benchmarks/probe_allreduce_norm.py: all-reduce + add + RMSNorm in one kernel vs NCCL + liger
+      stage allreduce-norm-probe 150 "" torchrun --nproc-per-node 2 -m benchmarks.probe_allreduce_norm
+      cp "$OUT/allreduce-norm-probe.txt" "$OUT/probe-allreduce-norm.jsonl"
+      cut -c1-400 "$OUT/allreduce-norm-probe.txt" ;;
     tp7)
       stage tp7 330 $OUT/tp7.json python3 -m benchmarks.tp_bench --preset llama2-7b --tokenizer $TOK --tp 2 \
         --batch 32 --max-output 128 --variants ${TP7_VARIANTS:-tp1,tpN,tpN-unfused} ${TP_ARGS:-} --out $OUT/tp7.json ;;

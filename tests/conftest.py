@@ -147,6 +147,15 @@ from pathlib import Path  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 
 
+def interpreted(module: str, check: str, *args: str) -> None:
+    """Run `module`'s function `check(*args)` in a process of its own under Triton's interpreter
+    (TRITON_INTERPRET=1 must be set before triton is imported): Triton kernels on CPU tensors."""
+    code = f"import {module} as m; m.{check}(*{args!r})"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,13 +4,9 @@ is imported, so in a process of its own): it must equal the four-kernel path it 
 engine with it must give HF generate's greedy tokens. The bf16 CUDA check is in tests/test_gpu.py."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import interpreted
 
 pytest.importorskip("triton")
 
@@ -65,16 +61,9 @@ def _engine_with_it_equals_hf() -> None:
     assert calls[0] >= 2 * len(fused.layers)   # decode steps went through the kernel, every layer
 
 
-def _interpreted(check: str, *args: str) -> None:
-    code = f"import tests.test_rope_store as t; t.{check}(*{args!r})"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-
-
 def test_rope_store_kernel_equals_rotary_and_index_copies():
-    _interpreted("_kernel_equals_the_four_kernels")
+    interpreted("tests.test_rope_store", "_kernel_equals_the_four_kernels")
 
 
 def test_engine_with_rope_store_matches_hf():
-    _interpreted("_engine_with_it_equals_hf")
+    interpreted("tests.test_rope_store", "_engine_with_it_equals_hf")
