@@ -53,13 +53,19 @@ def _time(g) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
+def join() -> int:
+    """A torchrun process's NCCL group, NVLink multicast off, on the GPU of its rank. -> the rank."""
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    from engine.tensor_parallel import sum_over_ranks
     rank = int(os.environ["RANK"])
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
+    return rank
+
+
+def main() -> None:
+    from engine.tensor_parallel import sum_over_ranks
+    rank = join()
     group = dist.group.WORLD
     if rank == 0:
         print(json.dumps({"torch": torch.__version__, "device": torch.cuda.get_device_name(),

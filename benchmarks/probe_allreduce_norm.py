@@ -32,7 +32,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from benchmarks.probe_allreduce import _graph, _time
+from benchmarks.probe_allreduce import _graph, _time, join
 
 @triton.jit
 def _meet(pads, row, rank: tl.constexpr, world: tl.constexpr):
@@ -109,12 +109,8 @@ def _unfused(partial, residual, weight, eps, add_norm):
 
 
 def main() -> None:
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     from engine.fused_decode import liger_add_norm
-    rank = int(os.environ["RANK"])
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
+    rank = join()
     group, world = dist.group.WORLD, dist.get_world_size()
     add_norm = liger_add_norm()
     if rank == 0:
