@@ -1004,15 +1004,12 @@ def stage_w5(b: Bench) -> dict:
                 "device_squeezed": ("device", working_set // 4),
                 "device_host_squeezed": ("device+host", working_set // 4),
                 "device_squeezed16": ("device", working_set // 16),
-                "device_host_squeezed16": ("device+host", working_set // 16),
-                # the same bringing host-only blocks back up to the device tier never (_nb), at most
-                # a quarter of its slots a request (_q), or all (_all: the default, note 31)
-                "device_host_squeezed_nb": ("device+host", working_set // 4),
-                "device_host_squeezed16_nb": ("device+host", working_set // 16),
-                "device_host_squeezed_q": ("device+host", working_set // 4),
-                "device_host_squeezed16_q": ("device+host", working_set // 16),
-                "device_host_squeezed_all": ("device+host", working_set // 4),
-                "device_host_squeezed16_all": ("device+host", working_set // 16)}
+                "device_host_squeezed16": ("device+host", working_set // 16)}
+    # the host variants again bringing host-only blocks back up to the device tier never (_nb), at
+    # most a quarter of its slots a request (_q), or all (_all: the default, note 31)
+    bring_up = {"nb": 0.0, "q": 0.25, "all": 1.0}
+    variants.update({f"{name}_{policy}": variants[name] for name in ("device_host_squeezed", "device_host_squeezed16")
+                     for policy in bring_up})
     names = b.args.w5_variants.split(",")
     if unknown := [n for n in names if n not in variants]:
         raise SystemExit(f"--w5-variants: unknown {', '.join(unknown)} (choose from {', '.join(variants)})")
@@ -1021,7 +1018,7 @@ def stage_w5(b: Bench) -> dict:
         for name, rep in [(n, r) for r in range(repeats) for n in names]:   # round by round
             mode, device_bytes = variants[name]
             kw = dict(max_seq_len=b.w4_context, kv_layout=layout, prefix_cache=mode, fused_decode=b.fused,
-                      prefix_cache_device_bytes=device_bytes, prefix_cache_bring_up={"nb": 0.0, "q": 0.25, "all": 1.0}.get(name.rsplit("_", 1)[-1], 1.0),
+                      prefix_cache_device_bytes=device_bytes, prefix_cache_bring_up=bring_up.get(name.rsplit("_", 1)[-1], 1.0),
                       prefix_cache_host_bytes=min(2 * working_set, 24 << 30),
                       prefill_chunk_tokens=b.common["prefill_chunk_tokens"])
             out.update(b.keep(f"w5_{layout}_{name}" + (f"_r{rep}" if repeats > 1 else ""),

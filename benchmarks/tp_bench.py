@@ -62,7 +62,7 @@ class Variant:
 
 
 def run(v: Variant, args, reqs, tokenizer_dir) -> dict:
-    tp, fused, graphs, allreduce, add_norm = v.ranks, v.fused, v.graphs, v.allreduce, v.add_norm
+    tp = v.ranks
     from engine import model_loader
     from engine.build import build_engine
     from engine.config import EngineConfig
@@ -73,9 +73,9 @@ def run(v: Variant, args, reqs, tokenizer_dir) -> dict:
                                torch.device("meta") if args.lazy and tp > 1 else device, dtype, v.shard)
     max_seq = max(len(r.prompt_ids) + r.max_new_tokens for r in reqs) + 8
     config = EngineConfig(device=args.device, max_batch_size=len(reqs), max_seq_len=max_seq, warmup=False,
-                          cuda_graphs=graphs, fused_decode=fused, tensor_parallel=tp, kv_layout=args.kv_layout,
-                          aging_seconds=0, decode_split_kv=args.decode_split_kv if v.split_kv is None else v.split_kv, tp_allreduce=allreduce,
-                          fused_add_norm=add_norm, fused_rope_store=v.rope_store)
+                          cuda_graphs=v.graphs, fused_decode=v.fused, tensor_parallel=tp, kv_layout=args.kv_layout,
+                          aging_seconds=0, decode_split_kv=args.decode_split_kv if v.split_kv is None else v.split_kv,
+                          tp_allreduce=v.allreduce, fused_add_norm=v.add_norm, fused_rope_store=v.rope_store)
     t0 = time.monotonic()
     engine, info, _tok = build_engine(config, loader)
     built = time.monotonic() - t0

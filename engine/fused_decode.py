@@ -139,7 +139,7 @@ class FusedDecoder:
     def __init__(self, model, compile: bool = False, fuse_epilogues: bool = True,
                  add_norm: bool | None = None, rope_store: bool | None = None) -> None:
         """`fuse_epilogues`: each RMSNorm's scale inside its kernel, and (without tensor parallelism
-        and without an o bias) each residual add inside the o and down GEMMs (addmm, beta 1): four
+        and without an o bias) each residual add inside the o and down GEMMs (addmm_, beta 1): four
         kernels a layer fewer and one for the final norm (two a layer under tensor parallelism),
         each a launch and a gap in the step (note 27). `add_norm`: where a residual add is not
         inside a GEMM, it and the RMSNorm after it run as one kernel (`liger_add_norm`; on CUDA
@@ -244,11 +244,11 @@ class FusedDecoder:
         norm, fold, layers = self.norm, self.residual_in_gemm, self.layers
         final = (self.final_norm.weight, self.final_norm.variance_epsilon)
         h = norm(x, layers[0].ln1, layers[0].eps1)
-        fused_store = getattr(attend, "rope_store", None) is not None
+        store = self.rope_store if isinstance(attend, PagedAttend) else None
         for i, layer in enumerate(layers):
             qkv = F.linear(h, layer.qkv_w, layer.qkv_b)
-            if fused_store:   # rotary and the K/V write in one kernel (PagedAttend with rope_store)
-                a = attend.rotate_store_attend(i, qkv, cos, sin, hq, hkv, d)
+            if store is not None:   # rotary and the K/V write into the pool in one kernel
+                a = attend.written(i, store(qkv, cos, sin, attend.data[i], attend.write_slots, hq, hkv, d))
             else:
                 q, k, v = self.qkv_rotary(qkv, cos, sin, hq, hkv, d)
                 a = attend(i, q, k, v)
@@ -306,25 +306,20 @@ class SlabAttend:
 class PagedAttend:
     """The paged attention: the new K/V go to each row's own slot of the pool [2, H, N, D]; each row
     attends only its own pages (FlexAttention, engine/paged_attention.py; its tables are updated
-    once per step by the caller). With `rope_store` (engine/rope_store.py) the step hands it each
-    layer's qkv instead, and one kernel rotates q and k and writes k and v."""
+    once per step by the caller). With the fused step's `rope_store` the new K/V are in the pool
+    already (engine/rope_store.py) and the step calls `written`."""
 
-    def __init__(self, data: torch.Tensor, write_slots: torch.Tensor, attention, rows: int, scale: float,
-                 rope_store=None) -> None:
+    def __init__(self, data: torch.Tensor, write_slots: torch.Tensor, attention, rows: int, scale: float) -> None:
         self.data, self.write_slots, self.attention, self.rows, self.scale = data, write_slots, attention, rows, scale
-        self.rope_store = rope_store
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         pool = self.data[layer]                                             # [2, H, N, D]
         pool[0].index_copy_(1, self.write_slots, k[:, :, 0].transpose(0, 1))   # [H, B, D] at slots [B]
         pool[1].index_copy_(1, self.write_slots, v[:, :, 0].transpose(0, 1))
-        return self._attend(pool, q)
+        return self.written(layer, q)
 
-    def rotate_store_attend(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                            hq: int, hkv: int, d: int) -> torch.Tensor:
+    def written(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """The attention of q [B, hq, 1, d] once this step's K/V are in the pool."""
         pool = self.data[layer]
-        return self._attend(pool, self.rope_store(qkv, cos, sin, pool, self.write_slots, hq, hkv, d))
-
-    def _attend(self, pool: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         out = self.attention(q, pool[0], pool[1], self.rows, self.scale)   # [B, hq, 1, d]
         return out.reshape(out.shape[0], -1)

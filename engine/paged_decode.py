@@ -60,8 +60,7 @@ class PagedDecoder:
         back in the rows' own order. Captured whole, so a step is one copy and one replay."""
         x = self.inputs[:rows]
         self.attention.update(x[:, TABLE:], x[:, LEN], rows)
-        attend = PagedAttend(self.kv.data, x[:, WRITE], self.attention, rows, self.fused.scaling,
-                             rope_store=self.fused.rope_store)
+        attend = PagedAttend(self.kv.data, x[:, WRITE], self.attention, rows, self.fused.scaling)
         logits = self.fused(x[:, ID:ID + 1], x[:, POS:POS + 1], attend)                  # [rows, V]
         return logits.index_select(0, x[:, INV])
 

@@ -219,8 +219,10 @@ class PrefixCache:
     def _bring_up_budget(self) -> float:
         """Blocks one load or insert may bring back up to the device tier (1: no limit; a fraction
         above 0 allows at least one block, however small the tier)."""
-        if self.bring_up >= 1.0 or self.bring_up <= 0.0:
-            return float("inf") if self.bring_up >= 1.0 else 0
+        if self.bring_up >= 1.0:
+            return float("inf")
+        if self.bring_up <= 0.0:
+            return 0
         return max(1, int(self.bring_up * self.device_tier.capacity))
 
     # ---- inserts ---------------------------------------------------------------------------
