@@ -63,7 +63,7 @@ for k, v in d.items():
         prio = {p: round(q["p99_s"], 3) for p, q in v.get("ttft_by_priority", {}).items()}
         print(" ", k, {x: round(v[x], 4) if isinstance(v[x], float) else v[x] for x in keys if x in v},
               f"ttft p99 by priority {prio}" if prio else "")
-    elif "_over_" in k:   # ratios
+    elif "_over_" in k or "same_tokens" in k:   # ratios, token checks
         print(" ", k, round(v, 3) if isinstance(v, float) else v)
 PY
 }
@@ -201,7 +201,7 @@ for k,v in d.items():
       stage tp7 330 $OUT/tp7.json python3 -m benchmarks.tp_bench --preset llama2-7b --tokenizer $TOK --tp 2 \
         --batch 32 --max-output 128 --variants ${TP7_VARIANTS:-tp1,tpN,tpN-unfused} ${TP_ARGS:-} --out $OUT/tp7.json ;;
     tp70)
-      stage tp70 240 $OUT/tp70.json python3 -m benchmarks.tp_bench --preset llama2-70b --tokenizer $TOK --tp 2 \
+      stage tp70 330 $OUT/tp70.json python3 -m benchmarks.tp_bench --preset llama2-70b --tokenizer $TOK --tp 2 \
         --lazy --variants ${TP70_VARIANTS:-tpN} --batch 32 --max-output 64 ${TP_ARGS:-} --out $OUT/tp70.json ;;
     tp70-serve)
       stage tp70-serve 560 $R/llama2-70b-2xh200-serve.json python3 -m benchmarks.bench --preset llama2-70b \

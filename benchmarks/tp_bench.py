@@ -11,6 +11,8 @@ or the built-in model, and runs the same batch of W1-style requests (all at once
                  (EngineConfig.fused_add_norm off);
   - tpN-one-shot: as tpN with a decode step's partial outputs summed by symmetric memory's
                  one-shot all-reduce (EngineConfig.tp_allreduce; tpN: NCCL);
+  - tpN-fused:   as tpN with each decode all-reduce, the residual add and the RMSNorm after it as one
+                 kernel over symmetric memory (tp_allreduce "fused", engine/allreduce_norm.py);
   - tpN-split2, tpN-split4: as tpN with the paged decode attention's flex SPLIT_KV at 2 / 4
                  (flex's own choice is 1 at 32 rows x 16 kv heads a rank);
   - tp1-shard:   one rank, the engine's defaults, on the preset cut to one rank's shard of N (1/N of
@@ -101,6 +103,7 @@ def run(v: Variant, args, reqs, tokenizer_dir) -> dict:
         shards = getattr(engine.runner.model, "_baton_tp", None)
         figures.update(tensor_parallel=tp, decode=info.decode, build_s=built,
                        allreduce=getattr(shards.all_reduce, "kind", "?") if shards is not None else None,
+                       fused_allreduce_norm=shards is not None and shards.all_reduce_add_norm is not None,
                        add_norm=engine.runner.fused is not None and engine.runner.fused.add_norm is not None,
                        rope_store=engine.runner.fused is not None and engine.runner.fused.rope_store is not None)
         return figures
@@ -184,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     n = args.tp
     table = {"tp1": Variant(1), "tp1-hf": Variant(1, fused=False, graphs=False), "tp1-shard": Variant(1, shard=n),
              "tpN": Variant(n), "tpN-one-shot": Variant(n, allreduce="one-shot"),
+             "tpN-fused": Variant(n, allreduce="fused"),
              "tpN-unfused": Variant(n, add_norm=False), "tpN-split2": Variant(n, split_kv=2),
              "tpN-split4": Variant(n, split_kv=4), "tp1-rope-off": Variant(1, rope_store=False),
              "tpN-rope-off": Variant(n, rope_store=False), "tpN-eager": Variant(n, fused=True, graphs=False),
@@ -217,9 +221,13 @@ def main(argv: list[str] | None = None) -> int:
                 out[f"{name}_over_{ref}_tpot_p50"] = mine["tpot_p50_s"] / out[ref]["tpot_p50_s"]
                 if "step_p50_ms" in mine and "step_p50_ms" in out[ref]:
                     out[f"{name}_over_{ref}_step_p50"] = mine["step_p50_ms"] / out[ref]["step_p50_ms"]
-    nccl, ones = out.get(f"tp{args.tp}", {}), out.get(f"tp{args.tp}-one-shot", {})
-    if "tokens_sha256" in ones and "tokens_sha256" in nccl:   # the one-shot's sums equal NCCL's: same tokens
-        out["tpN-one-shot_same_tokens_as_tpN"] = ones["tokens_sha256"] == nccl["tokens_sha256"]
+    base = out.get(f"tp{args.tp}", {})
+    for name in args.variants.split(","):   # another way to sum the same partials (one-shot, fused): same tokens?
+        mine = out.get(name.replace("N", str(args.tp)), {})
+        if name.startswith("tpN-") and "tokens_sha256" in mine and "tokens_sha256" in base:
+            out[f"{name}_same_tokens_as_tpN"] = mine["tokens_sha256"] == base["tokens_sha256"]
+            if "step_p50_ms" in mine and "step_p50_ms" in base:
+                out[f"{name}_over_tpN_step_p50"] = mine["step_p50_ms"] / base["step_p50_ms"]
     text = json.dumps(out, indent=1)
     if args.out:
         with open(args.out, "w") as f:

@@ -47,8 +47,10 @@ class EngineConfig:
     prefix_cache_bring_up: float = 1.0    # host-only blocks one load or insert brings back to the device tier, as a
                                           # fraction of its slots (1: all; 0: never), notes 30-31
     tensor_parallel: int = 1              # ranks the model is sharded over (one engine worker process each)
-    tp_allreduce: str = "nccl"            # nccl | one-shot: how the ranks sum a row-parallel linear's outputs; one-shot
-                                          # = symmetric memory's for a decode step's (CUDA), NCCL for the rest (note 30)
+    tp_allreduce: str = "nccl"            # nccl | one-shot | fused: how the ranks sum a row-parallel linear's outputs;
+                                          # one-shot = symmetric memory's for a decode step's (CUDA), NCCL for the rest
+                                          # (note 30); fused = that sum, the residual add and the RMSNorm as one kernel in
+                                          # the fused step (engine/allreduce_norm.py, CUDA bf16), NCCL elsewhere (note 32)
     decode_split_kv: int = 0              # paged decode: programs per row and kv head in flex's decode kernel
                                           # (SPLIT_KV); 0 = flex's choice (docs/benchmarks.md note 25)
     decode_sort_rows: bool = True         # paged decode: each step runs its rows longest first (note 27)
@@ -102,7 +104,7 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
         if not 0.0 <= self.prefix_cache_bring_up <= 1.0:
             raise ValueError(f"prefix_cache_bring_up must be within [0, 1], got {self.prefix_cache_bring_up}")
-        if self.tp_allreduce not in ("nccl", "one-shot"):
-            raise ValueError(f"tp_allreduce must be one of ('nccl', 'one-shot'), got {self.tp_allreduce!r}")
+        if self.tp_allreduce not in ("nccl", "one-shot", "fused"):
+            raise ValueError(f"tp_allreduce must be one of ('nccl', 'one-shot', 'fused'), got {self.tp_allreduce!r}")
         if self.aging_seconds < 0:
             raise ValueError(f"aging_seconds must be >= 0, got {self.aging_seconds}")

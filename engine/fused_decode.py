@@ -167,6 +167,8 @@ class FusedDecoder:
         if shards is not None and shards.rowwise_bias:
             raise ValueError("fused decode does not support this model: a row-parallel linear with a bias")
         self.reduce = shards.all_reduce if shards is not None else (lambda x: x)
+        # tp_allreduce "fused": the sum over the ranks, the add and the norm as one kernel (engine/allreduce_norm.py)
+        self.reduce_add_norm = shards.all_reduce_add_norm if shards is not None else None
         self.norm = _rms_norm_scaled if fuse_epilogues else _rms_norm
         # under TP the residual is added after the all-reduce of the partial sums
         self.residual_in_gemm = fuse_epilogues and shards is None
@@ -258,7 +260,7 @@ class FusedDecoder:
                 x = x.addmm_(a, layer.o_w.t())
                 h = norm(x, layer.ln2, layer.eps2)
             else:
-                x, h = self._add_norm(self.reduce(F.linear(a, layer.o_w, layer.o_b)), x, layer.ln2, layer.eps2)
+                x, h = self._reduce_add_norm(F.linear(a, layer.o_w, layer.o_b), x, layer.ln2, layer.eps2)
             m = self.silu_mul(F.linear(h, layer.gate_up_w))
             # the next norm: the next layer's first, or the final one (row-wise: kept rows are selected after)
             weight, eps = (layers[i + 1].ln1, layers[i + 1].eps1) if i + 1 < len(layers) else final
@@ -266,10 +268,19 @@ class FusedDecoder:
                 x = x.addmm_(m, layer.down_w.t())
                 h = norm(x, weight, eps)
             else:
-                x, h = self._add_norm(self.reduce(F.linear(m, layer.down_w)), x, weight, eps)
+                x, h = self._reduce_add_norm(F.linear(m, layer.down_w), x, weight, eps)
         if keep is not None:
             h = h.index_select(0, keep)
         return self.lm_head(h)
+
+    def _reduce_add_norm(self, y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float):
+        """-> (x + the sum of y over the ranks, the RMSNorm of it): one kernel where tp_allreduce is
+        "fused" and it serves these rows, else the all-reduce, then `_add_norm`."""
+        if self.reduce_add_norm is not None:
+            out = self.reduce_add_norm(y, x, weight, eps)
+            if out is not None:
+                return out
+        return self._add_norm(self.reduce(y), x, weight, eps)
 
     def _add_norm(self, y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float):
         """-> (x + y, the RMSNorm of it): one kernel with `add_norm`, else the add and the norm."""

@@ -152,11 +152,13 @@ _decode = msgspec.msgpack.Decoder(Message).decode
 
 
 # ---- sharding -------------------------------------------------------------------------------------
-def shard_model(hf_model, mesh, allreduce: str = "nccl") -> None:
+def shard_model(hf_model, mesh, allreduce: str = "nccl", max_rows: int = 256) -> None:
     """Shard the model in place over `mesh` with PyTorch's tensor-parallel styles, following the
     model family's own plan (transformers' `base_model_tp_plan`). Raises ValueError when the
     family has no plain column/row plan or its heads do not divide among the ranks. `allreduce`:
-    how a row-parallel linear's partial outputs are summed (EngineConfig.tp_allreduce)."""
+    how a row-parallel linear's partial outputs are summed (EngineConfig.tp_allreduce); "fused"
+    also gives the fused decode step the all-reduce + add + RMSNorm kernel for up to `max_rows`
+    rows (engine/allreduce_norm.py)."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
     cfg, n = hf_model.config, mesh.size()
     plan = getattr(cfg, "base_model_tp_plan", None) or {}
@@ -174,21 +176,39 @@ def shard_model(hf_model, mesh, allreduce: str = "nccl") -> None:
     if any(p.is_meta for p in hf_model.parameters()):
         device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
         materialize_random(hf_model, device)
-    hf_model._baton_tp = _run_on_local_shards(hf_model.model, mesh,
-                                              {name for name, style in plan.items() if style == "rowwise"},
-                                              sum_over_ranks(mesh.get_group(), mesh.device_type, hf_model.dtype, allreduce))
+    shards = _run_on_local_shards(hf_model.model, mesh, {name for name, style in plan.items() if style == "rowwise"},
+                                  sum_over_ranks(mesh.get_group(), mesh.device_type, hf_model.dtype, allreduce))
+    if allreduce == "fused":
+        shards = replace(shards, all_reduce_add_norm=fused_all_reduce_norm(mesh, cfg.hidden_size, hf_model.dtype, max_rows))
+    hf_model._baton_tp = shards
+
+
+def fused_all_reduce_norm(mesh, hidden: int, dtype: torch.dtype, max_rows: int):
+    """-> engine/allreduce_norm.py's kernel for this group, or None (logged) off CUDA or bf16, or
+    where this torch has no symmetric memory: the step then all-reduces with NCCL and adds apart."""
+    if mesh.device_type != "cuda" or dtype != torch.bfloat16:
+        log.warning("tp_allreduce_fused_unavailable", reason=f"needs CUDA and bf16 ({mesh.device_type}, {dtype})")
+        return None
+    try:
+        from engine.allreduce_norm import FusedAllReduceNorm
+        return FusedAllReduceNorm(mesh.get_group(), max_rows, hidden, dtype)
+    except (ImportError, AttributeError, RuntimeError) as exc:   # the same on every rank: same torch, same host
+        log.warning("tp_allreduce_fused_unavailable", reason=repr(exc)[:300])
+        return None
 
 
 @dataclass(frozen=True)
 class LocalShards:
     """What the fused step needs of a sharded model (`hf_model._baton_tp`): the sum over the
     ranks of a row-parallel linear's partial output, and whether any such linear has a bias
-    (added once after the sum; the fused step does not do that)."""
+    (added once after the sum; the fused step does not do that), and where tp_allreduce is
+    "fused", the all-reduce + residual add + RMSNorm kernel (None where it is not)."""
     all_reduce: object
     rowwise_bias: bool
+    all_reduce_add_norm: object = None
 
 
-TP_ALLREDUCE = ("nccl", "one-shot")
+TP_ALLREDUCE = ("nccl", "one-shot", "fused")
 ONE_SHOT_MAX_BYTES = 1 << 20   # partial outputs up to this size take the one-shot all-reduce ("one-shot")
 
 
@@ -212,7 +232,7 @@ def sum_over_ranks(group, device_type: str, dtype: torch.dtype, choice: str = "n
     if choice not in TP_ALLREDUCE:
         raise ValueError(f"tp_allreduce must be one of {TP_ALLREDUCE}, got {choice!r}")
     nccl.kind = "nccl"
-    if choice == "nccl" or device_type != "cuda":
+    if choice in ("nccl", "fused") or device_type != "cuda":   # fused: NCCL where the fused kernel does not serve
         return nccl
     try:
         import torch.distributed._symmetric_memory as symm_mem
@@ -554,7 +574,7 @@ def follow(conn, rank: int, world: int, port: int, config, loader, setup=None) -
         else:
             hf_model, _tokenizer, _spec = loader()
         store.set(f"loaded/{rank}", "1")
-        shard_model(hf_model, mesh, config.tp_allreduce)
+        shard_model(hf_model, mesh, config.tp_allreduce, config.max_batch_size)
         geometry = _decode(conn.recv_bytes())
         dtype = hf_model.dtype
         if geometry.layout == "slab":
