@@ -59,6 +59,8 @@ SWITCHES = {
                        "a steady step launches the next decode before its events; auto: on for CUDA"),
     "decode-sort": ("decode_sort_rows", "1", {True: "", False: "_rowordered"},
                     "paged decode runs rows longest first; decode-chat runs both"),
+    "fused-add-norm": ("fused_add_norm", "auto", {None: "", True: "_ligernorms", False: "_torchnorms"},
+                       "the fused step's RMSNorms (and adds outside GEMMs) as liger's kernels; auto: on for CUDA"),
     "fused-epilogues": ("fused_epilogues", "1", {True: "", False: "_plainepilogues"},
                         "RMSNorm scales and residual adds inside their kernels; decode-chat runs both"),
 }

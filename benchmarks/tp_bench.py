@@ -6,13 +6,15 @@ or the built-in model, and runs the same batch of W1-style requests (all at once
   - tp1:         one rank, the engine's defaults (fused decode and CUDA graphs where it has them);
   - tp1-hf:      one rank, the HF forward, eager;
   - tpN:         --tensor-parallel N, the engine's defaults (on CUDA the fused step, each rank
-                 replaying CUDA graphs that hold its NCCL all-reduces; on CPU the HF forward);
-  - tpN-unfused: as tpN with each residual add and the RMSNorm after it as two kernels
+                 replaying CUDA graphs that hold its collectives: in bf16 the fused all-reduce +
+                 add + RMSNorm kernel, tp_allreduce "auto"; on CPU the HF forward);
+  - tpN-nccl:    as tpN with NCCL's all-reduce, then liger's add + RMSNorm (the default before note 32);
+  - tpN-unfused: as tpN-nccl with each residual add and the RMSNorm after it as two kernels
                  (EngineConfig.fused_add_norm off);
-  - tpN-one-shot: as tpN with a decode step's partial outputs summed by symmetric memory's
-                 one-shot all-reduce (EngineConfig.tp_allreduce; tpN: NCCL);
-  - tpN-fused:   as tpN with each decode all-reduce, the residual add and the RMSNorm after it as one
-                 kernel over symmetric memory (tp_allreduce "fused", engine/allreduce_norm.py);
+  - tpN-one-shot: as tpN-nccl with a decode step's partial outputs summed by symmetric memory's
+                 one-shot all-reduce (EngineConfig.tp_allreduce);
+  - tpN-fused:   each decode all-reduce, the residual add and the RMSNorm after it as one kernel
+                 over symmetric memory (tp_allreduce "fused", engine/allreduce_norm.py; tpN's in bf16);
   - tpN-split2, tpN-split4: as tpN with the paged decode attention's flex SPLIT_KV at 2 / 4
                  (flex's own choice is 1 at 32 rows x 16 kv heads a rank);
   - tp1-shard:   one rank, the engine's defaults, on the preset cut to one rank's shard of N (1/N of
@@ -20,6 +22,7 @@ or the built-in model, and runs the same batch of W1-style requests (all at once
                  collectives, so tpN - tp1-shard is what the all-reduces and the ranks' skew cost;
   - tp1-rope-off, tpN-rope-off: as tp1 / tpN with each layer's rotary embedding and K/V write as
                  the four kernels they were before engine/rope_store.py;
+  - tp1-torchnorms: as tp1 with PyTorch's RMSNorm kernel, not liger's (EngineConfig.fused_add_norm off);
   - tpN-eager:   the fused step on every rank, eager;
   - tpN-hf:      the HF forward on every rank, eager (one all-reduce after attention and one
                  after the MLP).
@@ -56,7 +59,7 @@ class Variant:
     ranks: int
     fused: bool | None = None          # the fused decode step (None: the engine's default)
     graphs: bool = True
-    allreduce: str = "nccl"
+    allreduce: str = "auto"
     add_norm: bool | None = None       # EngineConfig.fused_add_norm
     split_kv: int | None = None        # the paged decode's SPLIT_KV (None: --decode-split-kv)
     shard: int = 1                     # the preset cut to one rank's shard of this many
@@ -186,9 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     reqs = workloads.w1(args.batch, vocab=32000, prompt=(128, 512), output=(args.max_output, args.max_output))
     n = args.tp
     table = {"tp1": Variant(1), "tp1-hf": Variant(1, fused=False, graphs=False), "tp1-shard": Variant(1, shard=n),
+             "tp1-torchnorms": Variant(1, add_norm=False),
              "tpN": Variant(n), "tpN-one-shot": Variant(n, allreduce="one-shot"),
-             "tpN-fused": Variant(n, allreduce="fused"),
-             "tpN-unfused": Variant(n, add_norm=False), "tpN-split2": Variant(n, split_kv=2),
+             "tpN-fused": Variant(n, allreduce="fused"), "tpN-nccl": Variant(n, allreduce="nccl"),
+             "tpN-unfused": Variant(n, allreduce="nccl", add_norm=False), "tpN-split2": Variant(n, split_kv=2),
              "tpN-split4": Variant(n, split_kv=4), "tp1-rope-off": Variant(1, rope_store=False),
              "tpN-rope-off": Variant(n, rope_store=False), "tpN-eager": Variant(n, fused=True, graphs=False),
              "tpN-hf": Variant(n, fused=False, graphs=False)}

@@ -47,16 +47,18 @@ class EngineConfig:
     prefix_cache_bring_up: float = 1.0    # host-only blocks one load or insert brings back to the device tier, as a
                                           # fraction of its slots (1: all; 0: never), notes 30-31
     tensor_parallel: int = 1              # ranks the model is sharded over (one engine worker process each)
-    tp_allreduce: str = "nccl"            # nccl | one-shot | fused: how the ranks sum a row-parallel linear's outputs;
+    tp_allreduce: str = "auto"            # auto | nccl | one-shot | fused: how the ranks sum a row-parallel linear's outputs;
                                           # one-shot = symmetric memory's for a decode step's (CUDA), NCCL for the rest
                                           # (note 30); fused = that sum, the residual add and the RMSNorm as one kernel in
-                                          # the fused step (engine/allreduce_norm.py, CUDA bf16), NCCL elsewhere (note 32)
+                                          # the fused step (engine/allreduce_norm.py, CUDA bf16), NCCL elsewhere (note 32);
+                                          # auto = fused on CUDA in bf16, else nccl
     decode_split_kv: int = 0              # paged decode: programs per row and kv head in flex's decode kernel
                                           # (SPLIT_KV); 0 = flex's choice (docs/benchmarks.md note 25)
     decode_sort_rows: bool = True         # paged decode: each step runs its rows longest first (note 27)
     fused_epilogues: bool = True          # fused step: RMSNorm scales and residual adds inside their kernels (note 27)
     fused_add_norm: bool | None = None    # fused step: a residual add not inside a GEMM and the RMSNorm after it as one
-                                          # kernel (liger-kernel, CUDA); None = under tensor parallelism (note 30)
+                                          # kernel, every other RMSNorm liger's too (liger-kernel, CUDA); None = on CUDA
+                                          # (notes 30, 32)
     fused_rope_store: bool | None = None  # paged fused decode: rotary and the K/V write as one Triton kernel a layer
                                           # (engine/rope_store.py); None = on CUDA (note 31)
     prefill_graphs: bool | None = None    # packed whole-prompt prefill forwards of up to 1,280 tokens replay a CUDA
@@ -104,7 +106,7 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
         if not 0.0 <= self.prefix_cache_bring_up <= 1.0:
             raise ValueError(f"prefix_cache_bring_up must be within [0, 1], got {self.prefix_cache_bring_up}")
-        if self.tp_allreduce not in ("nccl", "one-shot", "fused"):
-            raise ValueError(f"tp_allreduce must be one of ('nccl', 'one-shot', 'fused'), got {self.tp_allreduce!r}")
+        if self.tp_allreduce not in ("auto", "nccl", "one-shot", "fused"):
+            raise ValueError(f"tp_allreduce must be one of ('auto', 'nccl', 'one-shot', 'fused'), got {self.tp_allreduce!r}")
         if self.aging_seconds < 0:
             raise ValueError(f"aging_seconds must be >= 0, got {self.aging_seconds}")

@@ -176,11 +176,20 @@ def shard_model(hf_model, mesh, allreduce: str = "nccl", max_rows: int = 256) ->
     if any(p.is_meta for p in hf_model.parameters()):
         device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
         materialize_random(hf_model, device)
+    allreduce = resolve_allreduce(allreduce, mesh.device_type, hf_model.dtype)
     shards = _run_on_local_shards(hf_model.model, mesh, {name for name, style in plan.items() if style == "rowwise"},
                                   sum_over_ranks(mesh.get_group(), mesh.device_type, hf_model.dtype, allreduce))
     if allreduce == "fused":
         shards = replace(shards, all_reduce_add_norm=fused_all_reduce_norm(mesh, cfg.hidden_size, hf_model.dtype, max_rows))
     hf_model._baton_tp = shards
+
+
+def resolve_allreduce(choice: str, device_type: str, dtype: torch.dtype) -> str:
+    """EngineConfig.tp_allreduce "auto" -> "fused" on CUDA in bf16 (bit-equal to NCCL + liger's
+    add-norm and faster, note 32), "nccl" elsewhere; any other choice as it is."""
+    if choice != "auto":
+        return choice
+    return "fused" if device_type == "cuda" and dtype == torch.bfloat16 else "nccl"
 
 
 def fused_all_reduce_norm(mesh, hidden: int, dtype: torch.dtype, max_rows: int):
@@ -208,7 +217,7 @@ class LocalShards:
     all_reduce_add_norm: object = None
 
 
-TP_ALLREDUCE = ("nccl", "one-shot", "fused")
+TP_ALLREDUCE = ("auto", "nccl", "one-shot", "fused")
 ONE_SHOT_MAX_BYTES = 1 << 20   # partial outputs up to this size take the one-shot all-reduce ("one-shot")
 
 
@@ -229,7 +238,7 @@ def sum_over_ranks(group, device_type: str, dtype: torch.dtype, choice: str = "n
     def nccl(tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, group=group)
         return tensor
-    if choice not in TP_ALLREDUCE:
+    if choice not in TP_ALLREDUCE[1:]:   # "auto" is resolved before (resolve_allreduce)
         raise ValueError(f"tp_allreduce must be one of {TP_ALLREDUCE}, got {choice!r}")
     nccl.kind = "nccl"
     if choice in ("nccl", "fused") or device_type != "cuda":   # fused: NCCL where the fused kernel does not serve

@@ -42,9 +42,10 @@ SERVE_FLAGS = [
     ("kv-page-size", int, 128, "tokens per K/V page with --kv-layout paged"),
     ("tensor-parallel", int, 1, "ranks the model is sharded over (Llama/Mistral/Qwen2), one engine worker process "
                                 "each: GPUs 0..N-1 over NCCL on cuda, gloo on cpu"),
-    ("tp-allreduce", str, "nccl", "nccl | one-shot | fused: how the ranks sum their partial outputs (one-shot: a "
+    ("tp-allreduce", str, "auto", "auto | nccl | one-shot | fused: how the ranks sum their partial outputs (one-shot: a "
                                   "decode step's by symmetric memory's one-shot all-reduce over NVLink, the rest by NCCL; "
-                                  "fused: a decode step's sum, residual add and RMSNorm as one kernel over NVLink)"),
+                                  "fused: a decode step's sum, residual add and RMSNorm as one kernel over NVLink; "
+                                  "auto: fused on CUDA in bf16, else nccl)"),
     ("max-prefill-tokens", int, 8192, "prompt tokens one prefill forward computes (padded to the longest, unless packed)"),
     ("prefill-chunk-tokens", int, 0, "prompt tokens prefilled per step, interleaved with decode steps, so no "
                                      "stream waits longer than one chunk between two tokens (0 = whole prompts; 768 measured "

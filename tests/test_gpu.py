@@ -331,11 +331,12 @@ def _steps_agree(fused: dict) -> None:
 def test_bf16_fused_add_norm_close_to_the_pair_and_batch_invariant(tiny_model_dir):
     """The fused step's residual add + RMSNorm as one kernel (liger-kernel, used under tensor
     parallelism) against the add and the norm as two: the residual bit for bit, the normalised
-    value within bf16 rounding, and a row's result the same in a batch of 3 as of 300 (CUDA graph
+    value within bf16 rounding, liger's norm alone (every other norm on CUDA) equal to it, and a
+    row's result the same in a batch of 3 as of 300 (CUDA graph
     buckets pad the batch); then the whole step with and without it, bf16: same argmax, close logits."""
-    from engine.fused_decode import FusedDecoder, _rms_norm, liger_add_norm
-    add_norm = liger_add_norm()
-    assert add_norm is not None, "liger-kernel did not import"
+    from engine.fused_decode import FusedDecoder, _rms_norm, liger_add_norm, liger_norm
+    add_norm, norm = liger_add_norm(), liger_norm()
+    assert add_norm is not None and norm is not None, "liger-kernel did not import"
     g = torch.Generator(device=CUDA).manual_seed(3)
     x, y = (torch.randn(300, 4096, device=CUDA, generator=g, dtype=torch.bfloat16) for _ in range(2))
     w = (1 + 0.1 * torch.randn(4096, device=CUDA, generator=g)).to(torch.bfloat16)
@@ -344,6 +345,8 @@ def test_bf16_fused_add_norm_close_to_the_pair_and_batch_invariant(tiny_model_di
         assert torch.equal(total, x + y)
         torch.testing.assert_close(h.float(), _rms_norm(x + y, w, 1e-5).float(), rtol=0.02, atol=0.02)
         assert torch.equal(add_norm(y[:3], x[:3], w, 1e-5)[1], h[:3])
+        alone = norm(x + y, w, 1e-5)   # the norm alone (no TP: the add is inside the GEMM): the same kernel's arithmetic
+        assert torch.equal(alone, h) and torch.equal(norm(x[:3] + y[:3], w, 1e-5), h[:3])
 
     model = model_loader.load(tiny_model_dir("llama"), CUDA, torch.bfloat16)[0]
     fused = {on: FusedDecoder(model, compile=True, fuse_epilogues=False, add_norm=on) for on in (True, False)}

@@ -340,23 +340,31 @@ def test_flag_and_env(monkeypatch):
     assert build_parser().parse_args(["serve", "--tensor-parallel", "4"]).tensor_parallel == 4
     monkeypatch.setenv("BATON_TENSOR_PARALLEL", "2")
     assert build_parser().parse_args(["serve"]).tensor_parallel == 2
-    assert build_parser().parse_args(["serve"]).tp_allreduce == "nccl"
+    assert build_parser().parse_args(["serve"]).tp_allreduce == "auto"
     monkeypatch.setenv("BATON_TP_ALLREDUCE", "one-shot")
     assert build_parser().parse_args(["serve"]).tp_allreduce == "one-shot"
 
 
 def test_allreduce_choice():
-    """The one-shot all-reduce is CUDA's (symmetric memory); on CPU every choice sums through c10d
-    (gloo), and an unknown choice is refused naming the setting. (On 2 GPUs the one-shot's sums
-    equal NCCL's bit for bit: benchmarks/probe_allreduce.py; tp_bench's tpN and tpN-one-shot give the
-    same tokens: docs/benchmarks.md note 30.)"""
-    from engine.tensor_parallel import sum_over_ranks
-    for choice in ("nccl", "one-shot"):
+    """The one-shot all-reduce and the fused all-reduce + add + RMSNorm are CUDA's (symmetric
+    memory); on CPU every choice sums through c10d (gloo) and the fused kernel is not built; "auto"
+    is the fused kernel on CUDA in bf16 only; an unknown choice is refused naming the setting. (On
+    2 GPUs the one-shot's sums equal NCCL's and the fused kernel's outputs NCCL + liger's, bit for
+    bit: benchmarks/probe_allreduce*.py; tp_bench's tpN, tpN-one-shot and tpN-fused give the same
+    tokens: docs/benchmarks.md notes 30, 32.)"""
+    from types import SimpleNamespace
+
+    from engine.tensor_parallel import fused_all_reduce_norm, resolve_allreduce, sum_over_ranks
+    for choice in ("nccl", "one-shot", "fused"):
         assert sum_over_ranks(None, "cpu", torch.float32, choice).kind == "nccl"
+    assert fused_all_reduce_norm(SimpleNamespace(device_type="cpu"), 64, torch.float32, 8) is None
+    assert resolve_allreduce("auto", "cuda", torch.bfloat16) == "fused"
+    assert [resolve_allreduce("auto", d, t) for d, t in (("cuda", torch.float32), ("cpu", torch.bfloat16))] == ["nccl"] * 2
+    assert resolve_allreduce("one-shot", "cuda", torch.bfloat16) == "one-shot"
     with pytest.raises(ValueError, match="tp_allreduce must be one of"):
         sum_over_ranks(None, "cuda", torch.bfloat16, "auto")
     with pytest.raises(ValueError, match="tp_allreduce must be one of"):
-        EngineConfig(device="cpu", tp_allreduce="auto")
+        EngineConfig(device="cpu", tp_allreduce="fast")
 
 
 @pytest.mark.slow
