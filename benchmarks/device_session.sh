@@ -22,7 +22,7 @@
 #   flex-probe  benchmarks/probe_flex_decode.py: paged decode attention, flex's SPLIT_KV etc.  ~200
 #   w4-overlap  W4 at 10 req/s, paged, decode launched before the prefill vs after (note 26)  ~150
 #   w4-order    W4 at 10 req/s, paged: decode first vs prefill first x prefill graphs off/on  ~260
-#   w4          W4 at W4_RATES (10,20) req/s, paged, the engine's defaults                  ~150
+#   w4          W4 at W4_RATES (10,20) req/s, paged, the engine's defaults (W4_ARGS: more bench flags)                  ~150
 #   w4-async    W4 at W4_RATES (10,20) req/s, paged: next decode launched before a steady step's events, on vs off  ~300
 #   w4-serve    W4 at W4_SERVE_RATES (10) req/s through gRPC and the engine process (issue 12's target)  ~150
 #   w4-sort     W4 at W4_RATES (10) req/s, paged: decode rows longest first vs in row order     ~150
@@ -146,7 +146,7 @@ for s in "$@"; do
         --rates ${W4_RATES:-10} --requests 192 --same-process --name $R/llama2-7b-h200-w4-sort ;;
     w4)   # W4 at W4_RATES (10,20) req/s, paged, the engine's defaults
       stage w4 400 $R/llama2-7b-h200-w4.json python3 -m benchmarks.bench --preset llama2-7b \
-        --tokenizer $TOK --max-batch-size 256 --kv-layout paged --runs w4 \
+        --tokenizer $TOK --max-batch-size 256 --kv-layout paged --runs w4 ${W4_ARGS:-} \
         --rates ${W4_RATES:-10,20} --requests 192 --same-process --name $R/llama2-7b-h200-w4 ;;
     w4-serve)   # W4 at W4_SERVE_RATES (10) req/s through the engine process as `baton serve` runs it
       stage w4-serve 300 $R/llama2-7b-h200-grpc-w4.json python3 -m benchmarks.bench --preset llama2-7b \

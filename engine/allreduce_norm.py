@@ -36,7 +36,7 @@ SENTINEL = -32768   # int16 bits of bf16 -0.0
 _SENTINEL = tl.constexpr(SENTINEL)   # the same, as a kernel reads a global
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["b"])   # one compile for every row count (Triton would specialise 1 and multiples of 16)
 def _all_reduce_add_norm(partial, residual, weight, x_out, h_out, buffers, state, eps, b,
                          rank: tl.constexpr, world: tl.constexpr, ROWS: tl.constexpr,
                          N: tl.constexpr, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr):
@@ -123,6 +123,10 @@ class FusedAllReduceNorm:
         self.programs = torch.cuda.get_device_properties(device).multi_processor_count
         torch.cuda.synchronize(device)
         dist.barrier(group=group)   # every buffer holds the sentinel before any rank stores into it
+        # one round now, on every rank (this is collective): the kernel compiles at start-up, not in a request's prefill
+        one = torch.zeros(1, hidden, dtype=dtype, device=device)
+        self(one, one, torch.ones(hidden, dtype=dtype, device=device), 1e-6)
+        torch.cuda.synchronize(device)
 
     def __call__(self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
         b, n = partial.shape
