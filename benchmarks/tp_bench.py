@@ -8,6 +8,8 @@ or the built-in model, and runs the same batch of W1-style requests (all at once
   - tpN:         --tensor-parallel N, the engine's defaults (on CUDA the fused step, each rank
                  replaying CUDA graphs that hold its collectives: in bf16 the fused all-reduce +
                  add + RMSNorm kernel, tp_allreduce "auto"; on CPU the HF forward);
+  - tpN-prefill-graphs: as tpN with packed whole-prompt prefills replaying CUDA graphs, as at TP 1
+                 (EngineConfig.prefill_graphs; off by default under TP, not yet measured there);
   - tpN-nccl:    as tpN with NCCL's all-reduce, then liger's add + RMSNorm (the default before note 32);
   - tpN-unfused: as tpN-nccl with each residual add and the RMSNorm after it as two kernels
                  (EngineConfig.fused_add_norm off);
@@ -64,6 +66,7 @@ class Variant:
     split_kv: int | None = None        # the paged decode's SPLIT_KV (None: --decode-split-kv)
     shard: int = 1                     # the preset cut to one rank's shard of this many
     rope_store: bool | None = None     # EngineConfig.fused_rope_store
+    prefill_graphs: bool | None = None  # EngineConfig.prefill_graphs (None: on at TP 1 only)
 
 
 def run(v: Variant, args, reqs, tokenizer_dir) -> dict:
@@ -80,7 +83,8 @@ def run(v: Variant, args, reqs, tokenizer_dir) -> dict:
     config = EngineConfig(device=args.device, max_batch_size=len(reqs), max_seq_len=max_seq, warmup=False,
                           cuda_graphs=v.graphs, fused_decode=v.fused, tensor_parallel=tp, kv_layout=args.kv_layout,
                           aging_seconds=0, decode_split_kv=args.decode_split_kv if v.split_kv is None else v.split_kv,
-                          tp_allreduce=v.allreduce, fused_add_norm=v.add_norm, fused_rope_store=v.rope_store)
+                          tp_allreduce=v.allreduce, fused_add_norm=v.add_norm, fused_rope_store=v.rope_store,
+                          prefill_graphs=v.prefill_graphs)
     t0 = time.monotonic()
     engine, info, _tok = build_engine(config, loader)
     built = time.monotonic() - t0
@@ -192,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
              "tp1-torchnorms": Variant(1, add_norm=False),
              "tpN": Variant(n), "tpN-one-shot": Variant(n, allreduce="one-shot"),
              "tpN-fused": Variant(n, allreduce="fused"), "tpN-nccl": Variant(n, allreduce="nccl"),
+             "tpN-prefill-graphs": Variant(n, prefill_graphs=True),
              "tpN-unfused": Variant(n, allreduce="nccl", add_norm=False), "tpN-split2": Variant(n, split_kv=2),
              "tpN-split4": Variant(n, split_kv=4), "tp1-rope-off": Variant(1, rope_store=False),
              "tpN-rope-off": Variant(n, rope_store=False), "tpN-eager": Variant(n, fused=True, graphs=False),

@@ -166,7 +166,7 @@ def prefill_reserve_bytes(config: EngineConfig, model_config, max_seq_len: int, 
     kv_tokens = tokens + (2 * max_seq_len if config.prefill_chunk_tokens else 0)
     if config.prefix_cache == "device+host":
         kv_tokens += config.max_prefill_tokens
-    if config.use_prefill_graphs and config.tensor_parallel == 1:
+    if config.use_prefill_graphs:
         kv_tokens += max_seq_len + PREFILL_BUCKETS[-1]
     hidden = getattr(model_config, "hidden_size", 0)
     intermediate = getattr(model_config, "intermediate_size", None) or 4 * hidden
