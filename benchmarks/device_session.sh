@@ -37,7 +37,8 @@
 #   allreduce-probe  (2 GPUs) the TP step's all-reduces in one graph: NCCL, symm-mem one-shot, copy  ~60
 #   allreduce-norm-probe  (2 GPUs) one kernel for all-reduce + residual add + RMSNorm (symmetric memory)
 #               against NCCL + liger: exact? faster in a graph, back to back and between GEMMs?  ~60
-#   tp7         (2 GPUs) 7B: tp1, tpN (fused + graphs), tpN-unfused (TP7_VARIANTS; also tpN-one-shot)  ~200
+#   tp7         (2 GPUs) 7B: tp1, tpN (fused + graphs), tpN-unfused (TP7_VARIANTS; also tpN-nccl, tpN-one-shot,
+#               tp1-shard...); TP_ARGS e.g. "--profile-steps 24", "--repeats 2"                       ~200
 #   tp70        (2 GPUs) 70B shape on the meta device: tpN (TP70_VARIANTS, e.g. tpN,tpN-unfused)  ~150
 #   tp70-serve  (2 GPUs) 70B through `baton serve --tensor-parallel 2`: W1 and W4 @ 2/s   ~400
 set -uo pipefail

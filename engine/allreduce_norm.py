@@ -92,9 +92,9 @@ def launch(partial, residual, weight, eps, buffers_ptr: int, state, rank: int, w
     x, h = torch.empty_like(residual), torch.empty_like(residual)
     block = triton.next_power_of_2(n)
     warps = 16 if block >= 8192 else 8 if block >= 2048 else 4   # liger's: the same sum of squares, in the same order
-    _all_reduce_add_norm[(min(b, programs),)](partial, residual, weight, x, h, buffers_ptr, state, eps, b, rank=rank, world=world,
-                               ROWS=rows, N=n, BLOCK=block, num_warps=warps,
-                               LIBDEVICE=os.environ.get("TRITON_INTERPRET") != "1")
+    _all_reduce_add_norm[(min(b, programs),)](
+        partial, residual, weight, x, h, buffers_ptr, state, eps, b, rank=rank, world=world, ROWS=rows, N=n,
+        BLOCK=block, num_warps=warps, LIBDEVICE=os.environ.get("TRITON_INTERPRET") != "1")
     return x, h
 
 

@@ -194,14 +194,15 @@ def resolve_allreduce(choice: str, device_type: str, dtype: torch.dtype) -> str:
 
 def fused_all_reduce_norm(mesh, hidden: int, dtype: torch.dtype, max_rows: int):
     """-> engine/allreduce_norm.py's kernel for this group, or None (logged) off CUDA or bf16, or
-    where this torch has no symmetric memory: the step then all-reduces with NCCL and adds apart."""
+    where it cannot be built (no symmetric memory in this torch, Triton cannot compile it): the
+    step then all-reduces with NCCL and adds apart. Every rank decides alike (same torch, same host)."""
     if mesh.device_type != "cuda" or dtype != torch.bfloat16:
         log.warning("tp_allreduce_fused_unavailable", reason=f"needs CUDA and bf16 ({mesh.device_type}, {dtype})")
         return None
     try:
         from engine.allreduce_norm import FusedAllReduceNorm
         return FusedAllReduceNorm(mesh.get_group(), max_rows, hidden, dtype)
-    except (ImportError, AttributeError, RuntimeError) as exc:   # the same on every rank: same torch, same host
+    except Exception as exc:  # noqa: BLE001 - any failure to build it: the NCCL path instead
         log.warning("tp_allreduce_fused_unavailable", reason=repr(exc)[:300])
         return None
 
