@@ -264,3 +264,44 @@ def test_fused_epilogues_drop_kernels_and_keep_the_tokens(tiny_model_dir):
     engine, limits = engines[True]
     arrivals = _arrivals(lengths=[20, 35, 8, 16], steps=[0, 1, 2, 4], ignore_eos=True)
     _check_against_hf(loaded, engine, drive(engine, limits, arrivals), arrivals)
+
+
+def test_tensor_parallel_fused_all_reduce_plumbing(tiny_model_dir):
+    """Under tensor parallelism the step hands each row-parallel partial output, its residual and
+    the next norm's weight to the fused all-reduce + add + RMSNorm (engine/allreduce_norm.py, CUDA)
+    where it serves the rows, and sums with the plain all-reduce, then adds and normalises, where it
+    returns None (a packed prefill's rows beyond the decode batch). One rank on CPU: a stand-in
+    with the kernel's contract (the sum over one rank is the partial itself) gives the logits of
+    the step without tensor parallelism, and each path is taken exactly where it should be."""
+    from engine.fused_decode import _rms_norm
+    from engine.tensor_parallel import LocalShards
+    model = model_loader.load(tiny_model_dir("llama"), CPU, torch.float32)[0]
+
+    def attend(layer, q, k, v):   # any attention will do: the reductions are around it
+        return q.reshape(q.shape[0], -1)
+    fused_rows, reduced = [], []
+
+    def all_reduce_add_norm(partial, residual, weight, eps):
+        if partial.shape[0] > 3:
+            return None
+        fused_rows.append(partial.shape[0])
+        x = residual + partial
+        return x, _rms_norm(x, weight, eps)
+
+    def all_reduce(partial):
+        reduced.append(partial.shape[0])
+        return partial
+    reference = FusedDecoder(model)
+    model._baton_tp = LocalShards(all_reduce, False, all_reduce_add_norm)
+    try:
+        sharded = FusedDecoder(model)
+    finally:
+        del model._baton_tp
+    assert not sharded.residual_in_gemm and sharded.reduce_add_norm is all_reduce_add_norm
+    layers = len(sharded.layers)
+    for rows, fused_calls, plain_calls in ((3, 2 * layers, 0), (5, 0, 2 * layers)):
+        fused_rows.clear(), reduced.clear()
+        ids, positions = torch.randint(5, 200, (rows, 1)), torch.arange(rows)[:, None]
+        got = sharded(ids, positions, attend)
+        assert (len(fused_rows), len(reduced)) == (fused_calls, plain_calls)
+        torch.testing.assert_close(got, reference(ids, positions, attend), rtol=1e-5, atol=1e-5)
