@@ -3,6 +3,10 @@ the RMSNorm after that, in one Triton kernel over symmetric memory (tensor paral
 EngineConfig.tp_allreduce = "fused"): in the TP decode step each all-reduce and the add-norm
 kernel after it (NCCL's ring and liger's, two launches and two gaps) become one launch.
 
+FlashInfer's trtllm_allreduce_fusion is the library version; its wheel (97 MB, CUDA compiled by
+nvcc at first use, or 437 MB of prebuilt kernels) cannot reach the lent GPU machines (note 32), and
+torch.distributed has no such fusion, so this kernel uses torch's symmetric memory for its buffers.
+
 How the ranks meet without a barrier (the "Lamport" scheme of TensorRT-LLM's one-shot kernels,
 written here from its idea): every slot of every rank's buffer holds a sentinel (bf16 -0.0) until
 data lands in it. A program (one per row) stores its partial row straight into its slot of every
