@@ -64,7 +64,7 @@ class EngineConfig:
     prefill_graphs: bool | None = None    # packed whole-prompt prefill forwards of up to 1,280 tokens replay a CUDA
                                           # graph per token bucket (fused_prefill.StaticPrefill), and so do one
                                           # prompt's chunks at a time (StaticChunk); None = on for CUDA at
-                                          # tensor_parallel 1 (not measured under TP), notes 27 and 29
+                                          # tensor_parallel 1 (under TP one run, note 32: same step and TPOT), notes 27, 29
     decode_before_prefill: bool | None = None   # a step with prefill work launches its decode step first, so
                                           # the host issues the prefill while the GPU decodes (LLMEngine.step_phases);
                                           # None = on CUDA only (on CPU nothing overlaps: new rows would just wait a step)
