@@ -37,6 +37,7 @@
 #   allreduce-probe  (2 GPUs) the TP step's all-reduces in one graph: NCCL, symm-mem one-shot, copy  ~60
 #   allreduce-norm-probe  (2 GPUs) one kernel for all-reduce + residual add + RMSNorm (symmetric memory)
 #               against NCCL + liger: exact? faster in a graph, back to back and between GEMMs?  ~60
+#   gemm-probe  benchmarks/probe_gemm.py: the 7B step's GEMMs at 32 and 128 rows, cuBLAS vs max-autotune  ~300
 #   tp7         (2 GPUs) 7B: tp1, tpN (fused + graphs), tpN-unfused (TP7_VARIANTS; also tpN-nccl, tpN-one-shot,
 #               tp1-shard...); TP_ARGS e.g. "--profile-steps 24", "--repeats 2"                       ~200
 #   tp70        (2 GPUs) 70B shape on the meta device: tpN (TP70_VARIANTS, e.g. tpN,tpN-unfused)  ~150
@@ -190,6 +191,10 @@ for k,v in d.items():
               v.get('prefix_cache_counts', ''))
     elif 'gain_over_full_gain' in k: print(' ',k,[round(x,3) for x in v] if isinstance(v,list) else round(v,3))
 " $R/llama2-7b-h200-w5.json ;;
+    gemm-probe)
+      stage gemm-probe 540 "" python3 -m benchmarks.probe_gemm
+      cp "$OUT/gemm-probe.txt" "$OUT/probe-gemm.jsonl"
+      cut -c1-400 "$OUT/gemm-probe.txt" ;;
     allreduce-probe)   # (2 GPUs) benchmarks/probe_allreduce.py: the TP step's all-reduces in a graph, NCCL vs one-shot vs copy
       stage allreduce-probe 150 "" torchrun --nproc-per-node 2 -m benchmarks.probe_allreduce
       cp "$OUT/allreduce-probe.txt" "$OUT/probe-allreduce.jsonl"
