@@ -9,7 +9,7 @@ or the built-in model, and runs the same batch of W1-style requests (all at once
                  replaying CUDA graphs that hold its collectives: in bf16 the fused all-reduce +
                  add + RMSNorm kernel, tp_allreduce "auto"; on CPU the HF forward);
   - tpN-prefill-graphs: as tpN with packed whole-prompt prefills replaying CUDA graphs, as at TP 1
-                 (EngineConfig.prefill_graphs; off by default under TP, not yet measured there);
+                 (EngineConfig.prefill_graphs; off by default under TP: one run, note 32, same step and TPOT);
   - tpN-nccl:    as tpN with NCCL's all-reduce, then liger's add + RMSNorm (the default before note 32);
   - tpN-unfused: as tpN-nccl with each residual add and the RMSNorm after it as two kernels
                  (EngineConfig.fused_add_norm off);
