@@ -69,6 +69,9 @@ class Variant:
     prefill_graphs: bool | None = None  # EngineConfig.prefill_graphs (None: on at TP 1 only)
 
 
+AGAIN = ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "step_p50_ms", "tokens_sha256")   # --repeats' figures
+
+
 def run(v: Variant, args, reqs, tokenizer_dir) -> dict:
     tp = v.ranks
     from engine import model_loader
@@ -93,10 +96,8 @@ def run(v: Variant, args, reqs, tokenizer_dir) -> dict:
         figures, decodes = _drive(engine, reqs, None, engine.runner.device)
         # the same batch again in this process: what the first run paid once (a compile, a first
         # collective's set-up) shows as the difference (note 32's TTFT stall)
-        figures["again"] = [{k: again[k] for k in ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "step_p50_ms", "tokens_sha256")
-                             if k in again}
-                            for again in (_drive(engine, reqs, None, engine.runner.device)[0]
-                                          for _ in range(args.repeats - 1))]
+        again = [_drive(engine, reqs, None, engine.runner.device)[0] for _ in range(args.repeats - 1)]
+        figures["again"] = [{k: a[k] for k in AGAIN if k in a} for a in again]
         weights = rank_weight_bytes(engine.runner.model)
         if engine.runner.device.type == "cuda":
             bw = copy_bandwidth(engine.runner.device)

@@ -36,6 +36,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+# liger's rsqrt is libdevice's; Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) has only tl.math's
+_LIBDEVICE = os.environ.get("TRITON_INTERPRET") != "1"
 SENTINEL = -32768   # int16 bits of bf16 -0.0
 _SENTINEL = tl.constexpr(SENTINEL)   # the same, as a kernel reads a global
 
@@ -72,7 +74,7 @@ def _all_reduce_add_norm(partial, residual, weight, x_out, h_out, buffers, state
         summed = total.to(tl.bfloat16)
         x = (summed.to(tl.float32) + tl.load(residual + at, mask=inside, other=0.0).to(tl.float32)).to(tl.bfloat16)
         xf = x.to(tl.float32)
-        if LIBDEVICE:   # liger's rsqrt; Triton's interpreter (the CPU tests) has only tl.math's
+        if LIBDEVICE:
             rstd = libdevice.rsqrt(tl.sum(xf * xf, axis=0) / N + eps)
         else:
             rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=0) / N + eps)
@@ -98,7 +100,7 @@ def launch(partial, residual, weight, eps, buffers_ptr: int, state, rank: int, w
     warps = 16 if block >= 8192 else 8 if block >= 2048 else 4   # liger's: the same sum of squares, in the same order
     _all_reduce_add_norm[(min(b, programs),)](
         partial, residual, weight, x, h, buffers_ptr, state, eps, b, rank=rank, world=world, ROWS=rows, N=n,
-        BLOCK=block, num_warps=warps, LIBDEVICE=os.environ.get("TRITON_INTERPRET") != "1")
+        BLOCK=block, num_warps=warps, LIBDEVICE=_LIBDEVICE)
     return x, h
 
 

@@ -7,7 +7,8 @@ GEMMs for q, k and v that each reach only 60% of the copy bandwidth. This module
 arithmetic on the same weights with:
   - q/k/v as one GEMM and gate/up as one GEMM (the HF modules' weights become views into the
     concatenated tensors, so no extra memory and prefill keeps using the HF modules);
-  - RMSNorm as PyTorch's fused row-wise kernel, its scale inside it, and each residual add inside
+  - RMSNorm as one row-wise kernel (on CUDA liger-kernel's, with the add where a residual is not
+    added inside a GEMM; elsewhere PyTorch's, its scale inside it), and each residual add inside
     the o and down GEMMs (addmm_ in place, beta 1; not under tensor parallelism, where the residual is added
     after the all-reduce): `fuse_epilogues`; the q/k/v split with the rotary embedding, and
     SiLU(gate) * up, each compiled by torch.compile into one or two kernels (`compile=True`).
@@ -69,40 +70,43 @@ def _rms_norm_scaled(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch
     return F.rms_norm(x, (x.shape[-1],), weight=weight, eps=eps)
 
 
-def liger_add_norm():
-    """-> add_norm(y, x, weight, eps) -> (x + y, RMSNorm(x + y) * weight) in one Triton kernel
-    (Liger-Kernel's fused add + RMSNorm: one program per row, its block the whole row, so a row's
-    result does not depend on the batch's size), or None where it cannot run (no CUDA, no
-    liger-kernel). HF's roundings: the sum rounded to the dtype (the residual), the normalised
-    value rounded before the scale."""
+def _liger():
+    """-> liger-kernel's functional module, or None where it cannot run (no CUDA, no liger-kernel)."""
     if not torch.cuda.is_available():
         return None
     try:
-        from liger_kernel.transformers.functional import liger_fused_add_rms_norm
-    except Exception as exc:  # noqa: BLE001 - any import failure: the unfused pair instead
-        log.warning("fused_add_norm_unavailable", error=repr(exc)[:300])
+        from liger_kernel.transformers import functional
+    except Exception as exc:  # noqa: BLE001 - any import failure: PyTorch's kernels instead
+        log.warning("liger_kernel_unavailable", error=repr(exc)[:300])
+        return None
+    return functional
+
+
+def liger_add_norm():
+    """-> add_norm(y, x, weight, eps) -> (x + y, RMSNorm(x + y) * weight) in one Triton kernel
+    (Liger-Kernel's fused add + RMSNorm: one program per row, its block the whole row, so a row's
+    result does not depend on the batch's size), or None where it cannot run. HF's roundings: the
+    sum rounded to the dtype (the residual), the normalised value rounded before the scale."""
+    liger = _liger()
+    if liger is None:
         return None
 
     def add_norm(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float):
-        h, total = liger_fused_add_rms_norm(y, x, weight, eps, 0.0, "llama", False)
+        h, total = liger.liger_fused_add_rms_norm(y, x, weight, eps, 0.0, "llama", False)
         return total, h
     return add_norm
 
 
 def liger_norm():
-    """-> norm(x, weight, eps) -> RMSNorm(x) * weight in one Triton kernel (Liger-Kernel's: one program
-    a row, as its add-norm; HF's roundings), or None where it cannot run. PyTorch's row-wise kernel
-    took ~6 us a 7B norm at 32 rows on an H200, 0.39 ms a step (note 32); liger's add-norm ~2 us."""
-    if not torch.cuda.is_available():
-        return None
-    try:
-        from liger_kernel.transformers.functional import liger_rms_norm
-    except Exception as exc:  # noqa: BLE001 - any import failure: PyTorch's kernel instead
-        log.warning("fused_norm_unavailable", error=repr(exc)[:300])
+    """-> norm(x, weight, eps) -> RMSNorm(x) * weight, the same kernel's arithmetic without the add
+    (Liger-Kernel's RMSNorm), or None where it cannot run. PyTorch's row-wise kernel took ~6 us a
+    7B norm at 32 rows on an H200, 0.39 ms a step (note 32); liger's ~2 us."""
+    liger = _liger()
+    if liger is None:
         return None
 
     def norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        return liger_rms_norm(x, weight, eps, 0.0, "llama", False)
+        return liger.liger_rms_norm(x, weight, eps, 0.0, "llama", False)
     return norm
 
 
@@ -187,14 +191,14 @@ class FusedDecoder:
         self.reduce = shards.all_reduce if shards is not None else (lambda x: x)
         # tp_allreduce "fused": the sum over the ranks, the add and the norm as one kernel (engine/allreduce_norm.py)
         self.reduce_add_norm = shards.all_reduce_add_norm if shards is not None else None
-        self.norm = _rms_norm_scaled if fuse_epilogues else _rms_norm
         # under TP the residual is added after the all-reduce of the partial sums
         self.residual_in_gemm = fuse_epilogues and shards is None
         on_cuda = next(model.parameters()).is_cuda
         if add_norm is None:
             add_norm = on_cuda
         self.add_norm = liger_add_norm() if add_norm and on_cuda else None
-        self.norm = (liger_norm() if self.add_norm is not None else None) or self.norm
+        self.norm = (liger_norm() if self.add_norm is not None else None) or \
+            (_rms_norm_scaled if fuse_epilogues else _rms_norm)
         self.rope_store = rope_store_kernel() if rope_store or (rope_store is None and on_cuda) else None
         self.layers: list[_Layer] = []
         with torch.no_grad():

@@ -152,7 +152,7 @@ _decode = msgspec.msgpack.Decoder(Message).decode
 
 
 # ---- sharding -------------------------------------------------------------------------------------
-def shard_model(hf_model, mesh, allreduce: str = "nccl", max_rows: int = 256) -> None:
+def shard_model(hf_model, mesh, allreduce: str = "auto", max_rows: int = 256) -> None:
     """Shard the model in place over `mesh` with PyTorch's tensor-parallel styles, following the
     model family's own plan (transformers' `base_model_tp_plan`). Raises ValueError when the
     family has no plain column/row plan or its heads do not divide among the ranks. `allreduce`:
