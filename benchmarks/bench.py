@@ -57,6 +57,9 @@ SWITCHES = {
                        "w3-paired takes the first"),
     "overlap-decode": ("overlap_decode", "auto", {None: "", True: "_overlap", False: "_nooverlap"},
                        "a steady step launches the next decode before its events; auto: on for CUDA"),
+    "pipeline-decode": ("pipeline_decode", "1", {True: "", False: "_nopipeline"},
+                        "with overlap-decode, the next decode launched from the sampled ids on the device, "
+                        "before the host reads them"),
     "decode-sort": ("decode_sort_rows", "1", {True: "", False: "_rowordered"},
                     "paged decode runs rows longest first; decode-chat runs both"),
     "fused-add-norm": ("fused_add_norm", "auto", {None: "", True: "_ligernorms", False: "_torchnorms"},
@@ -165,7 +168,7 @@ def run_engine(model, tokenizer, spec, reqs: list[BenchRequest], *, cuda_graphs:
                  preemptions=delta("preemptions"), prefill_tokens=delta("prefill_tokens"),
                  seconds_prefill=delta("seconds_prefill"),
                  seconds_decode=delta("seconds_decode"), slab_relocations=delta("kv_relocations"),
-                 overlapped_steps=delta("overlapped_steps"),
+                 overlapped_steps=delta("overlapped_steps"), pipelined_steps=delta("pipelined_steps"),
                  offload_GBps=delta("bytes_offloaded") / offload_s / 1e9 if offload_s else None,
                  restore_GBps=delta("bytes_restored") / restore_s / 1e9 if restore_s else None)
     stats.update(decode_step_figures(decodes, weights_bytes(model), bandwidth))

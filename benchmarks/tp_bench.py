@@ -25,6 +25,8 @@ or the built-in model, and runs the same batch of W1-style requests (all at once
   - tp1-rope-off, tpN-rope-off: as tp1 / tpN with each layer's rotary embedding and K/V write as
                  the four kernels they were before engine/rope_store.py;
   - tp1-torchnorms: as tp1 with PyTorch's RMSNorm kernel, not liger's (EngineConfig.fused_add_norm off);
+  - tp1-nopipe, tpN-nopipe: as tp1 / tpN with a steady step's next decode launched only after the
+                 host has read the step's tokens (EngineConfig.pipeline_decode off: the default before note 33);
   - tpN-eager:   the fused step on every rank, eager;
   - tpN-hf:      the HF forward on every rank, eager (one all-reduce after attention and one
                  after the MLP).
@@ -67,6 +69,7 @@ class Variant:
     shard: int = 1                     # the preset cut to one rank's shard of this many
     rope_store: bool | None = None     # EngineConfig.fused_rope_store
     prefill_graphs: bool | None = None  # EngineConfig.prefill_graphs (None: on at TP 1 only)
+    pipeline: bool = True              # EngineConfig.pipeline_decode
 
 
 AGAIN = ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "step_p50_ms", "tokens_sha256")   # --repeats' figures
@@ -87,7 +90,7 @@ def run(v: Variant, args, reqs, tokenizer_dir) -> dict:
                           cuda_graphs=v.graphs, fused_decode=v.fused, tensor_parallel=tp, kv_layout=args.kv_layout,
                           aging_seconds=0, decode_split_kv=args.decode_split_kv if v.split_kv is None else v.split_kv,
                           tp_allreduce=v.allreduce, fused_add_norm=v.add_norm, fused_rope_store=v.rope_store,
-                          prefill_graphs=v.prefill_graphs)
+                          prefill_graphs=v.prefill_graphs, pipeline_decode=v.pipeline)
     t0 = time.monotonic()
     engine, info, _tok = build_engine(config, loader)
     built = time.monotonic() - t0
@@ -119,7 +122,8 @@ def run(v: Variant, args, reqs, tokenizer_dir) -> dict:
                        allreduce=getattr(shards.all_reduce, "kind", "?") if shards is not None else None,
                        fused_allreduce_norm=shards is not None and shards.all_reduce_add_norm is not None,
                        add_norm=engine.runner.fused is not None and engine.runner.fused.add_norm is not None,
-                       rope_store=engine.runner.fused is not None and engine.runner.fused.rope_store is not None)
+                       rope_store=engine.runner.fused is not None and engine.runner.fused.rope_store is not None,
+                       pipelined_steps=engine.stats().pipelined_steps, overlapped_steps=engine.stats().overlapped_steps)
         return figures
     finally:
         engine.close()
@@ -129,11 +133,16 @@ KERNEL_KINDS = (("collective", ("nccl", "all_reduce", "allreduce")), ("attention
                 ("gemm", ("gemm", "gemv", "sm90", "cutlass", "cublas", "xmma", "matmul", "nvjet")))
 
 
+GAP_US = 20.0   # an idle gap at least this long (µs) counts as the host's turn, not a kernel launch's
+
+
 def profile_decode(engine, steps: int) -> dict:
     """Rank 0's kernels over `steps` steady decode steps (torch.profiler, CUPTI sees the kernels
     a graph replays): per step, the kernel time by kind (collectives, attention, GEMMs, the rest),
     the time the GPU was busy (the union of its kernels) and the wall time. A collective's kernel
-    on rank 0 includes any wait for a peer that is late to it."""
+    on rank 0 includes any wait for a peer that is late to it. The GPU's idle time is split into
+    short gaps (kernel to kernel) and long ones (the host's turn between steps, see GAP_US).
+    Only CUDA activity is recorded, so the host runs at its own speed."""
     from torch.profiler import ProfilerActivity, profile
 
     from engine.request import Request, SamplingParams
@@ -145,7 +154,7 @@ def profile_decode(engine, steps: int) -> dict:
     for _ in range(4):   # the prefills and a few steps first
         engine.step()
     sync(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t0 = time.monotonic()
         for _ in range(steps):
             engine.step()
@@ -165,13 +174,23 @@ def profile_decode(engine, steps: int) -> dict:
         names[e.name[:80]] = names.get(e.name[:80], 0.0) + us
         spans.append((e.time_range.start, e.time_range.end))
     spans.sort()
-    busy, end = 0.0, float("-inf")
+    busy, end, gaps = 0.0, float("-inf"), []
     for a, b in spans:
         if b > end:
+            if end > float("-inf") and a > end:
+                gaps.append(a - end)   # the GPU idle between one kernel's end and the next's start
             busy += b - max(a, end)
             end = b
     top = sorted(names.items(), key=lambda kv: -kv[1])[:12]
+    # Idle split by gap length: inside a graph replay kernels follow each other within a few µs;
+    # the long gaps are the host's turn between steps (sampling's sync, bookkeeping, the next
+    # step's inputs and launch), which no kernel work can remove.
+    long_gaps = sorted((g for g in gaps if g >= GAP_US), reverse=True)
     return {"steps": steps, "wall_ms_per_step": 1000 * wall / steps, "gpu_busy_ms_per_step": busy / 1000 / steps,
+            "idle_short_gaps_ms_per_step": sum(g for g in gaps if g < GAP_US) / 1000 / steps,
+            "idle_long_gaps_ms_per_step": sum(long_gaps) / 1000 / steps,
+            "long_gaps_per_step": len(long_gaps) / steps,
+            "long_gaps_us_top": [round(g, 1) for g in long_gaps[:8]],
             "kernels_per_step": len(kernels) / steps,
             "kernel_ms_per_step": {k: v / 1000 / steps for k, v in sorted(by_kind.items())},
             "top_kernels_ms_per_step": {k: round(v / 1000 / steps, 3) for k, v in top}}
@@ -203,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     reqs = workloads.w1(args.batch, vocab=32000, prompt=(128, 512), output=(args.max_output, args.max_output))
     n = args.tp
     table = {"tp1": Variant(1), "tp1-hf": Variant(1, fused=False, graphs=False), "tp1-shard": Variant(1, shard=n),
-             "tp1-torchnorms": Variant(1, add_norm=False),
+             "tp1-torchnorms": Variant(1, add_norm=False), "tp1-nopipe": Variant(1, pipeline=False),
+             "tpN-nopipe": Variant(n, pipeline=False),
              "tpN": Variant(n), "tpN-one-shot": Variant(n, allreduce="one-shot"),
              "tpN-fused": Variant(n, allreduce="fused"), "tpN-nccl": Variant(n, allreduce="nccl"),
              "tpN-prefill-graphs": Variant(n, prefill_graphs=True),

@@ -141,7 +141,8 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
                        grammars=Grammars(tokenizer, spec.vocab_size, spec.eos_token_ids), shards=shards,
                        decode_before_prefill=(device.type == "cuda" if config.decode_before_prefill is None
                                               else config.decode_before_prefill),
-                       overlap_decode=device.type == "cuda" if config.overlap_decode is None else config.overlap_decode)
+                       overlap_decode=device.type == "cuda" if config.overlap_decode is None else config.overlap_decode,
+                       pipeline_decode=config.pipeline_decode)
     info = ModelInfo(
         model_name=spec.name, max_context_length=max_seq_len, eos_token_ids=spec.eos_token_ids,
         max_new_tokens_limit=config.max_new_tokens_limit, default_max_new_tokens=config.default_max_new_tokens,

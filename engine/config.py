@@ -71,6 +71,8 @@ class EngineConfig:
     overlap_decode: bool | None = None    # a steady step launches the next decode step before its detokenising and
                                           # events, so the GPU decodes while the host does them (LLMEngine.step_phases);
                                           # None = on CUDA only (on CPU nothing overlaps), note 28
+    pipeline_decode: bool = True          # with overlap_decode: a steady step launches the next decode from the sampled
+                                          # ids on the device, before the host reads them (LLMEngine._finish_decode), note 33
 
     @property
     def use_prefill_graphs(self) -> bool:

@@ -12,7 +12,8 @@ a prefill group's first tokens can reach their streams before the batch's decode
      own, and their K/V embedded into the batch (Baton's prefill/decode separation);
   3. decode: one token for every row of the batch; finished rows leave at once. On CUDA a steady
      step launches the next step's decode before it detokenises and emits this one's tokens,
-     and the next step is that decode alone (`overlap_decode`, see `step_phases`; `drain`).
+     and the next step is that decode alone (`overlap_decode`, see `step_phases`; `drain`); with
+     `pipeline_decode` it launches it before it even reads this one's tokens (`_finish_decode`).
 
 n completions (params.n > 1): the prompt is prefilled once, in its prefill group like any other;
 then the request is forked into n completion rows (Scheduler.fork), the prompt's K/V embedded
@@ -40,10 +41,10 @@ from engine.prefix_cache import PrefixCache
 from engine.outputs import EngineStats, StepOutput
 from engine.request import (FinishReason, PreemptAction, Request, RequestOutput, RequestState, TokenLogprob,
                             stats_of)
-from engine.sampler import Sampler, make_generator
+from engine.sampler import PendingSample, Sampler, make_generator
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.tensor_parallel import (CacheInsert, CacheLoad, Chunk, Decode, Drop, Embed, EmbedChunked, PackedPrefill, Park,
-                                    Prefill, Reserve, Restore, Shards)
+                                    Prefill, Reserve, Restore, Shards, share_ids)
 
 Events = tuple[RequestOutput, ...]
 
@@ -73,6 +74,7 @@ class _Counters:
     prefill_tokens: int = 0
     prefill_chunks: int = 0
     overlapped_steps: int = 0
+    pipelined_steps: int = 0       # of those, launched from the sampled ids on the device (pipeline_decode)
 
 
 def length_groups(requests, max_waste: float = 1.0) -> list[list[Request]]:
@@ -99,13 +101,14 @@ class LLMEngine:
                  pinned_arena_bytes: int = 0, prefill_max_waste: float = 1.0,
                  prefix_cache: PrefixCache | None = None, grammars: Grammars | None = None,
                  shards: Shards | None = None, decode_before_prefill: bool = True,
-                 overlap_decode: bool = False) -> None:
+                 overlap_decode: bool = False, pipeline_decode: bool = False) -> None:
         """`grammars`: compiles structured-output requests' grammars (None: none may come).
         `shards`: tensor parallelism; every K/V operation and forward is sent to the other ranks
         before this rank runs it (engine/tensor_parallel.py). `decode_before_prefill`,
-        `overlap_decode`: see step_phases."""
+        `overlap_decode`: see step_phases; `pipeline_decode` (with overlap_decode): see _finish_decode."""
         self.decode_before_prefill = decode_before_prefill
         self.overlap_decode = overlap_decode
+        self.pipeline_decode = overlap_decode and pipeline_decode
         # The next step's decode, launched early by a steady step (see step_phases): (rows, logits, seconds)
         self._inflight: tuple[list[Request], torch.Tensor, float] | None = None
         self._stashed: Events = ()   # events of a decode drained inside a command, out with the next step
@@ -499,15 +502,23 @@ class LLMEngine:
         return tuple(events)
 
     @torch.inference_mode()
-    def _launch_decode(self) -> tuple[list[Request], torch.Tensor, float]:
-        """Issue one decode step for every row in the batch now. -> (the rows, their logits (on
-        CUDA still being computed), the seconds this took: counted when the step is finished, so
-        that the phase in between (the prefill) does not read as decode time)."""
+    def _launch_decode(self, sampled: torch.Tensor | None = None) -> tuple[list[Request], torch.Tensor, float]:
+        """Issue one decode step for every row in the batch now; `sampled`: the rows' input ids
+        on the device, the last step's draw in the same rows' order (see _finish_decode), else
+        each row's last output id. -> (the rows, their logits (on CUDA still being computed), the
+        seconds this took: counted when the step is finished, so that the phase in between (the
+        prefill) does not read as decode time)."""
         by_id = self.scheduler.by_id   # not the schedule's decode list: it predates the rows forked this step
         rows = [by_id[row_id] for row_id in self.slab.row_ids]
         started = time.monotonic()
-        input_ids = [r.output_ids[-1] for r in rows]
-        self._mirror(Decode(input_ids))
+        if sampled is None:
+            input_ids = [r.output_ids[-1] for r in rows]
+            self._mirror(Decode(input_ids))
+        else:
+            input_ids = sampled
+            self._mirror(Decode([], on_device=len(rows)))
+            if self.shards is not None:
+                share_ids(sampled)
         logits = self.runner.decode(input_ids)
         return rows, logits, time.monotonic() - started
 
@@ -517,14 +528,33 @@ class LLMEngine:
         """Sample the step, append each row's token, end the rows that stop. -> their events.
         With `overlap` the next decode is launched once the tokens are appended, if the engine is
         then steady and no row may stop (see step_phases): judged with this step's tokens counted,
-        so the ledger's budget covers the next decode's K/V column as schedule() would."""
+        so the ledger's budget covers the next decode's K/V column as schedule() would.
+
+        With `pipeline_decode` as well, a steady step launches the next decode before the host
+        has read this step's tokens: it takes the sampled ids where they are, on the device, so
+        the GPU goes from this step's sampling straight into the next step while the host waits
+        for the ids' copy and does its bookkeeping (~0.6-0.9 ms a step of idle GPU otherwise,
+        note 33). It is judged before the tokens are known: the engine steady with one more
+        token counted for every row, every row the same as the batch's, and none that may stop
+        on a count or its text. A row may still stop on EOS or a stop token: its extra step is
+        computed and dropped (`_still_live`); its K/V write lands in its own slot, which is freed
+        only after (every later write to that page is queued behind it on the same stream)."""
+        rows, logits = self._still_live(rows, logits)
+        if not rows:
+            return ()
         started = time.monotonic()
-        tokens = self._sample(rows, logits)
+        launched = self._launch_sample(rows, logits)
+        pipelined = overlap and self.pipeline_decode and self._pipelinable(rows)
+        if pipelined:
+            self._inflight = self._launch_decode(launched[0].tokens)
+            self._counts.overlapped_steps += 1
+            self._counts.pipelined_steps += 1
+        tokens = self._collect_sample(rows, launched)
         self._counts.seconds_decode += launch_seconds + time.monotonic() - started
         for request, token in zip(rows, tokens):
             self._record(request, token)
         by_count = [self._count_rule(r, t) for r, t in zip(rows, tokens)]   # per row alone: evaluated once
-        if overlap and self._steady() and all(
+        if not pipelined and overlap and self._steady() and all(
                 reason is None and self._no_text_rules(r) for r, reason in zip(rows, by_count)):
             self._inflight = self._launch_decode()
             self._counts.overlapped_steps += 1
@@ -535,10 +565,27 @@ class LLMEngine:
                 events.append(event)
         return tuple(events)
 
-    def _steady(self) -> bool:
-        """Nothing for the scheduler to do before the next decode (see step_phases)."""
+    def _steady(self, ahead: int = 0) -> bool:
+        """Nothing for the scheduler to do before the next decode (see step_phases), with `ahead`
+        more tokens counted for every running row (tokens sampled but not yet recorded)."""
         return (self.overlap_decode and bool(self.slab.num_rows) and not self._partial
-                and self.scheduler.steady() and not self._pressure())
+                and self.scheduler.steady(ahead) and not self._pressure())
+
+    def _pipelinable(self, rows: list[Request]) -> bool:
+        """May the next decode be launched before this step's tokens are read (see
+        _finish_decode)? The batch is these rows in this order (their sampled ids are the next
+        step's inputs), and none of them can stop on anything but its token's value."""
+        return (self._steady(ahead=1) and self.slab.row_ids == [r.request_id for r in rows]
+                and all(len(r.output_ids) + 1 < r.params.max_new_tokens and self._no_text_rules(r)
+                        and self.scheduler.kv.can_grow(r, ahead=1) for r in rows))
+
+    def _still_live(self, rows: list[Request], logits: torch.Tensor) -> tuple[list[Request], torch.Tensor]:
+        """A pipelined step's rows without those that stopped on the step before it (their extra
+        step is dropped), and their logits."""
+        if all(r.finish_reason is None for r in rows):
+            return rows, logits
+        keep = [i for i, r in enumerate(rows) if r.finish_reason is None]
+        return [rows[i] for i in keep], logits.index_select(0, torch.tensor(keep).to(logits.device, non_blocking=True))
 
     def _no_text_rules(self, request: Request) -> bool:
         """No stopping rule of this row needs its text (stop sequences, a grammar): with none of
@@ -587,6 +634,7 @@ class LLMEngine:
             kv_relocations=self.slab.num_relocations,
             kv_pages_used=self.slab.num_pages_used, kv_pages_free=self.slab.num_pages_free,
             prefill_tokens=c.prefill_tokens, prefill_chunks=c.prefill_chunks, overlapped_steps=c.overlapped_steps,
+            pipelined_steps=c.pipelined_steps,
             **self._prefix_stats())
 
     def _prefix_stats(self) -> dict:
@@ -666,19 +714,30 @@ class LLMEngine:
 
     # ---- tokens -----------------------------------------------------------------------------
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
+        return self._collect_sample(requests, self._launch_sample(requests, logits))
+
+    def _launch_sample(self, requests: list[Request], logits: torch.Tensor) -> tuple[PendingSample, object]:
+        """Queue the draw of one token per row. -> (the sampler's PendingSample, the grammar
+        constraint it applied, if any)."""
         # Seen ids are only needed (and only built) for rows with a repetition penalty.
         seen = [r.all_ids if r.params.has_penalty else [] for r in requests]
         live = [self._live[r.request_id] for r in requests]
         grammars = [lv.grammar for lv in live]
         constrained = self.grammars.constrain(grammars, logits.device) if any(grammars) else None
-        sampled = self.sampler.sample_logprobs(logits, [r.params for r in requests], seen,
-                                               [lv.generator for lv in live], [r.output_ids for r in requests],
-                                               None if constrained is None else constrained.mask)
+        pending = self.sampler.launch(logits, [r.params for r in requests], seen,
+                                      [lv.generator for lv in live], [r.output_ids for r in requests],
+                                      None if constrained is None else constrained.mask)
+        return pending, constrained
+
+    def _collect_sample(self, requests: list[Request], launched: tuple[PendingSample, object]) -> list[int]:
+        """Wait for a queued draw (`_launch_sample`) to reach the host. -> the rows' tokens."""
+        pending, constrained = launched
+        sampled = pending.result()
         if constrained is not None:
             constrained.accept(sampled.tokens)
-        for lv, logprob in zip(live, sampled.logprobs):
+        for request, logprob in zip(requests, sampled.logprobs):
             if logprob is not None:
-                lv.new_logprobs.append(logprob)
+                self._live[request.request_id].new_logprobs.append(logprob)
         return sampled.tokens
 
     def _append(self, request: Request, token: int) -> bool:

@@ -21,9 +21,9 @@ from engine.request import Request
 SPARE_COLUMNS = 1   # the column the next decode step writes
 
 
-def tokens_needed(request: Request) -> int:
-    """K/V columns `request` needs as a row of the decode batch."""
-    return request.num_tokens + SPARE_COLUMNS
+def tokens_needed(request: Request, ahead: int = 0) -> int:
+    """K/V columns `request` needs as a row of the decode batch (with `ahead` more tokens)."""
+    return request.num_tokens + ahead + SPARE_COLUMNS
 
 
 class KVLedger:
@@ -41,19 +41,21 @@ class KVLedger:
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
 
-    def device_pages(self, running: Iterable[Request]) -> int:
+    def device_pages(self, running: Iterable[Request], ahead: int = 0) -> int:
         """Pages the running rows hold once each has the column of its next write (a request of
-        `n` completions not yet forked into its rows: n rows of its prompt)."""
-        return sum(r.n * self.pages_for(tokens_needed(r)) for r in running)
+        `n` completions not yet forked into its rows: n rows of its prompt), each with `ahead`
+        more tokens."""
+        return sum(r.n * self.pages_for(tokens_needed(r, ahead)) for r in running)
 
-    def fits(self, running: Iterable[Request], extra_tokens: int, rows: int = 1) -> bool:
-        """Would the running rows plus a newcomer of `rows` rows needing `extra_tokens` each fit
-        the device budget?"""
-        return self.device_pages(running) + rows * self.pages_for(extra_tokens) <= self.device_budget_pages
+    def fits(self, running: Iterable[Request], extra_tokens: int, rows: int = 1, ahead: int = 0) -> bool:
+        """Would the running rows (each with `ahead` more tokens) plus a newcomer of `rows` rows
+        needing `extra_tokens` each fit the device budget?"""
+        return self.device_pages(running, ahead) + rows * self.pages_for(extra_tokens) <= self.device_budget_pages
 
-    def can_grow(self, request: Request) -> bool:
-        """After its next decode write, does the row still have its spare column in context?"""
-        return tokens_needed(request) + SPARE_COLUMNS <= self.max_row_tokens
+    def can_grow(self, request: Request, ahead: int = 0) -> bool:
+        """After its next decode write (with `ahead` more tokens), does the row still have its
+        spare column in context?"""
+        return tokens_needed(request, ahead) + SPARE_COLUMNS <= self.max_row_tokens
 
     # ---- host ------------------------------------------------------------------------------
     def parked_bytes(self, request: Request) -> int:

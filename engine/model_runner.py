@@ -193,25 +193,31 @@ class ModelRunner:
         return out.logits[:, -1]
 
     @torch.inference_mode()
-    def decode(self, input_ids: list[int]) -> torch.Tensor:
-        """One step for every live row of the slab; row r's input is input_ids[r]. -> logits [n, V]."""
+    def decode(self, input_ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """One step for every live row of the slab; row r's input is input_ids[r]: a host list, or
+        [n] long on the device (the last step's sampled ids, see LLMEngine._finish_decode). -> logits [n, V]."""
         if isinstance(self.slab, PagedKV):
             return self._decode_paged(input_ids)
         if self.graphs is not None:
-            ids = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)
-            return self.graphs.decode(ids)
+            return self.graphs.decode(self._ids(input_ids))
         slab = self.slab
         n = slab.num_rows
         lo, hi = slab.prepare_decode(GRAPH_MAX_PADDING if self.device.type == "cuda" else None)
         positions = torch.tensor(slab.lengths, dtype=torch.long, device=self.device)[:, None]  # [n, 1]
-        logits = self.forward_decode(torch.tensor(input_ids, dtype=torch.long, device=self.device)[:, None],
+        logits = self.forward_decode(self._ids(input_ids)[:, None],
                                      positions, slab.decode_mask(lo, hi), n, lo, hi,
                                      torch.tensor([slab.write_col], device=self.device))
         slab.advance()
         assert logits.shape[0] == n
         return logits
 
-    def _decode_paged(self, input_ids: list[int]) -> torch.Tensor:
+    def _ids(self, input_ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """A step's input ids [n] long on the device."""
+        if isinstance(input_ids, torch.Tensor):
+            return input_ids
+        return torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)
+
+    def _decode_paged(self, input_ids: list[int] | torch.Tensor) -> torch.Tensor:
         """The fused paged step (FlexAttention over each row's pages), or the HF forward with each
         row's tokens gathered into a padded window (any model, any device)."""
         if self.paged is not None:
@@ -220,8 +226,7 @@ class ModelRunner:
         write_slots = kv.prepare_decode().to(self.device, non_blocking=True)             # [n]
         gather, mask = kv.gathered_window()                                               # [n, W], [n, 1, 1, W]
         positions = torch.tensor(kv.lengths, dtype=torch.long, device=self.device)[:, None]   # [n, 1]
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)[:, None]
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+        out = self.model(input_ids=self._ids(input_ids)[:, None], attention_mask=mask, position_ids=positions,
                          **{self.cache_arg: PagedCache(kv.data, write_slots, gather)}, use_cache=True)
         kv.advance()
         return out.logits[:, -1]

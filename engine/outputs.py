@@ -38,6 +38,7 @@ class EngineStats(msgspec.Struct, frozen=True, array_like=True):
     prefix_bytes_device: int = 0     # K/V bytes the prefix cache holds on the device
     prefix_bytes_host: int = 0       # K/V bytes the prefix cache holds in host memory
     overlapped_steps: int = 0        # decode steps launched before the last one's events (overlap_decode)
+    pipelined_steps: int = 0         # of those, launched before the last one's tokens were read (pipeline_decode)
     seconds_idle: float = 0.0        # the engine loop waiting for work (finished waits, see `settled`)
     waiting_since: Optional[float] = None   # monotonic time the current wait began; None while busy
 

@@ -79,8 +79,10 @@ class PagedDecoder:
         return len(self.graphs)
 
     @torch.inference_mode()
-    def decode(self, input_ids: list[int]) -> torch.Tensor:
-        """One step for every live row; row r's input is input_ids[r]. -> logits [n, V].
+    def decode(self, input_ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """One step for every live row; row r's input is input_ids[r], a host list or [n] long
+        on the device (the last step's sampled ids, not yet read by the host: the step takes them
+        on the device after its inputs' copy). -> logits [n, V].
 
         The host builds the step's inputs (a few small CPU ops), sends them in one copy and
         replays the bucket's graph, which refreshes the attention's tables itself: the GPU idles
@@ -101,7 +103,8 @@ class PagedDecoder:
         if self.copied is not None:
             self.copied.synchronize()            # the last step's copy has left the staging buffer
         x = (self.staged if self.staged is not None else self.inputs)[:rows]
-        x[:n, ID] = torch.tensor(input_ids, dtype=torch.long)[order]
+        on_device = isinstance(input_ids, torch.Tensor)
+        x[:n, ID] = 0 if on_device else torch.tensor(input_ids, dtype=torch.long)[order]
         x[:n, POS] = lengths[order]
         x[:n, LEN] = x[:n, POS] + 1
         x[:n, WRITE] = write[order]
@@ -111,6 +114,8 @@ class PagedDecoder:
         if self.staged is not None:
             self.inputs[:rows].copy_(x, non_blocking=True)
             self.copied.record()
+        if on_device:   # row r runs at position INV[r]
+            self.inputs[:n, ID].index_copy_(0, self.inputs[:n, INV], input_ids)
         if self.use_graphs:
             graph, logits = self._graph(rows)
             graph.replay()

@@ -24,7 +24,8 @@ Invariants:
   sort over V) and keep that only where it provably equals the dense result; the check reads the
   data, which on CUDA would be a mid-step device wait.
 - The caller's logits are never edited. On CUDA nothing reads a device value back before the one
-  explicit synchronize in `Sampler.sample`: the host only queues kernels until then.
+  wait in `PendingSample.result`, for the step's copies to the host alone: the host only queues
+  kernels until then, and may queue the next decode step (reading `tokens`) before it waits.
 """
 from __future__ import annotations
 
@@ -310,6 +311,36 @@ class Sampled:
     logprobs: list[TokenLogprob | None]
 
 
+@dataclass
+class PendingSample:
+    """A step's draw queued on the device (`Sampler.launch`): `tokens` [n] long on the device;
+    `host_ids` (and `host_values`, the log-probability rows) their copies in host memory, landed
+    once `ready` has passed (None: already there, on CPU)."""
+    tokens: torch.Tensor
+    host_ids: torch.Tensor
+    host_values: torch.Tensor | None
+    ready: torch.cuda.Event | None
+    params: list[SamplingParams]
+    logprob_rows: list[int]
+
+    def result(self) -> Sampled:
+        if self.ready is not None:
+            # Wait in a call that releases the GIL for the whole wait, so other threads of this
+            # process (the in-thread transport's event loop) run meanwhile; tolist() holds it for
+            # part of its wait (docs/benchmarks.md, note 12).
+            self.ready.synchronize()
+        tokens = self.host_ids.tolist()
+        logprobs: list[TokenLogprob | None] = [None] * len(self.params)
+        if self.host_values is None:
+            return Sampled(tokens, logprobs)
+        host = self.host_values.tolist()
+        k = (self.host_values.shape[1] - 1) // 2   # columns: the chosen id's, k values, k ids
+        for j, i in enumerate(self.logprob_rows):
+            row, want = host[j], self.params[i].top_logprobs
+            logprobs[i] = TokenLogprob(tokens[i], row[0], tuple(zip(map(int, row[1 + k:1 + k + want]), row[1:1 + want])))
+        return Sampled(tokens, logprobs)
+
+
 class Sampler:
     """Samples every row of a step at once; owns the generator of the unseeded sampled rows.
     `eos_token_ids`: what min_new_tokens masks besides a row's stop token ids."""
@@ -338,27 +369,34 @@ class Sampler:
         """As `sample`, with the log-probabilities of the rows whose params ask for them: the
         log-softmax of the raw `logits` (before any processor) at the chosen id, and the row's
         top_logprobs best (id, logprob), computed for those rows in one pass on the device."""
+        return self.launch(logits, params, seen_ids, generators, outputs, mask).result()
+
+    @torch.inference_mode()
+    def launch(self, logits: torch.Tensor, params: list[SamplingParams], seen_ids: list[list[int]],
+               generators: list[torch.Generator | None], outputs: list[list[int]] | None = None,
+               mask: TokenMask | None = None) -> PendingSample:
+        """As `sample_logprobs`, but only queued: the ids stay on the device (`tokens`, which later
+        device work may read at once) and their copy to the host is under way; `result()` waits
+        for that copy alone, not for what was queued after it (the next decode step)."""
         chosen = self._choose(logits, params, seen_ids, generators, outputs, mask)  # [n] long
         rows = [i for i, p in enumerate(params) if p.logprobs]
-        device_lp = self._logprobs(logits, params, chosen, rows) if rows else None
-        if chosen.is_cuda:
-            # Wait for the step in a call that releases the GIL for the whole wait, so other threads
-            # of this process (the in-thread transport's event loop) run meanwhile; tolist() holds
-            # it for part of its wait (docs/benchmarks.md, note 12).
-            torch.cuda.current_stream(chosen.device).synchronize()
-        logprobs: list[TokenLogprob | None] = [None] * len(params)
-        if device_lp is None:
-            return Sampled(chosen.tolist(), logprobs)
-        # One copy to the host for the step (not one per tensor): ids ride along as float32, exact
-        # below 2^24 (every vocabulary is far smaller).
-        lp_chosen, top_values, top_ids = device_lp
-        k = top_values.shape[1]
-        host = torch.cat([lp_chosen[:, None], top_values, top_ids.to(lp_chosen.dtype)], dim=1).tolist()
-        tokens = chosen.tolist()
-        for j, i in enumerate(rows):
-            row, want = host[j], params[i].top_logprobs
-            logprobs[i] = TokenLogprob(tokens[i], row[0], tuple(zip(map(int, row[1 + k:1 + k + want]), row[1:1 + want])))
-        return Sampled(tokens, logprobs)
+        values = None
+        if rows:
+            # One copy of the log-probabilities for the step (not one per tensor): ids ride along
+            # as float32, exact below 2^24 (every vocabulary is far smaller).
+            lp_chosen, top_values, top_ids = self._logprobs(logits, params, chosen, rows)
+            values = torch.cat([lp_chosen[:, None], top_values, top_ids.to(lp_chosen.dtype)], dim=1)
+        if not chosen.is_cuda:
+            return PendingSample(chosen, chosen, values, None, params, rows)
+        host_ids = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
+        host_ids.copy_(chosen, non_blocking=True)
+        host_values = None
+        if values is not None:
+            host_values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host_values.copy_(values, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return PendingSample(chosen, host_ids, host_values, ready, params, rows)
 
     @torch.inference_mode()
     def choose(self, logits: torch.Tensor, params: list[SamplingParams], seen_ids: list[list[int]],

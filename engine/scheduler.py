@@ -344,11 +344,12 @@ class Scheduler:
         """Waiting for their first admission (parked requests not counted)."""
         return sum(r.state == RequestState.QUEUED for r in self.waiting)
 
-    def steady(self) -> bool:
+    def steady(self, ahead: int = 0) -> bool:
         """`schedule` (without memory pressure) would decode the running rows and nothing else: no
-        request waiting, no row to free or park, no prompt in chunks, every row able to grow."""
+        request waiting, no row to free or park, no prompt in chunks, every row able to grow (each
+        with `ahead` more tokens: sampled, not yet recorded)."""
         return (not self.waiting and not self._free and not self._park and not self.prefilling
-                and not self.loading and self.kv.fits(self.running, 0))
+                and not self.loading and self.kv.fits(self.running, 0, ahead=ahead))
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting or self._free or self._park)

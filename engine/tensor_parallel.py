@@ -139,6 +139,7 @@ class CacheInsert(msgspec.Struct, tag=True, array_like=True):
 
 class Decode(msgspec.Struct, tag=True, array_like=True):
     input_ids: list[int]
+    on_device: int = 0      # > 0: this many rows, their ids rank 0's last draw, shared on the devices (share_ids)
 
 
 class Stop(msgspec.Struct, tag=True, array_like=True):
@@ -323,6 +324,15 @@ def sharded_spec(spec, world: int):
     return replace(spec, num_kv_heads=spec.num_kv_heads // world)
 
 
+def share_ids(ids: torch.Tensor) -> torch.Tensor:
+    """Rank 0's sampled ids [n] (long, on its device) into `ids` on every rank: a pipelined decode
+    step's inputs (LLMEngine._finish_decode), sent device to device, queued behind rank 0's
+    sampling and ahead of the step, so no host waits for them."""
+    import torch.distributed as dist
+    dist.broadcast(ids, src=0)
+    return ids
+
+
 def rank_device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", rank) if device.type == "cuda" else device
 
@@ -488,7 +498,11 @@ class Follower:
             # operation, as rank 0 drops them after the group.
             self.prefilled = None
         if kind is Decode:
-            self.runner.decode(message.input_ids)
+            if message.on_device:
+                ids = share_ids(torch.empty(message.on_device, dtype=torch.long, device=self.device))
+            else:
+                ids = message.input_ids
+            self.runner.decode(ids)
         elif kind is Prefill:
             self.prefilled = self.runner.prefill(message.prompts)
         elif kind is PackedPrefill:

@@ -45,7 +45,8 @@ def _check_against_hf(loaded, engine, outputs, arrivals):
 
 # Both K/V layouts pass the same exactness tests; pages of 16 tokens so that rows span several.
 # "paged-overlap": steady steps launch the next decode before their events (on CUDA by default,
-# forced here; LLMEngine.step_phases).
+# forced here; LLMEngine.step_phases), from the sampled ids on the device before the host reads
+# them (pipeline_decode, on with overlap by default).
 LAYOUTS = [dict(kv_layout="slab"), dict(kv_layout="paged", kv_page_size=16),
            dict(kv_layout="paged", kv_page_size=16, overlap_decode=True)]
 LAYOUT_IDS = ["slab", "paged", "paged-overlap"]
@@ -71,6 +72,40 @@ def test_tiny_random_models_match_hf(family, layout, tiny_model_dir):
     outputs = drive(engine, limits, arrivals)
     _check_against_hf(loaded, engine, outputs, arrivals)
     assert (engine.stats().overlapped_steps > 0) == bool(layout.get("overlap_decode"))
+    assert (engine.stats().pipelined_steps > 0) == bool(layout.get("overlap_decode"))
+
+
+@pytest.mark.parametrize("pipeline,fused", [(True, False), (True, True), (False, True)],
+                         ids=["pipelined-hf", "pipelined-fused", "overlap-only-fused"])
+def test_rows_stopping_on_a_token_under_pipelined_decode(pipeline, fused, tiny_model_dir):
+    """With pipeline_decode a steady step launches the next decode from its sampled ids before
+    the host reads them, so a row that stops on a token (EOS or a stop token id) takes one step
+    too many, which must be dropped: every row's tokens still equal HF generate's with that token
+    as its EOS, the rows that go on are untouched, and the freed row's K/V slot harms no one (a
+    late arrival takes the freed pages). Both paged steps: the HF forward's and the fused one's
+    (engine/paged_decode.py, which takes the ids on the device into its inputs)."""
+    import torch
+    loaded = model_loader.load(tiny_model_dir("llama"), CPU, torch.float32)
+    hf_model, tokenizer, _spec = loaded
+    engine, limits = make_engine(loaded, max_batch_size=4, max_seq_len=128, kv_layout="paged", kv_page_size=16,
+                                 overlap_decode=True, pipeline_decode=pipeline, fused_decode=fused)
+    prompts = {f"r{i}": tokenizer(p)["input_ids"] for i, p in enumerate(PROMPTS[:5])}
+    free = {rid: hf_reference(hf_model, ids, 24, ()) for rid, ids in prompts.items()}
+    # each of r0..r2 stops on a token its own greedy continuation first reaches mid-way, at a
+    # different step; r3 and the late r4 run to their length
+    stops = {rid: free[rid][k] for rid, k in (("r0", 4), ("r1", 9), ("r2", 13))}
+    arrivals: dict[int, list[GenerateInput]] = {0: [], 12: []}
+    for rid, prompt in zip(prompts, PROMPTS):
+        stop = (stops[rid],) if rid in stops else ()
+        arrivals[12 if rid == "r4" else 0].append(
+            GenerateInput(request_id=rid, prompt=prompt, max_new_tokens=24, ignore_eos=True, stop_token_ids=stop))
+    outputs = drive(engine, limits, arrivals)
+    for rid, ids in prompts.items():
+        expected = hf_reference(hf_model, ids, 24, (stops[rid],)) if rid in stops else free[rid]
+        assert outputs[rid].token_ids == expected, rid
+    assert [len(outputs[rid].token_ids) < 24 for rid in stops] == [True] * 3   # they did stop on their token
+    assert (engine.stats().pipelined_steps > 0) == pipeline
+    assert engine.slab.num_rows == 0
 
 
 def test_rows_leave_and_cache_shrinks(tiny_model_dir):

@@ -34,7 +34,8 @@ CASES = [("llama", dict(kv_layout="slab")),
          ("qwen2", dict(kv_layout="paged", kv_page_size=16, fused_decode=True, prefill_chunk_tokens=8)),
          ("llama", dict(kv_layout="slab", fused_decode=True, prefill_chunk_tokens=8)),
          # CUDA's step order: decode before prefill, steady steps launch the next decode before
-         # their events (its Decode goes to the followers then), commands drain it first
+         # their events (its Decode goes to the followers then; pipelined, its ids follow it from
+         # rank 0's draw by share_ids), commands drain it first
          ("llama", dict(kv_layout="paged", kv_page_size=16, fused_decode=True, decode_before_prefill=True,
                         overlap_decode=True))]
 IDS = ["llama-slab", "qwen2-slab-chunked", "mistral-paged", "qwen2-paged-fused-chunked", "llama-slab-fused-chunked",
@@ -90,6 +91,8 @@ def test_tp2_equals_tp1_and_hf(tiny_model_dir, family, layout):
         if layout.get("prefill_chunk_tokens"):
             assert stats.prefill_chunks > 0
         assert (stats.overlapped_steps > 0) == bool(layout.get("overlap_decode"))
+        # pipelined: those steps' ids went from rank 0's draw to the followers device to device
+        assert (stats.pipelined_steps > 0) == bool(layout.get("overlap_decode"))
         if family == "llama" and not layout.get("fused_decode"):
             _dead_follower_ends_the_loop(engine, limits)
     finally:
