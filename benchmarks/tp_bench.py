@@ -95,7 +95,8 @@ def run(v: Variant, args, reqs, tokenizer_dir) -> dict:
     engine, info, _tok = build_engine(config, loader)
     built = time.monotonic() - t0
     try:
-        _drive(engine, [workloads.BenchRequest([5] * 16, 4)], None, engine.runner.device)   # warm-up
+        # warm-up: a short prompt (as `baton serve`'s), or --warmup-prompt tokens (note 33's TTFT stall)
+        _drive(engine, [workloads.BenchRequest([5] * args.warmup_prompt, 4)], None, engine.runner.device)
         figures, decodes = _drive(engine, reqs, None, engine.runner.device)
         # the same batch again in this process: what the first run paid once (a compile, a first
         # collective's set-up) shows as the difference (note 32's TTFT stall)
@@ -212,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                         "larger than one GPU)")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="CUDA: after the run, profile this many steady decode steps on rank 0 (kernel time by kind)")
+    p.add_argument("--warmup-prompt", type=int, default=16, help="tokens of the warm-up request's prompt")
     p.add_argument("--repeats", type=int, default=1,
                    help="run the batch this many times in each variant's process; the first is reported, "
                         "the others' TTFT, TPOT, step and token digest go under 'again'")

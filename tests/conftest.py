@@ -137,6 +137,32 @@ def hf_reference(hf_model, prompt_ids: list[int], max_new_tokens: int, eos_ids, 
     return generated[0, len(prompt_ids):].tolist()
 
 
+def check_stops_on_tokens(loaded, engine, limits, prompts: list[str], n: int = 24) -> None:
+    """Five requests, of which r0..r2 stop on a token their own greedy continuation first reaches
+    at a different step mid-way (a stop token id, EOS ignored) while the others run to `n`, and
+    the last arrives late (it takes the freed pages): every request's tokens equal HF generate's
+    with that token as its EOS. Under pipeline_decode a row that stops on a token has taken one
+    step too many, which must be dropped without touching the others."""
+    hf_model, tokenizer, _spec = loaded
+    device = next(hf_model.parameters()).device
+    ids = {f"r{i}": tokenizer(p)["input_ids"] for i, p in enumerate(prompts)}
+    free = {rid: hf_reference(hf_model.cpu(), prompt_ids, n, ()) for rid, prompt_ids in ids.items()}
+    stops = {rid: free[rid][k] for rid, k in (("r0", 4), ("r1", 9), ("r2", 13))}
+    expected = {rid: hf_reference(hf_model, ids[rid], n, (stops[rid],)) if rid in stops else free[rid] for rid in ids}
+    hf_model.to(device)
+    late = f"r{len(prompts) - 1}"
+    arrivals: dict[int, list[GenerateInput]] = {0: [], 12: []}
+    for rid, prompt in zip(ids, prompts):
+        arrivals[12 if rid == late else 0].append(GenerateInput(
+            request_id=rid, prompt=prompt, max_new_tokens=n, ignore_eos=True,
+            stop_token_ids=(stops[rid],) if rid in stops else ()))
+    outputs = drive(engine, limits, arrivals)
+    for rid in ids:
+        assert outputs[rid].token_ids == expected[rid], rid
+    assert all(len(outputs[rid].token_ids) < n for rid in stops)   # they did stop on their token
+    assert engine.slab.num_rows == 0
+
+
 # ---- a real server on a free port --------------------------------------------------------------
 import socket  # noqa: E402
 import subprocess  # noqa: E402

@@ -10,7 +10,7 @@ import pytest
 
 from engine import model_loader
 from engine.inputs import GenerateInput
-from tests.conftest import CPU, drive, hf_reference, make_engine
+from tests.conftest import CPU, check_stops_on_tokens, drive, hf_reference, make_engine
 
 PROMPTS = [
     "The capital of France is",
@@ -86,26 +86,10 @@ def test_rows_stopping_on_a_token_under_pipelined_decode(pipeline, fused, tiny_m
     (engine/paged_decode.py, which takes the ids on the device into its inputs)."""
     import torch
     loaded = model_loader.load(tiny_model_dir("llama"), CPU, torch.float32)
-    hf_model, tokenizer, _spec = loaded
     engine, limits = make_engine(loaded, max_batch_size=4, max_seq_len=128, kv_layout="paged", kv_page_size=16,
                                  overlap_decode=True, pipeline_decode=pipeline, fused_decode=fused)
-    prompts = {f"r{i}": tokenizer(p)["input_ids"] for i, p in enumerate(PROMPTS[:5])}
-    free = {rid: hf_reference(hf_model, ids, 24, ()) for rid, ids in prompts.items()}
-    # each of r0..r2 stops on a token its own greedy continuation first reaches mid-way, at a
-    # different step; r3 and the late r4 run to their length
-    stops = {rid: free[rid][k] for rid, k in (("r0", 4), ("r1", 9), ("r2", 13))}
-    arrivals: dict[int, list[GenerateInput]] = {0: [], 12: []}
-    for rid, prompt in zip(prompts, PROMPTS):
-        stop = (stops[rid],) if rid in stops else ()
-        arrivals[12 if rid == "r4" else 0].append(
-            GenerateInput(request_id=rid, prompt=prompt, max_new_tokens=24, ignore_eos=True, stop_token_ids=stop))
-    outputs = drive(engine, limits, arrivals)
-    for rid, ids in prompts.items():
-        expected = hf_reference(hf_model, ids, 24, (stops[rid],)) if rid in stops else free[rid]
-        assert outputs[rid].token_ids == expected, rid
-    assert [len(outputs[rid].token_ids) < 24 for rid in stops] == [True] * 3   # they did stop on their token
+    check_stops_on_tokens(loaded, engine, limits, PROMPTS[:5])
     assert (engine.stats().pipelined_steps > 0) == pipeline
-    assert engine.slab.num_rows == 0
 
 
 def test_rows_leave_and_cache_shrinks(tiny_model_dir):

@@ -12,7 +12,7 @@ import torch
 
 from engine import model_loader
 from engine.inputs import GenerateInput
-from tests.conftest import chunk_pairs, drive, hf_reference, make_engine, without
+from tests.conftest import check_stops_on_tokens, chunk_pairs, drive, hf_reference, make_engine, without
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -60,6 +60,19 @@ def test_cuda_fp32_matches_hf(tiny_cuda, graphs, fused, layout):
     outputs = drive(engine, limits, arrivals)
     _check_against_hf(tiny_cuda, arrivals, outputs)
     assert engine.stats().kv_pages_used == 0
+
+
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "overlap-only"])
+def test_cuda_fp32_rows_stopping_on_a_token_match_hf(tiny_cuda, pipeline):
+    """The CUDA defaults (fused paged step in graphs, the next decode launched from the sampled
+    ids on the device before the host reads them): rows that stop on a token mid-batch drop their
+    extra step, and every row keeps HF's tokens."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    engine, limits = make_engine(tiny_cuda, max_batch_size=4, max_seq_len=128, kv_layout="paged", kv_page_size=16,
+                                 fused_decode=True, pipeline_decode=pipeline)
+    assert engine.overlap_decode and engine.runner.paged is not None and engine.runner.paged.use_graphs
+    check_stops_on_tokens(tiny_cuda, engine, limits, PROMPTS[:5])
+    assert (engine.stats().pipelined_steps > 0) == pipeline
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["slab", "paged"])
