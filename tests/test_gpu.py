@@ -397,3 +397,19 @@ def test_bf16_rope_store_equals_the_compiled_rotary_and_copies(tiny_model_dir):
         torch.testing.assert_close(ours.float(), ref.float(), rtol=1 / 128, atol=1 / 128)
     model = model_loader.load(tiny_model_dir("llama"), CUDA, torch.bfloat16)[0]
     assert FusedDecoder(model, compile=True).rope_store is not None      # the engine's default on CUDA
+
+
+def test_cuda_warmup_also_prefills_a_long_prompt(tiny_model_dir):
+    """On CUDA the warm-up runs a short prompt and then one of hundreds of tokens (under tensor
+    parallelism the first prefill of that size cost ~0.5 s once, note 33), both to their end."""
+    from engine.api import WARMUP_LONG_WORDS, EngineClient
+    from engine.config import EngineConfig
+    client = EngineClient(EngineConfig(model=tiny_model_dir("llama"), device="cuda", max_batch_size=2,
+                                       max_seq_len=4096))
+    try:
+        client.start()
+        stats = client.engine.stats()
+        words = min(WARMUP_LONG_WORDS, client.info.max_context_length // 4)
+        assert stats.prefill_tokens >= words and stats.rows_on_device == 0
+    finally:
+        client.stop()
