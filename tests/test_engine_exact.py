@@ -75,18 +75,20 @@ def test_tiny_random_models_match_hf(family, layout, tiny_model_dir):
     assert (engine.stats().pipelined_steps > 0) == bool(layout.get("overlap_decode"))
 
 
-@pytest.mark.parametrize("pipeline,fused", [(True, False), (True, True), (False, True)],
-                         ids=["pipelined-hf", "pipelined-fused", "overlap-only-fused"])
-def test_rows_stopping_on_a_token_under_pipelined_decode(pipeline, fused, tiny_model_dir):
+@pytest.mark.parametrize("pipeline,fused,layout", [(True, False, "paged"), (True, True, "paged"), (False, True, "paged"),
+                                                   (True, False, "slab"), (True, True, "slab")],
+                         ids=["pipelined-hf", "pipelined-fused", "overlap-only-fused", "slab-pipelined-hf",
+                              "slab-pipelined-fused"])
+def test_rows_stopping_on_a_token_under_pipelined_decode(pipeline, fused, layout, tiny_model_dir):
     """With pipeline_decode a steady step launches the next decode from its sampled ids before
     the host reads them, so a row that stops on a token (EOS or a stop token id) takes one step
     too many, which must be dropped: every row's tokens still equal HF generate's with that token
     as its EOS, the rows that go on are untouched, and the freed row's K/V slot harms no one (a
     late arrival takes the freed pages). Both paged steps: the HF forward's and the fused one's
-    (engine/paged_decode.py, which takes the ids on the device into its inputs)."""
+    (engine/paged_decode.py, which takes the ids on the device into its inputs); and the slab."""
     import torch
     loaded = model_loader.load(tiny_model_dir("llama"), CPU, torch.float32)
-    engine, limits = make_engine(loaded, max_batch_size=4, max_seq_len=128, kv_layout="paged", kv_page_size=16,
+    engine, limits = make_engine(loaded, max_batch_size=4, max_seq_len=128, kv_layout=layout, kv_page_size=16,
                                  overlap_decode=True, pipeline_decode=pipeline, fused_decode=fused)
     check_stops_on_tokens(loaded, engine, limits, PROMPTS[:5])
     assert (engine.stats().pipelined_steps > 0) == pipeline
