@@ -211,6 +211,7 @@ def _drive(engine, reqs: list[BenchRequest], bar, device,
     start = time.monotonic()
     step_times: list[float] = []
     decodes: list[tuple[float, int, int]] = []
+    prefills: list[tuple[int, float]] = []   # per step with prefill work: (its prompt tokens, the step's ms)
     peak_rows = 0
 
     def deliver(events, now: float, step_prefill: int) -> None:
@@ -252,6 +253,8 @@ def _drive(engine, reqs: list[BenchRequest], bar, device,
                 before = after
                 mark = time.monotonic()
             step_times.append(time.monotonic() - t0)
+            if step_prefill:
+                prefills.append((step_prefill, round(1000 * step_times[-1], 2)))
         elif pending:
             time.sleep(min(0.005, max(0.0, reqs[pending[0]].arrival_s - now)))
     sync(device)
@@ -262,7 +265,8 @@ def _drive(engine, reqs: list[BenchRequest], bar, device,
     # all-reduce kinds, benchmarks/tp_bench.py) compare this
     digest = hashlib.sha256(json.dumps([records[k]["ids"] for k in sorted(records, key=str)]).encode()).hexdigest()
     return {**summarize(records, wall, step_times, slo), "peak_rows_on_device": peak_rows,
-            "finish_reasons": dict(finish_reasons), "tokens_sha256": digest}, decodes
+            "finish_reasons": dict(finish_reasons), "tokens_sha256": digest,
+            "prefill_steps": {"count": len(prefills), "first_tokens_ms": prefills[:8]}}, decodes
 
 
 def summarize(records: dict, wall: float, step_times: list[float], slo: tuple[float, float] | None = None) -> dict:

@@ -72,7 +72,7 @@ class Variant:
     pipeline: bool = True              # EngineConfig.pipeline_decode
 
 
-AGAIN = ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "step_p50_ms", "tokens_sha256")   # --repeats' figures
+AGAIN = ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "step_p50_ms", "tokens_sha256", "prefill_steps")   # --repeats' figures
 
 
 def run(v: Variant, args, reqs, tokenizer_dir) -> dict:
