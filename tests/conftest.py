@@ -3,6 +3,7 @@ and a helper that drives an LLMEngine step by step (no thread) with arrivals at 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -144,12 +145,13 @@ def check_stops_on_tokens(loaded, engine, limits, prompts: list[str], n: int = 2
     with that token as its EOS. Under pipeline_decode a row that stops on a token has taken one
     step too many, which must be dropped without touching the others."""
     hf_model, tokenizer, _spec = loaded
-    device = next(hf_model.parameters()).device
+    # the reference on the CPU, from a copy: moving the engine's own model would free the weights
+    # its CUDA graphs read
+    reference = hf_model if next(hf_model.parameters()).device.type == "cpu" else copy.deepcopy(hf_model).cpu()
     ids = {f"r{i}": tokenizer(p)["input_ids"] for i, p in enumerate(prompts)}
-    free = {rid: hf_reference(hf_model.cpu(), prompt_ids, n, ()) for rid, prompt_ids in ids.items()}
+    free = {rid: hf_reference(reference, prompt_ids, n, ()) for rid, prompt_ids in ids.items()}
     stops = {rid: free[rid][k] for rid, k in (("r0", 4), ("r1", 9), ("r2", 13))}
-    expected = {rid: hf_reference(hf_model, ids[rid], n, (stops[rid],)) if rid in stops else free[rid] for rid in ids}
-    hf_model.to(device)
+    expected = {rid: hf_reference(reference, ids[rid], n, (stops[rid],)) if rid in stops else free[rid] for rid in ids}
     late = f"r{len(prompts) - 1}"
     arrivals: dict[int, list[GenerateInput]] = {0: [], 12: []}
     for rid, prompt in zip(ids, prompts):
