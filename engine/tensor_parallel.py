@@ -17,7 +17,9 @@ Followers hold no request state: rank 0 sends each operation on its K/V storage 
 `EmbedChunked`, `CacheLoad`, `CacheInsert`, `Decode`) before running it itself, in the order it
 runs them, so every rank's storage (and prefix cache) goes through the same states and every
 forward meets its peers in the same collectives. On CUDA each rank replays its decode steps as
-CUDA graphs captured in the same order, each holding the step's NCCL all-reduces.
+CUDA graphs captured in the same order, each holding the step's all-reduces. A pipelined decode
+step (LLMEngine._finish_decode) has no ids in its message: rank 0 broadcasts its sampled ids to
+the followers on the devices (`share_ids`), queued behind its sampling and ahead of the step.
 
 Failure: a rank that dies (or a step that fails: the ranks may then be out of step) ends the
 engine: `LLMEngine.fail_batch` raises `ShardLost` from the loop's handler of a failed step, so
