@@ -20,7 +20,7 @@ from engine.build import build_engine
 from engine.config import EngineConfig
 from engine.inputs import GenerateInput, Limits
 from engine.request import PreemptAction, RequestState
-from tests.conftest import CPU, drive, hf_reference, make_engine
+from tests.conftest import CPU, check_stops_on_tokens, drive, hf_reference, make_engine
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far away, there lived a", "1, 2, 3,",
            "Why is the sky blue? Explain it to a child in two sentences.", "def fibonacci(n):"]
@@ -109,6 +109,22 @@ def test_tp2_equals_tp1_and_hf(tiny_model_dir, family, layout):
     states = {rid: [e.state.name for e in sharded[rid].events if e.state is not None] for rid in ("low0", "low1")}
     assert states["low1"].count("SUSPENDED") == 2               # each while it ran: its row was parked
     assert "PREEMPTED" in states["low0"] + states["low1"]       # and a priority arrival parked one
+
+
+def test_tp2_pipelined_rows_stopping_on_a_token(tiny_model_dir):
+    """TP 2 with the pipelined decode (each steady step's ids broadcast from rank 0's draw): a row
+    that stops on a token has had one step too many on every rank, which rank 0 drops; every
+    rank's pages stay in step (a late arrival takes the freed ones) and the tokens equal HF's."""
+    folder = tiny_model_dir("llama")
+    engine, info, _tokenizer = build_engine(EngineConfig(
+        model=folder, device="cpu", tensor_parallel=2, max_batch_size=4, max_seq_len=128, warmup=False,
+        kv_layout="paged", kv_page_size=16, fused_decode=True, overlap_decode=True))
+    try:
+        limits = Limits(info.max_context_length, 256, 4096, info.vocab_size)
+        check_stops_on_tokens(model_loader.load(folder, CPU, torch.float32), engine, limits, PROMPTS[:5])
+        assert engine.stats().pipelined_steps > 0
+    finally:
+        engine.close()
 
 
 def _dead_follower_ends_the_loop(engine, limits):
