@@ -186,7 +186,9 @@ class LLMEngine:
         return rows[0].state, ()
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self._stashed)
+        # a decode launched early is finished even when its rows have all stopped meanwhile (a
+        # pipelined step after their last tokens), so nothing stays in flight while the loop idles
+        return self.scheduler.has_work() or bool(self._stashed) or self._inflight is not None
 
     def drain(self) -> Events:
         """Finish the decode step a steady step launched early, if any (see step_phases): sample
@@ -535,10 +537,11 @@ class LLMEngine:
         the GPU goes from this step's sampling straight into the next step while the host waits
         for the ids' copy and does its bookkeeping (~0.6-0.9 ms a step of idle GPU otherwise,
         note 33). It is judged before the tokens are known: the engine steady with one more
-        token counted for every row, every row the same as the batch's, and none that may stop
-        on a count or its text. A row may still stop on EOS or a stop token: its extra step is
-        computed and dropped (`_still_live`); its K/V write lands in its own slot, which is freed
-        only after (every later write to that page is queued behind it on the same stream)."""
+        token counted for every row, every row the same as the batch's, and none that stops on a
+        count. A row may still stop on its token (EOS, a stop id, a stop sequence, its grammar):
+        its extra step is computed and dropped (`_still_live`); its K/V write lands in its own
+        slot, which is freed only after (every later write to that page is queued behind it on
+        the same stream)."""
         rows, logits = self._still_live(rows, logits)
         if not rows:
             return ()
@@ -574,9 +577,12 @@ class LLMEngine:
     def _pipelinable(self, rows: list[Request]) -> bool:
         """May the next decode be launched before this step's tokens are read (see
         _finish_decode)? The batch is these rows in this order (their sampled ids are the next
-        step's inputs), and none of them can stop on anything but its token's value."""
+        step's inputs), and none of them stops on a count. Rules on a token's value or text
+        (EOS, stop ids, stop sequences, a grammar's end or error) are known only after: such a
+        row's extra step is dropped. A grammar row is fine too: the next step's forward needs only
+        its id, and its sampling, later, takes the mask of the state after this step's token."""
         return (self._steady(ahead=1) and self.slab.row_ids == [r.request_id for r in rows]
-                and all(len(r.output_ids) + 1 < r.params.max_new_tokens and self._no_text_rules(r)
+                and all(len(r.output_ids) + 1 < r.params.max_new_tokens
                         and self.scheduler.kv.can_grow(r, ahead=1) for r in rows))
 
     def _still_live(self, rows: list[Request], logits: torch.Tensor) -> tuple[list[Request], torch.Tensor]:
@@ -585,7 +591,8 @@ class LLMEngine:
         if all(r.finish_reason is None for r in rows):
             return rows, logits
         keep = [i for i, r in enumerate(rows) if r.finish_reason is None]
-        return [rows[i] for i in keep], logits.index_select(0, torch.tensor(keep).to(logits.device, non_blocking=True))
+        index = torch.tensor(keep, dtype=torch.long).to(logits.device, non_blocking=True)
+        return [rows[i] for i in keep], logits.index_select(0, index)
 
     def _no_text_rules(self, request: Request) -> bool:
         """No stopping rule of this row needs its text (stop sequences, a grammar): with none of

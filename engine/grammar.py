@@ -123,8 +123,8 @@ class Grammars:
     def _host_bitmask(self, num_rows: int, device: torch.device) -> torch.Tensor:
         """[num_rows, W] of one host buffer kept across steps (pinned for a CUDA engine, so the copy
         is asynchronous), reset to all allowed. Reuse is safe: a step waits for its sampling, which
-        the mask's copy precedes on the stream (PendingSample.result), before the next step
-        refills the buffer; a step with a grammar row is never pipelined (LLMEngine._pipelinable)."""
+        the mask's copy precedes on the stream (PendingSample.result), before the next step's
+        sampling refills the buffer (a pipelined step's forward needs no mask)."""
         if self._host is None or self._host.shape[0] < num_rows:
             shape = xgr.get_bitmask_shape(max(num_rows, 8), self.vocab_size)
             self._host = torch.empty(shape, dtype=torch.int32, pin_memory=device.type == "cuda")

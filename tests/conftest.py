@@ -140,19 +140,20 @@ def hf_reference(hf_model, prompt_ids: list[int], max_new_tokens: int, eos_ids, 
 
 def check_stops_on_tokens(loaded, engine, limits, prompts: list[str], n: int = 24) -> None:
     """Five requests, of which r0..r2 stop on a token their own greedy continuation first reaches
-    at a different step mid-way (a stop token id, EOS ignored) while the others run to `n`, and
-    the last arrives late (it takes the freed pages): every request's tokens equal HF generate's
-    with that token as its EOS. Under pipeline_decode a row that stops on a token has taken one
-    step too many, which must be dropped without touching the others."""
+    at a different step mid-way (a stop token id, EOS ignored) while r3 runs to `n`, and the last
+    arrives late (it takes the freed pages) and stops on its token once it is alone: every
+    request's tokens equal HF generate's with that token as its EOS. Under pipeline_decode a row
+    that stops on a token has taken one step too many, which must be dropped without touching
+    the others (and with nothing left, when it was the batch's last row)."""
     hf_model, tokenizer, _spec = loaded
     # the reference on the CPU, from a copy: moving the engine's own model would free the weights
     # its CUDA graphs read
     reference = hf_model if next(hf_model.parameters()).device.type == "cpu" else copy.deepcopy(hf_model).cpu()
     ids = {f"r{i}": tokenizer(p)["input_ids"] for i, p in enumerate(prompts)}
     free = {rid: hf_reference(reference, prompt_ids, n, ()) for rid, prompt_ids in ids.items()}
-    stops = {rid: free[rid][k] for rid, k in (("r0", 4), ("r1", 9), ("r2", 13))}
-    expected = {rid: hf_reference(reference, ids[rid], n, (stops[rid],)) if rid in stops else free[rid] for rid in ids}
     late = f"r{len(prompts) - 1}"
+    stops = {rid: free[rid][k] for rid, k in (("r0", 4), ("r1", 9), ("r2", 13), (late, 15))}
+    expected = {rid: hf_reference(reference, ids[rid], n, (stops[rid],)) if rid in stops else free[rid] for rid in ids}
     arrivals: dict[int, list[GenerateInput]] = {0: [], 12: []}
     for rid, prompt in zip(ids, prompts):
         arrivals[12 if rid == late else 0].append(GenerateInput(

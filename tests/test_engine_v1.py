@@ -104,10 +104,13 @@ def test_bias_min_tokens_penalties_match_hf(tiny_llama, layout):
     assert outputs["stopid"].final.finish_reason.name == "EOS"
 
 
+@pytest.mark.parametrize("pipelined", [False, True], ids=["plain", "pipelined"])
 @pytest.mark.parametrize("include", [False, True])
-def test_stop_sequence_reported_and_optionally_included(tiny_llama, include):
+def test_stop_sequence_reported_and_optionally_included(tiny_llama, include, pipelined):
+    """Also with the pipelined decode (the CUDA default, forced here): the step after the one
+    whose text met the stop sequence was already launched, and is dropped."""
     _hf_model, tokenizer, _ = tiny_llama
-    engine, limits = make_engine(tiny_llama, max_batch_size=2, max_seq_len=128)
+    engine, limits = make_engine(tiny_llama, max_batch_size=2, max_seq_len=128, overlap_decode=pipelined)
     free = drive(engine, limits, {0: [GenerateInput(request_id="free", prompt=PROMPTS[0], max_new_tokens=30,
                                                     ignore_eos=True)]})["free"].text
     stop = free[10:14]                         # a piece of what it will generate
@@ -118,5 +121,6 @@ def test_stop_sequence_reported_and_optionally_included(tiny_llama, include):
     assert out.final.finish_reason.name == "STOP_SEQUENCE" and out.final.stop_sequence == stop
     cut = free.index(stop)
     assert out.text == (free[:cut + len(stop)] if include else free[:cut])
+    assert (engine.stats().pipelined_steps > 0) == pipelined
     plain = drive(engine, limits, {0: [GenerateInput(request_id="p", prompt=PROMPTS[0], max_new_tokens=3)]})["p"]
     assert plain.final.stop_sequence == ""
