@@ -118,6 +118,8 @@ def run(v: Variant, args, reqs, tokenizer_dir) -> dict:
                            step_over_floor_p50=figures["step_p50_ms"] / (1000 * floor))
         if args.profile_steps and engine.runner.device.type == "cuda":
             figures["profile"] = profile_decode(engine, args.profile_steps)
+        if args.profile_prefill and engine.runner.device.type == "cuda":
+            figures["prefill_profile"] = profile_prefill(engine, reqs)
         shards = getattr(engine.runner.model, "_baton_tp", None)
         figures.update(tensor_parallel=tp, decode=info.decode, build_s=built,
                        allreduce=getattr(shards.all_reduce, "kind", "?") if shards is not None else None,
@@ -163,6 +165,39 @@ def profile_decode(engine, steps: int) -> dict:
         wall = time.monotonic() - t0
     while engine.has_work():
         engine.step()
+    return {"steps": steps, "wall_ms_per_step": 1000 * wall / steps, **_kernel_summary(prof, steps)}
+
+
+def profile_prefill(engine, reqs) -> list[dict]:
+    """Rank 0's kernels in each step of a burst that has prefill work (each such step profiled
+    alone, CUDA activity only): its prompt tokens, wall and GPU-busy time, and kernel time by kind,
+    as profile_decode's. A step bound by its host shows a wall well above its busy time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine.request import Request, SamplingParams
+    for i, r in enumerate(reqs):
+        engine.add_request(Request(f"pp{i}", list(r.prompt_ids),
+                                   SamplingParams(max_new_tokens=r.max_new_tokens, ignore_eos=True)))
+    device, out = engine.runner.device, []
+    while engine.has_work():
+        if not (engine.scheduler.waiting or engine.scheduler.prefilling):
+            engine.step()
+            continue
+        before = engine.stats().prefill_tokens
+        sync(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            t0 = time.monotonic()
+            engine.step()
+            sync(device)
+            wall = time.monotonic() - t0
+        out.append({"prefill_tokens": engine.stats().prefill_tokens - before, "wall_ms": 1000 * wall,
+                    **_kernel_summary(prof, 1)})
+    return out
+
+
+def _kernel_summary(prof, steps: int) -> dict:
+    """A profile's CUDA kernels per step: busy time (their union), idle split into short and long
+    gaps (GAP_US), kernel time by kind and the top kernels."""
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     by_kind: dict[str, float] = {}
     names: dict[str, float] = {}
@@ -187,7 +222,7 @@ def profile_decode(engine, steps: int) -> dict:
     # the long gaps are the host's turn between steps (sampling's sync, bookkeeping, the next
     # step's inputs and launch), which no kernel work can remove.
     long_gaps = sorted((g for g in gaps if g >= GAP_US), reverse=True)
-    return {"steps": steps, "wall_ms_per_step": 1000 * wall / steps, "gpu_busy_ms_per_step": busy / 1000 / steps,
+    return {"gpu_busy_ms_per_step": busy / 1000 / steps,
             "idle_short_gaps_ms_per_step": sum(g for g in gaps if g < GAP_US) / 1000 / steps,
             "idle_long_gaps_ms_per_step": sum(long_gaps) / 1000 / steps,
             "long_gaps_per_step": len(long_gaps) / steps,
@@ -213,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                         "larger than one GPU)")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="CUDA: after the run, profile this many steady decode steps on rank 0 (kernel time by kind)")
+    p.add_argument("--profile-prefill", action="store_true",
+                   help="CUDA: after the run, the batch once more with each step that has prefill work profiled alone")
     p.add_argument("--warmup-prompt", type=int, default=16, help="tokens of the warm-up request's prompt")
     p.add_argument("--repeats", type=int, default=1,
                    help="run the batch this many times in each variant's process; the first is reported, "
