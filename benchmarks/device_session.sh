@@ -58,7 +58,7 @@ summary() {   # one line per variant of a bench result file
 import json, sys
 d = json.load(open(sys.argv[1]))
 keys = ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "itl_p99_s", "tok_per_s", "delivered_over_offered",
-        "delivered_over_offered_while_arriving", "overlapped_steps",
+        "delivered_over_offered_while_arriving", "overlapped_steps", "pipelined_steps",
         "goodput_requests_fraction", "peak_rows_on_device", "seconds_prefill", "decode_step_p50_ms",
         "floor_per_gpu_p50_ms", "step_p50_ms", "step_over_floor_p50", "decode_step_vs_real_floor_p50", "low_priority_tok_per_s", "ttft_growth")
 for k, v in d.items():
