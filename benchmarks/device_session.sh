@@ -38,7 +38,7 @@
 #   allreduce-norm-probe  (2 GPUs) one kernel for all-reduce + residual add + RMSNorm (symmetric memory)
 #               against NCCL + liger: exact? faster in a graph, back to back and between GEMMs?  ~60
 #   gemm-probe  benchmarks/probe_gemm.py: the 7B step's GEMMs at 32 and 128 rows, cuBLAS vs max-autotune  ~300
-#   tp7-stall   (2 GPUs) tpN three ways: as is, NCCL_RUNTIME_CONNECT=0, a 1,000-token warm-up (TTFT stall)   ~200
+#   tp7-stall   (2 GPUs) tpN as is, NCCL_RUNTIME_CONNECT=0, CUDA_MODULE_LOADING=EAGER, a 600-token warm-up   ~260
 #   tp7         (2 GPUs) 7B: tp1, tpN (fused + graphs), tpN-unfused (TP7_VARIANTS; also tpN-nccl, tpN-one-shot,
 #               tp1-shard...); TP_ARGS e.g. "--profile-steps 24", "--repeats 2"                       ~200
 #   tp70        (2 GPUs) 70B shape on the meta device: tpN (TP70_VARIANTS, e.g. tpN,tpN-unfused)  ~150
@@ -205,11 +205,13 @@ for k,v in d.items():
       cp "$OUT/allreduce-norm-probe.txt" "$OUT/probe-allreduce-norm.jsonl"
       cut -c1-400 "$OUT/allreduce-norm-probe.txt" ;;
     tp7-stall)   # (2 GPUs) note 33's TTFT stall of a fresh TP process: tpN as is, with NCCL's connections made
-                 # at start-up (NCCL_RUNTIME_CONNECT=0), and with a warm-up prompt of 1,000 tokens
-      for how in default connect0 warm1000; do
+                 # at start-up (NCCL_RUNTIME_CONNECT=0), with every CUDA module loaded at start-up
+                 # (CUDA_MODULE_LOADING=EAGER), and with a warm-up prompt of 600 tokens (TP_STALL_HOW picks)
+      for how in ${TP_STALL_HOW:-default connect0 eagerload warm600}; do
         env=(); extra=()
         [ $how = connect0 ] && env=(NCCL_RUNTIME_CONNECT=0)
-        [ $how = warm1000 ] && extra=(--warmup-prompt 1000)
+        [ $how = eagerload ] && env=(CUDA_MODULE_LOADING=EAGER)
+        [ $how = warm600 ] && extra=(--warmup-prompt 600)
         stage tp7-stall-$how 200 $OUT/tp7-stall-$how.json env "${env[@]}" python3 -m benchmarks.tp_bench \
           --preset llama2-7b --tokenizer $TOK --tp 2 --batch 32 --max-output 128 --variants tpN "${extra[@]}" \
           --out $OUT/tp7-stall-$how.json
