@@ -518,7 +518,7 @@ class LLMEngine:
             self._mirror(Decode(input_ids))
         else:
             input_ids = sampled
-            self._mirror(Decode([], on_device=len(rows)))
+            self._mirror(Decode([], on_device=True))
             if self.shards is not None:
                 share_ids(sampled)
         logits = self.runner.decode(input_ids)

@@ -104,7 +104,8 @@ class PagedDecoder:
             self.copied.synchronize()            # the last step's copy has left the staging buffer
         x = (self.staged if self.staged is not None else self.inputs)[:rows]
         on_device = isinstance(input_ids, torch.Tensor)
-        x[:n, ID] = 0 if on_device else torch.tensor(input_ids, dtype=torch.long)[order]
+        if not on_device:   # else the ids go in on the device, after the copy
+            x[:n, ID] = torch.tensor(input_ids, dtype=torch.long)[order]
         x[:n, POS] = lengths[order]
         x[:n, LEN] = x[:n, POS] + 1
         x[:n, WRITE] = write[order]

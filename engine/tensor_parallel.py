@@ -141,7 +141,7 @@ class CacheInsert(msgspec.Struct, tag=True, array_like=True):
 
 class Decode(msgspec.Struct, tag=True, array_like=True):
     input_ids: list[int]
-    on_device: int = 0      # > 0: this many rows, their ids rank 0's last draw, shared on the devices (share_ids)
+    on_device: bool = False   # the ids are rank 0's last draw for every row, shared on the devices (share_ids)
 
 
 class Stop(msgspec.Struct, tag=True, array_like=True):
@@ -501,7 +501,7 @@ class Follower:
             self.prefilled = None
         if kind is Decode:
             if message.on_device:
-                ids = share_ids(torch.empty(message.on_device, dtype=torch.long, device=self.device))
+                ids = share_ids(torch.empty(kv.num_rows, dtype=torch.long, device=self.device))
             else:
                 ids = message.input_ids
             self.runner.decode(ids)
