@@ -137,7 +137,7 @@ for s in "$@"; do
       cp "$OUT/host-probe.txt" "$OUT/probe-host-copy.jsonl"
       cut -c1-300 "$OUT/host-probe.txt" ;;
     flex-probe)
-      stage flex-probe 300 "" python3 -m benchmarks.probe_flex_decode
+      stage flex-probe 300 "" python3 -m benchmarks.probe_flex_decode ${FLEX_ARGS:-}
       cp "$OUT/flex-probe.txt" "$OUT/probe-flex-decode.jsonl"
       cut -c1-250 "$OUT/flex-probe.txt" ;;
     w4-overlap)   # decode_before_prefill on vs off (the old order), W4 at 10 req/s, whole prompts

@@ -14,6 +14,11 @@ calls captured in one CUDA graph and replayed (as the engine replays its step). 
 per call, the floor (the rows' real K/V bytes / copy bandwidth measured in the same process), the
 fraction of bandwidth reached, and each variant's largest difference from the default's output.
 Prints one JSON line per (batch, variant).
+
+`--heads 32,16` also times one TP 2 rank's half of the heads (each rank attends its own heads,
+so a TP 2 layer has half the programs over the same rows); `--lengths uniform:96:576` draws the
+rows' lengths uniformly (tp_bench's batch: W1 prompts of 32-512 tokens plus up to 128 generated)
+instead of chat-like.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from benchmarks.decode_chat import chat_lengths
 from engine.cuda_graphs import capture
 from engine.paged_attention import PagedDecodeAttention
 
-HEADS, HEAD_DIM, PAGE = 32, 128, 128
+HEAD_DIM, PAGE = 128, 128
 
 
 def parse_variant(text: str) -> dict | None:
@@ -59,14 +64,20 @@ def graph_time(fn, calls: int = 10, replays: int = 20) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", default="32,128")
+    p.add_argument("--heads", default="32", help="heads (= kv heads) per layer, one run each: 32,16")
+    p.add_argument("--lengths", default="chat", help="chat, or uniform:LO:HI")
     p.add_argument("--variants", default="default;SPLIT_KV=2;SPLIT_KV=4;SPLIT_KV=8;SPLIT_KV=16;"
                                          "SPLIT_KV=8,BLOCK_N=64;SPLIT_KV=8,num_warps=8")
     args = p.parse_args()
     dev = torch.device("cuda")
     bandwidth = copy_bandwidth(dev)
     print(json.dumps({"versions": versions(), "copy_bandwidth_GBps": bandwidth / 1e9}), flush=True)
-    for batch in (int(b) for b in args.batches.split(",")):
-        lengths = chat_lengths(batch, 4096)
+    for heads, batch in ((int(h), int(b)) for h in args.heads.split(",") for b in args.batches.split(",")):
+        if args.lengths == "chat":
+            lengths = chat_lengths(batch, 4096)
+        else:
+            _kind, lo, hi = args.lengths.split(":")
+            lengths = torch.randint(int(lo), int(hi) + 1, (batch,), generator=torch.Generator().manual_seed(batch)).tolist()
         pages = [-(-n // PAGE) for n in lengths]
         num_pages = sum(pages) + 8
         max_pages = max(pages)
@@ -75,17 +86,17 @@ def main() -> None:
         for r, n in enumerate(pages):
             table[r, :n] = torch.tensor(perm[:n], dtype=torch.int32)
             perm = perm[n:]
-        k = torch.randn(HEADS, num_pages * PAGE, HEAD_DIM, dtype=torch.bfloat16, device=dev)
+        k = torch.randn(heads, num_pages * PAGE, HEAD_DIM, dtype=torch.bfloat16, device=dev)
         v = torch.randn_like(k)
-        q = torch.randn(batch, HEADS, 1, HEAD_DIM, dtype=torch.bfloat16, device=dev)
-        real_bytes = sum(lengths) * HEADS * HEAD_DIM * 2 * 2
+        q = torch.randn(batch, heads, 1, HEAD_DIM, dtype=torch.bfloat16, device=dev)
+        real_bytes = sum(lengths) * heads * HEAD_DIM * 2 * 2
         floor = real_bytes / bandwidth
         reference = None
         for text in args.variants.split(";"):
             options = parse_variant(text)
-            row = {"batch": batch, "variant": text, "tokens": sum(lengths), "longest": max(lengths)}
+            row = {"heads": heads, "batch": batch, "variant": text, "tokens": sum(lengths), "longest": max(lengths)}
             try:
-                att = PagedDecodeAttention(HEADS, HEADS, HEAD_DIM, PAGE, batch, max_pages, dev, True,
+                att = PagedDecodeAttention(heads, heads, HEAD_DIM, PAGE, batch, max_pages, dev, True,
                                            num_pages=num_pages, kernel_options=options)
                 att.update(table.to(dev), torch.tensor(lengths, dtype=torch.int32, device=dev), batch)
 

@@ -19,6 +19,7 @@ line per width: a step's 32 layers of the four GEMMs at 32 rows, either way.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 
 HIDDEN, INTERMEDIATE, LAYERS = 4096, 11008, 32
 L2_BYTES = 50 << 20
-ROWS = (32, 128)   # a TP batch of 32 and a busy W4 step; each shape autotunes (seconds to tens of seconds)
+# a TP batch of 32 and a busy W4 step; each shape autotunes (seconds to tens of seconds); GEMM_ROWS=32 for one
+ROWS = tuple(int(r) for r in os.environ.get("GEMM_ROWS", "32,128").split(","))
 
 
 def shapes(tp: int) -> dict[str, tuple[int, int]]:

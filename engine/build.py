@@ -122,7 +122,8 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
                          decode_sort_rows=config.decode_sort_rows, fused_epilogues=config.fused_epilogues,
                          fused_add_norm=config.fused_add_norm, fused_rope_store=config.fused_rope_store,
                          prefill_graphs=config.use_prefill_graphs, max_prefill_tokens=config.max_prefill_tokens,
-                         chunk_graphs=config.tensor_parallel == 1)
+                         chunk_graphs=config.tensor_parallel == 1,
+                         prefill_graph_tokens=config.use_prefill_graph_tokens)
     scheduler = Scheduler(SchedulerConfig(
         max_batch_size=num_slots, max_prefill_tokens=config.max_prefill_tokens,
         kv_budget_tokens=min(kv_budget, kv.total_bytes) // bytes_per_token, max_row_tokens=max_seq_len,
@@ -162,13 +163,12 @@ def prefill_reserve_bytes(config: EngineConfig, model_config, max_seq_len: int, 
     graphs, also the chunk graphs' workspace (fused_prefill.StaticChunk: a context plus the
     largest bucket); with a host tier, the partial K/V of prompts held while their cached prefix
     comes up from host memory (the scheduler keeps them within another `max_prefill_tokens`)."""
-    from engine.fused_prefill import PREFILL_BUCKETS
     tokens = config.prefill_chunk_tokens or config.max_prefill_tokens
     kv_tokens = tokens + (2 * max_seq_len if config.prefill_chunk_tokens else 0)
     if config.prefix_cache == "device+host":
         kv_tokens += config.max_prefill_tokens
-    if config.use_prefill_graphs:
-        kv_tokens += max_seq_len + PREFILL_BUCKETS[-1]
+    if config.use_prefill_graphs and config.tensor_parallel == 1:   # no chunk graphs under TP
+        kv_tokens += max_seq_len + min(config.use_prefill_graph_tokens, config.max_prefill_tokens)
     hidden = getattr(model_config, "hidden_size", 0)
     intermediate = getattr(model_config, "intermediate_size", None) or 4 * hidden
     activations = 2 * tokens * (6 * hidden + 3 * intermediate) * itemsize

@@ -11,6 +11,12 @@ DEVICES = ("auto", "cpu", "cuda")
 KV_LAYOUTS = ("auto", "slab", "paged")
 PREFIX_CACHE_MODES = ("off", "device", "device+host")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The largest prefill forward that replays a CUDA graph, per GPU of the tensor-parallel group: past
+# it a 7B prefill's GPU time exceeds the eager forward's host time at TP 1 (notes 26-27). A rank's
+# GPU time per token shrinks with the group, its host time does not (the collectives' calls add
+# to it), so under TP the crossover moves up with the ranks: at TP 2 a 1,567-token eager forward
+# took 68 ms of wall for 32 ms of GPU time (docs/benchmarks.md note 34).
+PREFILL_GRAPH_TOKENS_PER_GPU = 1280
 
 
 @dataclass(frozen=True)
@@ -61,10 +67,12 @@ class EngineConfig:
                                           # (notes 30, 32)
     fused_rope_store: bool | None = None  # paged fused decode: rotary and the K/V write as one Triton kernel a layer
                                           # (engine/rope_store.py); None = on CUDA (note 31)
-    prefill_graphs: bool | None = None    # packed whole-prompt prefill forwards of up to 1,280 tokens replay a CUDA
-                                          # graph per token bucket (fused_prefill.StaticPrefill), and so do one
-                                          # prompt's chunks at a time (StaticChunk); None = on for CUDA at
-                                          # tensor_parallel 1 (under TP one run, note 32: same step and TPOT), notes 27, 29
+    prefill_graphs: bool | None = None    # packed whole-prompt prefill forwards of up to prefill_graph_tokens tokens
+                                          # replay a CUDA graph per token bucket (fused_prefill.StaticPrefill), and so
+                                          # do one prompt's chunks at a time (StaticChunk, TP 1 only); None = on for
+                                          # CUDA at tensor_parallel 1 (under TP, note 32: same step and TPOT), notes 27, 29
+    prefill_graph_tokens: int | None = None   # the largest prefill forward that replays a graph; None = 1,280 per
+                                          # GPU of the tensor-parallel group (fused_prefill.PREFILL_GRAPH_TOKENS)
     decode_before_prefill: bool | None = None   # a step with prefill work launches its decode step first, so
                                           # the host issues the prefill while the GPU decodes (LLMEngine.step_phases);
                                           # None = on CUDA only (on CPU nothing overlaps: new rows would just wait a step)
@@ -78,6 +86,12 @@ class EngineConfig:
     def use_prefill_graphs(self) -> bool:
         """prefill_graphs resolved: None = on at tensor_parallel 1 (the runner adds: CUDA, CUDA graphs on)."""
         return self.tensor_parallel == 1 if self.prefill_graphs is None else self.prefill_graphs
+
+    @property
+    def use_prefill_graph_tokens(self) -> int:
+        """prefill_graph_tokens resolved: None = 1,280 tokens per GPU of the tensor-parallel group
+        (a rank's GPU time per token shrinks with the group, the eager forward's host time does not)."""
+        return self.prefill_graph_tokens or PREFILL_GRAPH_TOKENS_PER_GPU * self.tensor_parallel
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -102,6 +116,8 @@ class EngineConfig:
             raise ValueError("default_max_new_tokens must not exceed max_new_tokens_limit")
         if not 0.0 < self.low_watermark <= self.high_watermark <= 1.0:
             raise ValueError("watermarks must satisfy 0 < low_watermark <= high_watermark <= 1")
+        if self.prefill_graph_tokens is not None and self.prefill_graph_tokens < 1:
+            raise ValueError(f"prefill_graph_tokens must be >= 1, got {self.prefill_graph_tokens}")
         if self.decode_split_kv < 0:
             raise ValueError(f"decode_split_kv must be >= 0, got {self.decode_split_kv}")
         if self.tensor_parallel < 1:

@@ -28,10 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from engine.config import PREFILL_GRAPH_TOKENS_PER_GPU
 from engine.cuda_graphs import buckets, capture, capturing
 from engine.fused_decode import FusedDecoder
 from engine.kv_paged import PagedKV
 
+
+PREFILL_GRAPH_TOKENS = PREFILL_GRAPH_TOKENS_PER_GPU   # at TP 1 (engine/config.py says why)
 
 # A chunk's attention may use any SDPA kernel but cuDNN's. cuDNN builds an execution plan for each
 # new set of shapes *and strides*, and a chunk's keys are a slice of its request's partial K/V
@@ -131,15 +134,17 @@ class MixedAttend:
 
 class FusedPrefill:
     def __init__(self, fused: FusedDecoder, kv: PagedKV, graphs: bool = False, max_tokens: int = 8192,
-                 chunk_graphs: bool = True) -> None:
-        """`graphs`: whole-prompt forwards of up to `max_tokens` tokens replay a CUDA graph per
-        token bucket (`StaticPrefill`; capture with `capture_all`). Needs varlen attention."""
+                 chunk_graphs: bool = True, graph_tokens: int = PREFILL_GRAPH_TOKENS) -> None:
+        """`graphs`: whole-prompt forwards of up to min(`max_tokens`, `graph_tokens`) tokens replay
+        a CUDA graph per token bucket (`StaticPrefill`; capture with `capture_all`), and so do
+        chunks with `chunk_graphs` (`StaticChunk`). Needs varlen attention."""
         self.fused, self.kv = fused, kv
         self.device = kv.data.device
         self.varlen = _varlen() if self.device.type == "cuda" and kv.data.dtype in (torch.float16, torch.bfloat16) \
             else None
-        self.static = StaticPrefill(self, max_tokens, graphs=True) if graphs and self.varlen is not None else None
-        self.chunk_static = StaticChunk(self, max_tokens, graphs=True) if self.static is not None and chunk_graphs \
+        top = min(max_tokens, graph_tokens)
+        self.static = StaticPrefill(self, top, graphs=True) if graphs and self.varlen is not None else None
+        self.chunk_static = StaticChunk(self, top, graphs=True) if self.static is not None and chunk_graphs \
             else None
 
     @torch.inference_mode()
@@ -221,7 +226,8 @@ class FusedPrefill:
 # tokens, in fine steps (padding costs GPU time one for one), and past that the eager forward's
 # host time hides under its GPU time while a graph's padding would only add (powers of 2 up to
 # 8,192 lost 20-70 ms a forward there, which is why note 26's graphs hardly moved W4).
-PREFILL_BUCKETS = (64, 128, 256, 384, 512, 640, 768, 896, 1024, 1280)
+PREFILL_BUCKETS = (64, 128, 256, 384, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096,
+                   5120)
 PREFILL_GRAPH_PROMPTS = 64   # prompts one graphed forward takes (more: the eager forward)
 
 

@@ -38,12 +38,14 @@ class ModelRunner:
                  cuda_graphs: bool = False, fused_decode: bool = False, packed_prefill: bool = True,
                  decode_split_kv: int = 0, prefill_graphs: bool = False, max_prefill_tokens: int = 8192,
                  decode_sort_rows: bool = True, fused_epilogues: bool = True, chunk_graphs: bool = True,
-                 fused_add_norm: bool | None = None, fused_rope_store: bool | None = None) -> None:
+                 fused_add_norm: bool | None = None, fused_rope_store: bool | None = None,
+                 prefill_graph_tokens: int | None = None) -> None:
         """`packed_prefill`: with the fused step on pages, prefill newcomers through
         engine/fused_prefill.py (`self.packed`) rather than the HF forward. `decode_split_kv`: the
         fused paged step's SPLIT_KV (0: flex's choice); `decode_sort_rows`: it runs rows longest
         first; `fused_epilogues`, `fused_add_norm`, `fused_rope_store` (its `add_norm`, `rope_store`): see FusedDecoder. `prefill_graphs` (with CUDA graphs, on CUDA):
-        that packed prefill's whole-prompt forwards of up to `max_prefill_tokens` tokens replay a
+        that packed prefill's whole-prompt forwards of up to `max_prefill_tokens` and
+        `prefill_graph_tokens` tokens replay a
         CUDA graph per token bucket (fused_prefill.StaticPrefill), and with `chunk_graphs` one
         prompt's chunks at a time too (StaticChunk; off under tensor parallelism, where every rank
         would have to give its one workspace to the same prompt)."""
@@ -65,9 +67,10 @@ class ModelRunner:
         self.paged = None     # the fused paged step (FlexAttention over each row's own pages)
         self.packed = None    # prefill straight into pages (engine/fused_prefill.py)
         if paged and self.fused is not None and packed_prefill:
-            from engine.fused_prefill import FusedPrefill
+            from engine.fused_prefill import PREFILL_GRAPH_TOKENS, FusedPrefill
             self.packed = FusedPrefill(self.fused, slab, graphs=prefill_graphs and cuda_graphs and device.type == "cuda",
-                                       max_tokens=max_prefill_tokens, chunk_graphs=chunk_graphs)
+                                       max_tokens=max_prefill_tokens, chunk_graphs=chunk_graphs,
+                                       graph_tokens=prefill_graph_tokens or PREFILL_GRAPH_TOKENS)
         if paged and self.fused is not None:
             from engine.paged_decode import PagedDecoder
             on_cuda = device.type == "cuda"

@@ -621,7 +621,8 @@ def follow(conn, rank: int, world: int, port: int, config, loader, setup=None) -
                                         fused_epilogues=config.fused_epilogues,
                                         fused_add_norm=config.fused_add_norm, fused_rope_store=config.fused_rope_store,
                                         prefill_graphs=config.use_prefill_graphs,
-                                        max_prefill_tokens=config.max_prefill_tokens, chunk_graphs=False),
+                                        max_prefill_tokens=config.max_prefill_tokens, chunk_graphs=False,
+                                        prefill_graph_tokens=config.use_prefill_graph_tokens),
                           kv, device, cache)
         while type(message := _decode(conn.recv_bytes())) is not Stop:
             follower.apply(message)

@@ -126,13 +126,20 @@ def test_static_prefill_padded_to_a_bucket_equals_the_packed_prefill(loaded):
 
 
 def test_prefill_graph_buckets_stop_where_the_eager_forward_is_gpu_bound():
-    """The engine's prefill graphs cover forwards of up to 1,280 tokens in steps of at most 256
-    (a graph costs its padded bucket's GPU time; past ~1,300 tokens the eager forward's host time
-    hides under its GPU time: note 27), and are on by default at tensor parallel 1 only."""
+    """The engine's prefill graphs cover forwards of up to 1,280 tokens per GPU of the
+    tensor-parallel group (a graph costs its padded bucket's GPU time; past ~1,300 tokens at TP 1
+    the eager forward's host time hides under its GPU time: note 27; a rank's GPU time shrinks
+    with the group, the host's does not: note 34), in steps of at most 256 tokens up to 1,280 and
+    of at most a quarter above, and are on by default at tensor parallel 1 only."""
     from engine.config import EngineConfig
-    from engine.fused_prefill import PREFILL_BUCKETS
-    assert PREFILL_BUCKETS[-1] == 1280
-    assert all(b - a <= 256 and b <= 2 * a for a, b in zip(PREFILL_BUCKETS, PREFILL_BUCKETS[1:]))
+    from engine.fused_prefill import PREFILL_BUCKETS, PREFILL_GRAPH_TOKENS
+    assert PREFILL_GRAPH_TOKENS == 1280 and 1280 in PREFILL_BUCKETS
+    assert all(b - a <= 256 if b <= 1280 else b <= 1.25 * a for a, b in zip(PREFILL_BUCKETS, PREFILL_BUCKETS[1:]))
+    assert EngineConfig().use_prefill_graph_tokens == 1280
+    assert EngineConfig(tensor_parallel=2).use_prefill_graph_tokens == 2560 <= PREFILL_BUCKETS[-1]
+    assert EngineConfig(tensor_parallel=2, prefill_graph_tokens=1024).use_prefill_graph_tokens == 1024
+    with pytest.raises(ValueError, match="prefill_graph_tokens"):
+        EngineConfig(prefill_graph_tokens=0)
     assert EngineConfig().use_prefill_graphs and not EngineConfig(tensor_parallel=2).use_prefill_graphs
     assert not EngineConfig(prefill_graphs=False).use_prefill_graphs
     assert EngineConfig(tensor_parallel=2, prefill_graphs=True).use_prefill_graphs
@@ -286,8 +293,10 @@ def test_the_pool_leaves_room_for_the_chunk_workspace():
     from types import SimpleNamespace
     from engine.build import prefill_reserve_bytes
     from engine.config import EngineConfig
-    from engine.fused_prefill import PREFILL_BUCKETS
     model = SimpleNamespace(hidden_size=64, intermediate_size=128)
     on = prefill_reserve_bytes(EngineConfig(prefill_graphs=True), model, 4096, 1000, 2)
     off = prefill_reserve_bytes(EngineConfig(prefill_graphs=False), model, 4096, 1000, 2)
-    assert on - off == (4096 + PREFILL_BUCKETS[-1]) * 1000
+    assert on - off == (4096 + 1280) * 1000
+    # under TP there are no chunk graphs (every rank would give its one workspace to one prompt)
+    tp_on = prefill_reserve_bytes(EngineConfig(prefill_graphs=True, tensor_parallel=2), model, 4096, 1000, 2)
+    assert tp_on == prefill_reserve_bytes(EngineConfig(prefill_graphs=False, tensor_parallel=2), model, 4096, 1000, 2)
