@@ -60,6 +60,9 @@ class EngineConfig:
                                           # auto = fused on CUDA in bf16, else nccl
     decode_split_kv: int = 0              # paged decode: programs per row and kv head in flex's decode kernel
                                           # (SPLIT_KV); 0 = flex's choice (docs/benchmarks.md note 25)
+    decode_num_stages: int = 2            # paged decode: flex's decode kernel loads K/V blocks this many deep
+                                          # (num_stages); 0 = flex's choice (1 on an H200: each block waits for
+                                          # its load). 2: -20% a layer's attention at batch 32 (note 34)
     decode_sort_rows: bool = True         # paged decode: each step runs its rows longest first (note 27)
     fused_epilogues: bool = True          # fused step: RMSNorm scales and residual adds inside their kernels (note 27)
     fused_add_norm: bool | None = None    # fused step: a residual add not inside a GEMM and the RMSNorm after it as one
@@ -69,8 +72,9 @@ class EngineConfig:
                                           # (engine/rope_store.py); None = on CUDA (note 31)
     prefill_graphs: bool | None = None    # packed whole-prompt prefill forwards of up to prefill_graph_tokens tokens
                                           # replay a CUDA graph per token bucket (fused_prefill.StaticPrefill), and so
-                                          # do one prompt's chunks at a time (StaticChunk, TP 1 only); None = on for
-                                          # CUDA at tensor_parallel 1 (under TP, note 32: same step and TPOT), notes 27, 29
+                                          # do one prompt's chunks at a time (StaticChunk, TP 1 only); CUDA with CUDA
+                                          # graphs only (the runner checks); None = on (before note 34: at TP 1 only,
+                                          # the graphs stopped at 1,280 tokens). Notes 27, 29, 34
     prefill_graph_tokens: int | None = None   # the largest prefill forward that replays a graph; None = 1,280 per
                                           # GPU of the tensor-parallel group (fused_prefill.PREFILL_GRAPH_TOKENS)
     decode_before_prefill: bool | None = None   # a step with prefill work launches its decode step first, so
@@ -84,8 +88,9 @@ class EngineConfig:
 
     @property
     def use_prefill_graphs(self) -> bool:
-        """prefill_graphs resolved: None = on at tensor_parallel 1 (the runner adds: CUDA, CUDA graphs on)."""
-        return self.tensor_parallel == 1 if self.prefill_graphs is None else self.prefill_graphs
+        """prefill_graphs resolved: None = on, at every tensor-parallel size (the runner adds: CUDA,
+        CUDA graphs on)."""
+        return self.prefill_graphs is not False
 
     @property
     def use_prefill_graph_tokens(self) -> int:
@@ -118,6 +123,8 @@ class EngineConfig:
             raise ValueError("watermarks must satisfy 0 < low_watermark <= high_watermark <= 1")
         if self.prefill_graph_tokens is not None and self.prefill_graph_tokens < 1:
             raise ValueError(f"prefill_graph_tokens must be >= 1, got {self.prefill_graph_tokens}")
+        if self.decode_num_stages < 0:
+            raise ValueError(f"decode_num_stages must be >= 0, got {self.decode_num_stages}")
         if self.decode_split_kv < 0:
             raise ValueError(f"decode_split_kv must be >= 0, got {self.decode_split_kv}")
         if self.tensor_parallel < 1:

@@ -32,7 +32,7 @@ ID, POS, LEN, WRITE, INV, TABLE = range(6)
 
 class PagedDecoder:
     def __init__(self, fused: FusedDecoder, kv: PagedKV, device: torch.device, graphs: bool, compile: bool,
-                 split_kv: int = 0, sort_rows: bool = True) -> None:
+                 split_kv: int = 0, sort_rows: bool = True, num_stages: int = 0) -> None:
         self.fused, self.kv, self.device = fused, kv, device
         self.sort_rows = sort_rows   # run each step's rows longest first (see decode)
         S, P = kv.max_rows, kv.max_pages_per_row
@@ -40,7 +40,8 @@ class PagedDecoder:
         self.attention = PagedDecodeAttention(
             fused.num_heads, fused.num_kv_heads, fused.head_dim, kv.page_size, max_rows=S,
             max_pages_per_row=P, device=device, compile=compile, num_pages=kv.num_pages + 1,
-            kernel_options={"SPLIT_KV": split_kv} if split_kv else None)
+            kernel_options={**({"SPLIT_KV": split_kv} if split_kv else {}),
+                            **({"num_stages": num_stages} if num_stages else {})} or None)
         # The step's inputs (columns above), read inside the step; a padding row (past the live
         # ones, up to the bucket) attends nothing and writes to the pool's scratch slot.
         self.padding = torch.zeros(S, TABLE + P, dtype=torch.long)

@@ -130,7 +130,7 @@ def test_prefill_graph_buckets_stop_where_the_eager_forward_is_gpu_bound():
     tensor-parallel group (a graph costs its padded bucket's GPU time; past ~1,300 tokens at TP 1
     the eager forward's host time hides under its GPU time: note 27; a rank's GPU time shrinks
     with the group, the host's does not: note 34), in steps of at most 256 tokens up to 1,280 and
-    of at most a quarter above, and are on by default at tensor parallel 1 only."""
+    of at most a quarter above, and are on by default at every tensor-parallel size."""
     from engine.config import EngineConfig
     from engine.fused_prefill import PREFILL_BUCKETS, PREFILL_GRAPH_TOKENS
     assert PREFILL_GRAPH_TOKENS == 1280 and 1280 in PREFILL_BUCKETS
@@ -140,7 +140,7 @@ def test_prefill_graph_buckets_stop_where_the_eager_forward_is_gpu_bound():
     assert EngineConfig(tensor_parallel=2, prefill_graph_tokens=1024).use_prefill_graph_tokens == 1024
     with pytest.raises(ValueError, match="prefill_graph_tokens"):
         EngineConfig(prefill_graph_tokens=0)
-    assert EngineConfig().use_prefill_graphs and not EngineConfig(tensor_parallel=2).use_prefill_graphs
+    assert EngineConfig().use_prefill_graphs and EngineConfig(tensor_parallel=2).use_prefill_graphs
     assert not EngineConfig(prefill_graphs=False).use_prefill_graphs
     assert EngineConfig(tensor_parallel=2, prefill_graphs=True).use_prefill_graphs
 
