@@ -740,6 +740,10 @@ class Bench:
     def num_stages(self) -> list[int]:
         return [int(n) for n in self.args.decode_num_stages.split(",")]
 
+    @property
+    def kv_block(self) -> list[int]:
+        return [int(n) for n in self.args.decode_kv_block.split(",")]
+
     def switch(self, flag: str) -> list[bool | None]:
         """The values of one of SWITCHES given on the command line."""
         values = [None if v == "auto" else bool(int(v)) for v in getattr(self.args, flag.replace("-", "_")).split(",")]
@@ -753,23 +757,25 @@ class Bench:
 
     def w4_variants(self, prefix: str, run_one: Callable[[float, dict], dict]) -> dict:
         """W4 per rate x --kv-layout x --prefill-chunk-tokens x --prefill x --decode-split-kv x
-        --decode-num-stages x each
+        --decode-num-stages x --decode-kv-block x each
         of SWITCHES, side by side in one run, saved as they come:
         {f"{prefix}_{layout}_chunk{c}{tags}_rate{r}": ...}. Engines get --max-prefill-tokens, or
         the server's default prefill bound (8,192 tokens a forward), not W1's."""
         out = {}
         chunks = [int(c) for c in self.args.prefill_chunk_tokens.split(",")]
         switches = [[(name, v, tags[v]) for v in self.switch(flag)] for flag, (name, _d, tags, _w) in SWITCHES.items()]
-        for rate, layout, chunk, prefill, split, stages, *settings in itertools.product(
+        for rate, layout, chunk, prefill, split, stages, block, *settings in itertools.product(
                 self.rates, self.layouts, chunks, self.args.prefill.split(","), self.split_kv, self.num_stages,
-                *switches):
+                self.kv_block, *switches):
             if prefill == "packed" and layout != "paged":
                 continue
             kw = dict(kv_layout=layout, prefill_chunk_tokens=chunk, max_prefill_tokens=self.args.max_prefill_tokens or 8192,
                       packed_prefill=PREFILL_PATHS[prefill], decode_split_kv=split, decode_num_stages=stages,
+                      decode_kv_block=block,
                       **{name: value for name, value, _tag in settings})
             tag = ("" if prefill == "auto" else f"_{prefill}") + (f"_split{split}" if split else "") + \
                 (f"_stages{stages}" if stages != EngineConfig.decode_num_stages else "") + \
+                (f"_block{block}" if block != EngineConfig.decode_kv_block else "") + \
                 "".join(tag for _name, _value, tag in settings)
             out.update(self.keep(f"{prefix}_{layout}_chunk{chunk}{tag}_rate{rate:g}", run_one(rate, kw)))
         return out
@@ -1206,6 +1212,8 @@ def main(argv: list[str] | None = None) -> int:
                         "other stages the first")
     p.add_argument("--decode-num-stages", default=str(EngineConfig.decode_num_stages),
                    help="paged decode: flex's num_stages (0 = flex's choice); W4 takes a comma list and runs each")
+    p.add_argument("--decode-kv-block", default=str(EngineConfig.decode_kv_block),
+                   help="paged decode: flex's BLOCK_N (0 = flex's choice); W4 takes a comma list and runs each")
     for flag, (name, default, tags, what) in SWITCHES.items():
         p.add_argument(f"--{flag}", default=default, help=f"W4: comma list of {'auto/' if None in tags else ''}1/0, "
                                                           f"EngineConfig.{name} ({what})")
@@ -1283,6 +1291,7 @@ def build_bench(args, argv: list[str], runs: list[str]) -> Bench:
                               prefill_chunk_tokens=int(args.prefill_chunk_tokens.split(",")[0]),
                               decode_split_kv=int(args.decode_split_kv.split(",")[0]),
                               decode_num_stages=int(args.decode_num_stages.split(",")[0]),
+                              decode_kv_block=int(args.decode_kv_block.split(",")[0]),
                               packed_prefill=PREFILL_PATHS[args.prefill.split(",")[0]], **prefill_bound(args),
                               **({"tensor_parallel": tp} if tp > 1 else {})),
                   out=Path(__file__).parent / "results" / f"{name}.json")

@@ -11,8 +11,9 @@ or the built-in model, and runs the same batch of W1-style requests (all at once
   - tpN-noprefill-graphs: as tpN with packed whole-prompt prefills eager (EngineConfig.prefill_graphs
                  off; on by default since note 34, graphed up to 1,280 tokens per rank);
   - tpN-prefill-graphs: as tpN with prefill graphs forced on (the default before note 34 was off);
-  - tp1-flexstages, tpN-flexstages: flex's own num_stages for the paged decode attention (1 on an
-                 H200; EngineConfig.decode_num_stages 0; the default is 2 since note 34);
+  - tp1-flexown, tpN-flexown: flex's own num_stages and BLOCK_N for the paged decode attention (1
+                 and 64 on an H200; EngineConfig.decode_num_stages / decode_kv_block 0; the defaults are 2
+                 and 128 since note 34);
   - tpN-nccl:    as tpN with NCCL's all-reduce, then liger's add + RMSNorm (the default before note 32);
   - tpN-unfused: as tpN-nccl with each residual add and the RMSNorm after it as two kernels
                  (EngineConfig.fused_add_norm off);
@@ -73,7 +74,7 @@ class Variant:
     rope_store: bool | None = None     # EngineConfig.fused_rope_store
     prefill_graphs: bool | None = None  # EngineConfig.prefill_graphs (None: the engine's default, on)
     pipeline: bool = True              # EngineConfig.pipeline_decode
-    num_stages: int | None = None      # EngineConfig.decode_num_stages (None: the engine's default)
+    flex_own: bool = False             # EngineConfig.decode_num_stages and decode_kv_block 0: flex's own settings
 
 
 AGAIN = ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "step_p50_ms", "tokens_sha256", "prefill_steps")   # --repeats' figures
@@ -95,7 +96,7 @@ def run(v: Variant, args, reqs, tokenizer_dir) -> dict:
                           aging_seconds=0, decode_split_kv=args.decode_split_kv if v.split_kv is None else v.split_kv,
                           tp_allreduce=v.allreduce, fused_add_norm=v.add_norm, fused_rope_store=v.rope_store,
                           prefill_graphs=v.prefill_graphs, pipeline_decode=v.pipeline,
-                          **({} if v.num_stages is None else {"decode_num_stages": v.num_stages}))
+                          **({"decode_num_stages": 0, "decode_kv_block": 0} if v.flex_own else {}))
     t0 = time.monotonic()
     engine, info, _tok = build_engine(config, loader)
     built = time.monotonic() - t0
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     table = {"tp1": Variant(1), "tp1-hf": Variant(1, fused=False, graphs=False), "tp1-shard": Variant(1, shard=n),
              "tp1-torchnorms": Variant(1, add_norm=False), "tp1-nopipe": Variant(1, pipeline=False),
              "tpN-nopipe": Variant(n, pipeline=False),
-             "tp1-flexstages": Variant(1, num_stages=0), "tpN-flexstages": Variant(n, num_stages=0),
+             "tp1-flexown": Variant(1, flex_own=True), "tpN-flexown": Variant(n, flex_own=True),
              "tpN": Variant(n), "tpN-one-shot": Variant(n, allreduce="one-shot"),
              "tpN-fused": Variant(n, allreduce="fused"), "tpN-nccl": Variant(n, allreduce="nccl"),
              "tpN-prefill-graphs": Variant(n, prefill_graphs=True),

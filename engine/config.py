@@ -62,7 +62,10 @@ class EngineConfig:
                                           # (SPLIT_KV); 0 = flex's choice (docs/benchmarks.md note 25)
     decode_num_stages: int = 2            # paged decode: flex's decode kernel loads K/V blocks this many deep
                                           # (num_stages); 0 = flex's choice (1 on an H200: each block waits for
-                                          # its load). 2: -20% a layer's attention at batch 32 (note 34)
+                                          # its load). 2: -13 to -25% a layer's attention at batch 32 (note 34)
+    decode_kv_block: int = 128            # paged decode: K/V tokens a program loads at once (flex's BLOCK_N), where
+                                          # the page size is a multiple of it; 0 = flex's choice (64). With 2 stages:
+                                          # a further -11 to -16% at batch 32, same at 128 (note 34)
     decode_sort_rows: bool = True         # paged decode: each step runs its rows longest first (note 27)
     fused_epilogues: bool = True          # fused step: RMSNorm scales and residual adds inside their kernels (note 27)
     fused_add_norm: bool | None = None    # fused step: a residual add not inside a GEMM and the RMSNorm after it as one
@@ -123,6 +126,8 @@ class EngineConfig:
             raise ValueError("watermarks must satisfy 0 < low_watermark <= high_watermark <= 1")
         if self.prefill_graph_tokens is not None and self.prefill_graph_tokens < 1:
             raise ValueError(f"prefill_graph_tokens must be >= 1, got {self.prefill_graph_tokens}")
+        if self.decode_kv_block < 0:
+            raise ValueError(f"decode_kv_block must be >= 0, got {self.decode_kv_block}")
         if self.decode_num_stages < 0:
             raise ValueError(f"decode_num_stages must be >= 0, got {self.decode_num_stages}")
         if self.decode_split_kv < 0:

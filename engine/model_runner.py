@@ -36,13 +36,14 @@ class PrefillResult:
 class ModelRunner:
     def __init__(self, hf_model, slab: KVSlab, device: torch.device, pad_token_id: int = 0,
                  cuda_graphs: bool = False, fused_decode: bool = False, packed_prefill: bool = True,
-                 decode_split_kv: int = 0, decode_num_stages: int = 0, prefill_graphs: bool = False, max_prefill_tokens: int = 8192,
+                 decode_split_kv: int = 0, decode_num_stages: int = 0,
+                 decode_kv_block: int = 0, prefill_graphs: bool = False, max_prefill_tokens: int = 8192,
                  decode_sort_rows: bool = True, fused_epilogues: bool = True, chunk_graphs: bool = True,
                  fused_add_norm: bool | None = None, fused_rope_store: bool | None = None,
                  prefill_graph_tokens: int | None = None) -> None:
         """`packed_prefill`: with the fused step on pages, prefill newcomers through
-        engine/fused_prefill.py (`self.packed`) rather than the HF forward. `decode_split_kv`, `decode_num_stages`:
-        the fused paged step's SPLIT_KV and num_stages (0: flex's choice); `decode_sort_rows`: it runs rows longest
+        engine/fused_prefill.py (`self.packed`) rather than the HF forward. `decode_split_kv`, `decode_num_stages`,
+        `decode_kv_block`: the fused paged step's SPLIT_KV, num_stages and BLOCK_N (0: flex's choice); `decode_sort_rows`: it runs rows longest
         first; `fused_epilogues`, `fused_add_norm`, `fused_rope_store` (its `add_norm`, `rope_store`): see FusedDecoder. `prefill_graphs` (with CUDA graphs, on CUDA):
         that packed prefill's whole-prompt forwards of up to `max_prefill_tokens` and
         `prefill_graph_tokens` tokens replay a
@@ -76,7 +77,7 @@ class ModelRunner:
             on_cuda = device.type == "cuda"
             self.paged = PagedDecoder(self.fused, slab, device, graphs=cuda_graphs and on_cuda, compile=on_cuda,
                                       split_kv=decode_split_kv, sort_rows=decode_sort_rows,
-                                      num_stages=decode_num_stages)
+                                      num_stages=decode_num_stages, kv_block=decode_kv_block)
             if self.paged.use_graphs:
                 self.paged.capture_all()
         elif cuda_graphs and device.type == "cuda" and not paged:

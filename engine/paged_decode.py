@@ -30,9 +30,17 @@ ROW_BUCKETS = (8, 32, 64, 128, 256, 512)
 ID, POS, LEN, WRITE, INV, TABLE = range(6)
 
 
+def decode_kernel_options(split_kv: int, num_stages: int, kv_block: int, page_size: int) -> dict | None:
+    """flex's decode-kernel settings from EngineConfig's (0: flex's own choice). A program's K/V
+    block (BLOCK_N) must divide the mask's block, a page: a block that does not is left to flex."""
+    options = {"SPLIT_KV": split_kv, "num_stages": num_stages,
+               "BLOCK_N": kv_block if kv_block and page_size % kv_block == 0 else 0}
+    return {k: v for k, v in options.items() if v} or None
+
+
 class PagedDecoder:
     def __init__(self, fused: FusedDecoder, kv: PagedKV, device: torch.device, graphs: bool, compile: bool,
-                 split_kv: int = 0, sort_rows: bool = True, num_stages: int = 0) -> None:
+                 split_kv: int = 0, sort_rows: bool = True, num_stages: int = 0, kv_block: int = 0) -> None:
         self.fused, self.kv, self.device = fused, kv, device
         self.sort_rows = sort_rows   # run each step's rows longest first (see decode)
         S, P = kv.max_rows, kv.max_pages_per_row
@@ -40,8 +48,7 @@ class PagedDecoder:
         self.attention = PagedDecodeAttention(
             fused.num_heads, fused.num_kv_heads, fused.head_dim, kv.page_size, max_rows=S,
             max_pages_per_row=P, device=device, compile=compile, num_pages=kv.num_pages + 1,
-            kernel_options={**({"SPLIT_KV": split_kv} if split_kv else {}),
-                            **({"num_stages": num_stages} if num_stages else {})} or None)
+            kernel_options=decode_kernel_options(split_kv, num_stages, kv_block, kv.page_size))
         # The step's inputs (columns above), read inside the step; a padding row (past the live
         # ones, up to the bucket) attends nothing and writes to the pool's scratch slot.
         self.padding = torch.zeros(S, TABLE + P, dtype=torch.long)

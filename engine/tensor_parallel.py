@@ -618,6 +618,7 @@ def follow(conn, rank: int, world: int, port: int, config, loader, setup=None) -
                                         fused_decode=geometry.fused, packed_prefill=geometry.packed,
                                         cuda_graphs=geometry.graphs, decode_split_kv=geometry.split_kv,
                                         decode_num_stages=config.decode_num_stages,
+                                        decode_kv_block=config.decode_kv_block,
                                         decode_sort_rows=config.decode_sort_rows,
                                         fused_epilogues=config.fused_epilogues,
                                         fused_add_norm=config.fused_add_norm, fused_rope_store=config.fused_rope_store,

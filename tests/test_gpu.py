@@ -181,8 +181,9 @@ def test_bf16_mixed_forward_close_to_separate_forwards(tiny_model_dir):
         torch.testing.assert_close(kv.row_kv(f"m{i}").float(), kv.row_kv(f"a{i}").float(), rtol=0.05, atol=0.05)
 
 
-@pytest.mark.parametrize("kernel_options", [None, {"num_stages": 2}, {"SPLIT_KV": 4}, {"SPLIT_KV": 16, "BLOCK_N": 32}],
-                         ids=["flex-default", "stages2", "split4", "split16-block32"])
+@pytest.mark.parametrize("kernel_options", [None, {"num_stages": 2, "BLOCK_N": 64}, {"SPLIT_KV": 4},
+                                            {"SPLIT_KV": 16, "BLOCK_N": 32}],
+                         ids=["flex-default", "stages2-block-page", "split4", "split16-block32"])
 def test_compiled_paged_decode_kernel_options_match_gathered_sdpa(kernel_options):
     """The compiled paged decode (Triton on CUDA) with flex's decode settings overridden, as
     benchmarks/probe_flex_decode.py compares them, still equals SDPA over each row's gathered K/V,

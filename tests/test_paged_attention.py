@@ -184,3 +184,16 @@ def _row_buckets_compile_once(config) -> None:
     with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):   # a new dtype: one too many
         att._flex(q.double(), pools[0][0][None].double(), pools[0][1][None].double(),
                   block_mask=att._block_mask(3), scale=SCALE, enable_gqa=True)
+
+
+def test_decode_kernel_options_from_the_engine_settings():
+    """EngineConfig's decode-kernel settings become flex's kernel_options (0: flex's own choice),
+    and a K/V block that does not divide the page (the mask's block) is left to flex."""
+    from engine.config import EngineConfig
+    from engine.paged_decode import decode_kernel_options
+    c = EngineConfig()
+    assert decode_kernel_options(c.decode_split_kv, c.decode_num_stages, c.decode_kv_block, 128) == \
+        {"num_stages": 2, "BLOCK_N": 128}
+    assert decode_kernel_options(0, 2, 128, 64) == {"num_stages": 2}
+    assert decode_kernel_options(4, 0, 64, 128) == {"SPLIT_KV": 4, "BLOCK_N": 64}
+    assert decode_kernel_options(0, 0, 0, 128) is None
