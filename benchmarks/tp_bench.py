@@ -11,6 +11,8 @@ or the built-in model, and runs the same batch of W1-style requests (all at once
   - tpN-noprefill-graphs: as tpN with packed whole-prompt prefills eager (EngineConfig.prefill_graphs
                  off; on by default since note 34, graphed up to 1,280 tokens per rank);
   - tpN-prefill-graphs: as tpN with prefill graphs forced on (the default before note 34 was off);
+  - tpN-wholehead: as tpN with the whole LM head on every rank (EngineConfig.tp_vocab_parallel off;
+                 the default splits its rows over the ranks and gathers the logits since note 34);
   - tp1-flexown, tpN-flexown: flex's own num_stages and BLOCK_N for the paged decode attention (1
                  and 64 on an H200; EngineConfig.decode_num_stages / decode_kv_block 0; the defaults are 2
                  and 128 since note 34);
@@ -74,6 +76,7 @@ class Variant:
     rope_store: bool | None = None     # EngineConfig.fused_rope_store
     prefill_graphs: bool | None = None  # EngineConfig.prefill_graphs (None: the engine's default, on)
     pipeline: bool = True              # EngineConfig.pipeline_decode
+    vocab_parallel: bool = True        # EngineConfig.tp_vocab_parallel
     flex_own: bool = False             # EngineConfig.decode_num_stages and decode_kv_block 0: flex's own settings
 
 
@@ -96,6 +99,7 @@ def run(v: Variant, args, reqs, tokenizer_dir) -> dict:
                           aging_seconds=0, decode_split_kv=args.decode_split_kv if v.split_kv is None else v.split_kv,
                           tp_allreduce=v.allreduce, fused_add_norm=v.add_norm, fused_rope_store=v.rope_store,
                           prefill_graphs=v.prefill_graphs, pipeline_decode=v.pipeline,
+                          tp_vocab_parallel=v.vocab_parallel,
                           **({"decode_num_stages": 0, "decode_kv_block": 0} if v.flex_own else {}))
     t0 = time.monotonic()
     engine, info, _tok = build_engine(config, loader)
@@ -270,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
              "tp1-torchnorms": Variant(1, add_norm=False), "tp1-nopipe": Variant(1, pipeline=False),
              "tpN-nopipe": Variant(n, pipeline=False),
              "tp1-flexown": Variant(1, flex_own=True), "tpN-flexown": Variant(n, flex_own=True),
+             "tpN-wholehead": Variant(n, vocab_parallel=False),
              "tpN": Variant(n), "tpN-one-shot": Variant(n, allreduce="one-shot"),
              "tpN-fused": Variant(n, allreduce="fused"), "tpN-nccl": Variant(n, allreduce="nccl"),
              "tpN-prefill-graphs": Variant(n, prefill_graphs=True),

@@ -58,6 +58,8 @@ class EngineConfig:
                                           # (note 30); fused = that sum, the residual add and the RMSNorm as one kernel in
                                           # the fused step (engine/allreduce_norm.py, CUDA bf16), NCCL elsewhere (note 32);
                                           # auto = fused on CUDA in bf16, else nccl
+    tp_vocab_parallel: bool = True        # tensor parallel, fused step: each rank computes its V / n rows of the LM head
+                                          # and the logits are gathered (tensor_parallel.vocab_parallel_head), note 34
     decode_split_kv: int = 0              # paged decode: programs per row and kv head in flex's decode kernel
                                           # (SPLIT_KV); 0 = flex's choice (docs/benchmarks.md note 25)
     decode_num_stages: int = 2            # paged decode: flex's decode kernel loads K/V blocks this many deep

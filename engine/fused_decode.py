@@ -191,6 +191,9 @@ class FusedDecoder:
         self.reduce = shards.all_reduce if shards is not None else (lambda x: x)
         # tp_allreduce "fused": the sum over the ranks, the add and the norm as one kernel (engine/allreduce_norm.py)
         self.reduce_add_norm = shards.all_reduce_add_norm if shards is not None else None
+        # the LM head's rows split over the ranks, the logits gathered (tensor_parallel.vocab_parallel_head)
+        self.head_part, self.gather_vocab = (shards.vocab_gather if shards is not None and shards.vocab_gather
+                                             else (None, None))
         # under TP the residual is added after the all-reduce of the partial sums
         self.residual_in_gemm = fuse_epilogues and shards is None
         on_cuda = next(model.parameters()).is_cuda
@@ -294,6 +297,8 @@ class FusedDecoder:
                 x, h = self._reduce_add_norm(F.linear(m, layer.down_w), x, weight, eps)
         if keep is not None:
             h = h.index_select(0, keep)
+        if self.head_part is not None:
+            return self.gather_vocab(F.linear(h, self.head_part))
         return self.lm_head(h)
 
     def _reduce_add_norm(self, y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float):

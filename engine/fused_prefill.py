@@ -226,8 +226,10 @@ class FusedPrefill:
 # tokens, in fine steps (padding costs GPU time one for one), and past that the eager forward's
 # host time hides under its GPU time while a graph's padding would only add (powers of 2 up to
 # 8,192 lost 20-70 ms a forward there, which is why note 26's graphs hardly moved W4).
-PREFILL_BUCKETS = (64, 128, 256, 384, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096,
-                   5120)
+# Past 1,280 (graphed only under TP): steps of 128 to 1,792, then of at most a quarter. A padded
+# token costs its GPU time in every replay, a bucket one capture at start-up.
+PREFILL_BUCKETS = (64, 128, 256, 384, 512, 640, 768, 896, 1024, 1280, 1408, 1536, 1664, 1792, 2048, 2304, 2560,
+                   3072, 3584, 4096, 5120)
 PREFILL_GRAPH_PROMPTS = 64   # prompts one graphed forward takes (more: the eager forward)
 
 

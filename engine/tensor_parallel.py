@@ -155,13 +155,14 @@ _decode = msgspec.msgpack.Decoder(Message).decode
 
 
 # ---- sharding -------------------------------------------------------------------------------------
-def shard_model(hf_model, mesh, allreduce: str = "auto", max_rows: int = 256) -> None:
+def shard_model(hf_model, mesh, allreduce: str = "auto", max_rows: int = 256, vocab_parallel: bool = True) -> None:
     """Shard the model in place over `mesh` with PyTorch's tensor-parallel styles, following the
     model family's own plan (transformers' `base_model_tp_plan`). Raises ValueError when the
     family has no plain column/row plan or its heads do not divide among the ranks. `allreduce`:
     how a row-parallel linear's partial outputs are summed (EngineConfig.tp_allreduce); "fused"
     also gives the fused decode step the all-reduce + add + RMSNorm kernel for up to `max_rows`
-    rows (engine/allreduce_norm.py)."""
+    rows (engine/allreduce_norm.py). `vocab_parallel`: the fused step's LM head too
+    (`vocab_parallel_head`)."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
     cfg, n = hf_model.config, mesh.size()
     plan = getattr(cfg, "base_model_tp_plan", None) or {}
@@ -184,7 +185,34 @@ def shard_model(hf_model, mesh, allreduce: str = "auto", max_rows: int = 256) ->
                                   sum_over_ranks(mesh.get_group(), mesh.device_type, hf_model.dtype, allreduce))
     if allreduce == "fused":
         shards = replace(shards, all_reduce_add_norm=fused_all_reduce_norm(mesh, cfg.hidden_size, hf_model.dtype, max_rows))
+    if vocab_parallel:
+        shards = replace(shards, vocab_gather=vocab_parallel_head(hf_model.lm_head, mesh))
     hf_model._baton_tp = shards
+
+
+def vocab_parallel_head(lm_head, mesh):
+    """The fused step's LM head split by vocabulary rows (Megatron's vocab-parallel output layer):
+    each rank computes the logits of its own V / n rows (a view of the weight: the HF forward keeps
+    the whole head) and one all-gather puts every rank's logits together, so a rank reads 1 / n of
+    the head's weights a step instead of all of them (7B: 262 MB, ~0.1 ms on an H200, note 34).
+    Each logit is the same dot product either way. -> (the rows, gather(local) -> [B, V]), or None
+    where the head has a bias or n does not divide V (the head then stays whole on every rank)."""
+    import torch.distributed as dist
+    weight, n, rank = lm_head.weight, mesh.size(), mesh.get_local_rank()
+    vocab = weight.shape[0]
+    if lm_head.bias is not None or vocab % n:
+        return None
+    part = vocab // n
+    group = mesh.get_group()
+    # torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single; 2.11 has only the old name
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+    def gather(local: torch.Tensor) -> torch.Tensor:
+        rows = local.shape[0]
+        out = torch.empty(n * rows, part, dtype=local.dtype, device=local.device)
+        all_gather(out, local.contiguous(), group=group)
+        return out.view(n, rows, part).transpose(0, 1).reshape(rows, vocab)   # rank r's part: columns [r*V/n, ...)
+    return weight.detach()[rank * part:(rank + 1) * part], gather
 
 
 def resolve_allreduce(choice: str, device_type: str, dtype: torch.dtype) -> str:
@@ -219,6 +247,7 @@ class LocalShards:
     all_reduce: object
     rowwise_bias: bool
     all_reduce_add_norm: object = None
+    vocab_gather: object = None   # vocab_parallel_head's: (this rank's rows of the LM head, the logits' gather)
 
 
 TP_ALLREDUCE = ("auto", "nccl", "one-shot", "fused")
@@ -600,7 +629,7 @@ def follow(conn, rank: int, world: int, port: int, config, loader, setup=None) -
         else:
             hf_model, _tokenizer, _spec = loader()
         store.set(f"loaded/{rank}", "1")
-        shard_model(hf_model, mesh, config.tp_allreduce, config.max_batch_size)
+        shard_model(hf_model, mesh, config.tp_allreduce, config.max_batch_size, config.tp_vocab_parallel)
         geometry = _decode(conn.recv_bytes())
         dtype = hf_model.dtype
         if geometry.layout == "slab":

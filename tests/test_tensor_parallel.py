@@ -83,6 +83,9 @@ def test_tp2_equals_tp1_and_hf(tiny_model_dir, family, layout):
         # fused on pages: prompts are prefilled packed, straight into every rank's pages
         assert (engine.runner.packed is not None) == (layout.get("fused_decode", False) and
                                                        layout["kv_layout"] == "paged")
+        if layout.get("fused_decode"):   # the fused step's LM head: each rank half of its rows, logits gathered
+            head = engine.runner.fused.head_part
+            assert head is not None and 2 * head.shape[0] == info.vocab_size
         limits = Limits(info.max_context_length, 256, 4096, info.vocab_size)
         arrivals, sharded = _run(engine, limits)
         stats = engine.stats()
