@@ -81,7 +81,7 @@ class EngineConfig:
                                           # graphs only (the runner checks); None = on (before note 34: at TP 1 only,
                                           # the graphs stopped at 1,280 tokens). Notes 27, 29, 34
     prefill_graph_tokens: int | None = None   # the largest prefill forward that replays a graph; None = 1,280 per
-                                          # GPU of the tensor-parallel group (fused_prefill.PREFILL_GRAPH_TOKENS)
+                                          # GPU of the tensor-parallel group (PREFILL_GRAPH_TOKENS_PER_GPU above)
     decode_before_prefill: bool | None = None   # a step with prefill work launches its decode step first, so
                                           # the host issues the prefill while the GPU decodes (LLMEngine.step_phases);
                                           # None = on CUDA only (on CPU nothing overlaps: new rows would just wait a step)

@@ -42,14 +42,16 @@ class ModelRunner:
                  fused_add_norm: bool | None = None, fused_rope_store: bool | None = None,
                  prefill_graph_tokens: int | None = None) -> None:
         """`packed_prefill`: with the fused step on pages, prefill newcomers through
-        engine/fused_prefill.py (`self.packed`) rather than the HF forward. `decode_split_kv`, `decode_num_stages`,
-        `decode_kv_block`: the fused paged step's SPLIT_KV, num_stages and BLOCK_N (0: flex's choice); `decode_sort_rows`: it runs rows longest
-        first; `fused_epilogues`, `fused_add_norm`, `fused_rope_store` (its `add_norm`, `rope_store`): see FusedDecoder. `prefill_graphs` (with CUDA graphs, on CUDA):
-        that packed prefill's whole-prompt forwards of up to `max_prefill_tokens` and
-        `prefill_graph_tokens` tokens replay a
-        CUDA graph per token bucket (fused_prefill.StaticPrefill), and with `chunk_graphs` one
-        prompt's chunks at a time too (StaticChunk; off under tensor parallelism, where every rank
-        would have to give its one workspace to the same prompt)."""
+        engine/fused_prefill.py (`self.packed`) rather than the HF forward. `decode_split_kv`,
+        `decode_num_stages`, `decode_kv_block`: the fused paged step's flex SPLIT_KV, num_stages and
+        BLOCK_N (0: flex's choice); `decode_sort_rows`: it runs rows longest first;
+        `fused_epilogues`, `fused_add_norm`, `fused_rope_store` (its `add_norm`, `rope_store`): see
+        FusedDecoder. `prefill_graphs` (with CUDA graphs, on CUDA): that packed prefill's
+        whole-prompt forwards of up to `max_prefill_tokens` and `prefill_graph_tokens` (None:
+        fused_prefill.PREFILL_GRAPH_TOKENS) tokens replay a CUDA graph per token bucket
+        (fused_prefill.StaticPrefill), and with `chunk_graphs` one prompt's chunks at a time too
+        (StaticChunk; off under tensor parallelism, where every rank would have to give its one
+        workspace to the same prompt)."""
         self.model = hf_model
         self.slab = slab
         self.device = device
