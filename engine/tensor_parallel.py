@@ -629,7 +629,7 @@ def follow(conn, rank: int, world: int, port: int, config, loader, setup=None) -
         else:
             hf_model, _tokenizer, _spec = loader()
         store.set(f"loaded/{rank}", "1")
-        shard_model(hf_model, mesh, config.tp_allreduce, config.max_batch_size, config.tp_vocab_parallel)
+        shard_model(hf_model, mesh, config.tp_allreduce, config.use_tp_fused_rows, config.tp_vocab_parallel)
         geometry = _decode(conn.recv_bytes())
         dtype = hf_model.dtype
         if geometry.layout == "slab":
