@@ -142,17 +142,19 @@ def test_compiled_pieces_never_recompile(tiny_model_dir):
 
 def test_decode_split_kv_reaches_the_paged_attention(tiny_model_dir):
     """EngineConfig.decode_split_kv becomes flex's SPLIT_KV in the fused paged step (where the
-    benchmarks compare it, on CUDA), and the engine still gives HF generate's tokens."""
+    benchmarks compare it, on CUDA), beside the default num_stages (BLOCK_N 128 does not divide
+    these pages of 16, so it is left to flex), and the engine still gives HF generate's tokens;
+    with every setting 0 flex chooses alone."""
     from tests.test_engine_exact import _check_against_hf as check
     loaded = model_loader.load(tiny_model_dir("llama"), CPU, torch.float32)
     engine, limits = make_engine(loaded, max_batch_size=3, max_seq_len=128, fused_decode=True,
                                  kv_layout="paged", kv_page_size=16, decode_split_kv=4)
-    assert engine.runner.paged.attention.kernel_options == {"SPLIT_KV": 4}
+    assert engine.runner.paged.attention.kernel_options == {"SPLIT_KV": 4, "num_stages": 2}
     arrivals = _arrivals(lengths=[20, 35, 8, 16], steps=[0, 1, 2, 4], ignore_eos=True)
     check(loaded, engine, drive(engine, limits, arrivals), arrivals)
-    default, _ = make_engine(loaded, max_batch_size=2, max_seq_len=64, fused_decode=True,
-                             kv_layout="paged", kv_page_size=16)
-    assert default.runner.paged.attention.kernel_options is None
+    own, _ = make_engine(loaded, max_batch_size=2, max_seq_len=64, fused_decode=True,
+                         kv_layout="paged", kv_page_size=16, decode_num_stages=0, decode_kv_block=0)
+    assert own.runner.paged.attention.kernel_options is None
 
 
 def _paged_rows(tiny_model_dir, lengths: list[int], seed: int):
