@@ -67,7 +67,7 @@ for k, v in d.items():
         print(" ", k, {x: round(v[x], 4) if isinstance(v[x], float) else v[x] for x in keys if x in v},
               f"ttft p99 by priority {prio}" if prio else "")
     elif "_over_" in k or "same_tokens" in k:   # ratios, token checks
-        print(" ", k, round(v, 3) if isinstance(v, float) else v)
+        print(" ", k, round(v, 4) if isinstance(v, float) else v)
 PY
 }
 
