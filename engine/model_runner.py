@@ -92,6 +92,11 @@ class ModelRunner:
                 if self.packed.chunk_static is not None:
                     self.packed.chunk_static.capture_all()
             except Exception as exc:  # noqa: BLE001 - a capture that fails leaves the eager prefill
+                if getattr(hf_model, "_baton_tp", None) is not None:
+                    # under TP every rank must take the same path (the graphs hold collectives): a
+                    # rank that fell back alone would wait in a collective its peers never join
+                    raise RuntimeError(f"prefill graphs failed to capture under tensor parallelism ({exc!r:.300}); "
+                                       "start with EngineConfig.prefill_graphs=False") from exc
                 log.warning("prefill_graphs_capture_failed", error=repr(exc)[:500])
                 self.packed.static = self.packed.chunk_static = None
                 torch.cuda.synchronize()
