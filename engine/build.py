@@ -113,19 +113,11 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
                              size=num_slots if config.kv_layout == "slab" else kv.num_pages,
                              page_size=page_size, max_seq_len=max_seq_len, max_rows=num_slots, pad_token_id=pad,
                              fused=fused, graphs=graphs,
-                             packed=packed and fused and config.kv_layout == "paged",
-                             split_kv=config.decode_split_kv))
+                             packed=packed and fused and config.kv_layout == "paged"))
     if config.packed_prefill and not (fused and config.kv_layout == "paged"):
         raise ValueError("packed_prefill needs the paged layout and the fused decode step")
     runner = ModelRunner(hf_model, kv, device, pad_token_id=pad, cuda_graphs=graphs,
-                         fused_decode=fused, packed_prefill=packed, decode_split_kv=config.decode_split_kv,
-                         decode_num_stages=config.decode_num_stages, decode_kv_block=config.decode_kv_block,
-                         decode_sort_rows=config.decode_sort_rows,
-                         fused_epilogues=config.fused_epilogues,
-                         fused_add_norm=config.fused_add_norm, fused_rope_store=config.fused_rope_store,
-                         prefill_graphs=config.use_prefill_graphs, max_prefill_tokens=config.max_prefill_tokens,
-                         chunk_graphs=config.tensor_parallel == 1,
-                         prefill_graph_tokens=config.use_prefill_graph_tokens)
+                         fused_decode=fused, packed_prefill=packed, **runner_options(config))
     scheduler = Scheduler(SchedulerConfig(
         max_batch_size=num_slots, max_prefill_tokens=config.max_prefill_tokens,
         kv_budget_tokens=min(kv_budget, kv.total_bytes) // bytes_per_token, max_row_tokens=max_seq_len,
@@ -154,6 +146,18 @@ def assemble_engine(hf_model, tokenizer, spec: model_loader.ModelSpec,
         kv_slab_bytes=kv.total_bytes, decode_graphs=runner.num_graphs,
         decode=runner.describe() + (f", tensor parallel {shards.world}" if shards else ""))
     return engine, info
+
+
+def runner_options(config: EngineConfig) -> dict:
+    """ModelRunner's settings that come from the configuration alone, the same on every
+    tensor-parallel rank (rank 0 here, each follower in tensor_parallel.follow): the ranks capture
+    and replay the same graphs, whose collectives must meet."""
+    return dict(decode_split_kv=config.decode_split_kv, decode_num_stages=config.decode_num_stages,
+                decode_kv_block=config.decode_kv_block, decode_sort_rows=config.decode_sort_rows,
+                fused_epilogues=config.fused_epilogues, fused_add_norm=config.fused_add_norm,
+                fused_rope_store=config.fused_rope_store, prefill_graphs=config.use_prefill_graphs,
+                max_prefill_tokens=config.max_prefill_tokens, prefill_graph_tokens=config.use_prefill_graph_tokens,
+                chunk_graphs=config.tensor_parallel == 1)   # chunk graphs: each rank's one workspace
 
 
 def prefill_reserve_bytes(config: EngineConfig, model_config, max_seq_len: int, bytes_per_token: int,

@@ -34,8 +34,6 @@ from engine.fused_decode import FusedDecoder
 from engine.kv_paged import PagedKV
 
 
-PREFILL_GRAPH_TOKENS = PREFILL_GRAPH_TOKENS_PER_GPU   # at TP 1 (engine/config.py says why)
-
 # A chunk's attention may use any SDPA kernel but cuDNN's. cuDNN builds an execution plan for each
 # new set of shapes *and strides*, and a chunk's keys are a slice of its request's partial K/V
 # (stride = the prompt's length), so a first chunk (square causal, where SDPA picked cuDNN on the
@@ -134,7 +132,7 @@ class MixedAttend:
 
 class FusedPrefill:
     def __init__(self, fused: FusedDecoder, kv: PagedKV, graphs: bool = False, max_tokens: int = 8192,
-                 chunk_graphs: bool = True, graph_tokens: int = PREFILL_GRAPH_TOKENS) -> None:
+                 chunk_graphs: bool = True, graph_tokens: int = PREFILL_GRAPH_TOKENS_PER_GPU) -> None:
         """`graphs`: whole-prompt forwards of up to min(`max_tokens`, `graph_tokens`) tokens replay
         a CUDA graph per token bucket (`StaticPrefill`; capture with `capture_all`), and so do
         chunks with `chunk_graphs` (`StaticChunk`). Needs varlen attention."""

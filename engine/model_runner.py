@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import structlog
 import torch
 
+from engine.config import PREFILL_GRAPH_TOKENS_PER_GPU
 from engine.fused_decode import SlabAttend
 from engine.kv_paged import PagedCache, PagedKV
 from engine.kv_slab import KVSlab, SlabCache
@@ -40,16 +41,15 @@ class ModelRunner:
                  decode_kv_block: int = 0, prefill_graphs: bool = False, max_prefill_tokens: int = 8192,
                  decode_sort_rows: bool = True, fused_epilogues: bool = True, chunk_graphs: bool = True,
                  fused_add_norm: bool | None = None, fused_rope_store: bool | None = None,
-                 prefill_graph_tokens: int | None = None) -> None:
+                 prefill_graph_tokens: int = PREFILL_GRAPH_TOKENS_PER_GPU) -> None:
         """`packed_prefill`: with the fused step on pages, prefill newcomers through
         engine/fused_prefill.py (`self.packed`) rather than the HF forward. `decode_split_kv`,
         `decode_num_stages`, `decode_kv_block`: the fused paged step's flex SPLIT_KV, num_stages and
         BLOCK_N (0: flex's choice); `decode_sort_rows`: it runs rows longest first;
         `fused_epilogues`, `fused_add_norm`, `fused_rope_store` (its `add_norm`, `rope_store`): see
         FusedDecoder. `prefill_graphs` (with CUDA graphs, on CUDA): that packed prefill's
-        whole-prompt forwards of up to `max_prefill_tokens` and `prefill_graph_tokens` (None:
-        fused_prefill.PREFILL_GRAPH_TOKENS) tokens replay a CUDA graph per token bucket
-        (fused_prefill.StaticPrefill), and with `chunk_graphs` one prompt's chunks at a time too
+        whole-prompt forwards of up to `max_prefill_tokens` and `prefill_graph_tokens` tokens
+        replay a CUDA graph per token bucket (fused_prefill.StaticPrefill), and with `chunk_graphs` one prompt's chunks at a time too
         (StaticChunk; off under tensor parallelism, where every rank would have to give its one
         workspace to the same prompt)."""
         self.model = hf_model
@@ -70,10 +70,10 @@ class ModelRunner:
         self.paged = None     # the fused paged step (FlexAttention over each row's own pages)
         self.packed = None    # prefill straight into pages (engine/fused_prefill.py)
         if paged and self.fused is not None and packed_prefill:
-            from engine.fused_prefill import PREFILL_GRAPH_TOKENS, FusedPrefill
+            from engine.fused_prefill import FusedPrefill
             self.packed = FusedPrefill(self.fused, slab, graphs=prefill_graphs and cuda_graphs and device.type == "cuda",
                                        max_tokens=max_prefill_tokens, chunk_graphs=chunk_graphs,
-                                       graph_tokens=prefill_graph_tokens or PREFILL_GRAPH_TOKENS)
+                                       graph_tokens=prefill_graph_tokens)
         if paged and self.fused is not None:
             from engine.paged_decode import PagedDecoder
             on_cuda = device.type == "cuda"

@@ -69,7 +69,6 @@ class Geometry(msgspec.Struct, tag=True, array_like=True):
     fused: bool = False          # the fused decode step on every rank
     graphs: bool = False         # decode steps as CUDA graphs, captured on every rank in one order
     packed: bool = False         # prefill packed, straight into pages (engine/fused_prefill.py)
-    split_kv: int = 0            # the paged decode's SPLIT_KV (EngineConfig.decode_split_kv)
 
 
 class Prefill(msgspec.Struct, tag=True, array_like=True):
@@ -614,6 +613,7 @@ def follow(conn, rank: int, world: int, port: int, config, loader, setup=None) -
     storage rank 0 describes, then run rank 0's operations until Stop or its pipe closes."""
     prepare_child(setup)   # rank 0's process decides when we stop
     from engine import model_loader
+    from engine.build import runner_options
     from engine.kv_paged import PagedKV
     from engine.kv_slab import KVSlab
     from engine.model_runner import ModelRunner
@@ -645,15 +645,7 @@ def follow(conn, rank: int, world: int, port: int, config, loader, setup=None) -
                                 bring_up=config.prefix_cache_bring_up)
         follower = Follower(ModelRunner(hf_model, kv, device, pad_token_id=geometry.pad_token_id,
                                         fused_decode=geometry.fused, packed_prefill=geometry.packed,
-                                        cuda_graphs=geometry.graphs, decode_split_kv=geometry.split_kv,
-                                        decode_num_stages=config.decode_num_stages,
-                                        decode_kv_block=config.decode_kv_block,
-                                        decode_sort_rows=config.decode_sort_rows,
-                                        fused_epilogues=config.fused_epilogues,
-                                        fused_add_norm=config.fused_add_norm, fused_rope_store=config.fused_rope_store,
-                                        prefill_graphs=config.use_prefill_graphs,
-                                        max_prefill_tokens=config.max_prefill_tokens, chunk_graphs=False,
-                                        prefill_graph_tokens=config.use_prefill_graph_tokens),
+                                        cuda_graphs=geometry.graphs, **runner_options(config)),
                           kv, device, cache)
         while type(message := _decode(conn.recv_bytes())) is not Stop:
             follower.apply(message)

@@ -131,9 +131,9 @@ def test_prefill_graph_buckets_stop_where_the_eager_forward_is_gpu_bound():
     the eager forward's host time hides under its GPU time: note 27; a rank's GPU time shrinks
     with the group, the host's does not: note 34), in steps of at most 256 tokens up to 1,280 and
     of at most a quarter above, and are on by default at every tensor-parallel size."""
-    from engine.config import EngineConfig
-    from engine.fused_prefill import PREFILL_BUCKETS, PREFILL_GRAPH_TOKENS
-    assert PREFILL_GRAPH_TOKENS == 1280 and 1280 in PREFILL_BUCKETS
+    from engine.config import PREFILL_GRAPH_TOKENS_PER_GPU, EngineConfig
+    from engine.fused_prefill import PREFILL_BUCKETS
+    assert PREFILL_GRAPH_TOKENS_PER_GPU == 1280 and 1280 in PREFILL_BUCKETS
     assert all(b - a <= 256 if b <= 1280 else b <= 1.25 * a for a, b in zip(PREFILL_BUCKETS, PREFILL_BUCKETS[1:]))
     assert EngineConfig().use_prefill_graph_tokens == 1280
     assert EngineConfig(tensor_parallel=2).use_prefill_graph_tokens == 2560 <= PREFILL_BUCKETS[-1]
