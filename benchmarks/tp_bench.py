@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -247,6 +248,12 @@ def _kernel_summary(prof, steps: int) -> dict:
             "top_kernels_ms_per_step": {k: round(v / 1000 / steps, 3) for k, v in top}}
 
 
+def _median_of_runs(figures: dict, key: str) -> float:
+    """`key`'s median over the first run and --repeats' others ('again')."""
+    values = sorted([figures[key]] + [a[key] for a in figures["again"]])
+    return statistics.median(values)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default=None, help="benchmarks.bench preset (random weights), default the built-in model")
@@ -318,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
                 out[f"{name}_over_{ref}_tpot_p50"] = mine["tpot_p50_s"] / out[ref]["tpot_p50_s"]
                 if "step_p50_ms" in mine and "step_p50_ms" in out[ref]:
                     out[f"{name}_over_{ref}_step_p50"] = mine["step_p50_ms"] / out[ref]["step_p50_ms"]
+                if mine.get("again") and out[ref].get("again"):   # --repeats: the ratio of the runs' medians
+                    for key, tag in (("tpot_p50_s", "tpot"), ("step_p50_ms", "step")):
+                        out[f"{name}_over_{ref}_{tag}_median_of_{args.repeats}"] = \
+                            _median_of_runs(mine, key) / _median_of_runs(out[ref], key)
     base = out.get(f"tp{args.tp}", {})
     for name in args.variants.split(","):   # another way to sum the same partials (one-shot, fused): same tokens?
         mine = out.get(name.replace("N", str(args.tp)), {})

@@ -10,8 +10,9 @@ torch.distributed has no such fusion, so this kernel uses torch's symmetric memo
 How the ranks meet without a barrier (the "Lamport" scheme of TensorRT-LLM's one-shot kernels,
 written here from its idea): every slot of every rank's buffer holds a sentinel (bf16 -0.0) until
 data lands in it. A program (one per row) stores its partial row straight into its slot of every
-rank's buffer over NVLink (P2P stores, no multicast), then reads its own buffer's slots until no
-element is the sentinel, sums the ranks' rows in rank order in fp32 with one rounding (as NCCL's
+peer's buffer over NVLink (P2P stores, no multicast), then reads its own buffer's slots until no
+element is the sentinel (its own row it takes from its partial, read with the residual before it
+waits: note 35), sums the ranks' rows in rank order in fp32 with one rounding (as NCCL's
 sum of two), puts the sentinel back, and adds the residual and normalises with HF's roundings and
 liger's reduction (its warps a row, its rsqrt): its outputs equal NCCL + liger's add-norm's.
 A partial's own -0.0 is sent as +0.0, so the sentinel is never data (the sum's value is the same).
@@ -45,7 +46,7 @@ _SENTINEL = tl.constexpr(SENTINEL)   # the same, as a kernel reads a global
 @triton.jit(do_not_specialize=["b"])   # one compile for every row count (Triton would specialise 1 and multiples of 16)
 def _all_reduce_add_norm(partial, residual, weight, x_out, h_out, buffers, state, eps, b,
                          rank: tl.constexpr, world: tl.constexpr, ROWS: tl.constexpr,
-                         N: tl.constexpr, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr):
+                         N: tl.constexpr, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr, LOCAL: tl.constexpr):
     first, programs = tl.program_id(0), tl.num_programs(0)
     cols = tl.arange(0, BLOCK)
     inside = cols < N
@@ -57,22 +58,33 @@ def _all_reduce_add_norm(partial, residual, weight, x_out, h_out, buffers, state
         mine = tl.where(mine == _SENTINEL, 0, mine)           # -0.0 goes as +0.0
         slot = ((half * world + rank) * ROWS + row) * N + cols
         for peer in tl.static_range(world):
-            theirs = tl.load(buffers + peer).to(tl.pointer_type(tl.int16))
-            tl.store(theirs + slot, mine, mask=inside)
+            if not LOCAL or peer != rank:   # LOCAL: this rank's own row is summed from `partial`, not its buffer
+                theirs = tl.load(buffers + peer).to(tl.pointer_type(tl.int16))
+                tl.store(theirs + slot, mine, mask=inside)
     own = tl.load(buffers + rank).to(tl.pointer_type(tl.int16))
     w = tl.load(weight + cols, mask=inside, other=0.0).to(tl.float32)
     for row in range(first, b, programs):
         at = row * N + cols
+        # LOCAL: the residual and this rank's own partial are read before any wait on a peer, so
+        # after the last peer's row lands only the sum and the norm remain
+        if LOCAL:
+            res = tl.load(residual + at, mask=inside, other=0.0).to(tl.float32)
         total = tl.zeros([BLOCK], dtype=tl.float32)
         for r in tl.static_range(world):   # rank order: the same sum on every rank
-            src = own + ((half * world + r) * ROWS + row) * N + cols
-            got = tl.load(src, mask=inside, other=0, volatile=True)
-            while tl.max((got == _SENTINEL).to(tl.int32), axis=0) > 0:
+            if LOCAL and r == rank:
+                got = tl.load(partial + at, mask=inside, other=0.0).to(tl.int16, bitcast=True)
+                got = tl.where(got == _SENTINEL, 0, got)   # as it was sent to the peers
+            else:
+                src = own + ((half * world + r) * ROWS + row) * N + cols
                 got = tl.load(src, mask=inside, other=0, volatile=True)
+                while tl.max((got == _SENTINEL).to(tl.int32), axis=0) > 0:
+                    got = tl.load(src, mask=inside, other=0, volatile=True)
+                tl.store(src, tl.full([BLOCK], _SENTINEL, tl.int16), mask=inside)
             total += got.to(tl.bfloat16, bitcast=True).to(tl.float32)
-            tl.store(src, tl.full([BLOCK], _SENTINEL, tl.int16), mask=inside)
+        if not LOCAL:
+            res = tl.load(residual + at, mask=inside, other=0.0).to(tl.float32)
         summed = total.to(tl.bfloat16)
-        x = (summed.to(tl.float32) + tl.load(residual + at, mask=inside, other=0.0).to(tl.float32)).to(tl.bfloat16)
+        x = (summed.to(tl.float32) + res).to(tl.bfloat16)
         xf = x.to(tl.float32)
         if LIBDEVICE:
             rstd = libdevice.rsqrt(tl.sum(xf * xf, axis=0) / N + eps)
@@ -89,7 +101,7 @@ def _all_reduce_add_norm(partial, residual, weight, x_out, h_out, buffers, state
 
 
 def launch(partial, residual, weight, eps, buffers_ptr: int, state, rank: int, world: int, rows: int,
-           programs: int):
+           programs: int, local: bool = True):
     """The kernel on `partial` and `residual` [b, n] (b <= rows), the buffers' pointer table at
     `buffers_ptr` (each rank's buffer: [2, world, rows, n] bf16) and `state` (int32 [2]: round,
     tickets) -> (residual + the ranks' sum, its RMSNorm * weight). At most `programs` programs
@@ -100,7 +112,7 @@ def launch(partial, residual, weight, eps, buffers_ptr: int, state, rank: int, w
     warps = 16 if block >= 8192 else 8 if block >= 2048 else 4   # liger's: the same sum of squares, in the same order
     _all_reduce_add_norm[(min(b, programs),)](
         partial, residual, weight, x, h, buffers_ptr, state, eps, b, rank=rank, world=world, ROWS=rows, N=n,
-        BLOCK=block, num_warps=warps, LIBDEVICE=_LIBDEVICE)
+        BLOCK=block, num_warps=warps, LIBDEVICE=_LIBDEVICE, LOCAL=local)
     return x, h
 
 
@@ -110,7 +122,8 @@ class FusedAllReduceNorm:
     then sums with its all-reduce and adds and normalises apart. Every rank of `group` must build it
     at once (it meets its peers to exchange the buffers) and call it in the same order."""
 
-    def __init__(self, group, max_rows: int, hidden: int, dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(self, group, max_rows: int, hidden: int, dtype: torch.dtype = torch.bfloat16,
+                 local: bool = True) -> None:
         import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
         if dtype != torch.bfloat16:
@@ -126,6 +139,7 @@ class FusedAllReduceNorm:
         self.handle = symm_mem.rendezvous(self.buffer, group.group_name)
         self.state = torch.zeros(2, dtype=torch.int32, device=device)
         self.rows, self.hidden, self.dtype = max_rows, hidden, dtype
+        self.local = local   # False: its own row through its own buffer too (the kernel before note 35; the probe's A/B)
         self.programs = torch.cuda.get_device_properties(device).multi_processor_count
         torch.cuda.synchronize(device)
         dist.barrier(group=group)   # every buffer holds the sentinel before any rank stores into it
@@ -140,4 +154,4 @@ class FusedAllReduceNorm:
                 or not partial.is_contiguous() or not residual.is_contiguous()):
             return None
         return launch(partial, residual, weight, eps, self.handle.buffer_ptrs_dev, self.state,
-                      self.handle.rank, self.world, self.rows, self.programs)
+                      self.handle.rank, self.world, self.rows, self.programs, self.local)

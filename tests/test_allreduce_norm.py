@@ -29,13 +29,15 @@ def _one_rank() -> None:
     for round_, (b, programs) in enumerate(((3, 2), (2, 2), (4, 1))):
         partial, residual = (torch.randn(b, n, generator=g).to(torch.bfloat16) for _ in range(2))
         partial[0, 5] = -0.0   # data, not the sentinel: the kernel must not wait on it
-        x, h = launch(partial, residual, weight, eps, ptrs.data_ptr(), state, rank=0, world=1, rows=rows,
-                      programs=programs)
         x_ref = cut(partial.float() + residual.float())
         normed = cut(x_ref.float() * torch.rsqrt(x_ref.float().pow(2).mean(-1, keepdim=True) + eps))
-        assert torch.equal(x, x_ref) and torch.equal(h, cut(normed.float() * weight.float()))
-        assert state.tolist() == [round_ + 1, 0]
-        assert bool((buffer == SENTINEL).all())
+        # local: its own row from the partial (the engine's); not local: through its own buffer
+        for i, local in enumerate((True, False)):
+            x, h = launch(partial, residual, weight, eps, ptrs.data_ptr(), state, rank=0, world=1, rows=rows,
+                          programs=programs, local=local)
+            assert torch.equal(x, x_ref) and torch.equal(h, cut(normed.float() * weight.float()))
+            assert state.tolist() == [2 * round_ + i + 1, 0]
+            assert bool((buffer == SENTINEL).all())
 
 
 def test_fused_all_reduce_norm_kernel_on_one_rank():
