@@ -13,7 +13,7 @@ or the built-in model, and runs the same batch of W1-style requests (all at once
   - tpN-prefill-graphs: as tpN with prefill graphs forced on (the default before note 34 was off);
   - tpN-fusedprefill: as tpN with the fused all-reduce + add + norm also taking a prefill's sums of
                  up to the prefill graphs' tokens (EngineConfig.tp_fused_rows; default: a decode
-                 step's rows, a prefill's sums take NCCL);
+                 step's rows, a prefill's sums take NCCL; no faster at 7B, note 35);
   - tpN-wholehead: as tpN with the whole LM head on every rank (EngineConfig.tp_vocab_parallel off;
                  the default splits its rows over the ranks and gathers the logits since note 34);
   - tp1-flexown, tpN-flexown: flex's own num_stages and BLOCK_N for the paged decode attention (1

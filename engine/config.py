@@ -60,7 +60,7 @@ class EngineConfig:
                                           # auto = fused on CUDA in bf16, else nccl
     tp_fused_rows: int | None = None      # rows the fused all-reduce + add + norm takes (its two buffers: 4 x world x rows
                                           # x hidden bytes a rank); None = max_batch_size, a decode step's: a prefill's
-                                          # larger sums take NCCL. Up to the prefill graphs' tokens: note 34's experiment
+                                          # larger sums take NCCL. Up to the prefill graphs' tokens: no faster at 7B (note 35)
     tp_vocab_parallel: bool = True        # tensor parallel, fused step: each rank computes its V / n rows of the LM head
                                           # and the logits are gathered (tensor_parallel.vocab_parallel_head), note 34
     decode_split_kv: int = 0              # paged decode: programs per row and kv head in flex's decode kernel
