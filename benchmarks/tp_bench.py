@@ -250,8 +250,7 @@ def _kernel_summary(prof, steps: int) -> dict:
 
 def _median_of_runs(figures: dict, key: str) -> float:
     """`key`'s median over the first run and --repeats' others ('again')."""
-    values = sorted([figures[key]] + [a[key] for a in figures["again"]])
-    return statistics.median(values)
+    return statistics.median([figures[key]] + [a[key] for a in figures["again"]])
 
 
 def main(argv: list[str] | None = None) -> int:
