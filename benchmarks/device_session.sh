@@ -33,7 +33,7 @@
 #   rows        W4 at 40 req/s, batch up to 512 at 4,096 context: peak concurrent rows (issue 12:
 #               >= 250 rows of ~600 tokens where the slab holds 53)                       ~200
 #   w5          W5 multi-turn chat (16 x 8 turns), prefix cache variants W5_VARIANTS, chunks W5_CHUNK,
-#               W5_REPEATS rounds of them (gains per round and their median)          ~20 a variant
+#               W5_REPEATS rounds of them (gains per round and their median)   ~30 a variant a round
 #   allreduce-probe  (2 GPUs) the TP step's all-reduces in one graph: NCCL, symm-mem one-shot, copy  ~60
 #   allreduce-norm-probe  (2 GPUs) one kernel for all-reduce + residual add + RMSNorm (symmetric memory)
 #               against NCCL + liger: exact? faster in a graph, back to back and between GEMMs?  ~60
