@@ -11,8 +11,8 @@ each row into every peer's buffer and waits for the sentinel to go from its own:
 no remote reads.
 
 Note 35: the kernel sums its own row from its partial (read before it waits, with the residual);
-`fused_through_own` is the kernel before that (its own row stored into and read back from its own
-buffer), timed beside it.
+its A/B against the kernel before that (its own row stored into and read back from its own buffer)
+ran at commit a85c5b0 (`fused_through_own_*`, benchmarks/results/probe-allreduce-norm-s31.jsonl).
 
 Checks, rank 0 printing JSON lines: the residual out equals NCCL + liger's bit for bit, the norm
 within one bf16 rounding (the row's sum of squares is reduced in another order), every rank's
@@ -50,7 +50,6 @@ def main() -> None:
                           "liger": add_norm is not None}), flush=True)
     for label, n_ops, rows, hidden in (("7B", 64, 32, 4096), ("7B", 64, 128, 4096), ("70B", 160, 32, 8192)):
         fused = FusedAllReduceNorm(group, 256, hidden)
-        through_own = FusedAllReduceNorm(group, 256, hidden, local=False)   # the kernel before note 35
         gen = torch.Generator(device="cuda").manual_seed(rank * 1000 + hidden)   # partials differ by rank
         partial = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16, generator=gen)
         same = torch.Generator(device="cuda").manual_seed(hidden)                # residual and weight do not
@@ -59,7 +58,7 @@ def main() -> None:
         eps = 1e-5
         out = {"shape": label, "ops": n_ops, "rows": rows, "hidden": hidden}
 
-        def check(tag, fused=fused):
+        def check(tag):
             x_ref, h_ref = _unfused(partial, residual, weight, eps, add_norm)
             x, h = fused(partial, residual, weight, eps)
             torch.cuda.synchronize()
@@ -72,13 +71,11 @@ def main() -> None:
                         f"{tag}ranks_agree": all(torch.equal(g, gathered[0]) for g in gathered)})
         try:
             check("")
-            check("through_own_", through_own)
             w = torch.randn(hidden, hidden, device="cuda", dtype=torch.bfloat16, generator=same) / hidden ** 0.5
             between = {"back_to_back": lambda t: t, "with_gemm": lambda t: t @ w}
             for where, before in between.items():
                 for kind, op in (("nccl_liger", lambda p, r: _unfused(p, r, weight, eps, add_norm)),
-                                 ("fused", lambda p, r: fused(p, r, weight, eps)),
-                                 ("fused_through_own", lambda p, r: through_own(p, r, weight, eps))):
+                                 ("fused", lambda p, r: fused(p, r, weight, eps))):
                     state = {"r": residual.clone()}
 
                     def step(op=op, before=before, state=state):
@@ -86,7 +83,6 @@ def main() -> None:
                     seconds = _time(_graph(step, n_ops))
                     out[f"{kind}_{where}_op_us"] = round(1e6 * seconds / n_ops, 2)
             check("after_replays_")
-            check("through_own_after_replays_", through_own)
         except Exception as exc:  # noqa: BLE001 - report why it could not run
             out["error"] = repr(exc)[:500]
         if rank == 0:

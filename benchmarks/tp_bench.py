@@ -11,9 +11,6 @@ or the built-in model, and runs the same batch of W1-style requests (all at once
   - tpN-noprefill-graphs: as tpN with packed whole-prompt prefills eager (EngineConfig.prefill_graphs
                  off; on by default since note 34, graphed up to 1,280 tokens per rank);
   - tpN-prefill-graphs: as tpN with prefill graphs forced on (the default before note 34 was off);
-  - tpN-fusedprefill: as tpN with the fused all-reduce + add + norm also taking a prefill's sums of
-                 up to the prefill graphs' tokens (EngineConfig.tp_fused_rows; default: a decode
-                 step's rows, a prefill's sums take NCCL; no faster at 7B, note 35);
   - tpN-wholehead: as tpN with the whole LM head on every rank (EngineConfig.tp_vocab_parallel off;
                  the default splits its rows over the ranks and gathers the logits since note 34);
   - tp1-flexown, tpN-flexown: flex's own num_stages and BLOCK_N for the paged decode attention (1
@@ -81,7 +78,6 @@ class Variant:
     prefill_graphs: bool | None = None  # EngineConfig.prefill_graphs (None: the engine's default, on)
     pipeline: bool = True              # EngineConfig.pipeline_decode
     vocab_parallel: bool = True        # EngineConfig.tp_vocab_parallel
-    fused_prefill_sums: bool = False   # EngineConfig.tp_fused_rows up to the prefill graphs' tokens
     flex_own: bool = False             # EngineConfig.decode_num_stages and decode_kv_block 0: flex's own settings
 
 
@@ -92,7 +88,7 @@ def run(v: Variant, args, reqs, tokenizer_dir) -> dict:
     tp = v.ranks
     from engine import model_loader
     from engine.build import build_engine
-    from engine.config import PREFILL_GRAPH_TOKENS_PER_GPU, EngineConfig
+    from engine.config import EngineConfig
     device = model_loader.resolve_device(args.device)
     dtype = model_loader.resolve_dtype("auto", device)
     # --lazy: every rank builds the preset on the meta device; sharding then allocates only its shards
@@ -105,7 +101,6 @@ def run(v: Variant, args, reqs, tokenizer_dir) -> dict:
                           tp_allreduce=v.allreduce, fused_add_norm=v.add_norm, fused_rope_store=v.rope_store,
                           prefill_graphs=v.prefill_graphs, pipeline_decode=v.pipeline,
                           tp_vocab_parallel=v.vocab_parallel,
-                          **({"tp_fused_rows": PREFILL_GRAPH_TOKENS_PER_GPU * tp} if v.fused_prefill_sums else {}),
                           **({"decode_num_stages": 0, "decode_kv_block": 0} if v.flex_own else {}))
     t0 = time.monotonic()
     engine, info, _tok = build_engine(config, loader)
@@ -286,7 +281,6 @@ def main(argv: list[str] | None = None) -> int:
              "tpN-nopipe": Variant(n, pipeline=False),
              "tp1-flexown": Variant(1, flex_own=True), "tpN-flexown": Variant(n, flex_own=True),
              "tpN-wholehead": Variant(n, vocab_parallel=False),
-             "tpN-fusedprefill": Variant(n, fused_prefill_sums=True),
              "tpN": Variant(n), "tpN-one-shot": Variant(n, allreduce="one-shot"),
              "tpN-fused": Variant(n, allreduce="fused"), "tpN-nccl": Variant(n, allreduce="nccl"),
              "tpN-prefill-graphs": Variant(n, prefill_graphs=True),

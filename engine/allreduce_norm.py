@@ -46,7 +46,7 @@ _SENTINEL = tl.constexpr(SENTINEL)   # the same, as a kernel reads a global
 @triton.jit(do_not_specialize=["b"])   # one compile for every row count (Triton would specialise 1 and multiples of 16)
 def _all_reduce_add_norm(partial, residual, weight, x_out, h_out, buffers, state, eps, b,
                          rank: tl.constexpr, world: tl.constexpr, ROWS: tl.constexpr,
-                         N: tl.constexpr, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr, LOCAL: tl.constexpr):
+                         N: tl.constexpr, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr):
     first, programs = tl.program_id(0), tl.num_programs(0)
     cols = tl.arange(0, BLOCK)
     inside = cols < N
@@ -58,20 +58,19 @@ def _all_reduce_add_norm(partial, residual, weight, x_out, h_out, buffers, state
         mine = tl.where(mine == _SENTINEL, 0, mine)           # -0.0 goes as +0.0
         slot = ((half * world + rank) * ROWS + row) * N + cols
         for peer in tl.static_range(world):
-            if not LOCAL or peer != rank:   # LOCAL: this rank's own row is summed from `partial`, not its buffer
+            if peer != rank:   # its own row it sums from `partial`, not through its buffer
                 theirs = tl.load(buffers + peer).to(tl.pointer_type(tl.int16))
                 tl.store(theirs + slot, mine, mask=inside)
     own = tl.load(buffers + rank).to(tl.pointer_type(tl.int16))
     w = tl.load(weight + cols, mask=inside, other=0.0).to(tl.float32)
     for row in range(first, b, programs):
         at = row * N + cols
-        # LOCAL: the residual and this rank's own partial are read before any wait on a peer, so
-        # after the last peer's row lands only the sum and the norm remain
-        if LOCAL:
-            res = tl.load(residual + at, mask=inside, other=0.0).to(tl.float32)
+        # the residual and this rank's own partial are read before any wait on a peer, so after the
+        # last peer's row lands only the sum and the norm remain (note 35: -0.6 us an op)
+        res = tl.load(residual + at, mask=inside, other=0.0).to(tl.float32)
         total = tl.zeros([BLOCK], dtype=tl.float32)
         for r in tl.static_range(world):   # rank order: the same sum on every rank
-            if LOCAL and r == rank:
+            if r == rank:
                 got = tl.load(partial + at, mask=inside, other=0.0).to(tl.int16, bitcast=True)
                 got = tl.where(got == _SENTINEL, 0, got)   # as it was sent to the peers
             else:
@@ -81,8 +80,6 @@ def _all_reduce_add_norm(partial, residual, weight, x_out, h_out, buffers, state
                     got = tl.load(src, mask=inside, other=0, volatile=True)
                 tl.store(src, tl.full([BLOCK], _SENTINEL, tl.int16), mask=inside)
             total += got.to(tl.bfloat16, bitcast=True).to(tl.float32)
-        if not LOCAL:
-            res = tl.load(residual + at, mask=inside, other=0.0).to(tl.float32)
         summed = total.to(tl.bfloat16)
         x = (summed.to(tl.float32) + res).to(tl.bfloat16)
         xf = x.to(tl.float32)
@@ -101,7 +98,7 @@ def _all_reduce_add_norm(partial, residual, weight, x_out, h_out, buffers, state
 
 
 def launch(partial, residual, weight, eps, buffers_ptr: int, state, rank: int, world: int, rows: int,
-           programs: int, local: bool = True):
+           programs: int):
     """The kernel on `partial` and `residual` [b, n] (b <= rows), the buffers' pointer table at
     `buffers_ptr` (each rank's buffer: [2, world, rows, n] bf16) and `state` (int32 [2]: round,
     tickets) -> (residual + the ranks' sum, its RMSNorm * weight). At most `programs` programs
@@ -112,7 +109,7 @@ def launch(partial, residual, weight, eps, buffers_ptr: int, state, rank: int, w
     warps = 16 if block >= 8192 else 8 if block >= 2048 else 4   # liger's: the same sum of squares, in the same order
     _all_reduce_add_norm[(min(b, programs),)](
         partial, residual, weight, x, h, buffers_ptr, state, eps, b, rank=rank, world=world, ROWS=rows, N=n,
-        BLOCK=block, num_warps=warps, LIBDEVICE=_LIBDEVICE, LOCAL=local)
+        BLOCK=block, num_warps=warps, LIBDEVICE=_LIBDEVICE)
     return x, h
 
 
@@ -122,8 +119,7 @@ class FusedAllReduceNorm:
     then sums with its all-reduce and adds and normalises apart. Every rank of `group` must build it
     at once (it meets its peers to exchange the buffers) and call it in the same order."""
 
-    def __init__(self, group, max_rows: int, hidden: int, dtype: torch.dtype = torch.bfloat16,
-                 local: bool = True) -> None:
+    def __init__(self, group, max_rows: int, hidden: int, dtype: torch.dtype = torch.bfloat16) -> None:
         import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
         if dtype != torch.bfloat16:
@@ -139,7 +135,6 @@ class FusedAllReduceNorm:
         self.handle = symm_mem.rendezvous(self.buffer, group.group_name)
         self.state = torch.zeros(2, dtype=torch.int32, device=device)
         self.rows, self.hidden, self.dtype = max_rows, hidden, dtype
-        self.local = local   # False: its own row through its own buffer too (the kernel before note 35; the probe's A/B)
         self.programs = torch.cuda.get_device_properties(device).multi_processor_count
         torch.cuda.synchronize(device)
         dist.barrier(group=group)   # every buffer holds the sentinel before any rank stores into it
@@ -154,4 +149,4 @@ class FusedAllReduceNorm:
                 or not partial.is_contiguous() or not residual.is_contiguous()):
             return None
         return launch(partial, residual, weight, eps, self.handle.buffer_ptrs_dev, self.state,
-                      self.handle.rank, self.world, self.rows, self.programs, self.local)
+                      self.handle.rank, self.world, self.rows, self.programs)

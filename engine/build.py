@@ -61,7 +61,7 @@ def build_engine(config: EngineConfig, loader: Loader | None = None,
         if shards is not None:
             from engine.tensor_parallel import shard_model, sharded_spec
             shards.wait_for("loaded")   # sharding's collectives start once every rank has its model
-            shard_model(hf_model, shards.mesh, config.tp_allreduce, config.use_tp_fused_rows, config.tp_vocab_parallel)
+            shard_model(hf_model, shards.mesh, config.tp_allreduce, config.max_batch_size, config.tp_vocab_parallel)
             spec = sharded_spec(spec, shards.world)
         engine, info = assemble_engine(hf_model, tokenizer, spec, config, shards=shards)
     except BaseException:

@@ -58,9 +58,6 @@ class EngineConfig:
                                           # (note 30); fused = that sum, the residual add and the RMSNorm as one kernel in
                                           # the fused step (engine/allreduce_norm.py, CUDA bf16), NCCL elsewhere (note 32);
                                           # auto = fused on CUDA in bf16, else nccl
-    tp_fused_rows: int | None = None      # rows the fused all-reduce + add + norm takes (its two buffers: 4 x world x rows
-                                          # x hidden bytes a rank); None = max_batch_size, a decode step's: a prefill's
-                                          # larger sums take NCCL. Up to the prefill graphs' tokens: no faster at 7B (note 35)
     tp_vocab_parallel: bool = True        # tensor parallel, fused step: each rank computes its V / n rows of the LM head
                                           # and the logits are gathered (tensor_parallel.vocab_parallel_head), note 34
     decode_split_kv: int = 0              # paged decode: programs per row and kv head in flex's decode kernel
@@ -101,11 +98,6 @@ class EngineConfig:
         return self.prefill_graphs is not False
 
     @property
-    def use_tp_fused_rows(self) -> int:
-        """tp_fused_rows resolved: None = max_batch_size (a decode step's rows)."""
-        return self.tp_fused_rows or self.max_batch_size
-
-    @property
     def use_prefill_graph_tokens(self) -> int:
         """prefill_graph_tokens resolved: None = 1,280 tokens per GPU of the tensor-parallel group
         (a rank's GPU time per token shrinks with the group, the eager forward's host time does not)."""
@@ -134,8 +126,6 @@ class EngineConfig:
             raise ValueError("default_max_new_tokens must not exceed max_new_tokens_limit")
         if not 0.0 < self.low_watermark <= self.high_watermark <= 1.0:
             raise ValueError("watermarks must satisfy 0 < low_watermark <= high_watermark <= 1")
-        if self.tp_fused_rows is not None and self.tp_fused_rows < 1:
-            raise ValueError(f"tp_fused_rows must be >= 1, got {self.tp_fused_rows}")
         if self.prefill_graph_tokens is not None and self.prefill_graph_tokens < 1:
             raise ValueError(f"prefill_graph_tokens must be >= 1, got {self.prefill_graph_tokens}")
         if self.decode_kv_block < 0:

@@ -160,7 +160,8 @@ def shard_model(hf_model, mesh, allreduce: str = "auto", max_rows: int = 256, vo
     family has no plain column/row plan or its heads do not divide among the ranks. `allreduce`:
     how a row-parallel linear's partial outputs are summed (EngineConfig.tp_allreduce); "fused"
     also gives the fused decode step the all-reduce + add + RMSNorm kernel for up to `max_rows`
-    rows (engine/allreduce_norm.py). `vocab_parallel`: the fused step's LM head too
+    rows (engine/allreduce_norm.py; the engine passes a decode step's, so a prefill's larger sums
+    take NCCL: a prefill's rows through the kernel gained nothing at 7B, note 35). `vocab_parallel`: the fused step's LM head too
     (`vocab_parallel_head`)."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
     cfg, n = hf_model.config, mesh.size()
@@ -629,7 +630,7 @@ def follow(conn, rank: int, world: int, port: int, config, loader, setup=None) -
         else:
             hf_model, _tokenizer, _spec = loader()
         store.set(f"loaded/{rank}", "1")
-        shard_model(hf_model, mesh, config.tp_allreduce, config.use_tp_fused_rows, config.tp_vocab_parallel)
+        shard_model(hf_model, mesh, config.tp_allreduce, config.max_batch_size, config.tp_vocab_parallel)
         geometry = _decode(conn.recv_bytes())
         dtype = hf_model.dtype
         if geometry.layout == "slab":

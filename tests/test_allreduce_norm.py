@@ -15,13 +15,17 @@ from tests.conftest import interpreted
 pytest.importorskip("triton")
 
 
+def _cut(t):
+    """fp32 -> bf16 as the interpreter does it (truncation)."""
+    import torch
+    return (t.float().contiguous().view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+
+
 def _one_rank() -> None:
     import torch
 
     from engine.allreduce_norm import SENTINEL, launch
-
-    def cut(t):   # fp32 -> bf16 as the interpreter does it
-        return (t.float().contiguous().view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+    cut = _cut
     rows, n, eps = 4, 64, 1e-5
     buffer = torch.full((2 * rows * n,), SENTINEL, dtype=torch.int16)
     ptrs, state = torch.tensor([buffer.data_ptr()]), torch.zeros(2, dtype=torch.int32)
@@ -32,13 +36,11 @@ def _one_rank() -> None:
         partial[0, 5] = -0.0   # data, not the sentinel: the kernel must not wait on it
         x_ref = cut(partial.float() + residual.float())
         normed = cut(x_ref.float() * torch.rsqrt(x_ref.float().pow(2).mean(-1, keepdim=True) + eps))
-        # local: its own row from the partial (the engine's); not local: through its own buffer
-        for i, local in enumerate((True, False)):
-            x, h = launch(partial, residual, weight, eps, ptrs.data_ptr(), state, rank=0, world=1, rows=rows,
-                          programs=programs, local=local)
-            assert torch.equal(x, x_ref) and torch.equal(h, cut(normed.float() * weight.float()))
-            assert state.tolist() == [2 * round_ + i + 1, 0]
-            assert bool((buffer == SENTINEL).all())
+        x, h = launch(partial, residual, weight, eps, ptrs.data_ptr(), state, rank=0, world=1, rows=rows,
+                      programs=programs)
+        assert torch.equal(x, x_ref) and torch.equal(h, cut(normed.float() * weight.float()))
+        assert state.tolist() == [round_ + 1, 0]
+        assert bool((buffer == SENTINEL).all())
 
 
 def _two_ranks() -> None:
@@ -47,14 +49,12 @@ def _two_ranks() -> None:
     rank 0's buffer as rank 1 would make them, then rank 0 runs (it stores its row into rank 1's
     buffer, sums rank 1's from its own), then rank 1 (its stores land in rank 0's buffer again,
     which is cleared by hand after). Both ranks' outputs must equal the sum in rank order, added
-    and normalised, for the kernel that sums its own row from its partial and for the one that
-    takes it through its own buffer; the slots a rank read hold the sentinel again."""
+    and normalised (each rank's own row summed from its partial, its peer's from its buffer); the
+    slots a rank read hold the sentinel again."""
     import torch
 
     from engine.allreduce_norm import SENTINEL, launch
-
-    def cut(t):   # fp32 -> bf16 as the interpreter does it
-        return (t.float().contiguous().view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+    cut = _cut
     rows, n, eps, world = 3, 64, 1e-5, 2
     buffers = [torch.full((2 * world * rows * n,), SENTINEL, dtype=torch.int16) for _ in range(world)]
     ptrs = torch.tensor([b.data_ptr() for b in buffers])
@@ -62,20 +62,20 @@ def _two_ranks() -> None:
     g = torch.Generator().manual_seed(1)
     weight = (1 + 0.1 * torch.randn(n, generator=g)).to(torch.bfloat16)
     residual = torch.randn(rows, n, generator=g).to(torch.bfloat16)   # the same on every rank
-    for round_, local in enumerate((True, False, True)):
+    for round_ in range(3):
         partials = [torch.randn(rows, n, generator=g).to(torch.bfloat16) for _ in range(world)]
         partials[1][1, 7] = -0.0   # sent as +0.0
         half = round_ % 2
         slots = buffers[0].view(2, world, rows, n)
         slots[half, 1] = partials[1].view(torch.int16).masked_fill(partials[1].view(torch.int16) == SENTINEL, 0)
         outs = [launch(partials[r], residual, weight, eps, ptrs.data_ptr(), states[r], rank=r, world=world,
-                       rows=rows, programs=2, local=local) for r in range(world)]
+                       rows=rows, programs=2) for r in range(world)]
         summed = cut(partials[0].float() + partials[1].float())
         x_ref = cut(summed.float() + residual.float())
         normed = cut(x_ref.float() * torch.rsqrt(x_ref.float().pow(2).mean(-1, keepdim=True) + eps))
         h_ref = cut(normed.float() * weight.float())
         for r, (x, h) in enumerate(outs):
-            assert torch.equal(x, x_ref) and torch.equal(h, h_ref), (round_, local, r)
+            assert torch.equal(x, x_ref) and torch.equal(h, h_ref), (round_, r)
             assert states[r].tolist() == [round_ + 1, 0]
         # rank 1's second store of the round into rank 0's buffer (in a real round it stores once)
         assert torch.equal(slots[half, 1], partials[1].view(torch.int16).masked_fill(

@@ -438,11 +438,3 @@ def test_watch_ranks_acts_only_when_rank0_misses_a_dead_follower():
         assert calls == ([] if handled else [f"rank2 exited ({procs[1].exitcode})"])
         procs[0].kill()
 
-
-def test_fused_sum_rows_default_to_a_decode_steps():
-    """The fused all-reduce + add + norm's rows (its buffers' size) are a decode step's unless set:
-    a prefill's larger sums take NCCL (tp_bench's tpN-fusedprefill widens them, note 34)."""
-    assert EngineConfig(max_batch_size=48).use_tp_fused_rows == 48
-    assert EngineConfig(max_batch_size=48, tp_fused_rows=2560).use_tp_fused_rows == 2560
-    with pytest.raises(ValueError, match="tp_fused_rows"):
-        EngineConfig(tp_fused_rows=0)
